@@ -1,0 +1,1 @@
+"""Backends: one module per kind, each behind ``backends.base.Backend``."""

@@ -1,0 +1,3 @@
+"""Interlock: an OpenAI-compatible gateway."""
+
+__version__ = "0.1.0"

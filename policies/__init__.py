@@ -1,0 +1,1 @@
+"""Routing policies: pure functions that rank a route's candidates."""
