@@ -11,6 +11,8 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol, runtime_checkable
 
+from pydantic import BaseModel, ConfigDict, Field
+
 Endpoint = Literal["chat", "completions", "embeddings"]
 
 #: the path each endpoint has on an OpenAI-compatible server
@@ -102,3 +104,25 @@ class Backend(Protocol):
 
     def load(self) -> Load:
         """Cheap, synchronous snapshot for policies; no I/O."""
+
+
+class Price(BaseModel):
+    """USD per million tokens; 0 for self-hosted unless an operator says otherwise."""
+
+    model_config = ConfigDict(extra="forbid")
+    input_per_mtok: float = Field(default=0.0, ge=0)
+    output_per_mtok: float = Field(default=0.0, ge=0)
+
+
+class BackendConfig(BaseModel):
+    """Fields every backend kind accepts; each kind subclasses it with ``kind: Literal[...]``."""
+
+    model_config = ConfigDict(extra="forbid")
+    price: Price = Field(default_factory=Price)
+
+
+@dataclass(slots=True)
+class Resources:
+    """Process-wide things a backend may borrow: the one HTTP client, later a clock or Redis."""
+
+    http: Any = None  # backends.http.HttpClient; typed loosely so base imports no aiohttp

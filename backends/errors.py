@@ -94,7 +94,8 @@ class UpstreamHTTPError(BackendError):
         # A client mistake that the upstream caught (400, 404, 422...) is not an outage.
         self.retryable = status >= 500 or status in (408, 429)
         raw_type = error.get("type")
-        self.type = raw_type if isinstance(raw_type, str) and raw_type else self.type
+        default_type = "invalid_request_error" if status < 500 else self.type
+        self.type = raw_type if isinstance(raw_type, str) and raw_type else default_type
         raw_code = error.get("code")
         self.code = raw_code if isinstance(raw_code, str) else None
         raw_param = error.get("param")

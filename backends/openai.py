@@ -1,0 +1,119 @@
+"""``kind: openai``: hosted OpenAI or any OpenAI-compatible server (vLLM, llama.cpp's server, ...)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Literal
+from urllib.parse import urlsplit
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
+
+from backends.base import (
+    ENDPOINT_PATHS,
+    BackendConfig,
+    BackendRequest,
+    BackendResponse,
+    Health,
+    Load,
+    Resources,
+)
+from backends.http import OpenAICompatibleUpstream, Timeouts
+
+
+class TimeoutsConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    connect: float = Field(default=5.0, gt=0)
+    #: until the first token: response headers for JSON replies, the first SSE bytes for streams
+    first_token: float = Field(default=60.0, gt=0)
+    total: float = Field(default=600.0, gt=0)
+
+
+class OpenAIConfig(BackendConfig):
+    kind: Literal["openai"]
+    base_url: str
+    api_key: SecretStr | None = None
+    #: the upstream's model name; unset sends the client's
+    model: str | None = None
+    organization: str | None = None
+    project: str | None = None
+    headers: dict[str, str] = Field(default_factory=dict)
+    timeouts: TimeoutsConfig = Field(default_factory=TimeoutsConfig)
+
+    @field_validator("base_url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            raise ValueError("must be an http:// or https:// URL")
+        return value.rstrip("/")
+
+
+class OpenAIBackend:
+    kind = "openai"
+
+    def __init__(self, name: str, config: OpenAIConfig, resources: Resources) -> None:
+        self.name = name
+        self.config = config
+        headers = {"content-type": "application/json", **config.headers}
+        key = config.api_key.get_secret_value() if config.api_key else ""
+        if key:
+            headers["authorization"] = f"Bearer {key}"
+        if config.organization:
+            headers["openai-organization"] = config.organization
+        if config.project:
+            headers["openai-project"] = config.project
+        t = config.timeouts
+        self._upstream = OpenAICompatibleUpstream(
+            http=resources.http,
+            base_url=config.base_url,
+            headers=headers,
+            timeouts=Timeouts(connect=t.connect, first_token=t.first_token, total=t.total),
+            secrets=tuple(s for s in (key, config.base_url, urlsplit(config.base_url).netloc) if s),
+        )
+        self._in_flight = 0
+
+    async def start(self) -> None:
+        return None
+
+    async def close(self) -> None:
+        return None
+
+    def _body(self, request: BackendRequest) -> dict[str, object]:
+        if self.config.model is None:
+            return request.body
+        return {**request.body, "model": self.config.model}
+
+    async def complete(self, request: BackendRequest) -> BackendResponse:
+        self._in_flight += 1
+        try:
+            body, usage = await self._upstream.complete(
+                ENDPOINT_PATHS[request.endpoint], self._body(request), request.request_id
+            )
+        finally:
+            self._in_flight -= 1
+        return BackendResponse(body=body, usage=usage)
+
+    async def stream(self, request: BackendRequest) -> AsyncIterator[bytes]:
+        self._in_flight += 1
+        try:
+            chunks = await self._upstream.stream(
+                ENDPOINT_PATHS[request.endpoint], self._body(request), request.request_id
+            )
+        except BaseException:
+            self._in_flight -= 1
+            raise
+        return self._counted(chunks)
+
+    async def _counted(self, chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+        try:
+            async for chunk in chunks:
+                yield chunk
+        finally:
+            self._in_flight -= 1
+            await chunks.aclose()  # type: ignore[attr-defined]
+
+    async def health(self) -> Health:
+        return Health(ok=True)
+
+    def load(self) -> Load:
+        return Load(in_flight=self._in_flight)

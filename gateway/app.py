@@ -1,0 +1,205 @@
+"""The HTTP surface: one explicit route table, handlers that parse, call the router, reply.
+
+Handlers never know which backend kind answers; they pick JSON or SSE and render
+errors through ``gateway.errors``. ``build_app`` takes a loaded config and built
+backends: nothing here reads the environment.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+
+import orjson
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import Response, StreamingResponse
+from starlette.routing import Route as HttpRoute
+
+from backends.base import Backend, BackendRequest, Endpoint
+from backends.errors import InterlockError
+from gateway.config import ClientKey, LoadedConfig
+from gateway.errors import (
+    MethodNotAllowed,
+    ModelNotFound,
+    NotFound,
+    PermissionDenied,
+    client_status,
+    error_body,
+    error_headers,
+    sse_error_event,
+)
+from gateway.middleware import CLIENT_KEY, REQUEST_ID_KEY, BodyLimit, ClientAuth, RequestContext
+from gateway.protocol import parse_body
+from gateway.router import Router
+
+log = logging.getLogger("interlock.app")
+
+_SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
+
+
+@dataclass
+class Gateway:
+    """Everything a request handler needs, built once per config."""
+
+    config: LoadedConfig
+    router: Router
+    backends: dict[str, Backend]
+    started_at: int = field(default_factory=lambda: int(time.time()))
+    #: set when start-up of a backend failed; the server exits with it
+    fatal: BaseException | None = None
+
+
+def _json(data: object, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    return Response(orjson.dumps(data), status, headers, media_type="application/json")
+
+
+def _error(exc: InterlockError) -> Response:
+    return Response(error_body(exc), client_status(exc), error_headers(exc))
+
+
+def _allowed(key: ClientKey | None, model: str) -> bool:
+    return key is None or key.models is None or model in key.models
+
+
+def _inference(gateway: Gateway, endpoint: Endpoint) -> Callable[[Request], Awaitable[Response]]:
+    router = gateway.router
+
+    async def handle(request: Request) -> Response:
+        try:
+            body = parse_body(endpoint, await request.body())
+            model = body["model"]
+            route = router.route(model)
+            if not _allowed(request.scope.get(CLIENT_KEY), model):
+                raise PermissionDenied(f"This API key may not use the model `{model}`.", param="model")
+            backend_request = BackendRequest(
+                endpoint=endpoint,
+                body=body,
+                request_id=request.scope[REQUEST_ID_KEY],
+                stream=bool(body.get("stream")) and endpoint != "embeddings",
+            )
+            if backend_request.stream:
+                opened = await router.stream(route, backend_request)
+                return StreamingResponse(
+                    _relay(opened.first, opened.rest, backend_request.request_id),
+                    media_type="text/event-stream",
+                    headers={**_SSE_HEADERS, "x-interlock-backend": opened.backend.name},
+                )
+            backend, reply = await router.complete(route, backend_request)
+        except InterlockError as exc:
+            return _error(exc)
+        return Response(reply.body, 200, {"x-interlock-backend": backend.name}, "application/json")
+
+    return handle
+
+
+async def _relay(first: bytes, rest: AsyncIterator[bytes], request_id: str) -> AsyncIterator[bytes]:
+    """Pass SSE bytes through untouched; a failure after the first byte becomes an error event,
+    never a quiet end that a client would take for a finished answer."""
+    tail = first
+    try:
+        yield first
+        async for chunk in rest:
+            tail = chunk
+            yield chunk
+    except InterlockError as exc:
+        log.warning("stream %s broke after its first byte: %s", request_id, exc.message)
+        yield (b"" if tail.endswith(b"\n\n") else b"\n\n") + sse_error_event(exc)
+    except Exception:
+        log.exception("stream %s failed", request_id)
+        yield (b"" if tail.endswith(b"\n\n") else b"\n\n") + sse_error_event(
+            InterlockError(f"The gateway hit an internal error; quote request id {request_id}.")
+        )
+    finally:
+        await rest.aclose()  # type: ignore[attr-defined]
+
+
+def _models(gateway: Gateway) -> tuple[Callable[[Request], Awaitable[Response]], ...]:
+    def entry(name: str) -> dict[str, object]:
+        return {"id": name, "object": "model", "created": gateway.started_at, "owned_by": "interlock"}
+
+    async def list_models(request: Request) -> Response:
+        key = request.scope.get(CLIENT_KEY)
+        data = [entry(name) for name in gateway.config.models if _allowed(key, name)]
+        return _json({"object": "list", "data": data})
+
+    async def get_model(request: Request) -> Response:
+        name = request.path_params["model"]
+        if name not in gateway.config.models:
+            return _error(ModelNotFound(name))
+        if not _allowed(request.scope.get(CLIENT_KEY), name):
+            return _error(PermissionDenied(f"This API key may not use the model `{name}`.", param="model"))
+        return _json(entry(name))
+
+    return list_models, get_model
+
+
+def _health(gateway: Gateway) -> tuple[Callable[[Request], Awaitable[Response]], ...]:
+    async def live(_: Request) -> Response:
+        return Response(b'{"status":"ok"}', 200, media_type="application/json")
+
+    async def ready(_: Request) -> Response:
+        problems: dict[str, str] = {}
+        for name, route in gateway.router.routes.items():
+            reasons = []
+            for backend in route.candidates():
+                health = await backend.health()
+                if health.ok:
+                    break
+                reasons.append(f"{backend.name}: {health.reason or 'not ready'}")
+            else:
+                problems[name] = "; ".join(reasons)
+        if problems:
+            return _json({"status": "not ready", "routes": problems}, 503)
+        return _json({"status": "ready"})
+
+    return live, ready
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    if exc.status_code == 405:
+        return _error(MethodNotAllowed(f"{request.method} is not allowed on {request.url.path}."))
+    return _error(NotFound(f"Unknown path {request.url.path}. The gateway serves the OpenAI API under /v1/."))
+
+
+def build_app(
+    gateway: Gateway,
+    *,
+    max_body_bytes: int,
+    lifespan: Callable[[Starlette], AsyncIterator[None]] | None = None,
+) -> Starlette:
+    list_models, get_model = _models(gateway)
+    live, ready = _health(gateway)
+    routes = [
+        HttpRoute("/v1/chat/completions", _inference(gateway, "chat"), methods=["POST"]),
+        HttpRoute("/v1/completions", _inference(gateway, "completions"), methods=["POST"]),
+        HttpRoute("/v1/embeddings", _inference(gateway, "embeddings"), methods=["POST"]),
+        HttpRoute("/v1/models", list_models, methods=["GET"]),
+        HttpRoute("/v1/models/{model:path}", get_model, methods=["GET"]),
+        HttpRoute("/health/live", live, methods=["GET"]),
+        HttpRoute("/health/ready", ready, methods=["GET"]),
+    ]
+    middleware = [
+        Middleware(RequestContext),
+        Middleware(ClientAuth, keys=gateway.config.auth.keys),
+        Middleware(BodyLimit, max_bytes=max_body_bytes),
+    ]
+    app = Starlette(
+        routes=routes,
+        middleware=middleware,
+        exception_handlers={HTTPException: _http_error, InterlockError: _interlock_error},
+        lifespan=asynccontextmanager(lifespan) if lifespan else None,
+    )
+    app.state.gateway = gateway
+    return app
+
+
+async def _interlock_error(_: Request, exc: Exception) -> Response:
+    assert isinstance(exc, InterlockError)
+    return _error(exc)

