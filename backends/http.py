@@ -205,15 +205,18 @@ class OpenAICompatibleUpstream:
         return UpstreamHTTPError(status, error, retry_after=retry_after)
 
     def _sanitize(self, error: dict[str, Any]) -> dict[str, Any]:
-        message = str(error.get("message", ""))
-        for secret in self.secrets:
-            if secret:
-                message = message.replace(secret, "[redacted]")
+        def redact(value: object) -> str | None:
+            if not isinstance(value, str):
+                return None
+            for secret in self.secrets:
+                if secret:
+                    value = value.replace(secret, "[redacted]")
+            return value
+
+        # every field reaches the client, not only the message
         return {
-            "message": message,
-            "type": error.get("type") if isinstance(error.get("type"), str) else None,
-            "param": error.get("param") if isinstance(error.get("param"), str) else None,
-            "code": error.get("code") if isinstance(error.get("code"), str) else None,
+            "message": redact(str(error.get("message", ""))),
+            **{k: redact(error.get(k)) for k in ("type", "param", "code")},
         }
 
 

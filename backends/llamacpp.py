@@ -62,6 +62,9 @@ class LlamaCppConfig(BaseModel):
     parallel: int = Field(8, ge=1, le=256)
     #: requests that may wait for a free sequence; beyond it: 503 with Retry-After
     max_queue: int = Field(64, ge=0)
+    #: flash attention: "auto" lets llama.cpp decide per device (on for CPU and CUDA builds here);
+    #: it changes numerics slightly, so greedy output matches a ``Llama`` built with the same choice
+    flash_attn: Literal["auto", "on", "off"] = "auto"
     #: Jinja2 chat template; None: the GGUF's ``tokenizer.chat_template``
     chat_template: str | None = None
 
@@ -118,7 +121,7 @@ class LlamaCppBackend:
         c = self.config
         engine = llamacpp_engine.Engine(
             self.model_path, n_ctx=c.n_ctx, n_gpu_layers=c.n_gpu_layers, n_threads=c.n_threads,
-            n_batch=c.n_batch, parallel=c.parallel, max_queue=c.max_queue)
+            n_batch=c.n_batch, parallel=c.parallel, max_queue=c.max_queue, flash_attn=c.flash_attn)
         template = c.chat_template or engine.chat_template
         if template:
             self._render = make_chat_renderer(template, engine.bos_token, engine.eos_token)

@@ -38,6 +38,13 @@ from llama_cpp import _logger as llama_logging
 log = logging.getLogger("interlock.backends.llamacpp")
 
 
+_FLASH_ATTN = {
+    "auto": C.LLAMA_FLASH_ATTN_TYPE_AUTO,
+    "on": C.LLAMA_FLASH_ATTN_TYPE_ENABLED,
+    "off": C.LLAMA_FLASH_ATTN_TYPE_DISABLED,
+}
+
+
 @dataclass(slots=True)
 class Sampling:
     temperature: float = 1.0
@@ -103,7 +110,7 @@ class Engine:
     """Loads the model (blocking: call it in a worker thread) and runs the batching thread."""
 
     def __init__(self, model_path: str, *, n_ctx: int, n_gpu_layers: int, n_threads: int | None,
-                 n_batch: int, parallel: int, max_queue: int) -> None:
+                 n_batch: int, parallel: int, max_queue: int, flash_attn: str = "auto") -> None:
         if not os.path.isfile(model_path):
             raise FileNotFoundError(f"model file not found: {model_path}")
         llama_logging.set_verbose(False)  # llama.cpp's load chatter goes to stderr otherwise
@@ -112,6 +119,18 @@ class Engine:
         started = time.perf_counter()
         mparams = C.llama_model_default_params()
         mparams.n_gpu_layers = n_gpu_layers
+        # Big GGUFs take minutes to load; log each quarter so an operator sees it move.
+        reported = [-1]
+
+        def progress(fraction: float, _: Any) -> bool:
+            quarter = int(fraction * 4)
+            if quarter > reported[0]:
+                reported[0] = quarter
+                log.info("loading %s: %d%%", os.path.basename(model_path), quarter * 25)
+            return True
+
+        self._progress = C.llama_progress_callback(progress)  # must outlive the load call
+        mparams.progress_callback = self._progress
         self._model = C.llama_model_load_from_file(model_path.encode(), mparams)
         if not self._model:
             raise RuntimeError(f"llama.cpp could not load {model_path}: not a valid GGUF model")
@@ -120,6 +139,7 @@ class Engine:
         cparams.n_batch = cparams.n_ubatch = n_batch
         cparams.n_seq_max = parallel
         cparams.kv_unified = False
+        cparams.flash_attn_type = _FLASH_ATTN[flash_attn]
         cparams.n_threads = cparams.n_threads_batch = threads
         self._ctx = C.llama_init_from_model(self._model, cparams)
         if not self._ctx:
@@ -191,7 +211,9 @@ class Engine:
         max_new = room if sampling.max_tokens is None else min(sampling.max_tokens, room)
         job = Job(tokens, sampling, queue, asyncio.get_running_loop(), max_new)
         with self._lock:
-            if len(self._waiting) + len(self._active) >= self.parallel + self.max_queue:
+            # Cancelled jobs still hold their sequence until the next step; they do not count.
+            held = len(self._waiting) + len(self._active) - len(self._cancelled)
+            if held >= self.parallel + self.max_queue:
                 return None
             self._waiting.append(job)
         self._wake.set()

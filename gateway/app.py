@@ -59,8 +59,8 @@ def _json(data: object, status: int = 200, headers: dict[str, str] | None = None
     return Response(orjson.dumps(data), status, headers, media_type="application/json")
 
 
-def _error(exc: InterlockError) -> Response:
-    return Response(error_body(exc), client_status(exc), error_headers(exc))
+def _error(exc: InterlockError, headers: dict[str, str] | None = None) -> Response:
+    return Response(error_body(exc), client_status(exc), {**error_headers(exc), **(headers or {})})
 
 
 def _allowed(key: ClientKey | None, model: str) -> bool:
@@ -164,7 +164,9 @@ def _health(gateway: Gateway) -> tuple[Callable[[Request], Awaitable[Response]],
 async def _http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
     if exc.status_code == 405:
-        return _error(MethodNotAllowed(f"{request.method} is not allowed on {request.url.path}."))
+        # Starlette's exception carries the route's ``Allow`` header, which a 405 must send
+        return _error(MethodNotAllowed(f"{request.method} is not allowed on {request.url.path}."),
+                      {k: v for k, v in (exc.headers or {}).items() if k.lower() == "allow"})
     return _error(NotFound(f"Unknown path {request.url.path}. The gateway serves the OpenAI API under /v1/."))
 
 

@@ -106,10 +106,12 @@ def interpolate(node: Any, env: dict[str, str], path: str = "") -> tuple[Any, li
                 if match.group(0) == "$$":
                     return "$"
                 name, default = match.group(1), match.group(2)
-                if name in env:
+                if env.get(name):
                     return env[name]
-                if default is not None:
+                if default is not None:  # as in the shell, ${VAR:-x} gives x for an empty VAR too
                     return default
+                if name in env:
+                    return ""
                 problems.append((where, f"environment variable {name} is not set"))
                 return ""
 
@@ -168,8 +170,8 @@ def parse_config(data: Any, source: str = "<config>", env: dict[str, str] | None
     for model, route in top.models.items():
         if not re.match(_NAME, model):
             problems.append((f"models.{model}", "model names use letters, digits and . _ : / - only"))
+        seen: set[str] = set()  # across both lists: the router tries targets + fallback in turn
         for field in ("targets", "fallback"):
-            seen: set[str] = set()
             for i, target in enumerate(getattr(route, field)):
                 where = f"models.{model}.{field}[{i}]"
                 if target not in top.backends:

@@ -51,17 +51,33 @@ def run_gateway(config: dict[str, Any] | LoadedConfig, **settings: Any) -> Itera
         thread.join(10)
 
 
+def wait_ready(url: str, timeout: float = 60) -> None:
+    """Block until GET /health/ready answers 200 (in-process models load after the port opens)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        response = httpx.get(url + "/health/ready", timeout=5)
+        if response.status_code == 200:
+            return
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"gateway not ready: {response.text}")
+        time.sleep(0.05)
+
+
 @pytest.fixture(scope="session")
-def llama_server() -> Iterator[str]:
+def llama_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """llama-cpp-python's own OpenAI-compatible server with SmolLM2: a real upstream."""
     port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "llama_cpp.server", "--model", smollm2_gguf(), "--port", str(port),
-         "--model_alias", "smollm2", "--n_threads", "1", "--n_ctx", "2048", "--seed", "1"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ, "PYTHONFAULTHANDLER": "1"},
-    )
+    # A file, not a pipe: llama.cpp logs more at load than a pipe buffer holds, and a full pipe
+    # would block the server before it ever listens.
+    log_path = tmp_path_factory.mktemp("llama_server") / "stderr.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "llama_cpp.server", "--model", smollm2_gguf(), "--port", str(port),
+             "--model_alias", "smollm2", "--n_threads", "1", "--n_ctx", "2048", "--seed", "1"],
+            stdout=subprocess.DEVNULL, stderr=log, env={**os.environ, "PYTHONFAULTHANDLER": "1"},
+        )
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + 120
     while True:
         try:
             if httpx.get(url + "/v1/models", timeout=1).status_code == 200:
@@ -70,7 +86,7 @@ def llama_server() -> Iterator[str]:
             pass
         if proc.poll() is not None or time.monotonic() > deadline:
             proc.kill()
-            raise RuntimeError("llama_cpp.server did not start: " + proc.stderr.read().decode()[-2000:])
+            raise RuntimeError("llama_cpp.server did not start: " + log_path.read_text()[-2000:])
         time.sleep(0.2)
     yield url + "/v1"
     proc.terminate()

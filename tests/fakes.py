@@ -10,6 +10,7 @@ bodies); the behaviour is picked by the request's ``model``:
     garbage       HTTP 200 with a body that is not JSON
     ratelimited   HTTP 429 with Retry-After: 7
     leaky         HTTP 400 whose message quotes the upstream key
+    leakyfields   HTTP 422 with the upstream key and address in type, param and code
     endless       streams a chunk every 20 ms until the client goes away
 """
 
@@ -78,6 +79,10 @@ class FakeUpstream:
         if model == "leaky":
             return web.json_response({"error": {"message": f"bad key {UPSTREAM_KEY} at "
                                                 f"http://127.0.0.1:{self.port}/v1", "type": "x"}}, status=400)
+        if model == "leakyfields":
+            return web.json_response({"error": {"message": "no", "type": f"127.0.0.1:{self.port}",
+                                                "param": f"key={UPSTREAM_KEY}", "code": self.base_url}},
+                                     status=422)
         if model == "slow":
             await asyncio.sleep(self.slow_s)
         if not body.get("stream"):
@@ -175,3 +180,22 @@ class ClosingUpstream:
     def __exit__(self, *exc: object) -> None:
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(5)
+
+
+def openai_backend(base_url: str, model: str | None = None, *, api_key: str | None = UPSTREAM_KEY,
+                   first_token: float = 0.5, total: float = 5.0, **extra: object) -> dict[str, object]:
+    """A ``kind: openai`` backend block for a routing config; ``model`` picks the fake's behaviour."""
+    block: dict[str, object] = {
+        "kind": "openai", "base_url": base_url,
+        "timeouts": {"connect": 1.0, "first_token": first_token, "total": total}, **extra,
+    }
+    if model is not None:
+        block["model"] = model
+    if api_key is not None:
+        block["api_key"] = api_key
+    return block
+
+
+def closed_url() -> str:
+    """A loopback base URL on which nothing listens: connecting is refused at once."""
+    return f"http://127.0.0.1:{free_port()}/v1"

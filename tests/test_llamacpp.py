@@ -1,0 +1,253 @@
+"""The in-process llama.cpp backend with the real SmolLM2 model, through the real gateway.
+
+Greedy decoding makes the text a function of the prompt, so "each stream got its own
+correct text" is checked against the same prompt served alone, and the gateway's
+reply against a direct ``llama_cpp.Llama`` call with the same settings.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterator
+from dataclasses import astuple
+from typing import Any
+
+import httpx
+import openai
+import pytest
+
+from gateway.config import parse_config
+from tests.conftest import run_gateway, smollm2_gguf, wait_ready
+
+pytest.importorskip("llama_cpp")
+
+PROMPTS = [
+    "Name three colors.",
+    "What is the capital of France?",
+    "Write a haiku about the sea.",
+    "Count from one to five.",
+    "Give me a word that rhymes with cat.",
+    "What do bees make?",
+    "Say hello in Spanish.",
+    "Name a planet.",
+]
+
+
+def _config(**local: Any) -> dict[str, Any]:
+    return {
+        "backends": {"local": {"kind": "llamacpp", "n_ctx": 2048, "parallel": 8, "n_threads": 2,
+                               "flash_attn": "on", **local}},
+        "models": {"smollm2": {"targets": ["local"]}},
+    }
+
+
+@pytest.fixture(scope="module")
+def gateway() -> Iterator[str]:
+    with run_gateway(_config()) as url:
+        wait_ready(url)
+        yield url
+
+
+@pytest.fixture(scope="module")
+def client(gateway: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=gateway + "/v1", api_key="unused", max_retries=0)
+
+
+def _alone(client: openai.OpenAI, prompt: str, max_tokens: int = 24) -> str:
+    reply = client.chat.completions.create(
+        model="smollm2", messages=[{"role": "user", "content": prompt}], max_tokens=max_tokens, temperature=0
+    )
+    return reply.choices[0].message.content or ""
+
+
+def test_greedy_reply_equals_a_direct_llama_call(client: openai.OpenAI) -> None:
+    from llama_cpp import Llama
+
+    llm = Llama(model_path=smollm2_gguf(), n_ctx=256, n_threads=2, flash_attn=True, verbose=False)
+    messages = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": PROMPTS[0]}]
+    want = llm.create_chat_completion(messages=messages, max_tokens=24, temperature=0)  # type: ignore[arg-type]
+    got = client.chat.completions.create(
+        model="smollm2", messages=messages, max_tokens=24, temperature=0  # type: ignore[arg-type]
+    )
+    assert got.choices[0].message.content == want["choices"][0]["message"]["content"]  # type: ignore[index]
+    assert got.choices[0].finish_reason == want["choices"][0]["finish_reason"]  # type: ignore[index]
+    assert got.usage is not None
+    assert got.usage.prompt_tokens == want["usage"]["prompt_tokens"]  # type: ignore[index]
+    assert got.usage.completion_tokens == want["usage"]["completion_tokens"]  # type: ignore[index]
+
+    text = llm.create_completion("The sky is", max_tokens=8, temperature=0)
+    got_text = client.completions.create(model="smollm2", prompt="The sky is", max_tokens=8, temperature=0)
+    assert got_text.choices[0].text == text["choices"][0]["text"]  # type: ignore[index]
+
+
+def test_stream_matches_non_stream_with_usage(client: openai.OpenAI) -> None:
+    want = _alone(client, PROMPTS[1])
+    text, finish, usage, roles = "", None, None, []
+    for event in client.chat.completions.create(
+        model="smollm2", messages=[{"role": "user", "content": PROMPTS[1]}], max_tokens=24, temperature=0,
+        stream=True, stream_options={"include_usage": True},
+    ):
+        if event.choices:
+            text += event.choices[0].delta.content or ""
+            roles.append(event.choices[0].delta.role)
+            finish = event.choices[0].finish_reason or finish
+        if event.usage:
+            usage = event.usage
+    assert text == want
+    assert roles[0] == "assistant"
+    assert finish == "length"
+    assert usage is not None and usage.completion_tokens == 24 and usage.prompt_tokens > 0
+
+
+async def test_eight_concurrent_streams_get_their_own_text(gateway: str, client: openai.OpenAI) -> None:
+    expected = {p: _alone(client, p) for p in PROMPTS}
+    assert len(set(expected.values())) > 4  # distinct prompts give distinct replies, or the test is blind
+    aclient = openai.AsyncOpenAI(base_url=gateway + "/v1", api_key="unused", max_retries=0)
+
+    async def one(prompt: str) -> str:
+        text = ""
+        async for event in await aclient.chat.completions.create(
+            model="smollm2", messages=[{"role": "user", "content": prompt}], max_tokens=24, temperature=0,
+            stream=True,
+        ):
+            if event.choices:
+                text += event.choices[0].delta.content or ""
+        return text
+
+    got = await asyncio.gather(*(one(p) for p in PROMPTS))
+    await aclient.close()
+    assert dict(zip(PROMPTS, got, strict=True)) == expected
+
+
+def test_seeded_sampling_is_reproducible(client: openai.OpenAI) -> None:
+    def sample(seed: int) -> str:
+        reply = client.chat.completions.create(
+            model="smollm2", messages=[{"role": "user", "content": "Tell me a story."}], max_tokens=16,
+            temperature=1.0, top_p=0.95, seed=seed,
+        )
+        return reply.choices[0].message.content or ""
+
+    assert sample(7) == sample(7)
+    assert len({sample(s) for s in (1, 2, 3)}) > 1
+
+
+def test_stop_sequence_ends_with_stop(client: openai.OpenAI) -> None:
+    prompt = "Count from one to ten, separated by commas."
+    full = _alone(client, prompt, max_tokens=32)
+    assert "," in full, full
+    reply = client.chat.completions.create(
+        model="smollm2", messages=[{"role": "user", "content": prompt}], max_tokens=32, temperature=0,
+        stop=[","],
+    )
+    assert reply.choices[0].message.content == full.split(",")[0]
+    assert reply.choices[0].finish_reason == "stop"
+
+
+def test_over_long_prompt_is_a_400_with_the_numbers(client: openai.OpenAI) -> None:
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(model="smollm2", messages=[{"role": "user", "content": "word " * 400}])
+    body = err.value.body
+    assert isinstance(body, dict)
+    assert body["code"] == "context_length_exceeded"
+    assert body["param"] == "messages"
+    assert "256 tokens per request" in body["message"]  # 2048 cells / 8 sequences
+
+
+def test_max_tokens_beyond_the_room_left_is_clamped(client: openai.OpenAI) -> None:
+    reply = client.completions.create(model="smollm2", prompt="word " * 200, max_tokens=500, temperature=0)
+    assert reply.choices[0].finish_reason == "length"
+    assert reply.usage is not None
+    assert reply.usage.prompt_tokens + reply.usage.completion_tokens == 256
+
+
+def test_embeddings_and_unsupported_options_are_clear_400s(client: openai.OpenAI) -> None:
+    with pytest.raises(openai.BadRequestError) as err:
+        client.embeddings.create(model="smollm2", input="hello")
+    assert "embeddings" in str(err.value.body)
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(model="smollm2", messages=[{"role": "user", "content": "hi"}], n=2)
+    assert isinstance(err.value.body, dict) and err.value.body["param"] == "n"
+
+
+#: a text completion that counts on and on: it does not stop before max_tokens
+_LONG = {"model": "smollm2", "prompt": "1, 2, 3, 4, 5, 6, 7, 8,", "max_tokens": 900, "temperature": 0,
+         "stream": True}
+
+
+def _stream_some(url: str, max_tokens: int, chunks: int) -> float:
+    """Open a stream, read ``chunks`` SSE events, hang up; returns when the hang-up happened."""
+    with httpx.stream("POST", url + "/v1/completions", json={**_LONG, "max_tokens": max_tokens},
+                      timeout=30) as response:
+        assert response.status_code == 200
+        seen = 0
+        for line in response.iter_lines():
+            if line.startswith("data: "):
+                seen += 1
+                if seen >= chunks:
+                    break
+    return time.monotonic()
+
+
+def test_queue_overflow_is_503_with_retry_after() -> None:
+    with run_gateway(_config(parallel=1, max_queue=0, n_ctx=1024)) as url:
+        wait_ready(url)
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+        # One sequence, no queue: while a stream holds the sequence, the next request is refused.
+        with httpx.stream("POST", url + "/v1/completions", json=_LONG, timeout=30) as held:
+            assert held.status_code == 200
+            lines = held.iter_lines()  # kept: a discarded iterator closes the response when collected
+            assert next(lines).startswith("data: ")
+            with pytest.raises(openai.APIStatusError) as busy:
+                client.chat.completions.create(model="smollm2", messages=[{"role": "user", "content": "hi"}],
+                                               max_tokens=4)
+            assert busy.value.status_code == 503
+            assert busy.value.response.headers["retry-after"] == "1"
+            assert busy.value.body["code"] == "backend_overloaded"  # type: ignore[index]
+
+
+def test_a_client_that_hangs_up_frees_its_sequence_at_once() -> None:
+    with run_gateway(_config(parallel=1, max_queue=4, n_ctx=1024)) as url:
+        wait_ready(url)
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+        hung_up = _stream_some(url, max_tokens=900, chunks=3)
+        reply = client.chat.completions.create(model="smollm2", messages=[{"role": "user", "content": "hi"}],
+                                               max_tokens=4, temperature=0)
+        assert reply.choices[0].message.content
+        # With one sequence, this request waits for the old one unless the hang-up freed it:
+        # 900 tokens take several seconds here, a 4-token reply a fraction of one.
+        assert time.monotonic() - hung_up < 1.5
+
+
+def test_a_bad_model_path_fails_start_up_naming_the_file(tmp_path: Any) -> None:
+    bad = tmp_path / "not-a-model.gguf"
+    bad.write_bytes(b"GGUF but not really")
+    from backends.llamacpp import LlamaCppBackend, ModelLoadError
+
+    loaded = parse_config(_config(model_path=str(bad)), "<test>")
+    backend = LlamaCppBackend("local", loaded.backends["local"])  # type: ignore[arg-type]
+    with pytest.raises(ModelLoadError, match=r"not-a-model\.gguf"):
+        asyncio.run(backend.start())
+    missing = LlamaCppBackend("local", parse_config(_config(model_path=str(tmp_path / "nope.gguf")),
+                                                    "<test>").backends["local"])  # type: ignore[arg-type]
+    with pytest.raises(ModelLoadError, match=r"nope\.gguf"):
+        asyncio.run(missing.start())
+
+
+def test_readiness_waits_for_the_model() -> None:
+    from backends.llamacpp import LlamaCppBackend
+
+    backend = LlamaCppBackend("local", parse_config(_config(), "<test>").backends["local"])  # type: ignore[arg-type]
+
+    async def lifecycle() -> list[tuple[bool, str]]:
+        seen = [astuple(await backend.health())]
+        await backend.start()
+        seen.append(astuple(await backend.health()))
+        await backend.close()
+        seen.append(astuple(await backend.health()))
+        return seen
+
+    before, loaded, closed = asyncio.run(lifecycle())
+    assert before == (False, "not started")
+    assert loaded == (True, "")
+    assert closed[0] is False
