@@ -31,6 +31,7 @@ from backends.errors import (
 log = logging.getLogger("interlock.backends.http")
 
 _MAX_ERROR_BODY = 64 * 1024
+_MAX_MESSAGE = 1000
 _DONE = b"data: [DONE]"
 _STALE_ERRNOS = {errno.ECONNRESET, errno.EPIPE, errno.ECONNABORTED}
 
@@ -142,6 +143,11 @@ class OpenAICompatibleUpstream:
         try:
             if response.status >= 400:
                 raise await self._error(response, path)
+            if response.content_type != "text/event-stream":
+                # A JSON or HTML page where SSE was asked for is a broken upstream, caught while
+                # another backend can still serve the stream.
+                raise BackendUnavailable(f"the upstream answered a stream request with "
+                                         f"{response.content_type or 'no content type'}, not SSE")
             chunks = response.content.iter_any()
             async with asyncio.timeout(self.timeouts.first_token):
                 first = await anext(chunks, b"")
@@ -214,8 +220,9 @@ class OpenAICompatibleUpstream:
             return value
 
         # every field reaches the client, not only the message
+        message = redact(str(error.get("message", ""))) or ""
         return {
-            "message": redact(str(error.get("message", ""))),
+            "message": message[:_MAX_MESSAGE],
             **{k: redact(error.get(k)) for k in ("type", "param", "code")},
         }
 
@@ -224,7 +231,7 @@ def _error_dict(raw: bytes, status: int) -> dict[str, Any]:
     try:
         data = orjson.loads(raw)
     except orjson.JSONDecodeError:
-        text = raw.decode("utf-8", "replace").strip()[:500]
+        text = raw.decode("utf-8", "replace").strip()[:_MAX_ERROR_BODY]
         return {"message": text or f"upstream returned HTTP {status}"}
     if isinstance(data, dict):
         if isinstance(data.get("error"), dict):
@@ -232,9 +239,9 @@ def _error_dict(raw: bytes, status: int) -> dict[str, Any]:
         if isinstance(data.get("error"), str):
             return {"message": data["error"]}
         if "detail" in data:  # FastAPI's shape
-            return {"message": str(data["detail"])[:500]}
+            return {"message": str(data["detail"])}
         if "message" in data:
-            return {"message": str(data["message"])[:500]}
+            return {"message": str(data["message"])}
     return {"message": f"upstream returned HTTP {status}"}
 
 

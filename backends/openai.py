@@ -36,7 +36,7 @@ class OpenAIConfig(BackendConfig):
     model: str | None = None
     organization: str | None = None
     project: str | None = None
-    headers: dict[str, str] = Field(default_factory=dict)
+    headers: dict[str, SecretStr] = Field(default_factory=dict)
     timeouts: TimeoutsConfig = Field(default_factory=TimeoutsConfig)
 
     @field_validator("base_url")
@@ -54,7 +54,8 @@ class OpenAIBackend:
     def __init__(self, name: str, config: OpenAIConfig, resources: Resources) -> None:
         self.name = name
         self.config = config
-        headers = {"content-type": "application/json", **config.headers}
+        extra = {k: v.get_secret_value() for k, v in config.headers.items()}
+        headers = {"content-type": "application/json", **extra}
         key = config.api_key.get_secret_value() if config.api_key else ""
         if key:
             headers["authorization"] = f"Bearer {key}"
@@ -68,7 +69,9 @@ class OpenAIBackend:
             base_url=config.base_url,
             headers=headers,
             timeouts=Timeouts(connect=t.connect, first_token=t.first_token, total=t.total),
-            secrets=tuple(s for s in (key, config.base_url, urlsplit(config.base_url).netloc) if s),
+            # header values may be credentials too (x-api-key, api-key, ...)
+            secrets=(*(s for s in (key, config.base_url, urlsplit(config.base_url).netloc) if s),
+                     *(v for v in extra.values() if len(v) >= 8)),
         )
         self._in_flight = 0
 

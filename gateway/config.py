@@ -132,6 +132,10 @@ def _format_loc(loc: Iterable[Any]) -> str:
     return out
 
 
+def _message(error: Any) -> str:
+    return str(error["msg"]).removeprefix("Value error, ")
+
+
 def _backend_model(kind: str) -> type[BaseModel]:
     module, config_cls, _ = BACKEND_KINDS[kind]
     return getattr(importlib.import_module(module), config_cls)
@@ -148,7 +152,7 @@ def parse_config(data: Any, source: str = "<config>", env: dict[str, str] | None
     try:
         top = GatewayConfig.model_validate(data)
     except ValidationError as exc:
-        problems += [(_format_loc(e["loc"]), e["msg"]) for e in exc.errors(include_url=False)]
+        problems += [(_format_loc(e["loc"]), _message(e)) for e in exc.errors(include_url=False)]
         raise ConfigError(source, problems) from None
 
     backends: dict[str, BaseModel] = {}
@@ -165,7 +169,7 @@ def parse_config(data: Any, source: str = "<config>", env: dict[str, str] | None
             backends[name] = _backend_model(kind).model_validate(raw)
         except ValidationError as exc:
             for e in exc.errors(include_url=False):
-                problems.append((_join(where, _format_loc(e["loc"])), e["msg"]))
+                problems.append((_join(where, _format_loc(e["loc"])), _message(e)))
 
     for model, route in top.models.items():
         if not re.match(_NAME, model):

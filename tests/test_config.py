@@ -59,7 +59,7 @@ def test_every_problem_is_reported_at_once() -> None:
     data = base(chat={"targets": ["gpu"], "fallback": ["up", "tpu"]}, other={"targets": ["npu"]})
     data["backends"]["up"]["base_url"] = "ftp://nowhere"
     assert problems(data) == [
-        ("backends.up.base_url", "Value error, must be an http:// or https:// URL"),
+        ("backends.up.base_url", "must be an http:// or https:// URL"),
         ("models.chat.targets[0]", "unknown backend 'gpu'"),
         ("models.chat.fallback[1]", "unknown backend 'tpu'"),
         ("models.other.targets[0]", "unknown backend 'npu'"),
@@ -96,7 +96,7 @@ def test_target_repeated_in_fallback() -> None:
 def test_bad_base_url(url: str) -> None:
     data = base()
     data["backends"]["up"]["base_url"] = url
-    assert problems(data) == [("backends.up.base_url", "Value error, must be an http:// or https:// URL")]
+    assert problems(data) == [("backends.up.base_url", "must be an http:// or https:// URL")]
 
 
 def test_base_url_trailing_slash_is_dropped() -> None:

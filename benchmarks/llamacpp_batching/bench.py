@@ -113,6 +113,9 @@ class Run:
     requests: list[Request] = field(default_factory=list)
     wall: float = 0.0
     note: str = ""  # set instead of measurements, e.g. "not built"
+    #: CPU used by processes other than this one and the server measured, in cores, averaged
+    #: over the run: other people's work on a shared machine that the numbers include
+    foreign: float = 0.0
 
     @property
     def tokens(self) -> int:
@@ -203,7 +206,8 @@ async def stream_one(session: Any, url: str, model: str, user: int, round_: int,
     return req
 
 
-async def load(url: str, model: str, server: str, users: int, rounds: int, max_tokens: int) -> Run:
+async def load(url: str, model: str, server: str, users: int, rounds: int, max_tokens: int,
+               pid: int) -> Run:
     """``users`` concurrent users, each sending ``rounds`` requests back to back."""
     import aiohttp
 
@@ -221,11 +225,72 @@ async def load(url: str, model: str, server: str, users: int, rounds: int, max_t
         async def user(u: int) -> list[Request]:
             return [await stream_one(session, url, model, u, r, max_tokens) for r in range(rounds)]
 
-        started = time.perf_counter()
-        results = await asyncio.gather(*(user(u) for u in range(users)))
-        run.wall = time.perf_counter() - started
+        with CpuMeter([pid]) as meter:
+            started = time.perf_counter()
+            results = await asyncio.gather(*(user(u) for u in range(users)))
+            run.wall = time.perf_counter() - started
     run.requests = [r for rs in results for r in rs]
+    run.foreign = meter.cores
     return run
+
+
+# ---- CPU accounting ----------------------------------------------------------------------
+
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def machine_busy() -> float:
+    """Seconds of CPU all processes used since boot (/proc/stat, idle and iowait excluded)."""
+    f = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = f
+    return (user + nice + system + irq + softirq + steal) / TICK
+
+
+def process_cpu(pid: int) -> float:
+    """Seconds of CPU one process (all its threads) used; 0 once it is gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / TICK  # utime, stime
+
+
+class CpuMeter:
+    """How much CPU others used while we measured: machine busy time minus ours and the
+    server's. The lock in the module docstring only keeps out other *benchmarks*; tests and
+    builds that ignore it show up here instead of silently skewing a row."""
+
+    def __init__(self, pids: Sequence[int]) -> None:
+        self.pids = pids
+
+    def own(self) -> float:
+        t = os.times()
+        # children_*: the direct worker, counted once it has been waited for
+        return t.user + t.system + t.children_user + t.children_system + sum(
+            process_cpu(p) for p in self.pids)
+
+    def __enter__(self) -> CpuMeter:
+        self.t0, self.busy0, self.own0 = time.monotonic(), machine_busy(), self.own()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        wall = time.monotonic() - self.t0
+        foreign = (machine_busy() - self.busy0) - (self.own() - self.own0)
+        self.cores = max(0.0, foreign / wall) if wall else 0.0
+
+
+def wait_quiet(pids: Sequence[int], limit_s: float) -> float:
+    """Wait (up to ``limit_s``) until others use < 0.1 core for 3 s running; returns their load.
+
+    Our servers sit idle here, so whatever is busy is someone else's process."""
+    deadline = time.monotonic() + limit_s
+    calm = 0
+    while True:
+        with CpuMeter(pids) as meter:
+            time.sleep(1.0)
+        calm = calm + 1 if meter.cores < 0.1 else 0
+        if calm >= 3 or time.monotonic() > deadline:
+            return meter.cores
 
 
 # ---- servers -----------------------------------------------------------------------------
@@ -295,8 +360,8 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
 
 
 @contextlib.contextmanager
-def running(spec: ServerSpec, port: int, log: Path) -> Iterator[str]:
-    """Start the server, wait until it is ready, yield its base URL; always stops it."""
+def running(spec: ServerSpec, port: int, log: Path) -> Iterator[tuple[str, int]]:
+    """Start the server, wait until it is ready, yield its base URL and pid; always stops it."""
     import urllib.error
     import urllib.request
 
@@ -321,7 +386,7 @@ def running(spec: ServerSpec, port: int, log: Path) -> Iterator[str]:
                 raise SystemExit(f"bench: {' '.join(spec.argv)} not ready after {START_TIMEOUT_S:.0f}s"
                                  f"\n--- its output (tail) ---\n{tail(log)}")
             time.sleep(0.2)
-        yield url
+        yield url, proc.pid
     finally:
         stop(proc)
 
@@ -365,7 +430,9 @@ def run_direct(gguf: str, rounds: int, max_tokens: int, log: Path) -> Run:
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=err,
                                 cwd=REPO, start_new_session=True)
     try:
-        out, _ = proc.communicate(timeout=STREAM_TIMEOUT_S * (rounds + 1))
+        # Includes the model load; the child's CPU counts as ours once communicate() reaped it.
+        with CpuMeter([]) as meter:
+            out, _ = proc.communicate(timeout=STREAM_TIMEOUT_S * (rounds + 1))
     finally:
         stop(proc)
     if proc.returncode != 0:
@@ -376,6 +443,7 @@ def run_direct(gguf: str, rounds: int, max_tokens: int, log: Path) -> Run:
         run.requests.append(Request(0, d["tokens"], d["ttft"], d["total"], d["ok"]))
     # One user, calls back to back: the run's wall time is the time spent in calls.
     run.wall = sum(r.total for r in run.requests)
+    run.foreign = meter.cores
     return run
 
 
@@ -388,17 +456,17 @@ def ms(v: float | None) -> str:
 
 def table(runs: list[Run]) -> str:
     rows = ["| server | users x rounds | tokens (mean/reply) | wall s | aggregate tok/s "
-            "| per-user tok/s (median) | TTFT p50 ms | TTFT p95 ms | dropped |",
-            "|---|---|---|---|---|---|---|---|---|"]
+            "| per-user tok/s (median) | TTFT p50 ms | TTFT p95 ms | dropped | other load |",
+            "|---|---|---|---|---|---|---|---|---|---|"]
     for r in runs:
         shape = f"{r.users} x {r.rounds}"
         if r.note:
-            rows.append(f"| {r.server} | {shape} | {r.note} | | | | | | |")
+            rows.append(f"| {r.server} | {shape} | {r.note} | | | | | | | |")
             continue
         n = len(r.requests)
         rows.append(f"| {r.server} | {shape} | {r.tokens} ({r.tokens / n:.1f}) | {r.wall:.2f} "
                     f"| {r.aggregate:.1f} | {r.per_user:.1f} | {ms(r.ttft(0.5))} | {ms(r.ttft(0.95))} "
-                    f"| {r.dropped}/{n} |")
+                    f"| {r.dropped}/{n} | {r.foreign:.2f} |")
     return "\n".join(rows)
 
 
@@ -472,7 +540,9 @@ def report(runs: list[Run], args: argparse.Namespace, argv: list[str]) -> str:
         "Tokens are content chunks received; aggregate = all tokens / wall time of the run; "
         "per-user = a user's tokens / time it spent in requests (median over users); "
         "TTFT = send to first non-empty content delta; dropped = error, 120 s timeout, or no "
-        "finish_reason + `[DONE]`. Each server is warmed up with one short request first.",
+        "finish_reason + `[DONE]`. Each server is warmed up with one short request first. "
+        "other load = cores used on average by processes other than the benchmark and the "
+        "server measured (the machine is shared; above ~0.1 a row is skewed).",
         "",
     ]
     return "\n".join([*header, table(runs), "", *verdicts(runs, args.users), ""])
@@ -490,6 +560,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help=f"comma-separated, in run order; known: {', '.join(SERVERS)}")
     p.add_argument("--llama-server-bin", type=Path, default=DEFAULT_LLAMA_SERVER)
     p.add_argument("--no-write", action="store_true", help="print only; leave results.md alone")
+    p.add_argument("--quiet-wait", type=float, default=120.0,
+                   help="seconds to wait, before each run, for other processes to go idle (0: none)")
     p.add_argument("-v", "--verbose", action="store_true", help="print every request's numbers")
     p.add_argument("--direct-worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--gguf", help=argparse.SUPPRESS)
@@ -498,6 +570,15 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     if unknown:
         p.error(f"unknown server(s): {', '.join(sorted(unknown))}")
     return args
+
+
+def quiet(pids: Sequence[int], limit_s: float) -> None:
+    if limit_s <= 0:
+        return
+    others = wait_quiet(pids, limit_s)
+    if others >= 0.1:
+        print(f"bench: the machine is not quiet (others use {others:.2f} cores); measuring anyway",
+              file=sys.stderr, flush=True)
 
 
 def main() -> None:
@@ -518,6 +599,7 @@ def main() -> None:
         for name in args.servers.split(","):
             if name == "direct":
                 print("bench: direct Llama, 1 user", file=sys.stderr, flush=True)
+                quiet([], args.quiet_wait)
                 runs.append(run_direct(gguf, args.rounds, args.max_tokens, tmp / "direct.log"))
                 continue
             if name == "llama-server" and not os.access(args.llama_server_bin, os.X_OK):
@@ -529,11 +611,13 @@ def main() -> None:
             port = free_port()
             spec = server_spec(name, port, gguf, args.llama_server_bin, tmp)
             print(f"bench: {name}: starting", file=sys.stderr, flush=True)
-            with running(spec, port, tmp / f"{name}.log") as url:
+            with running(spec, port, tmp / f"{name}.log") as (url, pid):
                 for users in dict.fromkeys((1, args.users)):  # 1 user first, once if --users 1
                     print(f"bench: {name}: {users} user(s) x {args.rounds}", file=sys.stderr,
                           flush=True)
-                    run = asyncio.run(load(url, "smollm2", name, users, args.rounds, args.max_tokens))
+                    quiet([pid], args.quiet_wait)
+                    run = asyncio.run(load(url, "smollm2", name, users, args.rounds, args.max_tokens,
+                                           pid))
                     runs.append(run)
                     for r in run.requests:
                         if r.error:
