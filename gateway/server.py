@@ -12,16 +12,21 @@ import ipaddress
 import logging
 import socket
 from collections.abc import AsyncIterator
+from types import FrameType
 
 import uvicorn
 from starlette.applications import Starlette
 
-from backends.base import Backend, Resources
+from backends.base import Backend, Price, Resources
 from backends.http import HttpClient
 from gateway.app import Gateway, build_app
+from gateway.breaker import CircuitBreaker
 from gateway.config import BACKEND_KINDS, LoadedConfig
-from gateway.router import Route, Router
+from gateway.health import HealthMonitor
+from gateway.retry_budget import RetryBudget
+from gateway.router import Route, Router, Target
 from gateway.settings import Settings
+from gateway.stats import BackendStats
 
 log = logging.getLogger("interlock.server")
 
@@ -41,16 +46,48 @@ def build_backends(config: LoadedConfig, resources: Resources) -> dict[str, Back
 
 def build_gateway(config: LoadedConfig, resources: Resources) -> Gateway:
     backends = build_backends(config, resources)
+    resilience = config.resilience
+    targets = {
+        name: Target(
+            backend=backend,
+            stats=BackendStats(name),
+            breaker=CircuitBreaker(name, resilience.breaker),
+            price=getattr(config.backends[name], "price", Price()),
+            max_in_flight=getattr(config.backends[name], "max_in_flight", None),
+        )
+        for name, backend in backends.items()
+    }
+    for target in targets.values():
+        target.breaker.listeners.append(_log_transition)
     routes = {
         model: Route(
             name=model,
-            targets=tuple(backends[n] for n in route.targets),
-            fallback=tuple(backends[n] for n in route.fallback),
+            targets=tuple(targets[n] for n in route.targets),
+            fallback=tuple(targets[n] for n in route.fallback),
             policy=route.policy,
+            weights=route.weights,
+            latency_weight=route.latency_weight,
+            ttft_slo_ms=route.slo.ttft_ms if route.slo else None,
+            attempts=route.attempts or resilience.retry.attempts,
+            hedge=route.hedge,
         )
         for model, route in config.models.items()
     }
-    return Gateway(config=config, router=Router(routes), backends=backends)
+    retry = resilience.retry
+    router = Router(
+        routes,
+        budget=RetryBudget(ratio=retry.budget_ratio, min_per_s=retry.budget_min_per_s),
+        backoff_initial_s=retry.backoff_initial_s,
+        backoff_max_s=retry.backoff_max_s,
+    )
+    check = resilience.health_check
+    monitor = HealthMonitor(targets.values(), interval_s=check.interval_s, timeout_s=check.timeout_s)
+    return Gateway(config=config, router=router, backends=backends, targets=targets, health=monitor)
+
+
+def _log_transition(name: str, old: str, new: str) -> None:
+    level = logging.INFO if new == "closed" else logging.WARNING
+    log.log(level, "circuit of backend %s: %s -> %s", name, old, new)
 
 
 def create_app(config: LoadedConfig, settings: Settings, server: uvicorn.Server | None = None) -> Starlette:
@@ -65,6 +102,7 @@ def create_app(config: LoadedConfig, settings: Settings, server: uvicorn.Server 
         try:
             yield
         finally:
+            gateway.draining = True
             starting.cancel()
             await asyncio.gather(*(b.close() for b in gateway.backends.values()), return_exceptions=True)
             await http.close()
@@ -85,6 +123,19 @@ async def _start_backends(gateway: Gateway, server: uvicorn.Server | None) -> No
     await asyncio.gather(*(start(b) for b in gateway.backends.values()))
     if gateway.fatal is None:
         log.info("all backends started: %s", ", ".join(gateway.backends) or "none")
+        await gateway.health.run()  # runs until the lifespan ends and cancels it
+
+
+class _Server(uvicorn.Server):
+    """Flags the gateway as draining the moment a stop is asked for, so readiness turns 503 and
+    load balancers stop sending while uvicorn finishes the in-flight streams."""
+
+    gateway: Gateway | None = None
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if self.gateway is not None:
+            self.gateway.draining = True
+        super().handle_exit(sig, frame)
 
 
 def is_loopback(host: str) -> bool:
@@ -132,8 +183,9 @@ def serve(config: LoadedConfig, settings: Settings) -> int:
         log_config=None,
         timeout_graceful_shutdown=int(settings.graceful_shutdown_s),
     )
-    server = uvicorn.Server(uv_config)
+    server = _Server(uv_config)
     app = create_app(config, settings, server)
+    server.gateway = app.state.gateway
     uv_config.app = app
     log.info("interlock serving %s on http://%s:%d (models: %s)", config.source, settings.host,
              settings.port, ", ".join(config.models))

@@ -160,6 +160,11 @@ class BackendStats:
             # total == ttft means the reply came in one piece (not streamed): no pace to learn
             self.tpot.add((total_s - ttft_s) * 1000 / (completion_tokens - 1))
 
+    def abandoned(self) -> None:
+        """An attempt ended with no verdict on the backend (the client left, a hedge lost, the
+        client's own bad request): it leaves the in-flight count and nothing else."""
+        self.in_flight = max(0, self.in_flight - 1)
+
     # -- figures ---------------------------------------------------------------------------------
 
     @property

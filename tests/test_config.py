@@ -77,7 +77,8 @@ def test_unknown_kind() -> None:
 def test_unknown_policy() -> None:
     [(path, message)] = problems(base(chat={"targets": ["up"], "policy": "random"}))
     assert path == "models.chat.policy"
-    assert message.endswith("unknown policy 'random'; known: ordered")
+    assert message == ("unknown policy 'random'; known: "
+                       "ordered, weighted, least_busy, cost, latency, balanced, slo")
 
 
 def test_duplicate_target() -> None:

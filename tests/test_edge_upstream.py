@@ -36,9 +36,13 @@ def gateway(fake: FakeUpstream) -> Iterator[str]:
     }
     backends["broken"] = openai_backend(closed_url(), "ok", first_token=0.3)
     models: dict[str, Any] = {b: {"targets": [f"up-{b}"]} for b in BEHAVIOURS}
-    models["fallback"] = {"targets": ["broken", "up-ok"]}
-    models["fallback-list"] = {"targets": ["broken"], "fallback": ["up-ok"]}
-    with run_gateway({"backends": backends, "models": models}) as url:
+    models["fallback"] = {"targets": ["broken", "up-ok"], "attempts": 2}
+    models["fallback-list"] = {"targets": ["broken"], "fallback": ["up-ok"], "attempts": 2}
+    # These tests are about how one upstream's answers map to the client, request by request:
+    # one attempt each, and circuits that never open (tests/test_resilience.py covers those).
+    resilience = {"retry": {"attempts": 1},
+                  "breaker": {"consecutive_failures": 1000, "window": 1000, "min_calls": 1000}}
+    with run_gateway({"backends": backends, "models": models, "resilience": resilience}) as url:
         yield url
 
 

@@ -406,9 +406,11 @@ def direct_worker(gguf: str, rounds: int, max_tokens: int) -> None:
         ttft: float | None = None
         tokens = 0
         finish = None
-        for chunk in llm.create_chat_completion(
-                messages=[{"role": "user", "content": prompt_for(0, round_)}],
-                max_tokens=tokens_max, temperature=0, stream=True):
+        # stream=True makes it an iterator of chunk dicts; its annotation is the union of both
+        chunks: Iterator[dict[str, Any]] = llm.create_chat_completion(  # type: ignore[assignment]
+            messages=[{"role": "user", "content": prompt_for(0, round_)}],
+            max_tokens=tokens_max, temperature=0, stream=True)
+        for chunk in chunks:
             choice = chunk["choices"][0]
             if choice["delta"].get("content"):
                 if ttft is None:
