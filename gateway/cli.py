@@ -77,6 +77,66 @@ def cmd_hash_key(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_routes(args: argparse.Namespace) -> int:
+    """Print a running gateway's live ranking per route (GET /admin/routes) as a table."""
+    import json
+    import urllib.error
+    import urllib.parse
+    import urllib.request
+
+    query = {"prompt_tokens": args.prompt_tokens, "max_tokens": args.max_tokens}
+    if args.ttft_ms is not None:
+        query["ttft_ms"] = args.ttft_ms
+    url = args.url.rstrip("/") + "/admin/routes?" + urllib.parse.urlencode(query)
+    request = urllib.request.Request(url)
+    key = args.key or os.environ.get("INTERLOCK_ADMIN_KEY")
+    if key:
+        request.add_header("Authorization", f"Bearer {key}")
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            report = json.load(response)
+    except urllib.error.HTTPError as exc:
+        print(f"interlock: {url}: HTTP {exc.code}: {exc.read().decode(errors='replace')[:300]}",
+              file=sys.stderr)
+        return 1
+    except (urllib.error.URLError, OSError) as exc:
+        print(f"interlock: cannot reach {args.url}: {getattr(exc, 'reason', exc)}", file=sys.stderr)
+        return 1
+    print(render_routes(report))
+    return 0
+
+
+def render_routes(report: dict) -> str:  # type: ignore[type-arg]
+    facts = report["request"]
+    lines = [f"ranking for a request of {facts['prompt_tokens']} prompt tokens, "
+             f"max_tokens {facts['max_tokens']}" +
+             (f", ttft budget {facts['ttft_budget_ms']:g} ms" if facts.get("ttft_budget_ms") else "")]
+    header = ("#", "backend", "circuit", "healthy", "in flight", "samples", "err %", "ttft p50",
+              "ttft p95", "tpot", "reason")
+    for name, route in report["routes"].items():
+        lines.append("")
+        lines.append(f"{name}  (policy {route['policy']}, attempts {route['attempts']}"
+                     + (", hedged" if route["hedge"] else "") + ")")
+        rows = [header]
+        for i, entry in enumerate(route["order"], start=1):
+            stats, breaker = entry["stats"], entry["breaker"]
+            rows.append((
+                str(i), entry["backend"], str(breaker.get("state", "?")),
+                {True: "yes", False: "NO", None: "-"}[entry["healthy"]],
+                str(entry["load"]["in_flight"]), str(stats["samples"]),
+                f"{100 * stats['error_rate']:.0f}", _ms(stats["ttft_p50_ms"]), _ms(stats["ttft_p95_ms"]),
+                _ms(stats["tpot_ms"]), entry["reason"],
+            ))
+        widths = [max(len(row[c]) for row in rows) for c in range(len(header))]
+        lines += ["  " + "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
+                  for row in rows]
+    return "\n".join(lines)
+
+
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:.0f}ms"
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="interlock", description="An OpenAI-compatible LLM gateway.")
     p.add_argument("--version", action="version", version=f"interlock {__version__}")
@@ -94,6 +154,15 @@ def parser() -> argparse.ArgumentParser:
     c = sub.add_parser("check", help="validate a routing YAML; prints each problem with its path")
     c.add_argument("path")
     c.set_defaults(func=cmd_check)
+
+    r = sub.add_parser("routes", help="show a running gateway's live ranking per route")
+    r.add_argument("--url", default=os.environ.get("INTERLOCK_URL", "http://127.0.0.1:8080"),
+                   help="the gateway (env INTERLOCK_URL)")
+    r.add_argument("--key", help="an admin client key (env INTERLOCK_ADMIN_KEY)")
+    r.add_argument("--prompt-tokens", type=int, default=500)
+    r.add_argument("--max-tokens", type=int, default=256)
+    r.add_argument("--ttft-ms", type=float)
+    r.set_defaults(func=cmd_routes)
 
     h = sub.add_parser("hash-key", help="print the sha256 of a client key for auth.keys[].sha256")
     h.add_argument("key", nargs="?", help="the key (read from stdin if omitted)")

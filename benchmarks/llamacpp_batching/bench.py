@@ -54,7 +54,7 @@ REPO = HERE.parent.parent
 DEFAULT_LLAMA_SERVER = REPO / "benchmarks" / ".work" / "llama-server" / "build" / "bin" / "llama-server"
 RESULTS = HERE / "results.md"
 SERVERS = ("interlock", "llamacpp-python", "llama-server", "direct")
-THREADS = 2
+THREADS = 2  # per server: llama.cpp threads for decode and for prompt batches
 N_CTX = 4096
 PARALLEL = 8
 STREAM_TIMEOUT_S = 120.0
@@ -98,6 +98,9 @@ class Request:
     user: int
     tokens: int = 0  # content chunks with non-empty text
     ttft: float | None = None  # seconds from send to the first non-empty content delta
+    #: seconds from send to the first SSE ``data:`` line of any kind (a role-only chunk counts):
+    #: shows a server that answers at once and only then prefills
+    ttfb: float | None = None
     total: float = 0.0  # seconds from send to the end of the stream
     ok: bool = False  # finish_reason seen and the stream ended with [DONE]
     error: str = ""
@@ -143,6 +146,9 @@ class Run:
     def ttft(self, q: float) -> float | None:
         return percentile([r.ttft for r in self.requests if r.ttft is not None], q)
 
+    def ttfb(self, q: float) -> float | None:
+        return percentile([r.ttfb for r in self.requests if r.ttfb is not None], q)
+
 
 def percentile(values: Sequence[float], q: float) -> float | None:
     """Nearest-rank percentile: with 24 samples p95 is the 23rd, an actually observed value."""
@@ -180,6 +186,8 @@ async def stream_one(session: Any, url: str, model: str, user: int, round_: int,
                     line = raw.strip()
                     if not line.startswith(b"data:"):
                         continue  # blank separators, ": ping" comments, event: lines
+                    if req.ttfb is None:
+                        req.ttfb = time.perf_counter() - started
                     data = line[5:].strip()
                     if data == b"[DONE]":
                         done = True
@@ -309,13 +317,14 @@ class ServerSpec:
     env: dict[str, str] = field(default_factory=dict)
 
 
-def server_spec(name: str, port: int, gguf: str, llama_server: Path, tmp: Path) -> ServerSpec:
+def server_spec(name: str, port: int, gguf: str, llama_server: Path, tmp: Path,
+                threads: int) -> ServerSpec:
     py = sys.executable
     if name == "interlock":
         config = tmp / "interlock.yaml"
         config.write_text(json.dumps({  # JSON is YAML; no yaml import needed here
             "backends": {"local": {"kind": "llamacpp", "model_path": gguf, "parallel": PARALLEL,
-                                   "n_threads": THREADS, "n_ctx": N_CTX}},
+                                   "n_threads": threads, "n_ctx": N_CTX}},
             "models": {"smollm2": {"targets": ["local"]}},
         }))
         exe = Path(py).parent / "interlock"
@@ -327,13 +336,13 @@ def server_spec(name: str, port: int, gguf: str, llama_server: Path, tmp: Path) 
                            "--log-level", "warning"], "/health/ready", {"PYTHONPATH": str(REPO)})
     if name == "llamacpp-python":
         return ServerSpec([py, "-m", "llama_cpp.server", "--model", gguf, "--port", str(port),
-                           "--host", "127.0.0.1", "--n_threads", str(THREADS),
-                           "--n_threads_batch", str(THREADS), "--n_ctx", str(N_CTX),
+                           "--host", "127.0.0.1", "--n_threads", str(threads),
+                           "--n_threads_batch", str(threads), "--n_ctx", str(N_CTX),
                            "--model_alias", "smollm2", "--interrupt_requests", "False"],
                           "/v1/models")
     if name == "llama-server":
         return ServerSpec([str(llama_server), "-m", gguf, "-np", str(PARALLEL), "-c", str(N_CTX),
-                           "-t", str(THREADS), "-tb", str(THREADS), "--host", "127.0.0.1",
+                           "-t", str(threads), "-tb", str(threads), "--host", "127.0.0.1",
                            "--port", str(port), "-a", "smollm2"], "/health")
     raise ValueError(name)
 
@@ -394,11 +403,11 @@ def running(spec: ServerSpec, port: int, log: Path) -> Iterator[tuple[str, int]]
 # ---- direct llama_cpp.Llama, in a child process --------------------------------------------
 
 
-def direct_worker(gguf: str, rounds: int, max_tokens: int) -> None:
+def direct_worker(gguf: str, rounds: int, max_tokens: int, threads: int) -> None:
     """Child-process side of the "direct" row: prints one JSON object per measured call."""
     import llama_cpp  # before anything that may import numpy
 
-    llm = llama_cpp.Llama(model_path=gguf, n_ctx=N_CTX, n_threads=THREADS, n_threads_batch=THREADS,
+    llm = llama_cpp.Llama(model_path=gguf, n_ctx=N_CTX, n_threads=threads, n_threads_batch=threads,
                           verbose=False)
 
     def call(round_: int, tokens_max: int) -> dict[str, Any]:
@@ -425,9 +434,9 @@ def direct_worker(gguf: str, rounds: int, max_tokens: int) -> None:
         print(json.dumps(call(r, max_tokens)), flush=True)
 
 
-def run_direct(gguf: str, rounds: int, max_tokens: int, log: Path) -> Run:
+def run_direct(gguf: str, rounds: int, max_tokens: int, threads: int, log: Path) -> Run:
     argv = [sys.executable, __file__, "--direct-worker", "--rounds", str(rounds),
-            "--max-tokens", str(max_tokens), "--gguf", gguf]
+            "--max-tokens", str(max_tokens), "--threads", str(threads), "--gguf", gguf]
     with log.open("wb") as err:
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=err,
                                 cwd=REPO, start_new_session=True)
@@ -458,16 +467,18 @@ def ms(v: float | None) -> str:
 
 def table(runs: list[Run]) -> str:
     rows = ["| server | users x rounds | tokens (mean/reply) | wall s | aggregate tok/s "
-            "| per-user tok/s (median) | TTFT p50 ms | TTFT p95 ms | dropped | other load |",
-            "|---|---|---|---|---|---|---|---|---|---|"]
+            "| per-user tok/s (median) | TTFT p50 ms | TTFT p95 ms | first byte p50 ms | dropped "
+            "| other load |",
+            "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in runs:
         shape = f"{r.users} x {r.rounds}"
         if r.note:
-            rows.append(f"| {r.server} | {shape} | {r.note} | | | | | | | |")
+            rows.append(f"| {r.server} | {shape} | {r.note} | | | | | | | | |")
             continue
         n = len(r.requests)
         rows.append(f"| {r.server} | {shape} | {r.tokens} ({r.tokens / n:.1f}) | {r.wall:.2f} "
                     f"| {r.aggregate:.1f} | {r.per_user:.1f} | {ms(r.ttft(0.5))} | {ms(r.ttft(0.95))} "
+                    f"| {ms(r.ttfb(0.5))} "
                     f"| {r.dropped}/{n} | {r.foreign:.2f} |")
     return "\n".join(rows)
 
@@ -535,13 +546,14 @@ def report(runs: list[Run], args: argparse.Namespace, argv: list[str]) -> str:
         f"- command: `{shlex.join(argv)}`",
         f"- git commit: {git_commit()}",
         f"- workload: SmolLM2-135M-Instruct Q4_1, streamed chat, max_tokens {args.max_tokens}, "
-        f"temperature 0, {THREADS} threads per server, n_ctx {N_CTX}, parallel {PARALLEL} "
+        f"temperature 0, {args.threads} threads per server, n_ctx {N_CTX}, parallel {PARALLEL} "
         "(Interlock, llama-server); llama_cpp.server runs with `--interrupt_requests False` "
         "(its default cuts a running stream short whenever another request waits)",
         "",
         "Tokens are content chunks received; aggregate = all tokens / wall time of the run; "
         "per-user = a user's tokens / time it spent in requests (median over users); "
-        "TTFT = send to first non-empty content delta; dropped = error, 120 s timeout, or no "
+        "TTFT = send to first non-empty content delta; first byte = send to the first SSE "
+        "`data:` line of any kind (direct Llama: its first chunk); dropped = error, 120 s timeout, or no "
         "finish_reason + `[DONE]`. Each server is warmed up with one short request first. "
         "other load = cores used on average by processes other than the benchmark and the "
         "server measured (the machine is shared; above ~0.1 a row is skewed).",
@@ -558,6 +570,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--users", type=int, default=8)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--threads", type=int, default=THREADS, help="llama.cpp threads, every server")
     p.add_argument("--servers", default=",".join(SERVERS),
                    help=f"comma-separated, in run order; known: {', '.join(SERVERS)}")
     p.add_argument("--llama-server-bin", type=Path, default=DEFAULT_LLAMA_SERVER)
@@ -586,7 +599,7 @@ def quiet(pids: Sequence[int], limit_s: float) -> None:
 def main() -> None:
     args = parse_args(sys.argv[1:])
     if args.direct_worker:
-        direct_worker(args.gguf, args.rounds, args.max_tokens)
+        direct_worker(args.gguf, args.rounds, args.max_tokens, args.threads)
         return
     # SIGTERM (e.g. from timeout(1)) must unwind through the finally blocks that stop servers.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
@@ -602,7 +615,8 @@ def main() -> None:
             if name == "direct":
                 print("bench: direct Llama, 1 user", file=sys.stderr, flush=True)
                 quiet([], args.quiet_wait)
-                runs.append(run_direct(gguf, args.rounds, args.max_tokens, tmp / "direct.log"))
+                runs.append(run_direct(gguf, args.rounds, args.max_tokens, args.threads,
+                                       tmp / "direct.log"))
                 continue
             if name == "llama-server" and not os.access(args.llama_server_bin, os.X_OK):
                 print(f"bench: {args.llama_server_bin} not built (build_llama_server.sh)",
@@ -611,7 +625,7 @@ def main() -> None:
                          Run(name, args.users, args.rounds, note="not built")]
                 continue
             port = free_port()
-            spec = server_spec(name, port, gguf, args.llama_server_bin, tmp)
+            spec = server_spec(name, port, gguf, args.llama_server_bin, tmp, args.threads)
             print(f"bench: {name}: starting", file=sys.stderr, flush=True)
             with running(spec, port, tmp / f"{name}.log") as (url, pid):
                 for users in dict.fromkeys((1, args.users)):  # 1 user first, once if --users 1
