@@ -36,6 +36,8 @@ class BackendRequest:
     body: dict[str, Any]
     request_id: str
     stream: bool = False
+    #: the client's ``x-interlock-session`` header: a conversation key pools may keep together
+    session: str | None = None
 
 
 @dataclass(slots=True)

@@ -114,6 +114,7 @@ def _inference(gateway: Gateway, endpoint: Endpoint) -> Callable[[Request], Awai
                 body=body,
                 request_id=request.scope[REQUEST_ID_KEY],
                 stream=bool(body.get("stream")) and endpoint != "embeddings",
+                session=request.headers.get("x-interlock-session"),
             )
             if backend_request.stream:
                 opened = await router.stream(route, backend_request, facts)

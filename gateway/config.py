@@ -25,6 +25,8 @@ from policies import POLICIES
 BACKEND_KINDS: dict[str, tuple[str, str, str]] = {
     "openai": ("backends.openai", "OpenAIConfig", "OpenAIBackend"),
     "llamacpp": ("backends.llamacpp", "LlamaCppConfig", "LlamaCppBackend"),
+    "vllm": ("backends.vllm", "VllmConfig", "VllmBackend"),
+    "ollama": ("backends.ollama", "OllamaConfig", "OllamaBackend"),
 }
 
 #: policy names a route may use; ranking itself lives in ``policies``

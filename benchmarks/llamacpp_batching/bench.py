@@ -413,6 +413,7 @@ def direct_worker(gguf: str, rounds: int, max_tokens: int, threads: int) -> None
     def call(round_: int, tokens_max: int) -> dict[str, Any]:
         started = time.perf_counter()
         ttft: float | None = None
+        ttfb: float | None = None
         tokens = 0
         finish = None
         # stream=True makes it an iterator of chunk dicts; its annotation is the union of both
@@ -420,13 +421,15 @@ def direct_worker(gguf: str, rounds: int, max_tokens: int, threads: int) -> None
             messages=[{"role": "user", "content": prompt_for(0, round_)}],
             max_tokens=tokens_max, temperature=0, stream=True)
         for chunk in chunks:
+            if ttfb is None:
+                ttfb = time.perf_counter() - started
             choice = chunk["choices"][0]
             if choice["delta"].get("content"):
                 if ttft is None:
                     ttft = time.perf_counter() - started
                 tokens += 1
             finish = choice.get("finish_reason") or finish
-        return {"tokens": tokens, "ttft": ttft, "total": time.perf_counter() - started,
+        return {"tokens": tokens, "ttft": ttft, "ttfb": ttfb, "total": time.perf_counter() - started,
                 "ok": finish is not None}
 
     call(99, 8)  # warm-up, as the servers get
@@ -451,7 +454,7 @@ def run_direct(gguf: str, rounds: int, max_tokens: int, threads: int, log: Path)
     run = Run("direct Llama", 1, rounds)
     for line in out.decode().splitlines():
         d = json.loads(line)
-        run.requests.append(Request(0, d["tokens"], d["ttft"], d["total"], d["ok"]))
+        run.requests.append(Request(0, d["tokens"], d["ttft"], d["ttfb"], d["total"], d["ok"]))
     # One user, calls back to back: the run's wall time is the time spent in calls.
     run.wall = sum(r.total for r in run.requests)
     run.foreign = meter.cores
