@@ -18,7 +18,7 @@ from typing import Any
 import aiohttp
 import orjson
 
-from backends.base import Usage
+from backends.base import Health, Usage
 from backends.errors import (
     BackendError,
     BackendOverloaded,
@@ -114,6 +114,21 @@ class OpenAICompatibleUpstream:
             except aiohttp.ClientError as exc:
                 raise self._unavailable(exc) from None
         raise AssertionError("unreachable")
+
+    async def probe(self, path: str) -> Health:
+        """A cheap GET for health checks; never raises."""
+        headers = {k: v for k, v in self.headers.items() if k != "content-type"}
+        timeout = aiohttp.ClientTimeout(total=self.timeouts.connect + 2, connect=self.timeouts.connect)
+        try:
+            async with self.http.session.get(self.base_url + path, headers=headers, timeout=timeout) as r:
+                await r.read()
+                if r.status >= 500:
+                    return Health(False, f"health check answered HTTP {r.status}")
+                return Health(True)
+        except TimeoutError:
+            return Health(False, "health check timed out")
+        except aiohttp.ClientError as exc:
+            return Health(False, self._unavailable(exc).message)
 
     def _unavailable(self, exc: BaseException) -> BackendUnavailable:
         if isinstance(exc, aiohttp.ClientConnectorError):

@@ -116,7 +116,12 @@ class OpenAIBackend:
             await chunks.aclose()  # type: ignore[attr-defined]
 
     async def health(self) -> Health:
-        return Health(ok=True)
+        """Reachable and not failing: ``GET {base_url}/models`` answers below 500.
+
+        Any answer under 500 counts (401, 404 included): the server is up, and a server without
+        /models is not a sick one. Requests, not checks, judge whether the key and model work.
+        """
+        return await self._upstream.probe("/models")
 
     def load(self) -> Load:
         return Load(in_flight=self._in_flight)

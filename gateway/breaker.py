@@ -1,6 +1,6 @@
 """A circuit breaker per backend: stop sending traffic to an upstream that is failing.
 
-    closed ──(failure rate over the window, or N failures in a row)──▶ open
+    closed ──(failure rate over the window, N failures in a row, or a Retry-After)──▶ open
     open ──(cool-down elapsed; noticed lazily by allow()/state)──▶ half_open
     half_open ──(successes_to_close probe successes)──▶ closed (window cleared)
     half_open ──(any failure)──▶ open, with the cool-down doubled (capped)
@@ -48,6 +48,8 @@ class BreakerConfig(BaseModel):
     #: probe requests admitted at once while half-open
     half_open_probes: int = Field(default=2, ge=1)
     successes_to_close: int = Field(default=2, ge=1)
+    #: open at once when an upstream answers 429/503 with Retry-After, for that long
+    open_on_retry_after: bool = True
 
     @model_validator(mode="after")
     def _consistent(self) -> Self:
@@ -170,7 +172,10 @@ class CircuitBreaker:
             calls = len(self._window)
             # a division, not failures >= rate * calls: 0.3 * 10 is 3.0000000000000004 in floats
             by_rate = calls >= cfg.min_calls and self._failures / calls >= cfg.failure_rate
-            if by_rate or self._consecutive >= cfg.consecutive_failures:
+            # An upstream that said when to come back (429/503 with Retry-After) is believed at once:
+            # sending more before then only earns more refusals.
+            told_to_wait = cfg.open_on_retry_after and retry_after is not None and retry_after > 0
+            if by_rate or self._consecutive >= cfg.consecutive_failures or told_to_wait:
                 self._open(retry_after)
         elif state == "half_open":
             # the backend is still sick: back off harder so probes do not hammer it

@@ -16,6 +16,7 @@ answer wins and the other is cancelled.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import time
@@ -248,14 +249,19 @@ class Router:
                     await asyncio.sleep(self._backoff(SimpleNamespace(attempt_number=attempts)))  # type: ignore[arg-type]
                 attempts += 1
                 progressed = True
+                hedged: list[Target] = []  # the backup a hedge also sent this attempt to, if any
                 try:
                     if route.hedge and attempts == 1:
-                        won, result = await self._hedged(route, plan, index, attempt, drop)
+                        won, result = await self._hedged(route, plan, index, attempt, drop, hedged)
                         target = won
                     else:
                         result = await self._one(target, attempt)
                 except InterlockError as exc:
                     tried.add(target.name)
+                    # a hedge that failed on both sides was two attempts: the backup counts too
+                    for extra in hedged:
+                        tried.add(extra.name)
+                        attempts += 1
                     if not exc.retryable:
                         raise
                     log.warning("backend %s failed for %s: %s", target.name, request.request_id, exc.message)
@@ -295,6 +301,7 @@ class Router:
         index: int,
         attempt: Callable[[Target], Awaitable[T]],
         drop: Callable[[T], Awaitable[None]],
+        hedged: list[Target],
     ) -> tuple[Target, T]:
         first = plan[index].target
         p95 = first.stats.ttft.quantile(0.95)
@@ -302,7 +309,14 @@ class Router:
         if p95 is None or first.stats.samples < MIN_SAMPLES or backup is None:
             return first, await self._one(first, attempt)
         primary = asyncio.ensure_future(self._one(first, attempt))
-        done, _ = await asyncio.wait({primary}, timeout=p95 / 1000)
+        try:
+            done, _ = await asyncio.wait({primary}, timeout=p95 / 1000)
+        except BaseException:
+            # the client left while waiting: asyncio.wait does not cancel the attempt it waits on
+            primary.cancel()
+            with contextlib.suppress(BaseException):
+                await drop(await primary)
+            raise
         if done:
             return first, primary.result()
         if not backup.breaker.allow():
@@ -312,6 +326,7 @@ class Router:
             return first, await primary
         log.info("hedging %s: no answer from %s within its p95 %.0f ms", route.name, first.name, p95)
         second = asyncio.ensure_future(self._one(backup, attempt))
+        hedged.append(backup)
         racers = {primary: first, second: backup}
         pending = set(racers)
         error: BaseException | None = None

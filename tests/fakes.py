@@ -17,13 +17,19 @@ bodies); the behaviour is picked by the request's ``model``:
 from __future__ import annotations
 
 import asyncio
+import random
 import socket
+import struct
 import threading
 import time
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
 import orjson
 from aiohttp import web
+
+from backends.base import BackendRequest, BackendResponse, Health, Load, Usage
 
 UPSTREAM_KEY = "sk-upstream-secret-0123456789"
 
@@ -199,3 +205,306 @@ def openai_backend(base_url: str, model: str | None = None, *, api_key: str | No
 def closed_url() -> str:
     """A loopback base URL on which nothing listens: connecting is refused at once."""
     return f"http://127.0.0.1:{free_port()}/v1"
+
+
+# --- in-process backends for router tests -----------------------------------------------------
+
+#: ``complete()`` of a FakeBackend: one request in, one reply out (or a ``backends.errors`` raise)
+CompleteHandler = Callable[[BackendRequest], Awaitable[BackendResponse]]
+#: ``stream()`` of a FakeBackend: an async generator of SSE bytes; raising before the first
+#: yield is a refusal the router may fall back from, raising later is a mid-stream failure
+StreamHandler = Callable[[BackendRequest], AsyncIterator[bytes]]
+
+DONE_EVENT = b"data: [DONE]\n\n"
+
+
+def reply(content: str = "Hello there.", prompt_tokens: int = 5,
+          completion_tokens: int = 3) -> BackendResponse:
+    """A complete chat reply as a backend returns it, with the usage in the body and alongside."""
+    body = chat_completion("fake", content)
+    body["usage"] = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                     "total_tokens": prompt_tokens + completion_tokens}
+    return BackendResponse(orjson.dumps(body), Usage(prompt_tokens, completion_tokens))
+
+
+async def ok_handler(_: BackendRequest) -> BackendResponse:
+    return reply()
+
+
+def failing(make_error: Callable[[], BaseException]) -> CompleteHandler:
+    """A complete handler that raises a fresh ``make_error()`` on every call."""
+
+    async def handler(_: BackendRequest) -> BackendResponse:
+        raise make_error()
+
+    return handler
+
+
+def stream_of(pieces: Sequence[str] = ("Hello", " there."), *, then: BaseException | None = None,
+              before_first: BaseException | None = None) -> StreamHandler:
+    """A stream handler yielding one SSE chunk per piece (after a role chunk) and [DONE];
+    ``before_first`` is raised before any byte, ``then`` after the pieces instead of the end."""
+
+    async def handler(_: BackendRequest) -> AsyncIterator[bytes]:
+        if before_first is not None:
+            raise before_first
+        yield chunk("fake", {"role": "assistant", "content": ""})
+        for piece in pieces:
+            yield chunk("fake", {"content": piece})
+        if then is not None:
+            raise then
+        yield chunk("fake", {}, "stop")
+        yield DONE_EVENT
+
+    return handler
+
+
+class FakeBackend:
+    """An in-process ``backends.base.Backend`` driven by handlers: no sockets, no threads.
+
+    Counts what the router did to it (``calls``, ``stream_calls``, ``health_calls``), what its
+    handlers saw (``cancelled``: an attempt cancelled while running, e.g. a hedge that lost;
+    ``failures``: a handler raised) and what is running now (``in_flight``, reported by load()).
+    ``health_result`` is what health() answers; swap ``handler``/``stream_handler`` at any time.
+    """
+
+    kind = "fake"
+
+    def __init__(
+        self,
+        name: str = "fake",
+        handler: CompleteHandler = ok_handler,
+        stream_handler: StreamHandler | None = None,
+        *,
+        health: Health | None = None,
+        capacity: int | None = None,
+    ) -> None:
+        self.name = name
+        self.handler = handler
+        self.stream_handler = stream_handler or stream_of()
+        self.health_result = health or Health(True)
+        self.capacity = capacity
+        self.requests: list[BackendRequest] = []
+        self.calls = 0
+        self.stream_calls = 0
+        self.health_calls = 0
+        self.cancelled = 0
+        self.failures = 0
+        self.in_flight = 0
+        self.started = False
+        self.closed = False
+
+    async def start(self) -> None:
+        self.started = True
+
+    async def close(self) -> None:
+        self.closed = True
+
+    async def complete(self, request: BackendRequest) -> BackendResponse:
+        self.calls += 1
+        self.requests.append(request)
+        self.in_flight += 1
+        try:
+            return await self.handler(request)
+        except asyncio.CancelledError:
+            self.cancelled += 1
+            raise
+        except Exception:
+            self.failures += 1
+            raise
+        finally:
+            self.in_flight -= 1
+
+    async def stream(self, request: BackendRequest) -> AsyncIterator[bytes]:
+        self.stream_calls += 1
+        self.requests.append(request)
+        return self._relay(self.stream_handler(request))
+
+    async def _relay(self, chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+        self.in_flight += 1
+        try:
+            async for piece in chunks:
+                yield piece
+        except asyncio.CancelledError:
+            self.cancelled += 1
+            raise
+        except Exception:
+            self.failures += 1
+            raise
+        finally:
+            self.in_flight -= 1
+            await chunks.aclose()  # type: ignore[attr-defined]
+
+    async def health(self) -> Health:
+        self.health_calls += 1
+        return self.health_result
+
+    def load(self) -> Load:
+        return Load(in_flight=self.in_flight, capacity=self.capacity)
+
+
+# --- a misbehaving upstream on loopback, switchable at any time ---------------------------------
+
+#: what ChaosUpstream does with a POST (GET /v1/models answers 200 only in "ok")
+CHAOS_MODES = ("ok", "error500", "timeout", "slow_first_byte", "reset", "cut", "ratelimited")
+
+
+@dataclass
+class ChaosUpstream:
+    """An OpenAI-compatible upstream (aiohttp on loopback, in a thread) whose behaviour is the
+    mutable ``mode``, settable from the test at any moment:
+
+        ok               a normal reply (JSON, or SSE with [DONE])
+        error500         HTTP 500 with an OpenAI error body
+        timeout          never answers; holds the request until the client gives up
+        slow_first_byte  answers normally after ``slow_s`` seconds
+        reset            closes the TCP connection with a RST, without answering
+        cut              streams: two chunks, then the connection drops; JSON: half a body, then drops
+        ratelimited      HTTP 429 with ``Retry-After: <retry_after>``
+
+    With ``chance`` < 1 each request gets ``mode`` with that probability (from a ``seed``-ed RNG,
+    one draw per POST in arrival order) and "ok" otherwise. Counters: ``received`` (POSTs),
+    ``by_mode`` (what each POST got), ``models_requests`` (GET /v1/models), ``completed``
+    (replies sent in full), ``client_gone`` (held requests whose client left first).
+    """
+
+    mode: str = "ok"
+    chance: float = 1.0
+    seed: int = 0
+    slow_s: float = 1.5
+    retry_after: int = 30
+    port: int = field(default_factory=free_port)
+    received: int = 0
+    models_requests: int = 0
+    completed: int = 0
+    client_gone: int = 0
+    by_mode: Counter[str] = field(default_factory=Counter)
+
+    def __post_init__(self) -> None:
+        self._rng = random.Random(self.seed)
+        self._stopping = threading.Event()
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    def _pick(self) -> str:
+        mode = self.mode
+        if mode not in CHAOS_MODES:
+            raise ValueError(f"unknown chaos mode {mode!r}")
+        if self.chance >= 1.0:
+            return mode
+        return mode if self._rng.random() < self.chance else "ok"
+
+    async def _hold(self, request: web.Request, seconds: float) -> bool:
+        """Wait ``seconds``; False as soon as the client disconnects (or the server stops)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + seconds
+        while (left := deadline - loop.time()) > 0:
+            transport = request.transport
+            if self._stopping.is_set() or transport is None or transport.is_closing():
+                self.client_gone += 1
+                return False
+            await asyncio.sleep(min(0.01, left))
+        return True
+
+    @staticmethod
+    def _drop(request: web.Request, *, reset: bool) -> None:
+        transport = request.transport
+        if transport is None:
+            return
+        if reset:
+            sock = transport.get_extra_info("socket")
+            if sock is not None:  # linger 0: close() sends a RST instead of a FIN
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            transport.abort()
+        else:
+            transport.close()
+
+    async def _models(self, _: web.Request) -> web.Response:
+        self.models_requests += 1
+        if self.mode != "ok":
+            return web.json_response({"error": {"message": f"chaos: {self.mode}", "type": "server_error",
+                                                "param": None, "code": None}}, status=500)
+        return web.json_response({"object": "list", "data": [
+            {"id": "chaos", "object": "model", "created": 1, "owned_by": "chaos"}]})
+
+    async def _post(self, request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        self.received += 1
+        mode = self._pick()
+        self.by_mode[mode] += 1
+        model = str(body.get("model") or "chaos")
+        if mode == "error500":
+            return web.json_response({"error": {"message": "chaos: boom", "type": "server_error",
+                                                "param": None, "code": None}}, status=500)
+        if mode == "ratelimited":
+            return web.json_response({"error": {"message": "chaos: slow down", "type": "rate_limit_error",
+                                                "param": None, "code": None}},
+                                     status=429, headers={"Retry-After": str(self.retry_after)})
+        if mode == "reset":
+            self._drop(request, reset=True)
+            return web.Response()
+        if mode == "timeout":
+            await self._hold(request, 120.0)
+            return web.Response(status=504)
+        if mode == "slow_first_byte" and not await self._hold(request, self.slow_s):
+            return web.Response(status=499)
+        if not body.get("stream"):
+            payload = orjson.dumps(chat_completion(model))
+            if mode != "cut":
+                self.completed += 1
+                return web.Response(body=payload, content_type="application/json")
+            response = web.StreamResponse(headers={"content-type": "application/json"})
+            response.content_length = len(payload)
+            await response.prepare(request)
+            await response.write(payload[: len(payload) // 2])
+            await asyncio.sleep(0.02)
+            self._drop(request, reset=False)
+            return response
+        response = web.StreamResponse(headers={"content-type": "text/event-stream"})
+        await response.prepare(request)
+        try:
+            await response.write(chunk(model, {"role": "assistant", "content": ""}))
+            await response.write(chunk(model, {"content": "Hello"}))
+            if mode == "cut":
+                await asyncio.sleep(0.02)
+                self._drop(request, reset=False)
+                return response
+            await response.write(chunk(model, {"content": " there."}))
+            await response.write(chunk(model, {}, "stop"))
+            await response.write(DONE_EVENT)
+        except (ConnectionError, asyncio.CancelledError):
+            self.client_gone += 1
+            raise
+        self.completed += 1
+        return response
+
+    def __enter__(self) -> ChaosUpstream:
+        ready = threading.Event()
+
+        def run() -> None:
+            loop = asyncio.new_event_loop()
+            self._loop = loop
+            app = web.Application()
+            app.router.add_post("/v1/chat/completions", self._post)
+            app.router.add_post("/v1/completions", self._post)
+            app.router.add_get("/v1/models", self._models)
+            runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=1.0)
+            loop.run_until_complete(runner.setup())
+            loop.run_until_complete(web.TCPSite(runner, "127.0.0.1", self.port).start())
+            ready.set()
+            loop.run_forever()
+            loop.run_until_complete(runner.cleanup())
+            loop.close()
+
+        self._thread = threading.Thread(target=run, daemon=True)
+        self._thread.start()
+        if not ready.wait(5):
+            raise RuntimeError("ChaosUpstream did not start")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stopping.set()
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(5)

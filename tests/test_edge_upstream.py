@@ -40,8 +40,9 @@ def gateway(fake: FakeUpstream) -> Iterator[str]:
     models["fallback-list"] = {"targets": ["broken"], "fallback": ["up-ok"], "attempts": 2}
     # These tests are about how one upstream's answers map to the client, request by request:
     # one attempt each, and circuits that never open (tests/test_resilience.py covers those).
-    resilience = {"retry": {"attempts": 1},
-                  "breaker": {"consecutive_failures": 1000, "window": 1000, "min_calls": 1000}}
+    resilience = {"retry": {"attempts": 1}, "health_check": {"interval_s": 0},
+                  "breaker": {"consecutive_failures": 1000, "window": 1000, "min_calls": 1000,
+                              "open_on_retry_after": False}}
     with run_gateway({"backends": backends, "models": models, "resilience": resilience}) as url:
         yield url
 
@@ -274,7 +275,8 @@ def test_stale_keep_alive_connections_are_retried() -> None:
     with ClosingUpstream() as upstream:
         config = {
             "backends": {"up": openai_backend(f"http://127.0.0.1:{upstream.port}/v1", "ok")},
-            "models": {"m": {"targets": ["up"]}},
+            "models": {"m": {"targets": ["up"], "attempts": 1}},  # the transparent resend, not a retry
+            "resilience": {"health_check": {"interval_s": 0}},  # it counts connections: no GET /models
         }
         with run_gateway(config) as url, httpx.Client(base_url=url, timeout=5) as http:
             # Back to back: each request after the first goes out on the pooled socket, which the
