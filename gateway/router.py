@@ -35,7 +35,7 @@ from gateway.retry_budget import RetryBudget
 from gateway.stats import BackendStats
 from gateway.streams import StreamTally
 from policies import POLICIES
-from policies.base import MIN_SAMPLES, Policy, PolicyContext, RequestFacts
+from policies.base import MIN_SAMPLES, BackendView, Policy, PolicyContext, RequestFacts
 
 log = logging.getLogger("interlock.router")
 
@@ -146,10 +146,7 @@ class Router:
             order = [Choice(route.targets[0], "only target")]
         else:
             by_name = {t.name: t for t in route.targets}
-            views = [t.stats.view(t.price.input_per_mtok, t.price.output_per_mtok,
-                                  route.weights.get(t.name, 1.0), t.max_in_flight,
-                                  t.backend.load().in_flight or None)
-                     for t in route.targets]
+            views = [self._view(route, t) for t in route.targets]
             context = PolicyContext(rng=self._rng, latency_weight=route.latency_weight)
             ranked = self._policies[route.policy](views, facts, context)
             order = [Choice(by_name[r.name], f"{route.policy}: {r.reason}") for r in ranked]
@@ -159,6 +156,15 @@ class Router:
         if any(c.target.healthy is False for c in order):
             order.sort(key=lambda c: c.target.healthy is False)
         return order
+
+    @staticmethod
+    def _view(route: Route, target: Target) -> BackendView:
+        # The backend's own count is fresher than ours and includes its queue (llama.cpp, a pool).
+        load = target.backend.load()
+        own = load.in_flight + load.queued
+        return target.stats.view(target.price.input_per_mtok, target.price.output_per_mtok,
+                                 route.weights.get(target.name, 1.0), target.max_in_flight or load.capacity,
+                                 max(own, target.stats.in_flight))
 
     # -- serving --------------------------------------------------------------------------------
 
@@ -200,8 +206,7 @@ class Router:
                 raise
             ttft = self._clock() - started
             target.stats.first_token(facts.prompt_tokens, ttft)
-            tally = StreamTally(target, facts.prompt_tokens, started, ttft, self._clock)
-            return first, tally.watch(first, chunks)
+            return first, StreamTally(target, facts.prompt_tokens, started, ttft, self._clock, first, chunks)
 
         async def drop(opened: tuple[bytes, AsyncIterator[bytes]]) -> None:
             await opened[1].aclose()  # type: ignore[attr-defined]
@@ -333,10 +338,12 @@ class Router:
         try:
             while pending:
                 done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
-                for task in done:
-                    if task.exception() is None:
-                        return racers[task], task.result()
-                    error = task.exception()
+                winners = [task for task in done if task.exception() is None]
+                if winners:
+                    for extra in winners[1:]:  # both answered in the same instant: keep one
+                        await drop(extra.result())
+                    return racers[winners[0]], winners[0].result()
+                error = next(iter(done)).exception()
             assert error is not None
             raise error
         finally:

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from policies.base import BackendView
 
 #: outcomes older than this no longer say anything about the backend's health now
-DEFAULT_MAX_AGE_S = 300.0
+DEFAULT_MAX_AGE_S = 120.0
 
 
 def cost_usd(prompt_tokens: int, completion_tokens: int, price_in: float, price_out: float) -> float:
@@ -168,6 +168,11 @@ class BackendStats:
     # -- figures ---------------------------------------------------------------------------------
 
     @property
+    def recent_samples(self) -> int:
+        self._expire()
+        return len(self._outcomes)
+
+    @property
     def error_rate(self) -> float:
         self._expire()
         return self._failures / len(self._outcomes) if self._outcomes else 0.0
@@ -190,7 +195,9 @@ class BackendStats:
         base, per_token = self.ttft_model()
         return BackendView(
             name=self.name,
-            samples=self.samples,
+            # recent samples only: a backend nobody has used for max_age_s is cold again, so the
+            # policies explore it rather than judge it forever on figures from long ago
+            samples=self.recent_samples,
             ttft_ms=self.ttft.ewma,
             ttft_p50_ms=self.ttft.quantile(0.5),
             ttft_p95_ms=self.ttft.quantile(0.95),
@@ -216,6 +223,7 @@ class BackendStats:
             "name": self.name,
             "in_flight": self.in_flight,
             "samples": self.samples,
+            "recent_samples": self.recent_samples,
             "recent_outcomes": len(self._outcomes),
             "error_rate": round(self.error_rate, 4),
             "ttft_ms": r(self.ttft.ewma),

@@ -36,38 +36,64 @@ def usage_from_tail(tail: bytes) -> tuple[int, int] | None:
 
 
 class StreamTally:
+    """The stream after its first chunk, reporting its end to stats and breaker exactly once.
+
+    A class rather than an async generator: a generator closed before its first ``__anext__``
+    never runs its ``finally``, and a hedge loser or a client that left early is closed just so.
+    """
+
     def __init__(self, target: Target, prompt_tokens: int, started: float, ttft_s: float,
-                 clock: Callable[[], float]) -> None:
+                 clock: Callable[[], float], first: bytes, chunks: AsyncIterator[bytes]) -> None:
         self._target = target
         self._prompt_tokens = prompt_tokens
         self._started = started
         self._ttft_s = ttft_s
         self._clock = clock
+        self._chunks = chunks
+        self._events = first.count(b"data:")
+        self._tail = first[-_TAIL:]
+        self._open = True
 
-    async def watch(self, first: bytes, chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
-        """The stream after ``first`` (already sent), reporting its end to stats and breaker."""
-        events = first.count(b"data:")
-        tail = first[-_TAIL:]
-        outcome: bool | None = None  # None: the client left; says nothing about the backend
+    def __aiter__(self) -> StreamTally:
+        return self
+
+    async def __anext__(self) -> bytes:
+        if not self._open:
+            raise StopAsyncIteration
         try:
-            async for chunk in chunks:
-                events += chunk.count(b"data:")
-                tail = (tail + chunk)[-_TAIL:]
-                yield chunk
-            outcome = True
+            chunk = await anext(self._chunks)  # type: ignore[call-overload]
+        except StopAsyncIteration:
+            await self._end(True)
+            raise
         except InterlockError as exc:
-            outcome = False
             if counts_as_failure(exc):
                 self._target.breaker.on_failure(exc.retry_after)
+            await self._end(False)
             raise
+        except BaseException:
+            await self.aclose()
+            raise
+        self._events += chunk.count(b"data:")
+        self._tail = (self._tail + chunk)[-_TAIL:]
+        return chunk
+
+    async def aclose(self) -> None:
+        """The client left (or a hedge lost): no verdict on the backend."""
+        await self._end(None)
+
+    async def _end(self, outcome: bool | None) -> None:
+        if not self._open:
+            return
+        self._open = False
+        try:
+            await self._chunks.aclose()  # type: ignore[attr-defined]
         finally:
-            await chunks.aclose()  # type: ignore[attr-defined]
             stats = self._target.stats
             if outcome is None:
                 stats.abandoned()
             else:
-                usage = usage_from_tail(tail)
-                completion = usage[1] if usage else max(0, events - _FRAMING_EVENTS)
+                usage = usage_from_tail(self._tail)
+                completion = usage[1] if usage else max(0, self._events - _FRAMING_EVENTS)
                 # the prompt estimate, as given to first_token(): it pairs the two TTFT reports
                 stats.finished(outcome, self._prompt_tokens, completion,
                                total_s=self._clock() - self._started, ttft_s=self._ttft_s)

@@ -16,7 +16,10 @@ DEMOTE_ERROR_RATE = 0.5
 
 
 def failing(backend: BackendView) -> bool:
-    return backend.error_rate >= DEMOTE_ERROR_RATE
+    # One failure is no verdict (a demoted backend gets little traffic to redeem itself with, and
+    # the breaker has a minimum number of calls for the same reason): it takes two.
+    failures = backend.error_rate * backend.samples
+    return backend.error_rate >= DEMOTE_ERROR_RATE and failures >= 1.5
 
 
 def explore_first(

@@ -392,3 +392,12 @@ def test_cold_failing_backend_is_demoted_not_explored(policy: str) -> None:
 def test_backend_at_min_samples_is_not_cold(policy: str) -> None:
     cands = [*WARM_PAIR, warm("x", samples=MIN_SAMPLES, ttft_ms=5000.0, input_per_mtok=50)]
     assert names(run(DATA_POLICIES[policy], cands, COLD_REQ)) == ["a", "b", "x"]
+
+
+@pytest.mark.parametrize("policy", sorted(DATA_POLICIES))
+def test_one_failure_is_no_verdict(policy: str) -> None:
+    # 1 failure in 2 tries: still explored (listed first), not demoted for a 50% error rate
+    cands = [cold("x", samples=2, error_rate=0.5), *WARM_PAIR]
+    out = run(DATA_POLICIES[policy], cands, COLD_REQ, seed=0)
+    assert names(out)[0] == "x"
+    assert out[0].reason.startswith("exploring")
