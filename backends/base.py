@@ -63,6 +63,9 @@ class BackendResponse:
 class Health:
     ok: bool
     reason: str = ""
+    #: the backend is up but misconfigured (a model not pulled, say): not ready, yet not an outage
+    #: for its circuit breaker to count
+    misconfigured: bool = False
 
 
 @dataclass(slots=True)

@@ -51,7 +51,8 @@ class HealthMonitor:
         else:
             if was is not False:
                 log.warning("backend %s failed its health check: %s", target.name, health.reason)
-            target.breaker.on_failure()
+            if not health.misconfigured:
+                target.breaker.on_failure()
         return health.ok
 
     async def run(self) -> None:

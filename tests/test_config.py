@@ -68,10 +68,11 @@ def test_every_problem_is_reported_at_once() -> None:
 
 def test_unknown_kind() -> None:
     data = base()
-    data["backends"]["up"]["kind"] = "vllm"
-    assert problems(data) == [("backends.up.kind", "unknown backend kind 'vllm'; known: llamacpp, openai")]
+    data["backends"]["up"]["kind"] = "gpu"
+    known = "known: llamacpp, ollama, openai, vllm"
+    assert problems(data) == [("backends.up.kind", f"unknown backend kind 'gpu'; {known}")]
     del data["backends"]["up"]["kind"]
-    assert problems(data) == [("backends.up.kind", "unknown backend kind None; known: llamacpp, openai")]
+    assert problems(data) == [("backends.up.kind", f"unknown backend kind None; {known}")]
 
 
 def test_unknown_policy() -> None:
@@ -309,7 +310,7 @@ def test_check_reports_paths_and_exits_1(tmp_path: Path, capsys: pytest.CaptureF
     lines = err.splitlines()
     assert "models.chat.targets[2]: unknown backend 'gpu'" in lines
     assert "backends.b.base_url: environment variable GPU_URL is not set" in lines
-    assert "backends.c.kind: unknown backend kind 'tpu'; known: llamacpp, openai" in lines
+    assert "backends.c.kind: unknown backend kind 'tpu'; known: llamacpp, ollama, openai, vllm" in lines
     assert lines[-1] == f"{path}: {len(lines) - 1} problem(s)"
 
 
