@@ -162,7 +162,7 @@ def percentile(values: Sequence[float], q: float) -> float | None:
 
 
 async def stream_one(session: Any, url: str, model: str, user: int, round_: int,
-                     max_tokens: int) -> Request:
+                     max_tokens: int, extra: dict[str, Any]) -> Request:
     import aiohttp
 
     req = Request(user)
@@ -172,6 +172,7 @@ async def stream_one(session: Any, url: str, model: str, user: int, round_: int,
         "max_tokens": max_tokens,
         "temperature": 0,
         "stream": True,
+        **extra,
     }
     finish: str | None = None
     done = False
@@ -215,7 +216,7 @@ async def stream_one(session: Any, url: str, model: str, user: int, round_: int,
 
 
 async def load(url: str, model: str, server: str, users: int, rounds: int, max_tokens: int,
-               pid: int) -> Run:
+               pid: int, extra: dict[str, Any]) -> Run:
     """``users`` concurrent users, each sending ``rounds`` requests back to back."""
     import aiohttp
 
@@ -228,10 +229,11 @@ async def load(url: str, model: str, server: str, users: int, rounds: int, max_t
     async with aiohttp.ClientSession(connector=connector) as session:
         # Warm-up, not counted: first-request costs (graph allocation, lazy imports, template
         # compilation) are not what this benchmark compares.
-        await stream_one(session, url, model, 0, 99, 8)
+        await stream_one(session, url, model, 0, 99, 8, extra)
 
         async def user(u: int) -> list[Request]:
-            return [await stream_one(session, url, model, u, r, max_tokens) for r in range(rounds)]
+            return [await stream_one(session, url, model, u, r, max_tokens, extra)
+                    for r in range(rounds)]
 
         with CpuMeter([pid]) as meter:
             started = time.perf_counter()
@@ -577,6 +579,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--servers", default=",".join(SERVERS),
                    help=f"comma-separated, in run order; known: {', '.join(SERVERS)}")
     p.add_argument("--llama-server-bin", type=Path, default=DEFAULT_LLAMA_SERVER)
+    p.add_argument("--extra-body", type=json.loads, default={},
+                   help='JSON merged into every request, e.g. \'{"cache_prompt": false}\' '
+                        "(llama-server's prompt cache); servers only, not direct")
     p.add_argument("--no-write", action="store_true", help="print only; leave results.md alone")
     p.add_argument("--quiet-wait", type=float, default=120.0,
                    help="seconds to wait, before each run, for other processes to go idle (0: none)")
@@ -636,7 +641,7 @@ def main() -> None:
                           flush=True)
                     quiet([pid], args.quiet_wait)
                     run = asyncio.run(load(url, "smollm2", name, users, args.rounds, args.max_tokens,
-                                           pid))
+                                           pid, args.extra_body))
                     runs.append(run)
                     for r in run.requests:
                         if r.error:

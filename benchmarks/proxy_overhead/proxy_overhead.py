@@ -151,6 +151,46 @@ def wait_until(proc: Proc, url: str, want_status: int | None) -> None:
                      f"last lines of {proc.log}:\n{proc.log_tail()}")
 
 
+def cpu_ticks(pid: int) -> int:
+    """utime + stime of ``pid``, in clock ticks."""
+    # Fields after the ")" that closes the command name, which may itself hold spaces or ")".
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return int(fields[11]) + int(fields[12])
+
+
+def core_ticks(cpu: str) -> tuple[int, int]:
+    """(busy, total) clock ticks of one CPU since boot, from /proc/stat."""
+    for line in Path("/proc/stat").read_text().splitlines():
+        if line.startswith(f"cpu{cpu} "):
+            values = [int(v) for v in line.split()[1:9]]  # guest time is already inside user
+            return sum(values) - values[3] - values[4], sum(values)
+    raise BenchError(f"no cpu{cpu} line in /proc/stat")
+
+
+@dataclass
+class CoreShare:
+    """What one process used of the core it is pinned to over a span, and what everything else used."""
+
+    pid: int
+    cpu: str
+    proc0: int = 0
+    busy0: int = 0
+    total0: int = 0
+    proc_ticks: int = 0
+    stolen: float = 0.0
+
+    def __enter__(self) -> CoreShare:
+        self.proc0 = cpu_ticks(self.pid)
+        self.busy0, self.total0 = core_ticks(self.cpu)
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        busy1, total1 = core_ticks(self.cpu)
+        self.proc_ticks = cpu_ticks(self.pid) - self.proc0
+        # The process is pinned, so whatever else kept this core busy was someone else's work.
+        self.stolen = max(0, busy1 - self.busy0 - self.proc_ticks) / max(1, total1 - self.total0)
+
+
 def rss_kib(pid: int) -> dict[str, int]:
     """VmRSS and VmHWM (peak RSS) of ``pid``, in KiB."""
     out: dict[str, int] = {}
@@ -297,6 +337,10 @@ class Row:
     connections: int
     direct: WrkResult
     gateway: WrkResult
+    #: the gateway process's CPU time per request during its measured run, in microseconds
+    gateway_cpu_us: float
+    #: share of the gateway's core that other processes took during that run
+    stolen: float
 
 
 def table(rows: Sequence[Row]) -> str:
@@ -330,6 +374,12 @@ def table(rows: Sequence[Row]) -> str:
 def rss_line(before: dict[str, int], after: dict[str, int]) -> str:
     return (f"Gateway idle RSS: {before['VmRSS'] / 1024:.1f} MiB before load, "
             f"{after['VmRSS'] / 1024:.1f} MiB after (peak {after.get('VmHWM', 0) / 1024:.1f} MiB)")
+
+
+def cpu_line(rows: Sequence[Row]) -> str:
+    per_level = "; ".join(f"{r.connections} conn: {r.gateway_cpu_us:.0f} us "
+                          f"({r.stolen:.0%} of the core taken by other processes)" for r in rows)
+    return f"Gateway CPU time per request: {per_level}"
 
 
 def git_commit() -> str:
@@ -480,26 +530,37 @@ def bench(args: argparse.Namespace) -> bool:
 
             rows: list[Row] = []
             for n in args.connections:
-                results: list[WrkResult] = []
                 # Direct and gateway back to back per level, so that the pair being subtracted
                 # shares whatever the machine was doing at the time.
-                for url in (direct_url, gateway_url):
-                    if args.warmup:
-                        run_wrk(n, args.warmup, url, wrk_log)
-                    results.append(run_wrk(n, args.duration, url, wrk_log))
-                    gw.ensure_alive()
-                    nginx.ensure_alive()
-                rows.append(Row(n, *results))
-                print(f"proxy_overhead: {n} connection(s): direct {results[0].rps:,.0f} rps, "
-                      f"gateway {results[1].rps:,.0f} rps", file=sys.stderr)
+                if args.warmup:
+                    run_wrk(n, args.warmup, direct_url, wrk_log)
+                direct = run_wrk(n, args.duration, direct_url, wrk_log)
+                nginx.ensure_alive()
+                if args.warmup:
+                    run_wrk(n, args.warmup, gateway_url, wrk_log)
+                # CPU time per request holds up under a noisy neighbour far better than RPS does,
+                # and the stolen share says how noisy the neighbour was.
+                with CoreShare(gw.popen.pid, GATEWAY_CPU) as share:
+                    gateway = run_wrk(n, args.duration, gateway_url, wrk_log)
+                gw.ensure_alive()
+                nginx.ensure_alive()
+                cpu_us = share.proc_ticks / os.sysconf("SC_CLK_TCK") * 1e6 / gateway.requests
+                rows.append(Row(n, direct, gateway, cpu_us, share.stolen))
+                print(f"proxy_overhead: {n} connection(s): direct {direct.rps:,.0f} rps, "
+                      f"gateway {gateway.rps:,.0f} rps ({cpu_us:.0f} us CPU/request, "
+                      f"{share.stolen:.0%} of CPU {GATEWAY_CPU} taken by other work)", file=sys.stderr)
 
             time.sleep(1)  # let the last requests' buffers go before calling it idle
             rss_after = rss_kib(gw.popen.pid)
 
-    text, rss = table(rows), rss_line(rss_before, rss_after)
+    text = table(rows)
+    rss = "\n\n".join([rss_line(rss_before, rss_after), cpu_line(rows)])
     print(text)
     print()
     print(rss)
+    if any(r.stolen > 0.05 for r in rows):
+        print(f"proxy_overhead: warning: other processes used CPU {GATEWAY_CPU} during the gateway runs; "
+              "RPS and latency understate the gateway", file=sys.stderr)
     bad = [(r.connections, name, res) for r in rows for name, res in (("direct", r.direct),
                                                                        ("gateway", r.gateway))
            if res.errors]
