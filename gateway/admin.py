@@ -42,6 +42,9 @@ def routes_report(router: Router, facts: RequestFacts = _TYPICAL) -> dict[str, o
                     "max_in_flight": choice.target.max_in_flight,
                     "price": choice.target.price.model_dump(),
                     "stats": choice.target.stats.snapshot(),
+                    # pools (kind: vllm) show each endpoint's figures too
+                    **({"endpoints": choice.target.backend.endpoints()}  # type: ignore[attr-defined]
+                       if hasattr(choice.target.backend, "endpoints") else {}),
                 }
                 for choice in order
             ],

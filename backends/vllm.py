@@ -1,0 +1,697 @@
+"""``kind: vllm``: a pool of vLLM servers serving one model, routed for prefix-cache hits.
+
+Each request goes to one endpoint of the pool, chosen per ``routing``:
+
+``auto`` (default) scores every healthy endpoint in tokens of work, lowest wins::
+
+    score(e) = uncached(e) + queued(e)
+    uncached(e) = prompt_tokens - tokens of the prompt's prefix e probably holds (PrefixIndex)
+    queued(e)   = outstanding(e) + foreign(e) * typical_request_tokens
+    outstanding(e) = what this gateway sent e and is not finished: uncached prefill until the
+                     first byte (for a stream; a JSON reply has no first byte, so until its end),
+                     plus expected decode (max_tokens or 256, times n) until the end
+    foreign(e)  = requests e's last fresh /metrics scrape (at most 3 intervals old) showed
+                  (running + waiting) beyond this gateway's own in flight: other gateway
+                  replicas or clients sharing the pool; typical_request_tokens is the moving
+                  average of this pool's own requests (512 to start)
+
+Prompt lengths are estimated (characters / 4, no tokenizer); the rule itself is
+``backends.vllm_affinity.choose``, a pure function of per-endpoint snapshots.
+
+Prefix affinity comes first: the endpoints holding the longest cached prefix of this prompt
+take it unless their ``queued`` exceeds the least-queued endpoint's by more than
+``load_guard`` tokens (default 4096: about a long shared prompt's prefill plus a dozen
+replies, so the cache hit is worth more than the queue costs; past it, a busy endpoint
+stops attracting its conversations and they spread, re-caching their prefix elsewhere).
+Scores within one prompt block (``prefix_block_chars / 4`` tokens) of the best are a tie:
+the ``x-interlock-session`` key picks among them by rendezvous hashing (every replica picks
+alike, a conversation stays put), otherwise a per-process ``random.Random`` seeded from
+``os.urandom`` does, so gateway replicas do not all herd onto the same endpoint.
+
+``round_robin``, ``least_in_flight`` and ``conversation_hash`` (the session key, else the
+conversation's opening messages, hashed onto the healthy endpoints) exist to compare rules.
+
+Failures: an endpoint leaves the rotation at once when its ``GET /health`` fails (a failed
+request triggers a check right away) or after ``eject_after_failures`` (3) consecutive
+connection errors or 5xx; a scheduled health check that passes brings it back. A request
+that fails on an endpoint with a connection error or a 5xx is retried on another one (at
+most once per healthy endpoint); a stream only if nothing had come yet. With no healthy
+endpoint the pool raises ``BackendUnavailable``, so the router falls back.
+
+vLLM's errors come back in OpenAI's shapes: an over-long prompt or ``max_tokens`` is a 400
+``context_length_exceeded`` with vLLM's numbers; its other 400s keep their message; a model
+the pool does not serve is a retryable 502 ``upstream_model_not_found`` (the gateway's
+configuration is wrong, not the client's request). Bodies vLLM mishandles (``messages: []``
+resets the connection, a non-object body is a 500, a missing ``model`` is served by the
+default) are refused here before sending, though the gateway refuses them first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import random
+import socket
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal, Self
+from urllib.parse import urlsplit, urlunsplit
+
+import aiohttp
+from pydantic import Field, SecretStr, field_validator, model_validator
+
+from backends.base import (
+    ENDPOINT_PATHS,
+    BackendConfig,
+    BackendRequest,
+    BackendResponse,
+    Health,
+    Load,
+    Resources,
+)
+from backends.errors import (
+    BackendOverloaded,
+    BackendUnavailable,
+    ContextLengthExceeded,
+    InterlockError,
+    InvalidRequest,
+    UpstreamHTTPError,
+)
+from backends.http import HttpClient, OpenAICompatibleUpstream, Timeouts
+from backends.openai import TimeoutsConfig
+from backends.vllm_affinity import (
+    CHARS_PER_TOKEN,
+    Ask,
+    Candidate,
+    PrefixIndex,
+    Routing,
+    block_keys,
+    choose,
+    prompt_tokens,
+    render_prompt,
+)
+from backends.vllm_metrics import MetricsSnapshot, PrefixRate, parse_metrics
+
+log = logging.getLogger("interlock.backends.vllm")
+
+#: the reply length assumed when a request sets no max_tokens (as the gateway's ranking does)
+DEFAULT_MAX_TOKENS = 256
+_PROMPT_FIELD = {"chat": "messages", "completions": "prompt", "embeddings": "input"}
+#: what a request of unknown size costs, until this pool has seen its own traffic
+_TYPICAL_TOKENS = 512.0
+
+
+class VllmConfig(BackendConfig):
+    kind: Literal["vllm"]
+    #: base URLs (``http://10.0.0.5:8000``, with or without ``/v1``); or ``dns``, not both
+    endpoints: list[str] | None = None
+    #: ``host:port`` resolved to every address it has, re-resolved every ``dns_refresh_s``
+    dns: str | None = None
+    dns_refresh_s: float = Field(default=30.0, gt=0)
+    #: the upstream's model name; unset sends the client's
+    model: str | None = None
+    api_key: SecretStr | None = None
+    timeouts: TimeoutsConfig = Field(default_factory=TimeoutsConfig)
+    #: seconds between /metrics scrapes of each endpoint
+    scrape_interval_s: float = Field(default=2.0, gt=0)
+    #: seconds between GET /health checks of each endpoint
+    health_interval_s: float = Field(default=5.0, gt=0)
+    routing: Routing = "auto"
+    #: characters per block of the prefix index (~64 tokens)
+    prefix_block_chars: int = Field(default=256, ge=16)
+    #: seconds a prompt is assumed to stay in an endpoint's prefix cache
+    prefix_ttl_s: float = Field(default=600.0, gt=0)
+    #: blocks remembered per endpoint (20,000 x 256 chars is ~1.3M tokens, more than one GPU's KV cache)
+    prefix_index_blocks: int = Field(default=20_000, ge=1)
+    #: tokens by which an endpoint holding the prompt's prefix may be busier than the least busy
+    #: before the prefix is ignored
+    load_guard: int = Field(default=4096, ge=0)
+    #: consecutive connection errors / 5xx after which an endpoint leaves the rotation
+    eject_after_failures: int = Field(default=3, ge=1)
+
+    @field_validator("endpoints")
+    @classmethod
+    def _urls(cls, value: list[str] | None) -> list[str] | None:
+        if value is None:
+            return None
+        if not value:
+            raise ValueError("must list at least one URL")
+        roots = [endpoint_root(url) for url in value]
+        if len(set(roots)) != len(roots):
+            raise ValueError("lists the same endpoint twice")
+        return roots
+
+    @field_validator("dns")
+    @classmethod
+    def _host_port(cls, value: str | None) -> str | None:
+        if value is not None:
+            split_host_port(value)
+        return value
+
+    @model_validator(mode="after")
+    def _one_source(self) -> Self:
+        if (self.endpoints is None) == (self.dns is None):
+            raise ValueError("set exactly one of endpoints (a list of URLs) and dns (host:port)")
+        return self
+
+
+def endpoint_root(url: str) -> str:
+    """``http://h:8000/v1/`` -> ``http://h:8000``: the server's root, where /health and /metrics live."""
+    parts = urlsplit(url.strip())
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"{url!r} is not an http:// or https:// URL")
+    if parts.query or parts.fragment:
+        raise ValueError(f"{url!r}: a base URL takes no query or fragment")
+    path = parts.path.rstrip("/").removesuffix("/v1").rstrip("/")
+    return urlunsplit((parts.scheme, parts.netloc, path, "", ""))
+
+
+def split_host_port(value: str) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    host = host.removeprefix("[").removesuffix("]")
+    if not sep or not host or "/" in value or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError("must be host:port, e.g. vllm.internal:8000")
+    return host, int(port)
+
+
+def _public(root: str) -> str:
+    """The URL without credentials, as shown to operators."""
+    parts = urlsplit(root)
+    host = f"[{parts.hostname}]" if parts.hostname and ":" in parts.hostname else parts.hostname or ""
+    netloc = f"{host}:{parts.port}" if parts.port else host
+    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+
+
+# --- per-endpoint state ------------------------------------------------------------------------
+
+
+class _Endpoint:
+    def __init__(self, root: str, upstream: OpenAICompatibleUpstream, index: PrefixIndex) -> None:
+        self.root = root
+        self.url = _public(root)
+        self.upstream = upstream
+        self.index = index
+        self.healthy = True  # until a check says otherwise: a pool used before start() works
+        self.reason = ""
+        self.failures = 0
+        self.in_flight = 0
+        self.outstanding = 0.0
+        self.served = 0
+        self.scrape: MetricsSnapshot | None = None
+        self.scraped_at: float | None = None
+        self.scrape_error = ""
+        self.ours_at_scrape = 0
+        self.prefix_rate = PrefixRate()
+        self.wake = asyncio.Event()
+        self.tasks: list[asyncio.Task[None]] = []
+
+
+class _Ticket:
+    """One request's share of an endpoint's outstanding work, released exactly once."""
+
+    __slots__ = ("decode", "endpoint", "open", "prefill")
+
+    def __init__(self, endpoint: _Endpoint, prefill: float, decode: float) -> None:
+        self.endpoint, self.prefill, self.decode, self.open = endpoint, prefill, decode, True
+        endpoint.in_flight += 1
+        endpoint.outstanding += prefill + decode
+        endpoint.served += 1
+
+    def first_token(self) -> None:
+        if self.open:
+            self.endpoint.outstanding -= self.prefill
+            self.prefill = 0.0
+
+    def done(self) -> None:
+        if self.open:
+            self.open = False
+            self.endpoint.in_flight -= 1
+            self.endpoint.outstanding = max(0.0, self.endpoint.outstanding - self.prefill - self.decode)
+
+
+@dataclass(slots=True)
+class _Plan:
+    """A request as the pool routes it."""
+
+    path: str
+    body: dict[str, Any]
+    keys: list[int]
+    tokens: int
+    decode: int
+    session: str | None
+    conversation: str
+    #: the body field holding the prompt: named when the prompt is too long
+    prompt_field: str
+
+
+# --- the backend -------------------------------------------------------------------------------
+
+
+class VllmBackend:
+    kind = "vllm"
+
+    def __init__(
+        self,
+        name: str,
+        config: VllmConfig,
+        resources: Resources,
+        *,
+        rng: random.Random | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.name = name
+        self.config = config
+        self._http: HttpClient = resources.http
+        #: per process, never shared: replicas must not break ties alike
+        self._rng = rng or random.Random(os.urandom(16))
+        self._clock = clock
+        self._headers = {"content-type": "application/json"}
+        self._key = config.api_key.get_secret_value() if config.api_key else ""
+        if self._key:
+            self._headers["authorization"] = f"Bearer {self._key}"
+        t = config.timeouts
+        self._timeouts = Timeouts(connect=t.connect, first_token=t.first_token, total=t.total)
+        self._block_tokens = config.prefix_block_chars / CHARS_PER_TOKEN
+        self._probe_timeout = min(2.0, max(0.5, config.health_interval_s))
+        self._scrape_timeout = min(5.0, max(1.0, config.scrape_interval_s))
+        self._stale_after = max(3 * config.scrape_interval_s, 1.0)
+        self._typical = _TYPICAL_TOKENS
+        self._turn = 0
+        self._running = False
+        self._tasks: list[asyncio.Task[None]] = []
+        #: tasks of endpoints DNS removed, until their cancellation has run
+        self._retired: set[asyncio.Task[None]] = set()
+        self._endpoints: dict[str, _Endpoint] = {}
+        for root in config.endpoints or ():
+            self._add(root)
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        if self.config.dns is not None:
+            await self.refresh_dns()
+        # one check of every endpoint before serving, so readiness starts out right
+        await asyncio.gather(*(self._check(e, may_restore=True) for e in self._endpoints.values()))
+        self._running = True
+        for endpoint in self._endpoints.values():
+            self._watch(endpoint)
+        if self.config.dns is not None:
+            self._tasks.append(asyncio.create_task(self._dns_loop()))
+
+    async def close(self) -> None:
+        self._running = False
+        tasks = [*self._tasks, *self._retired, *(t for e in self._endpoints.values() for t in e.tasks)]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._tasks.clear()
+
+    def _add(self, root: str) -> _Endpoint:
+        netloc = urlsplit(root).netloc
+        upstream = OpenAICompatibleUpstream(
+            http=self._http, base_url=root + "/v1", headers=self._headers, timeouts=self._timeouts,
+            secrets=tuple(s for s in (self._key, root, netloc, self.config.dns) if s),
+        )
+        endpoint = _Endpoint(root, upstream, PrefixIndex(self.config.prefix_ttl_s,
+                                                         self.config.prefix_index_blocks))
+        self._endpoints[root] = endpoint
+        if self._running:
+            self._watch(endpoint)
+        return endpoint
+
+    def _watch(self, endpoint: _Endpoint) -> None:
+        endpoint.tasks = [asyncio.create_task(self._health_loop(endpoint)),
+                          asyncio.create_task(self._scrape_loop(endpoint))]
+
+    def _remove(self, root: str) -> None:
+        endpoint = self._endpoints.pop(root)
+        for task in endpoint.tasks:  # requests in flight there finish on their own
+            task.cancel()
+            self._retired.add(task)
+            task.add_done_callback(self._retired.discard)
+        log.info("vllm pool %s: endpoint %s left (DNS)", self.name, endpoint.url)
+
+    # -- DNS ------------------------------------------------------------------------------------
+
+    async def refresh_dns(self) -> None:
+        """Resolve ``dns`` now; addresses that appeared join the pool, those that vanished leave.
+        A failed or empty answer keeps the pool as it is (a DNS hiccup must not empty it)."""
+        assert self.config.dns is not None
+        host, port = split_host_port(self.config.dns)
+        try:
+            infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        except OSError as exc:
+            log.warning("vllm pool %s: cannot resolve %s: %s", self.name, self.config.dns, exc)
+            return
+        addresses = {str(info[4][0]) for info in infos}
+        if not addresses:
+            return
+        wanted = {f"http://[{a}]:{port}" if ":" in a else f"http://{a}:{port}" for a in addresses}
+        for root in sorted(wanted - self._endpoints.keys()):
+            self._add(root)
+            log.info("vllm pool %s: endpoint %s joined (DNS)", self.name, _public(root))
+        for root in sorted(self._endpoints.keys() - wanted):
+            self._remove(root)
+
+    async def _dns_loop(self) -> None:
+        while True:
+            # an empty pool (the name did not resolve yet) asks again soon
+            await asyncio.sleep(self.config.dns_refresh_s if self._endpoints
+                                else min(1.0, self.config.dns_refresh_s))
+            await self.refresh_dns()
+
+    # -- health and scrapes ---------------------------------------------------------------------
+
+    async def _health_loop(self, endpoint: _Endpoint) -> None:
+        while True:
+            woken = False
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.config.health_interval_s):
+                    await endpoint.wake.wait()
+                    woken = True
+            endpoint.wake.clear()
+            # A check woken by a failed request may take an endpoint out, never put it back: one
+            # ejected for failing requests while /health passes returns at the next scheduled check.
+            await self._check(endpoint, may_restore=not woken)
+
+    async def _check(self, endpoint: _Endpoint, *, may_restore: bool) -> None:
+        try:
+            async with asyncio.timeout(self._probe_timeout):
+                async with self._http.session.get(endpoint.root + "/health", headers=self._headers) as r:
+                    ok, reason = r.status == 200, f"GET /health answered {r.status}"
+        except TimeoutError:
+            ok, reason = False, f"GET /health timed out after {self._probe_timeout:g}s"
+        except aiohttp.ClientConnectorError:
+            ok, reason = False, "cannot connect"
+        except aiohttp.ClientError as exc:
+            ok, reason = False, f"GET /health failed ({type(exc).__name__})"
+        if ok and not endpoint.healthy and may_restore:
+            log.info("vllm pool %s: endpoint %s is back", self.name, endpoint.url)
+            endpoint.healthy, endpoint.reason, endpoint.failures = True, "", 0
+        elif not ok:
+            self._eject(endpoint, reason)
+
+    def _eject(self, endpoint: _Endpoint, reason: str) -> None:
+        if endpoint.healthy:
+            log.warning("vllm pool %s: endpoint %s leaves the rotation: %s", self.name, endpoint.url, reason)
+        endpoint.healthy, endpoint.reason = False, reason
+
+    async def _scrape_loop(self, endpoint: _Endpoint) -> None:
+        while True:
+            await self._scrape(endpoint)
+            await asyncio.sleep(self.config.scrape_interval_s)
+
+    async def _scrape(self, endpoint: _Endpoint) -> None:
+        ours = endpoint.in_flight
+        try:
+            async with asyncio.timeout(self._scrape_timeout):
+                async with self._http.session.get(endpoint.root + "/metrics", headers=self._headers) as r:
+                    if r.status != 200:
+                        endpoint.scrape_error = f"GET /metrics answered {r.status}"
+                        return
+                    text = await r.text(errors="replace")
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            endpoint.scrape_error = f"GET /metrics failed ({type(exc).__name__})"
+            return
+        snapshot = parse_metrics(text)
+        endpoint.scrape, endpoint.scraped_at, endpoint.scrape_error = snapshot, self._clock(), ""
+        # the page was made between sending and now: of our two counts, the larger claims more of it
+        endpoint.ours_at_scrape = max(ours, endpoint.in_flight)
+        endpoint.prefix_rate.update(snapshot.prefix_queries, snapshot.prefix_hits)
+
+    def _fresh(self, endpoint: _Endpoint) -> MetricsSnapshot | None:
+        if endpoint.scraped_at is None or self._clock() - endpoint.scraped_at > self._stale_after:
+            return None
+        return endpoint.scrape
+
+    # -- choosing an endpoint -------------------------------------------------------------------
+
+    def _plan(self, request: BackendRequest) -> _Plan:
+        body = self._shape(request)
+        rendered = render_prompt(request.endpoint, body)
+        block = self.config.prefix_block_chars
+        if request.endpoint == "embeddings":
+            keys, decode = [], 0
+        else:
+            keys = block_keys(rendered, block)
+            limit = _count(body.get("max_completion_tokens")) or _count(body.get("max_tokens"))
+            decode = (limit or DEFAULT_MAX_TOKENS) * (_count(body.get("n")) or 1)
+        if request.endpoint == "chat":
+            messages = body["messages"]
+            first_user = next((i for i, m in enumerate(messages) if m.get("role") == "user"), 0)
+            conversation = render_prompt("chat", {"messages": messages[:first_user + 1]})
+        else:
+            conversation = rendered[:block]
+        return _Plan(path=ENDPOINT_PATHS[request.endpoint], body=body, keys=keys,
+                     tokens=prompt_tokens(request.endpoint, body, rendered), decode=decode,
+                     session=request.session, conversation=conversation,
+                     prompt_field=_PROMPT_FIELD[request.endpoint])
+
+    def _shape(self, request: BackendRequest) -> dict[str, Any]:
+        """The body vLLM gets, in shapes it handles: it resets the connection on ``messages: []``,
+        answers a non-object body with 500 and serves a missing ``model`` with its default."""
+        body = request.body
+        if not isinstance(body, dict):
+            raise InvalidRequest("The request body must be a JSON object.", code="invalid_json")
+        model = self.config.model or body.get("model")
+        if not isinstance(model, str) or not model:
+            raise InvalidRequest("Missing required parameter: 'model'.", param="model",
+                                 code="missing_required_parameter")
+        field = _PROMPT_FIELD[request.endpoint]
+        value = body.get(field)
+        if request.endpoint == "chat":
+            if not isinstance(value, list) or not value or not all(isinstance(m, dict) for m in value):
+                raise InvalidRequest("'messages' must be a non-empty array of message objects.",
+                                     param="messages", code="invalid_value")
+        elif value is None or value == []:
+            raise InvalidRequest(f"Missing required parameter: '{field}'.", param=field,
+                                 code="missing_required_parameter")
+        shaped = {**body, "model": model}
+        if not request.stream and shaped.get("stream"):
+            shaped["stream"] = False
+            shaped.pop("stream_options", None)
+        return shaped
+
+    def _candidates(self, exclude: Sequence[_Endpoint]) -> list[_Endpoint]:
+        return [e for e in self._endpoints.values() if e.healthy and e not in exclude]
+
+    def _queued(self, endpoint: _Endpoint) -> float:
+        """Tokens of work ahead of a new request there: ours, plus what the scrape saw beyond ours."""
+        queued = endpoint.outstanding
+        scrape = self._fresh(endpoint)
+        if scrape is not None:
+            seen = (scrape.running or 0.0) + (scrape.waiting or 0.0)
+            queued += max(0.0, seen - endpoint.ours_at_scrape) * self._typical
+        return queued
+
+    def _choose(self, plan: _Plan, exclude: Sequence[_Endpoint] = ()) -> _Endpoint | None:
+        endpoints = {e.root: e for e in self._candidates(exclude)}
+        if not endpoints:
+            return None
+        now = self._clock()
+        auto = self.config.routing == "auto"
+        candidates = [Candidate(e.root, e.index.match(plan.keys, now) if auto else 0,
+                                self._queued(e) if auto else 0.0, e.in_flight) for e in endpoints.values()]
+        ask = Ask(plan.tokens, plan.session, plan.conversation)
+        self._turn += 1
+        chosen = choose(self.config.routing, candidates, ask, block_tokens=self._block_tokens,
+                        load_guard=self.config.load_guard, rng=self._rng, turn=self._turn - 1)
+        return endpoints[chosen.name]
+
+    def choose(self, request: BackendRequest) -> str | None:
+        """The URL of the endpoint this request would go to now (nothing is sent or recorded)."""
+        endpoint = self._choose(self._plan(request))
+        return endpoint.url if endpoint else None
+
+    def _dispatch(self, endpoint: _Endpoint, plan: _Plan) -> _Ticket:
+        now = self._clock()
+        cached = endpoint.index.match(plan.keys, now) * self._block_tokens
+        if plan.keys:
+            endpoint.index.record(plan.keys, now)
+        prefill = max(0.0, plan.tokens - cached)
+        self._typical = 0.9 * self._typical + 0.1 * (prefill + plan.decode)
+        return _Ticket(endpoint, prefill, plan.decode)
+
+    # -- serving --------------------------------------------------------------------------------
+
+    async def complete(self, request: BackendRequest) -> BackendResponse:
+        plan = self._plan(request)
+        tried: list[_Endpoint] = []
+        last: InterlockError | None = None
+        for _ in range(max(1, len(self._candidates(())))):
+            endpoint = self._choose(plan, tried)
+            if endpoint is None:
+                break
+            tried.append(endpoint)
+            ticket = self._dispatch(endpoint, plan)
+            try:
+                body, usage = await endpoint.upstream.complete(plan.path, plan.body, request.request_id)
+            except InterlockError as exc:
+                last = self._failed(endpoint, exc, plan.prompt_field)
+                if not _retry_elsewhere(last):
+                    raise last from None
+                continue
+            finally:
+                ticket.done()
+            endpoint.failures = 0
+            return BackendResponse(body=body, usage=usage)
+        raise last or self._none_healthy()
+
+    async def stream(self, request: BackendRequest) -> AsyncIterator[bytes]:
+        plan = self._plan(request)
+        tried: list[_Endpoint] = []
+        last: InterlockError | None = None
+        for _ in range(max(1, len(self._candidates(())))):
+            endpoint = self._choose(plan, tried)
+            if endpoint is None:
+                break
+            tried.append(endpoint)
+            ticket = self._dispatch(endpoint, plan)
+            try:
+                chunks = await endpoint.upstream.stream(plan.path, plan.body, request.request_id)
+            except InterlockError as exc:
+                ticket.done()
+                last = self._failed(endpoint, exc, plan.prompt_field)
+                if not _retry_elsewhere(last):
+                    raise last from None
+                continue
+            except BaseException:
+                ticket.done()
+                raise
+            ticket.first_token()  # the first bytes are in hand: the prefill is done
+            endpoint.failures = 0
+            return _PoolStream(self, ticket, chunks)
+        raise last or self._none_healthy()
+
+    def _failed(self, endpoint: _Endpoint, exc: InterlockError, prompt: str | None = None) -> InterlockError:
+        """Count an endpoint's failure, and map what vLLM said into what a client should see."""
+        if _endpoint_fault(exc):
+            endpoint.failures += 1
+            if endpoint.failures >= self.config.eject_after_failures:
+                self._eject(endpoint, f"{endpoint.failures} consecutive failures, last: {exc.message}")
+            endpoint.wake.set()  # check it now rather than at the next interval
+        if not isinstance(exc, UpstreamHTTPError):
+            return exc
+        message = exc.message
+        if exc.status == 400 and ("maximum context length" in message or "max_model_len" in message):
+            # vLLM names the prompt's length input_tokens; clients know the prompt's own field
+            return ContextLengthExceeded(message, param="max_tokens" if exc.param == "max_tokens" else prompt)
+        if exc.status in (400, 422):
+            return InvalidRequest(message, param=exc.param)
+        if exc.status == 404 and exc.param == "model":
+            return BackendUnavailable(f"the vLLM pool does not serve its model: {message}",
+                                      code="upstream_model_not_found")
+        if exc.status == 404:
+            return BackendUnavailable("the upstream has no such route (is it a vLLM server?)")
+        return exc
+
+    def _none_healthy(self) -> BackendUnavailable:
+        total = len(self._endpoints)
+        return BackendUnavailable(f"no healthy endpoint in the vLLM pool ({total} of {total} down)"
+                                  if total else "the vLLM pool has no endpoints")
+
+    # -- what the gateway reads -----------------------------------------------------------------
+
+    async def health(self) -> Health:
+        endpoints = list(self._endpoints.values())
+        if not endpoints:
+            return Health(False, f"no endpoints resolved from {self.config.dns}")
+        dead = [f"{e.url} ({e.reason or 'down'})" for e in endpoints if not e.healthy]
+        if len(dead) == len(endpoints):
+            return Health(False, "no healthy endpoint: " + ", ".join(dead))
+        return Health(True, "unhealthy: " + ", ".join(dead) if dead else "")
+
+    def load(self) -> Load:
+        queued = 0
+        for endpoint in self._endpoints.values():
+            scrape = self._fresh(endpoint)
+            if scrape is not None and scrape.waiting:
+                queued += int(scrape.waiting)
+        return Load(in_flight=sum(e.in_flight for e in self._endpoints.values()), queued=queued)
+
+    def endpoints(self) -> list[dict[str, Any]]:
+        """Per-endpoint figures for operators (``/admin/routes``); URLs carry no credentials."""
+        now = self._clock()
+        rows: list[dict[str, Any]] = []
+        for e in self._endpoints.values():
+            scrape = e.scrape or MetricsSnapshot()
+            rows.append({
+                "url": e.url,
+                "healthy": e.healthy,
+                "reason": e.reason,
+                "consecutive_failures": e.failures,
+                "in_flight": e.in_flight,
+                "outstanding_tokens": round(e.outstanding),
+                "served": e.served,
+                "running": _int(scrape.running),
+                "waiting": _int(scrape.waiting),
+                "kv_cache_usage": scrape.kv_cache_usage,
+                "prefix_hit_rate": e.prefix_rate.rate,
+                "scrape_age_s": round(now - e.scraped_at, 3) if e.scraped_at is not None else None,
+                "scrape_error": e.scrape_error,
+                "index_blocks": len(e.index),
+            })
+        return rows
+
+
+def _count(value: object) -> int:
+    """A positive integer field of the body, or 0 (the gateway validated it; this never raises)."""
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
+
+
+def _int(value: float | None) -> int | None:
+    return None if value is None else int(value)
+
+
+def _endpoint_fault(exc: InterlockError) -> bool:
+    """A failure that says the endpoint is in trouble: it could not be reached, or answered 5xx."""
+    if isinstance(exc, UpstreamHTTPError):
+        return exc.status >= 500
+    return isinstance(exc, BackendUnavailable)
+
+
+def _retry_elsewhere(exc: InterlockError) -> bool:
+    if isinstance(exc, UpstreamHTTPError):
+        return exc.status >= 500
+    return isinstance(exc, BackendUnavailable | BackendOverloaded)
+
+
+class _PoolStream:
+    """The upstream's SSE relay, releasing the endpoint's ticket when it ends however it ends."""
+
+    def __init__(self, pool: VllmBackend, ticket: _Ticket, chunks: AsyncIterator[bytes]) -> None:
+        self._pool, self._ticket, self._chunks = pool, ticket, chunks
+        self._started = False
+
+    def __aiter__(self) -> _PoolStream:
+        return self
+
+    async def __anext__(self) -> bytes:
+        self._started = True
+        try:
+            return await anext(self._chunks)
+        except StopAsyncIteration:
+            self._ticket.done()
+            raise
+        except InterlockError as exc:
+            self._ticket.done()
+            self._pool._failed(self._ticket.endpoint, exc)  # too late to retry; the pool learns
+            raise
+        except BaseException:
+            self._ticket.done()
+            raise
+
+    async def aclose(self) -> None:
+        try:
+            if not self._started:
+                # An async generator never started ignores aclose(): its cleanup, which closes the
+                # upstream connection, would not run. Its first chunk is already in hand.
+                self._started = True
+                with contextlib.suppress(StopAsyncIteration, InterlockError):
+                    await anext(self._chunks)
+            await self._chunks.aclose()  # type: ignore[attr-defined]
+        finally:
+            self._ticket.done()

@@ -1,0 +1,592 @@
+"""A simulator of a vLLM 0.26.0 server, reproducing the captured fixtures.
+
+``../shared/fixtures/vllm-0.26.0/*.json`` hold what a real vLLM 0.26.0 (SmolLM2 on an H100)
+answered to every endpoint. ``VllmSim`` is an aiohttp server in a thread that gives the same
+bytes where a gateway depends on them:
+
+- replies and SSE framing with vLLM's extra fields (``token_ids``, ``stop_reason``,
+  ``prompt_token_ids`` on the role chunk, ``system_fingerprint`` on the last chunk), the
+  ``include_usage`` chunk with ``"choices": []``, ``data: [DONE]``; the text is the captured
+  reply's tokens, so a fixture's request gets the fixture's reply (ids and times aside);
+- ``/health``, ``/ping``, ``/version``, ``/load``, ``/v1/models`` and ``/metrics`` (the captured
+  page, with the running, waiting, KV-usage and prefix-cache series kept live);
+- the error bodies: unknown model 404, pydantic 400s, the over-context 400 with its numbers,
+  ``tool_choice: auto`` 400, ``{"detail": "Not Found"}`` for embeddings and unknown paths;
+- the rough edges: ``messages: []`` resets the connection, a JSON array body gets a 500, a
+  missing ``model`` is served by the default model.
+
+Guessed, not captured: the last chunk of a completions stream without ``include_usage``
+(taken to carry ``system_fingerprint`` as chat's does); token counts (a word/punctuation count
+stands in for the tokenizer).
+
+Prefill cost makes prefix caching matter: each server keeps an LRU of the prompt blocks it
+has "cached"; time to first token = ``base_ttft_s`` + ``prefill_s_per_char`` per uncached
+character, and every step slows by ``slowdown_per_running`` per other running request;
+decode sleeps ``decode_s_per_token`` per token; at most ``max_num_seqs`` run, the rest wait.
+``kill()`` closes the listening socket and every open connection mid-load; ``revive()``
+listens again. Several instances on different ports (or loopback addresses) form a pool.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import os
+import re
+import socket
+import struct
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import orjson
+from aiohttp import web
+
+from tests.fakes import free_port
+
+T = TypeVar("T")
+
+FIXTURES = Path(os.environ.get("INTERLOCK_VLLM_FIXTURES")
+                or Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "vllm-0.26.0")
+FINGERPRINT = "vllm-0.26.0-fad12e9d"
+#: the captured chat reply to "Name three colors." (temperature 0), token by token
+CHAT_TOKENS = ["The", " most", " obvious", " color", " is", " red", ",", " but", " there", " are", " many",
+               " more", ".", " Some", " examples", " include", " blue", ",", " green", ",", " and",
+               " yellow", ",", " while"]
+#: the captured completion of "The sky is"
+COMPLETION_TOKENS = [" a", " canvas", " of", " colors", ","]
+#: tokens a reply has when the request sets no max_tokens (then finish_reason is "stop")
+NATURAL_LENGTH = 16
+SMOLLM2_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
+
+#: the lines of the captured /metrics page this simulator changes, with their neighbours;
+#: served when the fixtures are not at hand (the full captured page is used when they are)
+METRICS_EXCERPT = """\
+# HELP process_open_fds Number of open file descriptors.
+# TYPE process_open_fds gauge
+process_open_fds 46.0
+# HELP vllm:num_requests_running Number of requests in model execution batches.
+# TYPE vllm:num_requests_running gauge
+vllm:num_requests_running{engine="0",model_name="smollm2"} 0.0
+# HELP vllm:num_requests_waiting Number of requests waiting to be processed.
+# TYPE vllm:num_requests_waiting gauge
+vllm:num_requests_waiting{engine="0",model_name="smollm2"} 0.0
+# HELP vllm:num_requests_waiting_by_reason Number of waiting requests by reason. Reason labels: \
+'capacity' = waiting for scheduling capacity; 'deferred' = deferred by transient constraints \
+(LoRA budget, KV transfer, blocked status). Sum of all reasons equals vllm:num_requests_waiting.
+# TYPE vllm:num_requests_waiting_by_reason gauge
+vllm:num_requests_waiting_by_reason{engine="0",model_name="smollm2",reason="capacity"} 0.0
+vllm:num_requests_waiting_by_reason{engine="0",model_name="smollm2",reason="deferred"} 0.0
+# HELP vllm:kv_cache_usage_perc KV-cache usage. 1 means 100 percent usage.
+# TYPE vllm:kv_cache_usage_perc gauge
+vllm:kv_cache_usage_perc{engine="0",model_name="smollm2"} 0.0
+# HELP vllm:prefix_cache_queries_total Prefix cache queries, in terms of number of queried tokens.
+# TYPE vllm:prefix_cache_queries_total counter
+vllm:prefix_cache_queries_total{engine="0",model_name="smollm2"} 0.0
+# HELP vllm:prefix_cache_queries_created Prefix cache queries, in terms of number of queried tokens.
+# TYPE vllm:prefix_cache_queries_created gauge
+vllm:prefix_cache_queries_created{engine="0",model_name="smollm2"} 1.7953957283221838e+09
+# HELP vllm:prefix_cache_hits_total Prefix cache hits, in terms of number of cached tokens.
+# TYPE vllm:prefix_cache_hits_total counter
+vllm:prefix_cache_hits_total{engine="0",model_name="smollm2"} 0.0
+# HELP vllm:prefix_cache_hits_created Prefix cache hits, in terms of number of cached tokens.
+# TYPE vllm:prefix_cache_hits_created gauge
+vllm:prefix_cache_hits_created{engine="0",model_name="smollm2"} 1.7953957283222e+09
+"""
+
+_TOKEN = re.compile(r"<\|[a-z_]+\|>|\w+|[^\w\s]")
+_LIVE_SERIES = ("vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc",
+                "vllm:prefix_cache_queries_total", "vllm:prefix_cache_hits_total")
+_LEGACY_NAMES = (("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc"),
+                 ("vllm:prefix_cache_", "vllm:gpu_prefix_cache_"))
+
+
+def fixture(name: str) -> dict[str, Any] | None:
+    """A captured exchange, or None where the fixtures are not at hand."""
+    path = FIXTURES / f"{name}.json"
+    if not path.exists():
+        return None
+    data: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
+    return data
+
+
+def metrics_template() -> str:
+    captured = fixture("metrics_idle")
+    return captured["body"] if captured else METRICS_EXCERPT
+
+
+def count_tokens(text: str) -> int:
+    return len(_TOKEN.findall(text))
+
+
+def _json(status: int, body: object) -> web.Response:
+    return web.Response(status=status, body=orjson.dumps(body), content_type="application/json")
+
+
+def _error(status: int, message: str, type_: str, param: str | None = None) -> web.Response:
+    return _json(status, {"error": {"message": message, "type": type_, "param": param, "code": status}})
+
+
+def _not_found() -> web.Response:
+    return _json(404, {"detail": "Not Found"})
+
+
+def _fmt(value: float) -> str:
+    return repr(float(value))
+
+
+@dataclass
+class VllmSim:
+    model: str = "smollm2"
+    host: str = "127.0.0.1"
+    port: int = field(default_factory=free_port)
+    max_model_len: int = 4096
+    max_num_seqs: int = 16
+    base_ttft_s: float = 0.002
+    #: 0.02 ms per uncached character: a 10,000-character prompt takes 200 ms to prefill
+    prefill_s_per_char: float = 0.00002
+    decode_s_per_token: float = 0.001
+    #: each other running request slows every step by this share
+    slowdown_per_running: float = 0.05
+    cache_blocks: int = 4096
+    block_chars: int = 64
+    kv_capacity_tokens: int = 65536
+    #: serve the metric names of vLLM <= 0.10 (gpu_cache_usage_perc, gpu_prefix_cache_*)
+    legacy_metrics: bool = False
+
+    # knobs a test may turn while it runs
+    #: requests /metrics reports beyond the simulated ones (other clients of a shared server)
+    extra_running: int = 0
+    extra_waiting: int = 0
+    #: answer the next N generation requests with a 500
+    fail_next: int = 0
+    #: False: GET /health answers 500
+    healthy: bool = True
+
+    # what happened
+    running: int = 0
+    waiting: int = 0
+    prefix_queries: int = 0
+    prefix_hits: int = 0
+    cancelled: int = 0
+    requests: list[dict[str, Any]] = field(default_factory=list)
+    disconnected: threading.Event = field(default_factory=threading.Event)
+
+    def __post_init__(self) -> None:
+        self._cache: OrderedDict[bytes, None] = OrderedDict()
+        self._kv_tokens = 0
+        text = metrics_template().replace('model_name="smollm2"', f'model_name="{self.model}"')
+        if self.legacy_metrics:
+            for new, old in _LEGACY_NAMES:
+                text = text.replace(new, old)
+        self._metric_lines = text.split("\n")
+        self._live: list[tuple[int, str]] = []
+        for i, line in enumerate(self._metric_lines):
+            name = line.split("{", 1)[0]
+            canonical = name
+            if self.legacy_metrics:
+                for new, old in _LEGACY_NAMES:
+                    canonical = canonical.replace(old, new)
+            if canonical in _LIVE_SERIES or (canonical == "vllm:num_requests_waiting_by_reason"
+                                             and 'reason="capacity"' in line):
+                self._live.append((i, canonical))
+        self._started = time.time()
+
+    # -- running it -----------------------------------------------------------------------------
+
+    @property
+    def base_url(self) -> str:
+        """The OpenAI base URL, as clients configure it."""
+        return f"http://{self.host}:{self.port}/v1"
+
+    @property
+    def served(self) -> int:
+        return len(self.requests)
+
+    def reset(self) -> None:
+        """Forget the cache, the counters and the knobs (between tests sharing a server)."""
+        self._call(self._reset)
+
+    async def _reset(self) -> None:
+        self._cache.clear()
+        self.prefix_queries = self.prefix_hits = self.cancelled = 0
+        self.extra_running = self.extra_waiting = self.fail_next = 0
+        self.healthy = True
+        self.requests.clear()
+        self.disconnected.clear()
+
+    def __enter__(self) -> VllmSim:
+        ready = threading.Event()
+
+        def run() -> None:
+            loop = asyncio.new_event_loop()
+            self._loop = loop
+            loop.run_until_complete(self._setup())
+            ready.set()
+            loop.run_forever()
+            loop.run_until_complete(self._runner.cleanup())
+            loop.close()
+
+        self._thread = threading.Thread(target=run, daemon=True, name=f"vllm-sim-{self.port}")
+        self._thread.start()
+        if not ready.wait(5):
+            raise RuntimeError("the vLLM simulator did not start")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(5)
+
+    async def _setup(self) -> None:
+        self._slots = asyncio.Semaphore(self.max_num_seqs)
+        app = web.Application(middlewares=[_json_404])
+        app.on_response_prepare.append(_uvicorn_headers)
+        app.router.add_post("/v1/chat/completions", self._chat)
+        app.router.add_post("/v1/completions", self._completions)
+        app.router.add_get("/health", self._health)
+        app.router.add_get("/ping", self._health)
+        app.router.add_get("/version", self._version)
+        app.router.add_get("/load", self._load)
+        app.router.add_get("/v1/models", self._models)
+        app.router.add_get("/metrics", self._metrics)
+        # vLLM aborts a request whose client went away; handler cancellation does the same here
+        self._runner = web.AppRunner(app, handle_signals=False, handler_cancellation=True,
+                                     access_log=None)
+        await self._runner.setup()
+        await self._listen()
+
+    async def _listen(self) -> None:
+        self._site = web.TCPSite(self._runner, self.host, self.port, reuse_address=True)
+        await self._site.start()
+
+    def _call(self, make: Callable[[], Awaitable[T]]) -> T:
+        async def run() -> T:
+            return await make()
+
+        return asyncio.run_coroutine_threadsafe(run(), self._loop).result(5)
+
+    def kill(self) -> None:
+        """Die mid-load: stop listening and drop every open connection, as a crashed server does."""
+        self._call(self._kill)
+
+    async def _kill(self) -> None:
+        await self._site.stop()
+        server = self._runner.server
+        for handler in server.connections if server else ():
+            transport = handler.transport
+            if transport is not None:
+                _linger0(transport)
+                transport.abort()
+
+    def revive(self) -> None:
+        """Listen again (the prefix cache starts cold, as after a restart)."""
+        self._call(self._revive)
+
+    async def _revive(self) -> None:
+        self._cache.clear()
+        await self._listen()
+
+    # -- plain endpoints ------------------------------------------------------------------------
+
+    async def _health(self, _: web.Request) -> web.Response:
+        return web.Response(status=200 if self.healthy else 500)
+
+    async def _version(self, _: web.Request) -> web.Response:
+        return _json(200, {"version": "0.26.0"})
+
+    async def _load(self, _: web.Request) -> web.Response:
+        return _json(200, {"server_load": self.running + self.waiting})
+
+    async def _models(self, _: web.Request) -> web.Response:
+        created = int(time.time())
+        permission = {"id": f"modelperm-{os.urandom(8).hex()}", "object": "model_permission",
+                      "created": created, "allow_create_engine": False, "allow_sampling": True,
+                      "allow_logprobs": True, "allow_search_indices": False, "allow_view": True,
+                      "allow_fine_tuning": False, "organization": "*", "group": None, "is_blocking": False}
+        return _json(200, {"object": "list", "data": [{
+            "id": self.model, "object": "model", "created": created, "owned_by": "vllm",
+            "root": "/tmp/smollm2-hf", "parent": None, "max_model_len": self.max_model_len,
+            "permission": [permission]}]})
+
+    def metrics_text(self) -> str:
+        values = {
+            "vllm:num_requests_running": self.running + self.extra_running,
+            "vllm:num_requests_waiting": self.waiting + self.extra_waiting,
+            "vllm:num_requests_waiting_by_reason": self.waiting + self.extra_waiting,
+            "vllm:kv_cache_usage_perc": min(1.0, self._kv_tokens / self.kv_capacity_tokens),
+            "vllm:prefix_cache_queries_total": self.prefix_queries,
+            "vllm:prefix_cache_hits_total": self.prefix_hits,
+        }
+        lines = list(self._metric_lines)
+        for i, series in self._live:
+            line = lines[i]
+            lines[i] = line[:line.rindex(" ") + 1] + _fmt(values[series])
+        return "\n".join(lines)
+
+    async def _metrics(self, _: web.Request) -> web.Response:
+        return web.Response(body=self.metrics_text().encode(),
+                            headers={"Content-Type": "text/plain; version=1.0.0; charset=utf-8"})
+
+    # -- generation -----------------------------------------------------------------------------
+
+    async def _chat(self, request: web.Request) -> web.StreamResponse:
+        return await self._generate(request, "chat")
+
+    async def _completions(self, request: web.Request) -> web.StreamResponse:
+        return await self._generate(request, "completions")
+
+    async def _generate(self, request: web.Request, kind: str) -> web.StreamResponse:
+        raw = await request.read()
+        try:
+            body = json.loads(raw)
+        except json.JSONDecodeError as exc:
+            detail = {"type": "json_invalid", "loc": ("body", exc.pos), "msg": "JSON decode error",
+                      "input": {}, "ctx": {"error": exc.msg}}
+            return _error(400, f"1 validation error:\n  {detail}", "Bad Request", f"body.{exc.pos}")
+        if not isinstance(body, dict):
+            return _error(500, f"'{type(body).__name__}' object has no attribute 'get'",
+                          "InternalServerError")
+        if kind == "chat" and body.get("messages") == []:
+            _reset_connection(request)
+            return web.Response()
+        problem = self._invalid(body)
+        if problem is not None:
+            return problem
+        if self.fail_next > 0:
+            self.fail_next -= 1
+            return _error(500, "EngineCore encountered an issue. See stack trace (above) for the root cause.",
+                          "InternalServerError")
+        prompt = self._render(kind, body)
+        prompt_tokens = count_tokens(prompt)
+        max_tokens = body.get("max_tokens") or body.get("max_completion_tokens")
+        too_long = self._over_context(prompt_tokens, max_tokens)
+        if too_long is not None:
+            return too_long
+        record: dict[str, Any] = {"kind": kind, "body": body, "prompt_chars": len(prompt), "cached_chars": 0,
+                                  "headers": {k.lower(): v for k, v in request.headers.items()}}
+        self.requests.append(record)
+        self.waiting += 1
+        try:
+            await self._slots.acquire()
+        finally:
+            self.waiting -= 1
+        self.running += 1
+        held = prompt_tokens
+        self._kv_tokens += held
+        try:
+            cached = self._prefix_lookup(prompt)
+            record["cached_chars"] = cached
+            self.prefix_queries += prompt_tokens
+            self.prefix_hits += min(prompt_tokens, round(prompt_tokens * cached / max(1, len(prompt))))
+            tokens, finish, stop = self._reply_tokens(kind, body, max_tokens, prompt_tokens)
+            await asyncio.sleep((self.base_ttft_s + (len(prompt) - cached) * self.prefill_s_per_char)
+                                * self._slowdown())
+            if body.get("stream"):
+                return await self._stream(request, kind, body, tokens, finish, stop, prompt_tokens)
+            await asyncio.sleep(self.decode_s_per_token * len(tokens) * self._slowdown())
+            return _json(200, self._reply(kind, body, tokens, finish, stop, prompt_tokens))
+        except (asyncio.CancelledError, ConnectionResetError):
+            self.cancelled += 1
+            self.disconnected.set()
+            raise
+        finally:
+            self._kv_tokens -= held
+            self.running -= 1
+            self._slots.release()
+
+    def _invalid(self, body: dict[str, Any]) -> web.Response | None:
+        model = body.get("model")
+        if model is not None and model != self.model:  # absent: the default model serves it
+            return _error(404, f"The model `{model}` does not exist.", "NotFoundError", "model")
+        for name in ("temperature", "top_p"):
+            value = body.get(name)
+            if isinstance(value, str):
+                detail = {"type": "float_parsing", "loc": ("body", name),
+                          "msg": "Input should be a valid number, unable to parse string as a number",
+                          "input": value}
+                return _error(400, f"1 validation error:\n  {detail}", "Bad Request", f"body.{name}")
+        if body.get("tool_choice") == "auto":
+            return _error(400, '"auto" tool choice requires --enable-auto-tool-choice and '
+                          "--tool-call-parser to be set", "BadRequestError")
+        return None
+
+    def _over_context(self, prompt_tokens: int, max_tokens: int | None) -> web.Response | None:
+        limit = self.max_model_len
+        if max_tokens is not None and max_tokens > limit:
+            return _error(400, f"max_tokens={max_tokens} cannot be greater than "
+                          f"max_model_len=max_total_tokens={limit}. Please request fewer output tokens. "
+                          f"(parameter=max_tokens, value={max_tokens})", "BadRequestError", "max_tokens")
+        wanted = max_tokens or 1
+        if prompt_tokens + wanted <= limit:
+            return None
+        at_least = min(prompt_tokens, limit - wanted + 1)
+        return _error(400, f"This model's maximum context length is {limit} tokens. However, you requested "
+                      f"{wanted} output tokens and your prompt contains at least {at_least} input tokens, "
+                      f"for a total of at least {at_least + wanted} tokens. Please reduce the length of "
+                      f"the input prompt or the number of requested output tokens. "
+                      f"(parameter=input_tokens, value={at_least})", "BadRequestError", "input_tokens")
+
+    @staticmethod
+    def _render(kind: str, body: dict[str, Any]) -> str:
+        """SmolLM2's chat template (with its default system prompt), or the completion prompt."""
+        if kind == "completions":
+            prompt = body.get("prompt")
+            return prompt if isinstance(prompt, str) else json.dumps(prompt)
+        messages = [m for m in body.get("messages") or () if isinstance(m, dict)]
+        if not messages or messages[0].get("role") != "system":
+            messages = [{"role": "system", "content": SMOLLM2_SYSTEM}, *messages]
+        parts = []
+        for m in messages:
+            content = m.get("content")
+            text = content if isinstance(content, str) else json.dumps(content)
+            parts.append(f"<|im_start|>{m.get('role')}\n{text}<|im_end|>\n")
+        return "".join(parts) + "<|im_start|>assistant\n"
+
+    def _prefix_lookup(self, prompt: str) -> int:
+        """Characters of the prompt's prefix already cached here; the prompt's blocks are cached now."""
+        cached, hit, previous = 0, True, b""
+        for start in range(0, len(prompt) - self.block_chars + 1, self.block_chars):
+            previous = hashlib.blake2b(previous + prompt[start:start + self.block_chars].encode(),
+                                       digest_size=12).digest()
+            if hit and previous in self._cache:
+                cached += self.block_chars
+            else:
+                hit = False
+            self._cache[previous] = None
+            self._cache.move_to_end(previous)
+        while len(self._cache) > self.cache_blocks:
+            self._cache.popitem(last=False)
+        return cached
+
+    def _slowdown(self) -> float:
+        return 1.0 + self.slowdown_per_running * max(0, self.running - 1)
+
+    def _reply_tokens(self, kind: str, body: dict[str, Any], max_tokens: int | None,
+                      prompt_tokens: int) -> tuple[list[str], str, str | None]:
+        """The reply's tokens, finish reason and stop reason (a matched stop string is generated,
+        counted in usage, and not returned, as vLLM does)."""
+        source = CHAT_TOKENS if kind == "chat" else COMPLETION_TOKENS
+        count = (max_tokens if max_tokens is not None
+                 else min(NATURAL_LENGTH, self.max_model_len - prompt_tokens))
+        stops = body.get("stop")
+        stops = [stops] if isinstance(stops, str) else list(stops or ())
+        tokens: list[str] = []
+        for i in range(count):
+            token = source[i % len(source)]
+            hit = next((s for s in stops if s and s in token), None)
+            if hit is not None:
+                return tokens, "stop", hit
+            tokens.append(token)
+        return tokens, "length" if max_tokens is not None else "stop", None
+
+    def _reply(self, kind: str, body: dict[str, Any], tokens: list[str], finish: str, stop: str | None,
+               prompt_tokens: int) -> dict[str, Any]:
+        text = "".join(tokens)
+        n = int(body.get("n") or 1)
+        generated = n * (len(tokens) + (stop is not None))
+        usage = {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens + generated,
+                 "completion_tokens": generated, "prompt_tokens_details": None}
+        head = {"id": _id(kind), "object": "chat.completion" if kind == "chat" else "text_completion",
+                "created": int(time.time()), "model": self.model}
+        if kind == "chat":
+            choices = [{"index": i, "message": {"role": "assistant", "content": text, "refusal": None,
+                                                "annotations": None, "audio": None, "function_call": None,
+                                                "reasoning": None},
+                        "logprobs": None, "finish_reason": finish, "stop_reason": stop, "token_ids": None,
+                        "routed_experts": None} for i in range(n)]
+            return {**head, "choices": choices, "service_tier": None, "system_fingerprint": FINGERPRINT,
+                    "usage": usage, "prompt_logprobs": None, "prompt_token_ids": None, "prompt_text": None,
+                    "kv_transfer_params": None, "ec_transfer_params": None, "metrics": None}
+        choices = [{"index": i, "text": text, "logprobs": None, "finish_reason": finish, "stop_reason": stop,
+                    "token_ids": None, "prompt_logprobs": None, "prompt_token_ids": None,
+                    "routed_experts": None} for i in range(n)]
+        return {**head, "choices": choices, "service_tier": None, "system_fingerprint": FINGERPRINT,
+                "usage": usage, "kv_transfer_params": None, "ec_transfer_params": None, "metrics": None}
+
+    async def _stream(self, request: web.Request, kind: str, body: dict[str, Any], tokens: list[str],
+                      finish: str, stop: str | None, prompt_tokens: int) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream; charset=utf-8"})
+        await response.prepare(request)
+        options = body.get("stream_options") or {}
+        usage = bool(options.get("include_usage"))
+        head = {"id": _id(kind), "object": "chat.completion.chunk" if kind == "chat" else "text_completion",
+                "created": int(time.time()), "model": self.model}
+
+        async def send(event: dict[str, Any]) -> None:
+            await response.write(b"data: " + orjson.dumps(event) + b"\n\n")
+
+        if kind == "chat":
+            await send({**head, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
+                                             "logprobs": None, "finish_reason": None}],
+                        "prompt_token_ids": None, "prompt_text": None})
+        for i, token in enumerate(tokens):
+            if i:
+                await asyncio.sleep(self.decode_s_per_token * self._slowdown())
+            last = i == len(tokens) - 1
+            if kind == "chat":
+                choice: dict[str, Any] = {"index": 0, "delta": {"content": token}, "logprobs": None,
+                                          "finish_reason": finish if last else None}
+                if last:
+                    choice["stop_reason"] = stop
+                choice["token_ids"] = None
+            else:
+                choice = {"index": 0, "text": token, "logprobs": None,
+                          "finish_reason": finish if last else None, "stop_reason": stop if last else None,
+                          "prompt_token_ids": None, "token_ids": None}
+            event = {**head, "choices": [choice]}
+            if last and not usage:
+                event["system_fingerprint"] = FINGERPRINT
+            await send(event)
+        if usage:
+            generated = len(tokens) + (stop is not None)
+            await send({**head, "choices": [], "usage": {
+                "prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens + generated,
+                "completion_tokens": generated}, "system_fingerprint": FINGERPRINT})
+        await response.write(b"data: [DONE]\n\n")
+        await response.write_eof()
+        return response
+
+
+def _id(kind: str) -> str:
+    return ("chatcmpl-" if kind == "chat" else "cmpl-") + os.urandom(8).hex()
+
+
+def _linger0(transport: asyncio.BaseTransport) -> None:
+    """Make the next close send a TCP reset instead of a FIN, as a crashed process's kernel does."""
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        except OSError:
+            pass
+
+
+def _reset_connection(request: web.Request) -> None:
+    """What vLLM does on ``messages: []``: the client sees ``ECONNRESET`` and no reply at all."""
+    transport = request.transport
+    if transport is not None:
+        _linger0(transport)
+        transport.abort()
+
+
+@web.middleware
+async def _json_404(request: web.Request,
+                    handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
+    """FastAPI's bodies for unknown paths and methods, as vLLM sends them."""
+    try:
+        return await handler(request)
+    except web.HTTPNotFound:
+        return _not_found()
+    except web.HTTPMethodNotAllowed:
+        return _json(405, {"detail": "Method Not Allowed"})
+
+
+async def _uvicorn_headers(_: web.Request, response: web.StreamResponse) -> None:
+    response.headers["Server"] = "uvicorn"
+    if response.status < 500:
+        response.headers["Vary"] = "Origin"
