@@ -19,7 +19,7 @@ from starlette.applications import Starlette
 
 from backends.base import Backend, Price, Resources
 from backends.http import HttpClient
-from gateway.app import Gateway, build_app
+from gateway.app import Gateway, GatewayApp, build_app
 from gateway.breaker import CircuitBreaker
 from gateway.config import BACKEND_KINDS, LoadedConfig
 from gateway.health import HealthMonitor
@@ -90,7 +90,7 @@ def _log_transition(name: str, old: str, new: str) -> None:
     log.log(level, "circuit of backend %s: %s -> %s", name, old, new)
 
 
-def create_app(config: LoadedConfig, settings: Settings, server: uvicorn.Server | None = None) -> Starlette:
+def create_app(config: LoadedConfig, settings: Settings, server: uvicorn.Server | None = None) -> GatewayApp:
     """The ASGI app; its lifespan opens the HTTP client and starts every backend in the background
     (the port answers liveness while models load; readiness waits for them)."""
     http = HttpClient()
@@ -185,10 +185,10 @@ def serve(config: LoadedConfig, settings: Settings) -> int:
     )
     server = _Server(uv_config)
     app = create_app(config, settings, server)
-    server.gateway = app.state.gateway
+    server.gateway = app.gateway
     uv_config.app = app
     log.info("interlock serving %s on http://%s:%d (models: %s)", config.source, settings.host,
              settings.port, ", ".join(config.models))
     server.run()
-    gateway: Gateway = app.state.gateway
+    gateway: Gateway = app.gateway
     return 1 if gateway.fatal is not None else 0

@@ -57,7 +57,7 @@ def serve(config: dict[str, Any]) -> Iterator[tuple[str, Gateway]]:
             raise RuntimeError("gateway did not start")
         time.sleep(0.02)
     try:
-        yield url, app.state.gateway
+        yield url, app.gateway
     finally:
         server.should_exit = True
         thread.join(10)
