@@ -11,12 +11,14 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
+import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
 import orjson
+from yarl import URL
 
 from backends.base import Health, Usage
 from backends.errors import (
@@ -81,18 +83,30 @@ class OpenAICompatibleUpstream:
     timeouts: Timeouts
     #: strings that must never reach a client (the upstream key, its URL)
     secrets: tuple[str, ...] = field(default=())
+    # Built once, not per request: parsing a URL and building a timeout cost microseconds that
+    # show on the hot path (the gateway's whole budget per request is a few hundred).
+    _urls: dict[str, URL] = field(default_factory=dict, init=False, repr=False)
+    _client_timeout: aiohttp.ClientTimeout | None = field(default=None, init=False, repr=False)
 
     def _timeout(self) -> aiohttp.ClientTimeout:
-        return aiohttp.ClientTimeout(
-            total=self.timeouts.total, sock_connect=self.timeouts.connect, connect=self.timeouts.connect
-        )
+        if self._client_timeout is None:
+            self._client_timeout = aiohttp.ClientTimeout(
+                total=self.timeouts.total, sock_connect=self.timeouts.connect, connect=self.timeouts.connect
+            )
+        return self._client_timeout
+
+    def _url(self, path: str) -> URL:
+        url = self._urls.get(path)
+        if url is None:
+            url = self._urls[path] = URL(self.base_url + path)
+        return url
 
     async def _send(self, path: str, payload: bytes, request_id: str) -> aiohttp.ClientResponse:
         """POST and wait for the status line, retrying once on a keep-alive the server had closed."""
         headers = dict(self.headers)
         # Not ``x-request-id``: some servers (llama-cpp-python's) reject any value but a UUID there.
         headers["x-interlock-request-id"] = request_id
-        url = self.base_url + path
+        url = self._url(path)
         for attempt in (1, 2):
             try:
                 async with asyncio.timeout(self.timeouts.first_token):
@@ -269,18 +283,24 @@ def _retry_after(value: str | None) -> float | None:
         return None  # an HTTP-date; rare from LLM servers, and a guess is worse than none
 
 
+_PROMPT_TOKENS = re.compile(rb'"prompt_tokens"\s*:\s*(\d+)')
+_COMPLETION_TOKENS = re.compile(rb'"completion_tokens"\s*:\s*(\d+)')
+
+
 def usage_of(body: bytes) -> Usage | None:
-    """Token counts from an OpenAI JSON reply; a reply that is not a JSON object is the upstream's fault."""
-    try:
-        data = orjson.loads(body)
-    except orjson.JSONDecodeError:
-        data = None
-    if not isinstance(data, dict):
+    """Token counts from an OpenAI JSON reply; a reply that is not a JSON object is the upstream's fault.
+
+    Read with two regular expressions from the ``usage`` key on, not a full JSON parse: the
+    reply is relayed as bytes anyway, and parsing it all costs more than the rest of this hop.
+    """
+    stripped = body.strip()
+    if not (stripped.startswith(b"{") and stripped.endswith(b"}")):
         raise BackendUnavailable("the upstream sent a reply that is not a JSON object")
-    usage = data.get("usage")
-    if not isinstance(usage, dict):
+    at = body.rfind(b'"usage"')
+    if at < 0:
         return None
-    try:
-        return Usage(int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0))
-    except (TypeError, ValueError):
+    prompt = _PROMPT_TOKENS.search(body, at)
+    completion = _COMPLETION_TOKENS.search(body, at)
+    if prompt is None and completion is None:
         return None
+    return Usage(int(prompt.group(1)) if prompt else 0, int(completion.group(1)) if completion else 0)

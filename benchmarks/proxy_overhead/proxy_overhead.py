@@ -427,7 +427,7 @@ def cpu_model() -> str:
     return "unknown"
 
 
-def write_results(text: str, rss: str, gateway_cmd: Sequence[str], args: argparse.Namespace,
+def write_results(text: str, notes: str, gateway_cmd: Sequence[str], args: argparse.Namespace,
                   busy: float) -> None:
     now = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
     load = shlex.join(wrk_argv(0, args.duration, "<url>/v1/chat/completions")).replace("-c0", "-c<N>")
@@ -447,7 +447,7 @@ def write_results(text: str, rss: str, gateway_cmd: Sequence[str], args: argpars
         f"nginx and wrk on CPU {LOAD_CPU}\n"
         f"- versions: {tool_version(['wrk', '-v'])}; {tool_version(['nginx', '-v'])}; "
         f"Python {sys.version.split()[0]}\n\n"
-        f"{text}\n\n{rss}\n"
+        f"{text}\n\n{notes}\n"
     )
 
 
@@ -482,7 +482,7 @@ def preflight() -> None:
         if shutil.which(tool) is None:
             raise BenchError(f"{tool} is not on PATH")
     # Pinning to CPU 1 on a 1-core box would fail late, inside taskset, with a cryptic message.
-    if len(os.sched_getaffinity(0)) < 2 or not {0, 1} <= os.sched_getaffinity(0):
+    if not {0, 1} <= os.sched_getaffinity(0):
         raise BenchError("needs CPUs 0 and 1 (the gateway on one, nginx and wrk on the other)")
 
 
@@ -554,10 +554,10 @@ def bench(args: argparse.Namespace) -> bool:
             rss_after = rss_kib(gw.popen.pid)
 
     text = table(rows)
-    rss = "\n\n".join([rss_line(rss_before, rss_after), cpu_line(rows)])
+    notes = "\n\n".join([rss_line(rss_before, rss_after), cpu_line(rows)])
     print(text)
     print()
-    print(rss)
+    print(notes)
     if any(r.stolen > 0.05 for r in rows):
         print(f"proxy_overhead: warning: other processes used CPU {GATEWAY_CPU} during the gateway runs; "
               "RPS and latency understate the gateway", file=sys.stderr)
@@ -571,7 +571,7 @@ def bench(args: argparse.Namespace) -> bool:
         print(f"proxy_overhead: FAILED: wrk reported errors; results.md left as it was; logs in {work}",
               file=sys.stderr)
         return False
-    write_results(text, rss, gateway_cmd, args, busy)
+    write_results(text, notes, gateway_cmd, args, busy)
     print(f"\nproxy_overhead: wrote {RESULTS.relative_to(REPO)}", file=sys.stderr)
     shutil.rmtree(work, ignore_errors=True)  # kept on failure only: its logs are the evidence
     return True
