@@ -130,6 +130,16 @@ def render_routes(report: dict) -> str:  # type: ignore[type-arg]
         widths = [max(len(row[c]) for row in rows) for c in range(len(header))]
         lines += ["  " + "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
                   for row in rows]
+        for entry in route["order"]:
+            for ep in entry.get("endpoints", ()):  # a pool's endpoints (kind: vllm)
+                kv = ep.get("kv_cache_usage")
+                hit = ep.get("prefix_hit_rate")
+                lines.append(
+                    f"     {entry['backend']} > {ep['url']}: {'up' if ep['healthy'] else 'DOWN'}, "
+                    f"{ep['in_flight']} in flight, {ep['outstanding_tokens']} tokens queued, "
+                    f"running {ep.get('running')}, waiting {ep.get('waiting')}, "
+                    f"kv {'-' if kv is None else f'{100 * kv:.0f}%'}, "
+                    f"prefix hits {'-' if hit is None else f'{100 * hit:.0f}%'}")
     return "\n".join(lines)
 
 

@@ -336,6 +336,7 @@ def run_wrk(connections: int, duration: int, url: str, log: Path) -> WrkResult:
 class Row:
     connections: int
     direct: WrkResult
+    thin: WrkResult
     gateway: WrkResult
     #: the gateway process's CPU time per request during its measured run, in microseconds
     gateway_cpu_us: float
@@ -344,18 +345,21 @@ class Row:
 
 
 def table(rows: Sequence[Row]) -> str:
-    header = ["connections", "direct RPS", "direct p50", "gateway RPS", "gateway p50", "gateway p99",
-              "added p50 (ms)", "errors"]
+    header = ["connections", "direct RPS", "direct p50", "thin RPS", "thin p50", "gateway RPS",
+              "gateway p50", "gateway p99", "added p50 (ms)", "gateway / thin", "errors"]
     body = [
         [
             str(r.connections),
             f"{r.direct.rps:,.0f}",
             f"{r.direct.p50_ms:.3f} ms",
+            f"{r.thin.rps:,.0f}",
+            f"{r.thin.p50_ms:.3f} ms",
             f"{r.gateway.rps:,.0f}",
             f"{r.gateway.p50_ms:.3f} ms",
             f"{r.gateway.p99_ms:.3f} ms",
             f"{r.gateway.p50_ms - r.direct.p50_ms:+.3f}",
-            str(r.direct.errors + r.gateway.errors),
+            f"{r.gateway.rps / r.thin.rps:.2f}" if r.thin.rps else "-",
+            str(r.direct.errors + r.thin.errors + r.gateway.errors),
         ]
         for r in rows
     ]
@@ -521,7 +525,13 @@ def bench(args: argparse.Namespace) -> bool:
         if status != 200 or body != reply.encode():
             raise BenchError(f"nginx did not serve reply.json: HTTP {status}, {body[:200]!r}")
 
-        with started("gateway", ["taskset", "-c", GATEWAY_CPU, *gateway_cmd], work / "gateway.log") as gw:
+        thin_port = free_port()
+        thin_url = f"http://127.0.0.1:{thin_port}/v1/chat/completions"
+        thin_cmd = ["taskset", "-c", GATEWAY_CPU, str(VENV_BIN / "python"), str(HERE / "thin_proxy.py"),
+                    direct_url, str(thin_port)]
+        with started("thin", thin_cmd, work / "thin.log") as thin_proc, \
+                started("gateway", ["taskset", "-c", GATEWAY_CPU, *gateway_cmd], work / "gateway.log") as gw:
+            wait_until(thin_proc, f"http://127.0.0.1:{thin_port}/", None)
             wait_until(gw, f"{gateway_base}/health/ready", 200)
             status, body = http("POST", gateway_url, request_body.group(1).encode())
             if status != 200 or body != reply.encode():
@@ -536,6 +546,11 @@ def bench(args: argparse.Namespace) -> bool:
                     run_wrk(n, args.warmup, direct_url, wrk_log)
                 direct = run_wrk(n, args.duration, direct_url, wrk_log)
                 nginx.ensure_alive()
+                # The yardstick: the thinnest starlette+aiohttp relay on the same core, same load.
+                if args.warmup:
+                    run_wrk(n, args.warmup, thin_url, wrk_log)
+                thin = run_wrk(n, args.duration, thin_url, wrk_log)
+                thin_proc.ensure_alive()
                 if args.warmup:
                     run_wrk(n, args.warmup, gateway_url, wrk_log)
                 # CPU time per request holds up under a noisy neighbour far better than RPS does,
@@ -545,7 +560,7 @@ def bench(args: argparse.Namespace) -> bool:
                 gw.ensure_alive()
                 nginx.ensure_alive()
                 cpu_us = share.proc_ticks / os.sysconf("SC_CLK_TCK") * 1e6 / gateway.requests
-                rows.append(Row(n, direct, gateway, cpu_us, share.stolen))
+                rows.append(Row(n, direct, thin, gateway, cpu_us, share.stolen))
                 print(f"proxy_overhead: {n} connection(s): direct {direct.rps:,.0f} rps, "
                       f"gateway {gateway.rps:,.0f} rps ({cpu_us:.0f} us CPU/request, "
                       f"{share.stolen:.0%} of CPU {GATEWAY_CPU} taken by other work)", file=sys.stderr)
@@ -561,9 +576,8 @@ def bench(args: argparse.Namespace) -> bool:
     if any(r.stolen > 0.05 for r in rows):
         print(f"proxy_overhead: warning: other processes used CPU {GATEWAY_CPU} during the gateway runs; "
               "RPS and latency understate the gateway", file=sys.stderr)
-    bad = [(r.connections, name, res) for r in rows for name, res in (("direct", r.direct),
-                                                                       ("gateway", r.gateway))
-           if res.errors]
+    bad = [(r.connections, name, res) for r in rows
+           for name, res in (("direct", r.direct), ("thin", r.thin), ("gateway", r.gateway)) if res.errors]
     if bad:
         for n, name, res in bad:
             print(f"proxy_overhead: {name} at {n} connection(s): {res.non_2xx} non-2xx responses, "
