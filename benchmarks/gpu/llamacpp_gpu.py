@@ -1,0 +1,164 @@
+"""The in-process llama.cpp backend on a GPU: streamed throughput through the real gateway.
+
+Run on the lent GPU machine after stage.sh (see README.md here):
+
+    PYTHONPATH=/tmp/site:. python3 benchmarks/gpu/llamacpp_gpu.py --model /tmp/model.gguf
+
+For each user count it starts ``interlock serve`` with one ``kind: llamacpp`` backend
+(``n_gpu_layers: -1``, ``parallel`` = the user count, at least 8), sends ``--rounds``
+streamed chat completions per user with ``max_tokens`` tokens, and reports aggregate
+delivered tok/s, TTFT p50/p95 and dropped streams; then one user against a direct
+``llama_cpp.Llama`` call with the same settings. Prints a markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import aiohttp
+
+SUBJECTS = ["the sea", "a lighthouse", "a dragon", "Mars", "a library", "a clockmaker", "winter", "a city",
+            "a river", "a fox", "the moon", "a violin", "a desert", "a robot", "a garden", "a storm"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_gateway(model: str, parallel: int, n_ctx: int, port: int, work: Path) -> subprocess.Popen[bytes]:
+    config = work / f"gpu-{parallel}.yaml"
+    config.write_text(json.dumps({
+        "backends": {"local": {"kind": "llamacpp", "model_path": model, "n_gpu_layers": -1,
+                               "parallel": parallel, "n_ctx": n_ctx, "n_batch": 512,
+                               "max_queue": 1024}},
+        "models": {"smollm2": {"targets": ["local"]}},
+        "resilience": {"health_check": {"interval_s": 0}},
+    }))
+    log = open(work / f"gateway-{parallel}.log", "wb")  # lives as long as the process
+    cli = "import sys; from gateway.cli import main; main(sys.argv[1:])"
+    argv = [sys.executable, "-c", cli, "serve", "--config", str(config), "--port", str(port),
+            "--log-level", "warning"]
+    proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health/ready", timeout=2) as r:
+                if r.status == 200:
+                    return proc
+        except OSError:
+            pass
+        if proc.poll() is not None:
+            break
+        time.sleep(0.2)
+    proc.kill()
+    raise SystemExit(f"gateway did not get ready:\n{(work / f'gateway-{parallel}.log').read_text()[-3000:]}")
+
+
+async def one(session: aiohttp.ClientSession, url: str, prompt: str,
+              max_tokens: int) -> tuple[float, int, bool]:
+    body = {"model": "smollm2", "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
+            "temperature": 0, "stream": True}
+    started = time.perf_counter()
+    ttft, tokens, finished = -1.0, 0, False
+    async with session.post(url, json=body) as response:
+        async for line in response.content:
+            if not line.startswith(b"data: "):
+                continue
+            if line.startswith(b"data: [DONE]"):
+                return ttft, tokens, finished
+            event = json.loads(line[6:])
+            if "error" in event:
+                return ttft, tokens, False
+            for choice in event.get("choices", []):
+                if choice.get("delta", {}).get("content"):
+                    tokens += 1
+                    if ttft < 0:
+                        ttft = time.perf_counter() - started
+                if choice.get("finish_reason"):
+                    finished = True
+    return ttft, tokens, False
+
+
+async def load(port: int, users: int, rounds: int, max_tokens: int) -> dict[str, float]:
+    url = f"http://127.0.0.1:{port}/v1/chat/completions"
+    results: list[tuple[float, int, bool]] = []
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
+        async def user(u: int) -> None:
+            for r in range(rounds):
+                prompt = f"Write a long story about {SUBJECTS[(u + r) % len(SUBJECTS)]} (user {u}, part {r})."
+                results.append(await one(session, url, prompt, max_tokens))
+
+        await one(session, url, "Say hi.", 4)  # warm-up
+        started = time.perf_counter()
+        await asyncio.gather(*(user(u) for u in range(users)))
+        wall = time.perf_counter() - started
+    ttfts = sorted(t for t, _, _ in results if t >= 0)
+    tokens = sum(n for _, n, _ in results)
+    return {"tok_s": tokens / wall, "ttft_p50": 1000 * statistics.median(ttfts),
+            "ttft_p95": 1000 * ttfts[int(0.95 * (len(ttfts) - 1))],
+            "dropped": sum(not ok for *_, ok in results),
+            "requests": len(results), "tokens": tokens, "wall": wall}
+
+
+def direct(model: str, max_tokens: int, rounds: int) -> float:
+    import llama_cpp  # only here: the gateway's processes load it themselves
+
+    llm = llama_cpp.Llama(model_path=model, n_gpu_layers=-1, n_ctx=4096, flash_attn=True, verbose=False)
+    llm.create_chat_completion(messages=[{"role": "user", "content": "Say hi."}], max_tokens=4)
+    tokens, started = 0, time.perf_counter()
+    for r in range(rounds):
+        prompt = f"Write a long story about {SUBJECTS[r]} (user 0, part {r})."
+        for chunk in llm.create_chat_completion(messages=[{"role": "user", "content": prompt}],
+                                                max_tokens=max_tokens, temperature=0, stream=True):
+            if chunk["choices"][0]["delta"].get("content"):
+                tokens += 1
+    return tokens / (time.perf_counter() - started)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--model", required=True)
+    p.add_argument("--users", default="1,8,32,64,128")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--max-tokens", type=int, default=64)
+    args = p.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="llamacpp-gpu-"))
+    rows = []
+    for users in (int(u) for u in args.users.split(",")):
+        parallel = max(8, users)
+        port = free_port()
+        proc = start_gateway(args.model, parallel, 512 * parallel, port, work)
+        try:
+            r = asyncio.run(load(port, users, args.rounds, args.max_tokens))
+        finally:
+            proc.terminate()
+            proc.wait(30)
+        rows.append((users, parallel, r))
+        print(f"{users} users: {r}", flush=True)
+    one_user = direct(args.model, args.max_tokens, args.rounds)
+    print("\n| users | parallel | requests | aggregate tok/s | TTFT p50 ms | TTFT p95 ms | dropped |")
+    print("|---:|---:|---:|---:|---:|---:|---:|")
+    for users, parallel, r in rows:
+        print(f"| {users} | {parallel} | {r['requests']} | {r['tok_s']:,.0f} | {r['ttft_p50']:.0f} | "
+              f"{r['ttft_p95']:.0f} | {r['dropped']} |")
+    print(f"\ndirect llama_cpp.Llama, 1 user, same GPU: {one_user:,.0f} tok/s")
+    if rows and rows[0][0] == 1:
+        print(f"Interlock 1 user / direct: {rows[0][2]['tok_s'] / one_user:.2f}")
+    print(f"GPU: {os.popen('nvidia-smi --query-gpu=name --format=csv,noheader').read().strip()}")
+
+
+if __name__ == "__main__":
+    main()
