@@ -63,6 +63,9 @@ class LlamaCppConfig(BackendConfig):
     #: flash attention: "auto" lets llama.cpp decide per device (on for CPU and CUDA builds here);
     #: it changes numerics slightly, so greedy output matches a ``Llama`` built with the same choice
     flash_attn: Literal["auto", "on", "off"] = "auto"
+    #: one KV stream shared by all sequences; None: on when layers are offloaded to a GPU, where
+    #: separate streams cost a decode pass each (see backends/llamacpp_engine.py)
+    kv_unified: bool | None = None
     #: Jinja2 chat template; None: the GGUF's ``tokenizer.chat_template``
     chat_template: str | None = None
 
@@ -119,7 +122,8 @@ class LlamaCppBackend:
         c = self.config
         engine = llamacpp_engine.Engine(
             self.model_path, n_ctx=c.n_ctx, n_gpu_layers=c.n_gpu_layers, n_threads=c.n_threads,
-            n_batch=c.n_batch, parallel=c.parallel, max_queue=c.max_queue, flash_attn=c.flash_attn)
+            n_batch=c.n_batch, parallel=c.parallel, max_queue=c.max_queue, flash_attn=c.flash_attn,
+            kv_unified=c.n_gpu_layers != 0 if c.kv_unified is None else c.kv_unified)
         template = c.chat_template or engine.chat_template
         if template:
             self._render = make_chat_renderer(template, engine.bos_token, engine.eos_token)

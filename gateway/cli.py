@@ -37,8 +37,6 @@ def _load(settings: Settings) -> LoadedConfig:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from gateway.server import UnsafeBind, serve  # uvicorn and backends load only to serve
-
     try:
         settings = _settings(args)
     except ValidationError as exc:
@@ -48,8 +46,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         config = _load(settings)
+    except ConfigError as exc:
+        print(f"interlock: {exc}", file=sys.stderr)
+        return 2
+    if any(getattr(b, "kind", None) == "llamacpp" for b in config.backends.values()):
+        # libllama must be loaded before aiohttp's native modules: on CUDA builds, the other order
+        # segfaults inside llama_model_load_from_file (seen on an H100 with llama-cpp-python 0.3.36).
+        import backends.llamacpp_engine  # noqa: F401
+
+    from gateway.server import UnsafeBind, serve  # uvicorn and aiohttp load only to serve
+
+    try:
         return serve(config, settings)
-    except (ConfigError, UnsafeBind) as exc:
+    except UnsafeBind as exc:
         print(f"interlock: {exc}", file=sys.stderr)
         return 2
 

