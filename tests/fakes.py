@@ -11,6 +11,7 @@ bodies); the behaviour is picked by the request's ``model``:
     ratelimited   HTTP 429 with Retry-After: 7
     leaky         HTTP 400 whose message quotes the upstream key
     leakyfields   HTTP 422 with the upstream key and address in type, param and code
+    long          streams 40 more chunks, one every 50 ms, then finishes
     endless       streams a chunk every 20 ms until the client goes away
 """
 
@@ -103,6 +104,10 @@ class FakeUpstream:
                 assert request.transport is not None
                 request.transport.close()
                 return response
+            if model == "long":  # a reply that takes ~2 s: long enough to stop a server during it
+                for _ in range(40):
+                    await asyncio.sleep(0.05)
+                    await response.write(chunk(model, {"content": " more"}))
             if model == "endless":
                 for _ in range(5000):
                     await asyncio.sleep(0.02)
