@@ -4,8 +4,16 @@ The engine thread owns the model and the context. Each step it builds one batch
 holding the next token of every generating sequence plus prefill chunks of newly
 admitted prompts (at most ``n_batch`` tokens in all), runs a single
 ``llama_decode``, and samples each sequence with its own llama.cpp sampler chain.
-Requests join between steps; a finished or cancelled sequence drops its KV cells
+Requests join between steps; a finished or cancelled sequence keeps its KV cells
 and its seq id goes back to the free list.
+
+Prefix reuse: the engine remembers, per seq id, the tokens resident in its KV cells
+(prompt + generated tokens that were decoded: a reply's last sampled token never is).
+A new request takes the free seq whose resident tokens share the longest prefix with
+its prompt (none shared: the least recently used one), drops the cells past that
+prefix and prefills only the rest; at least one prompt token is always decoded, for
+its logits. Chat requests share the system prompt and template this way, and a
+conversation's next turn its whole history. A failed decode clears the KV.
 
 Context sharing: the context has ``n_ctx`` KV cells and ``n_seq_max = parallel``,
 and every request may use at most ``n_ctx // parallel`` of them, prompt and reply
@@ -83,8 +91,8 @@ class Job:
     """One request's life inside the engine; fields are touched by the engine thread only."""
 
     __slots__ = (
-        "chain", "decoder", "held", "loop", "max_new", "n_fed", "n_gen", "next_token",
-        "pos", "queue", "sampling", "seq", "tokens",
+        "chain", "decoder", "generated", "held", "loop", "max_new", "n_fed", "n_gen",
+        "next_token", "pos", "queue", "reused", "sampling", "seq", "tokens",
     )
 
     def __init__(self, tokens: list[int], sampling: Sampling, queue: asyncio.Queue[Any],
@@ -99,6 +107,9 @@ class Job:
         self.pos = 0
         self.next_token = -1
         self.n_gen = 0
+        #: every sampled token; all but the last one sampled are in the KV cache
+        self.generated: list[int] = []
+        self.reused = 0  # prompt tokens found in the KV cache at admission
         self.chain: Any = None
         # bytes of a multi-byte character split across tokens wait here
         self.decoder = codecs.getincrementaldecoder("utf-8")("replace")
@@ -188,6 +199,12 @@ class Engine:
         self._cancelled: list[Job] = []
         self._active: list[Job] = []
         self._free = list(range(parallel - 1, -1, -1))
+        #: per seq id: the tokens in its KV cells, positions 0..len-1 (kept while it is free)
+        self._resident: list[list[int]] = [[] for _ in range(parallel)]
+        self._last_used = [0] * parallel  # release order, for least-recently-used choice
+        self._clock = 0
+        #: prompt tokens taken from the KV cache instead of prefilled, over all requests
+        self.reused_tokens = 0
         self._stopping = False
         self.error: str | None = None  # set if the engine thread died
         self._thread = threading.Thread(target=self._run, name="llamacpp-engine", daemon=True)
@@ -281,9 +298,40 @@ class Engine:
                     self._waiting.remove(job)
             while self._waiting and self._free:
                 job = self._waiting.popleft()
-                job.seq = self._free.pop()
+                self._take_seq(job)
                 job.chain = self._make_chain(job.sampling)
                 self._active.append(job)
+
+    def _take_seq(self, job: Job) -> None:
+        """Give ``job`` the free seq sharing the longest prompt prefix and skip that prefix."""
+        tokens = job.tokens
+        best, best_key = self._free[0], (-1, 0)
+        for seq in self._free:
+            resident = self._resident[seq]
+            n = min(len(resident), len(tokens) - 1)  # one prompt token is always decoded
+            p = 0
+            while p < n and resident[p] == tokens[p]:
+                p += 1
+            key = (p, -self._last_used[seq])  # ties and no match: least recently used
+            if key > best_key:
+                best, best_key = seq, key
+        self._free.remove(best)
+        seq, p = best, best_key[0]
+        resident = self._resident[seq]
+        if p < len(resident) and not C.llama_memory_seq_rm(self._mem, seq, p, -1):
+            p = 0  # this memory cannot drop part of a sequence (e.g. recurrent state)
+        if p == 0:
+            C.llama_memory_seq_rm(self._mem, seq, -1, -1)
+        elif C.llama_memory_seq_pos_max(self._mem, seq) != p - 1:  # never expected: be safe
+            log.warning("seq %d: KV holds up to position %d, expected %d; clearing it", seq,
+                        C.llama_memory_seq_pos_max(self._mem, seq), p - 1)
+            C.llama_memory_seq_rm(self._mem, seq, -1, -1)
+            p = 0
+        self._resident[seq] = []  # filled in again when the job releases the seq
+        job.seq = seq
+        job.n_fed = job.pos = job.reused = p
+        self.reused_tokens += p
+        log.debug("seq %d: reusing %d of %d prompt tokens from the KV cache", seq, p, len(tokens))
 
     def _make_chain(self, s: Sampling) -> Any:
         chain = C.llama_sampler_chain_init(C.llama_sampler_chain_default_params())
@@ -346,6 +394,7 @@ class Engine:
 
     def _accept(self, job: Job, tok: int, out: dict[Any, list[tuple[Any, Any]]]) -> None:
         job.n_gen += 1
+        job.generated.append(tok)
         piece = self._pieces.get(tok)
         if piece is None:
             piece = self._piece_of(tok)
@@ -387,18 +436,31 @@ class Engine:
         out: dict[asyncio.AbstractEventLoop, list[tuple[Any, Any]]] = {}
         with self._lock:
             for job in list(self._active):
-                self._release(job)
+                self._release(job, keep=False)
                 out.setdefault(job.loop, []).append((job.queue, Failed(message)))
             for job in self._waiting:
                 out.setdefault(job.loop, []).append((job.queue, Failed(message)))
             self._waiting.clear()
         self._deliver(out)
 
-    def _release(self, job: Job) -> None:
-        C.llama_memory_seq_rm(self._mem, job.seq, -1, -1)
+    def _release(self, job: Job, *, keep: bool = True) -> None:
+        """Free the job's seq. ``keep``: the last decode succeeded, so its KV cells hold exactly
+        the prompt tokens fed and the generated tokens decoded; they stay for the next prompt."""
+        seq = job.seq
+        if keep:
+            n_prompt = len(job.tokens)
+            if job.n_fed < n_prompt:  # still prefilling (cancelled)
+                self._resident[seq] = job.tokens[:job.n_fed]
+            else:  # job.pos: positions decoded; the last sampled token was never decoded
+                self._resident[seq] = job.tokens + job.generated[:job.pos - n_prompt]
+        else:
+            C.llama_memory_seq_rm(self._mem, seq, -1, -1)
+            self._resident[seq] = []
+        self._clock += 1
+        self._last_used[seq] = self._clock
         C.llama_sampler_free(job.chain)
         self._active.remove(job)
-        self._free.append(job.seq)
+        self._free.append(seq)
         job.seq = -1
 
     @staticmethod

@@ -251,3 +251,117 @@ def test_readiness_waits_for_the_model() -> None:
     assert before == (False, "not started", False)
     assert loaded == (True, "", False)
     assert closed[0] is False
+
+
+# ---- prefix reuse: a free sequence keeps its KV cells for the next prompt ------------------
+
+SYSTEM = "You are a helpful assistant. Answer in one short sentence."
+
+
+def _chat(client: openai.OpenAI, messages: list[dict[str, str]]) -> str:
+    reply = client.chat.completions.create(model="smollm2", messages=messages, max_tokens=24,  # type: ignore[arg-type]
+                                           temperature=0)
+    return reply.choices[0].message.content or ""
+
+
+def test_a_reused_prefix_does_not_change_the_greedy_reply(client: openai.OpenAI) -> None:
+    first = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": PROMPTS[2]}]
+    second = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": PROMPTS[5]}]
+    reply = _chat(client, first)
+    turn = [*first, {"role": "assistant", "content": reply}, {"role": "user", "content": PROMPTS[6]}]
+    # On the module's gateway these reuse the system prompt, a whole prompt but its last token,
+    # and a previous turn with its reply.
+    got = [_chat(client, second), _chat(client, second), _chat(client, turn)]
+    want = []
+    for messages in (second, turn):  # each in a gateway that has seen nothing else
+        with run_gateway(_config()) as url:
+            wait_ready(url)
+            want.append(_chat(openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0), messages))
+    assert got == [want[0], want[0], want[1]]
+
+
+def _engine(**kw: Any) -> Any:
+    from backends.llamacpp_engine import Engine
+
+    return Engine(smollm2_gguf(), **{"n_ctx": 1024, "n_gpu_layers": 0, "n_threads": 2, "n_batch": 16,
+                                     "parallel": 2, "max_queue": 4, "flash_attn": "on", **kw})
+
+
+def _run(engine: Any, tokens: list[int], max_tokens: int = 16, cancel_after: int = 0) -> tuple[str, Any]:
+    """Greedy reply to ``tokens`` and its Job; ``cancel_after``: hang up after that many deltas."""
+    from backends.llamacpp_engine import Finished, Sampling
+
+    async def go() -> tuple[str, Any]:
+        queue: asyncio.Queue[Any] = asyncio.Queue()
+        job = engine.submit(tokens, Sampling(temperature=0, max_tokens=max_tokens), queue)
+        text, seen = "", 0
+        while True:
+            event = await queue.get()
+            if type(event) is not str:
+                assert isinstance(event, Finished), event
+                return text, job
+            text += event
+            seen += 1
+            if seen == cancel_after:
+                engine.cancel(job)
+                return text, job
+
+    text, job = asyncio.run(go())
+    while job.seq >= 0:  # a cancelled job is released before the engine's next step
+        time.sleep(0.001)
+    return text, job
+
+
+def _common(a: list[int], b: list[int]) -> int:
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
+
+
+def test_the_engine_reuses_a_shared_prefix_and_counts_it() -> None:
+    engine = _engine()
+    fresh = _engine()
+    try:
+        def chat(user: str, reply: str = "") -> list[int]:
+            text = (f"<|im_start|>system\n{SYSTEM}<|im_end|>\n<|im_start|>user\n{user}<|im_end|>\n"
+                    f"<|im_start|>assistant\n{reply}")
+            return list(engine.tokenize(text, add_special=False))
+
+        a, b = chat(PROMPTS[1]), chat(PROMPTS[3])
+        _, job = _run(engine, a)
+        assert job.reused == 0 and engine.reused_tokens == 0
+        text_b, job = _run(engine, b)
+        assert job.reused == _common(a, b) >= 15 and engine.reused_tokens == job.reused
+        _, job = _run(engine, b)  # the same prompt again: all but its last token
+        assert job.reused == len(b) - 1
+        unrelated = list(engine.tokenize("The sky is", add_special=True))
+        _, job = _run(engine, unrelated)
+        assert job.reused == 0
+
+        # A reply cut by max_tokens: its last sampled token never went through the model, so a
+        # prompt continuing the conversation reuses the prompt and all the reply but that token.
+        reply, job = _run(engine, b, max_tokens=12)
+        assert len(job.generated) == 12
+        turn = chat(PROMPTS[3], reply)
+        kept = b + job.generated[:-1]
+        text_turn, job2 = _run(engine, turn)
+        assert job2.reused == min(_common(kept, turn), len(turn) - 1)
+        assert job2.reused >= len(b) + 6  # the reply re-tokenizes (mostly) as generated
+        assert text_turn == _run(fresh, turn)[0]
+        assert text_b == _run(fresh, b)[0]
+        fresh.close()
+        fresh = _engine()
+
+        # Cancelled mid-reply: the KV holds the prompt and the tokens decoded so far, no more.
+        long_prompt = chat("Write a long story about a dragon and a knight.")
+        _, job = _run(engine, long_prompt, max_tokens=40, cancel_after=5)
+        kept = long_prompt + job.generated[:job.pos - len(long_prompt)]
+        assert len(long_prompt) < len(kept) < len(long_prompt) + len(job.generated)
+        again = long_prompt + job.generated
+        text, job2 = _run(engine, again)
+        assert job2.reused == len(kept)
+        assert text == _run(fresh, again)[0]
+    finally:
+        engine.close()
+        fresh.close()
