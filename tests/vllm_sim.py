@@ -145,6 +145,8 @@ class VllmSim:
     model: str = "smollm2"
     host: str = "127.0.0.1"
     port: int = field(default_factory=free_port)
+    #: set by kill(): requests on connections that outlived it are dropped, not answered
+    _dead: bool = field(default=False, init=False, repr=False)
     max_model_len: int = 4096
     max_num_seqs: int = 16
     base_ttft_s: float = 0.002
@@ -217,6 +219,7 @@ class VllmSim:
         self.prefix_queries = self.prefix_hits = self.cancelled = 0
         self.extra_running = self.extra_waiting = self.fail_next = 0
         self.healthy = True
+        self._dead = False
         self.requests.clear()
         self.disconnected.clear()
 
@@ -244,7 +247,7 @@ class VllmSim:
 
     async def _setup(self) -> None:
         self._slots = asyncio.Semaphore(self.max_num_seqs)
-        app = web.Application(middlewares=[_json_404])
+        app = web.Application(middlewares=[self._dead_gate, _json_404])
         app.on_response_prepare.append(_uvicorn_headers)
         app.router.add_post("/v1/chat/completions", self._chat)
         app.router.add_post("/v1/completions", self._completions)
@@ -274,7 +277,19 @@ class VllmSim:
         """Die mid-load: stop listening and drop every open connection, as a crashed server does."""
         self._call(self._kill)
 
+    @web.middleware
+    async def _dead_gate(self, request: web.Request, handler: Callable[[web.Request],
+                         Awaitable[web.StreamResponse]]) -> web.StreamResponse:
+        # A connection accepted while kill() ran can outlive it; a dead server answers nothing on it.
+        if self._dead:
+            if request.transport is not None:
+                _linger0(request.transport)
+                request.transport.abort()
+            raise ConnectionResetError("the simulated server is dead")
+        return await handler(request)
+
     async def _kill(self) -> None:
+        self._dead = True
         await self._site.stop()
         server = self._runner.server
         for handler in server.connections if server else ():
@@ -288,6 +303,7 @@ class VllmSim:
         self._call(self._revive)
 
     async def _revive(self) -> None:
+        self._dead = False
         self._cache.clear()
         await self._listen()
 
