@@ -26,6 +26,10 @@ import time
 import urllib.request
 from pathlib import Path
 
+try:  # libllama before aiohttp: the other order segfaults CUDA builds in the model load
+    import llama_cpp  # noqa: F401
+except ImportError:
+    pass
 import aiohttp
 
 SUBJECTS = ["the sea", "a lighthouse", "a dragon", "Mars", "a library", "a clockmaker", "winter", "a city",
