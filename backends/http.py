@@ -15,6 +15,7 @@ import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlsplit
 
 import aiohttp
 import orjson
@@ -36,6 +37,14 @@ _MAX_ERROR_BODY = 64 * 1024
 _MAX_MESSAGE = 1000
 _DONE = b"data: [DONE]"
 _STALE_ERRNOS = {errno.ECONNRESET, errno.EPIPE, errno.ECONNABORTED}
+
+
+def http_base_url(value: str) -> str:
+    """A config's upstream base URL: http(s) with a host; the trailing slash dropped."""
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise ValueError("must be an http:// or https:// URL")
+    return value.rstrip("/")
 
 
 class HttpClient:

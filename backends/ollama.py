@@ -72,7 +72,7 @@ from backends.errors import (
     UnsupportedEndpoint,
     UpstreamHTTPError,
 )
-from backends.http import OpenAICompatibleUpstream, Timeouts, _error_dict, _retry_after
+from backends.http import OpenAICompatibleUpstream, Timeouts, _error_dict, _retry_after, http_base_url
 from backends.ollama_translate import (
     Shape,
     client_model,
@@ -121,10 +121,7 @@ class OllamaConfig(BackendConfig):
     @field_validator("url")
     @classmethod
     def _http_url(cls, value: str) -> str:
-        parts = urlsplit(value)
-        if parts.scheme not in ("http", "https") or not parts.netloc:
-            raise ValueError("must be an http:// or https:// URL")
-        value = value.rstrip("/")
+        value = http_base_url(value)
         if value.endswith(("/v1", "/api")):
             raise ValueError("must be the Ollama server's base URL, without /api or /v1 "
                              "(for Ollama's OpenAI-compatible /v1 API use kind: openai)")

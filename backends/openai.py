@@ -17,7 +17,7 @@ from backends.base import (
     Load,
     Resources,
 )
-from backends.http import OpenAICompatibleUpstream, Timeouts
+from backends.http import OpenAICompatibleUpstream, Timeouts, http_base_url
 
 
 class TimeoutsConfig(BaseModel):
@@ -42,10 +42,7 @@ class OpenAIConfig(BackendConfig):
     @field_validator("base_url")
     @classmethod
     def _http_url(cls, value: str) -> str:
-        parts = urlsplit(value)
-        if parts.scheme not in ("http", "https") or not parts.netloc:
-            raise ValueError("must be an http:// or https:// URL")
-        return value.rstrip("/")
+        return http_base_url(value)
 
 
 class OpenAIBackend:
