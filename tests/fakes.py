@@ -41,6 +41,35 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def serve_app(app: web.Application, port: int, *, shutdown_timeout: float = 60.0) -> Callable[[], None]:
+    """Serve ``app`` on 127.0.0.1:``port`` from a thread and event loop of its own (the gateway under
+    test runs in another); returns the function that stops it."""
+    ready = threading.Event()
+    loops: list[asyncio.AbstractEventLoop] = []
+
+    def run() -> None:
+        loop = asyncio.new_event_loop()
+        loops.append(loop)
+        runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=shutdown_timeout)
+        loop.run_until_complete(runner.setup())
+        loop.run_until_complete(web.TCPSite(runner, "127.0.0.1", port).start())
+        ready.set()
+        loop.run_forever()
+        loop.run_until_complete(runner.cleanup())
+        loop.close()
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    if not ready.wait(5):
+        raise RuntimeError(f"the test server on port {port} did not start")
+
+    def stop() -> None:
+        loops[0].call_soon_threadsafe(loops[0].stop)
+        thread.join(5)
+
+    return stop
+
+
 def chat_completion(model: str, content: str = "Hello there.") -> dict[str, object]:
     return {
         "id": "chatcmpl-fake", "object": "chat.completion", "created": 1, "model": model,
@@ -121,29 +150,14 @@ class FakeUpstream:
         return response
 
     def __enter__(self) -> FakeUpstream:
-        ready = threading.Event()
-
-        def run() -> None:
-            loop = asyncio.new_event_loop()
-            self._loop = loop
-            app = web.Application()
-            app.router.add_post("/v1/chat/completions", self.handle)
-            app.router.add_post("/v1/completions", self.handle)
-            runner = web.AppRunner(app, handle_signals=False)
-            loop.run_until_complete(runner.setup())
-            loop.run_until_complete(web.TCPSite(runner, "127.0.0.1", self.port).start())
-            ready.set()
-            loop.run_forever()
-            loop.run_until_complete(runner.cleanup())
-
-        self._thread = threading.Thread(target=run, daemon=True)
-        self._thread.start()
-        ready.wait(5)
+        app = web.Application()
+        app.router.add_post("/v1/chat/completions", self.handle)
+        app.router.add_post("/v1/completions", self.handle)
+        self._stop = serve_app(app, self.port)
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(5)
+        self._stop()
 
 
 class ClosingUpstream:
@@ -486,30 +500,13 @@ class ChaosUpstream:
         return response
 
     def __enter__(self) -> ChaosUpstream:
-        ready = threading.Event()
-
-        def run() -> None:
-            loop = asyncio.new_event_loop()
-            self._loop = loop
-            app = web.Application()
-            app.router.add_post("/v1/chat/completions", self._post)
-            app.router.add_post("/v1/completions", self._post)
-            app.router.add_get("/v1/models", self._models)
-            runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=1.0)
-            loop.run_until_complete(runner.setup())
-            loop.run_until_complete(web.TCPSite(runner, "127.0.0.1", self.port).start())
-            ready.set()
-            loop.run_forever()
-            loop.run_until_complete(runner.cleanup())
-            loop.close()
-
-        self._thread = threading.Thread(target=run, daemon=True)
-        self._thread.start()
-        if not ready.wait(5):
-            raise RuntimeError("ChaosUpstream did not start")
+        app = web.Application()
+        app.router.add_post("/v1/chat/completions", self._post)
+        app.router.add_post("/v1/completions", self._post)
+        app.router.add_get("/v1/models", self._models)
+        self._stop = serve_app(app, self.port, shutdown_timeout=1.0)
         return self
 
     def __exit__(self, *exc: object) -> None:
         self._stopping.set()
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(5)
+        self._stop()

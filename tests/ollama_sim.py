@@ -54,7 +54,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from tests.fakes import free_port
+from tests.fakes import free_port, serve_app
 
 VERSION = "0.12.6"
 BUSY_MESSAGE = "server busy, please try again.  maximum pending requests exceeded"
@@ -399,31 +399,16 @@ class OllamaSim:
     # -- running ------------------------------------------------------------------------------
 
     def __enter__(self) -> OllamaSim:
-        ready = threading.Event()
-
-        def run() -> None:
-            loop = asyncio.new_event_loop()
-            self._loop = loop
-            app = web.Application()
-            app.router.add_get("/", self.root)
-            app.router.add_get("/api/tags", self.tags)
-            app.router.add_get("/api/ps", self.ps)
-            app.router.add_get("/api/version", self.version)
-            app.router.add_post("/api/chat", self.chat)
-            app.router.add_post("/api/generate", self.generate)
-            app.router.add_post("/api/embed", self.embed)
-            runner = web.AppRunner(app, handle_signals=False)
-            loop.run_until_complete(runner.setup())
-            loop.run_until_complete(web.TCPSite(runner, "127.0.0.1", self.port).start())
-            ready.set()
-            loop.run_forever()
-            loop.run_until_complete(runner.cleanup())
-
-        self._thread = threading.Thread(target=run, daemon=True)
-        self._thread.start()
-        ready.wait(5)
+        app = web.Application()
+        app.router.add_get("/", self.root)
+        app.router.add_get("/api/tags", self.tags)
+        app.router.add_get("/api/ps", self.ps)
+        app.router.add_get("/api/version", self.version)
+        app.router.add_post("/api/chat", self.chat)
+        app.router.add_post("/api/generate", self.generate)
+        app.router.add_post("/api/embed", self.embed)
+        self._stop = serve_app(app, self.port)
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(5)
+        self._stop()
