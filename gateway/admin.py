@@ -7,6 +7,7 @@ and stats say. ``interlock routes`` prints the same as a table.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Awaitable, Callable
 
 import orjson
@@ -36,9 +37,7 @@ def routes_report(router: Router, facts: RequestFacts = _TYPICAL) -> dict[str, o
                     "breaker": choice.target.breaker.snapshot(),
                     "healthy": choice.target.healthy,
                     "health_reason": choice.target.health_reason,
-                    "load": {"in_flight": choice.target.backend.load().in_flight,
-                             "queued": choice.target.backend.load().queued,
-                             "capacity": choice.target.backend.load().capacity},
+                    "load": dataclasses.asdict(choice.target.backend.load()),
                     "max_in_flight": choice.target.max_in_flight,
                     "price": choice.target.price.model_dump(),
                     "stats": choice.target.stats.snapshot(),
