@@ -55,12 +55,11 @@ import os
 import random
 import socket
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, Self
+from typing import Any, Literal, Self, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
-import aiohttp
 from pydantic import Field, SecretStr, field_validator, model_validator
 
 from backends.base import (
@@ -93,7 +92,8 @@ from backends.vllm_affinity import (
     prompt_tokens,
     render_prompt,
 )
-from backends.vllm_metrics import MetricsSnapshot, PrefixRate, parse_metrics
+from backends.vllm_endpoint import Endpoint, Ticket, public_url
+from backends.vllm_metrics import MetricsSnapshot
 
 log = logging.getLogger("interlock.backends.vllm")
 
@@ -102,6 +102,8 @@ DEFAULT_MAX_TOKENS = 256
 _PROMPT_FIELD = {"chat": "messages", "completions": "prompt", "embeddings": "input"}
 #: what a request of unknown size costs, until this pool has seen its own traffic
 _TYPICAL_TOKENS = 512.0
+
+T = TypeVar("T")
 
 
 class VllmConfig(BackendConfig):
@@ -177,61 +179,6 @@ def split_host_port(value: str) -> tuple[str, int]:
     return host, int(port)
 
 
-def _public(root: str) -> str:
-    """The URL without credentials, as shown to operators."""
-    parts = urlsplit(root)
-    host = f"[{parts.hostname}]" if parts.hostname and ":" in parts.hostname else parts.hostname or ""
-    netloc = f"{host}:{parts.port}" if parts.port else host
-    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
-
-
-# --- per-endpoint state ------------------------------------------------------------------------
-
-
-class _Endpoint:
-    def __init__(self, root: str, upstream: OpenAICompatibleUpstream, index: PrefixIndex) -> None:
-        self.root = root
-        self.url = _public(root)
-        self.upstream = upstream
-        self.index = index
-        self.healthy = True  # until a check says otherwise: a pool used before start() works
-        self.reason = ""
-        self.failures = 0
-        self.in_flight = 0
-        self.outstanding = 0.0
-        self.served = 0
-        self.scrape: MetricsSnapshot | None = None
-        self.scraped_at: float | None = None
-        self.scrape_error = ""
-        self.ours_at_scrape = 0
-        self.prefix_rate = PrefixRate()
-        self.wake = asyncio.Event()
-        self.tasks: list[asyncio.Task[None]] = []
-
-
-class _Ticket:
-    """One request's share of an endpoint's outstanding work, released exactly once."""
-
-    __slots__ = ("decode", "endpoint", "open", "prefill")
-
-    def __init__(self, endpoint: _Endpoint, prefill: float, decode: float) -> None:
-        self.endpoint, self.prefill, self.decode, self.open = endpoint, prefill, decode, True
-        endpoint.in_flight += 1
-        endpoint.outstanding += prefill + decode
-        endpoint.served += 1
-
-    def first_token(self) -> None:
-        if self.open:
-            self.endpoint.outstanding -= self.prefill
-            self.prefill = 0.0
-
-    def done(self) -> None:
-        if self.open:
-            self.open = False
-            self.endpoint.in_flight -= 1
-            self.endpoint.outstanding = max(0.0, self.endpoint.outstanding - self.prefill - self.decode)
-
-
 @dataclass(slots=True)
 class _Plan:
     """A request as the pool routes it."""
@@ -284,7 +231,7 @@ class VllmBackend:
         self._tasks: list[asyncio.Task[None]] = []
         #: tasks of endpoints DNS removed, until their cancellation has run
         self._retired: set[asyncio.Task[None]] = set()
-        self._endpoints: dict[str, _Endpoint] = {}
+        self._endpoints: dict[str, Endpoint] = {}
         for root in config.endpoints or ():
             self._add(root)
 
@@ -309,20 +256,20 @@ class VllmBackend:
         await asyncio.gather(*tasks, return_exceptions=True)
         self._tasks.clear()
 
-    def _add(self, root: str) -> _Endpoint:
+    def _add(self, root: str) -> Endpoint:
         netloc = urlsplit(root).netloc
         upstream = OpenAICompatibleUpstream(
             http=self._http, base_url=root + "/v1", headers=self._headers, timeouts=self._timeouts,
             secrets=tuple(s for s in (self._key, root, netloc, self.config.dns) if s),
         )
-        endpoint = _Endpoint(root, upstream, PrefixIndex(self.config.prefix_ttl_s,
+        endpoint = Endpoint(root, upstream, PrefixIndex(self.config.prefix_ttl_s,
                                                          self.config.prefix_index_blocks))
         self._endpoints[root] = endpoint
         if self._running:
             self._watch(endpoint)
         return endpoint
 
-    def _watch(self, endpoint: _Endpoint) -> None:
+    def _watch(self, endpoint: Endpoint) -> None:
         endpoint.tasks = [asyncio.create_task(self._health_loop(endpoint)),
                           asyncio.create_task(self._scrape_loop(endpoint))]
 
@@ -352,7 +299,7 @@ class VllmBackend:
         wanted = {f"http://[{a}]:{port}" if ":" in a else f"http://{a}:{port}" for a in addresses}
         for root in sorted(wanted - self._endpoints.keys()):
             self._add(root)
-            log.info("vllm pool %s: endpoint %s joined (DNS)", self.name, _public(root))
+            log.info("vllm pool %s: endpoint %s joined (DNS)", self.name, public_url(root))
         for root in sorted(self._endpoints.keys() - wanted):
             self._remove(root)
 
@@ -365,7 +312,7 @@ class VllmBackend:
 
     # -- health and scrapes ---------------------------------------------------------------------
 
-    async def _health_loop(self, endpoint: _Endpoint) -> None:
+    async def _health_loop(self, endpoint: Endpoint) -> None:
         while True:
             woken = False
             with contextlib.suppress(TimeoutError):
@@ -377,52 +324,26 @@ class VllmBackend:
             # ejected for failing requests while /health passes returns at the next scheduled check.
             await self._check(endpoint, may_restore=not woken)
 
-    async def _check(self, endpoint: _Endpoint, *, may_restore: bool) -> None:
-        try:
-            async with asyncio.timeout(self._probe_timeout):
-                async with self._http.session.get(endpoint.root + "/health", headers=self._headers) as r:
-                    ok, reason = r.status == 200, f"GET /health answered {r.status}"
-        except TimeoutError:
-            ok, reason = False, f"GET /health timed out after {self._probe_timeout:g}s"
-        except aiohttp.ClientConnectorError:
-            ok, reason = False, "cannot connect"
-        except aiohttp.ClientError as exc:
-            ok, reason = False, f"GET /health failed ({type(exc).__name__})"
-        if ok and not endpoint.healthy and may_restore:
-            log.info("vllm pool %s: endpoint %s is back", self.name, endpoint.url)
-            endpoint.healthy, endpoint.reason, endpoint.failures = True, "", 0
-        elif not ok:
+    async def _check(self, endpoint: Endpoint, *, may_restore: bool) -> None:
+        ejections = endpoint.ejections
+        reason = await endpoint.probe(self._http.session, self._headers, self._probe_timeout)
+        if reason is not None:
             self._eject(endpoint, reason)
+        elif not endpoint.healthy and may_restore and endpoint.ejections == ejections:
+            log.info("vllm pool %s: endpoint %s is back", self.name, endpoint.url)
+            endpoint.restore()
 
-    def _eject(self, endpoint: _Endpoint, reason: str) -> None:
-        if endpoint.healthy:
+    def _eject(self, endpoint: Endpoint, reason: str) -> None:
+        if endpoint.eject(reason):
             log.warning("vllm pool %s: endpoint %s leaves the rotation: %s", self.name, endpoint.url, reason)
-        endpoint.healthy, endpoint.reason = False, reason
 
-    async def _scrape_loop(self, endpoint: _Endpoint) -> None:
+    async def _scrape_loop(self, endpoint: Endpoint) -> None:
         while True:
-            await self._scrape(endpoint)
+            await endpoint.read_metrics(self._http.session, self._headers, self._scrape_timeout,
+                                        self._clock())
             await asyncio.sleep(self.config.scrape_interval_s)
 
-    async def _scrape(self, endpoint: _Endpoint) -> None:
-        ours = endpoint.in_flight
-        try:
-            async with asyncio.timeout(self._scrape_timeout):
-                async with self._http.session.get(endpoint.root + "/metrics", headers=self._headers) as r:
-                    if r.status != 200:
-                        endpoint.scrape_error = f"GET /metrics answered {r.status}"
-                        return
-                    text = await r.text(errors="replace")
-        except (TimeoutError, aiohttp.ClientError) as exc:
-            endpoint.scrape_error = f"GET /metrics failed ({type(exc).__name__})"
-            return
-        snapshot = parse_metrics(text)
-        endpoint.scrape, endpoint.scraped_at, endpoint.scrape_error = snapshot, self._clock(), ""
-        # the page was made between sending and now: of our two counts, the larger claims more of it
-        endpoint.ours_at_scrape = max(ours, endpoint.in_flight)
-        endpoint.prefix_rate.update(snapshot.prefix_queries, snapshot.prefix_hits)
-
-    def _fresh(self, endpoint: _Endpoint) -> MetricsSnapshot | None:
+    def _fresh(self, endpoint: Endpoint) -> MetricsSnapshot | None:
         if endpoint.scraped_at is None or self._clock() - endpoint.scraped_at > self._stale_after:
             return None
         return endpoint.scrape
@@ -475,10 +396,10 @@ class VllmBackend:
             shaped.pop("stream_options", None)
         return shaped
 
-    def _candidates(self, exclude: Sequence[_Endpoint]) -> list[_Endpoint]:
+    def _candidates(self, exclude: Sequence[Endpoint]) -> list[Endpoint]:
         return [e for e in self._endpoints.values() if e.healthy and e not in exclude]
 
-    def _queued(self, endpoint: _Endpoint) -> float:
+    def _queued(self, endpoint: Endpoint) -> float:
         """Tokens of work ahead of a new request there: ours, plus what the scrape saw beyond ours."""
         queued = endpoint.outstanding
         scrape = self._fresh(endpoint)
@@ -487,7 +408,7 @@ class VllmBackend:
             queued += max(0.0, seen - endpoint.ours_at_scrape) * self._typical
         return queued
 
-    def _choose(self, plan: _Plan, exclude: Sequence[_Endpoint] = ()) -> _Endpoint | None:
+    def _choose(self, plan: _Plan, exclude: Sequence[Endpoint] = ()) -> Endpoint | None:
         endpoints = {e.root: e for e in self._candidates(exclude)}
         if not endpoints:
             return None
@@ -506,43 +427,43 @@ class VllmBackend:
         endpoint = self._choose(self._plan(request))
         return endpoint.url if endpoint else None
 
-    def _dispatch(self, endpoint: _Endpoint, plan: _Plan) -> _Ticket:
+    def _dispatch(self, endpoint: Endpoint, plan: _Plan) -> Ticket:
         now = self._clock()
         cached = endpoint.index.match(plan.keys, now) * self._block_tokens
         if plan.keys:
             endpoint.index.record(plan.keys, now)
         prefill = max(0.0, plan.tokens - cached)
         self._typical = 0.9 * self._typical + 0.1 * (prefill + plan.decode)
-        return _Ticket(endpoint, prefill, plan.decode)
+        return Ticket(endpoint, prefill, plan.decode)
 
     # -- serving --------------------------------------------------------------------------------
 
     async def complete(self, request: BackendRequest) -> BackendResponse:
         plan = self._plan(request)
-        tried: list[_Endpoint] = []
-        last: InterlockError | None = None
-        for _ in range(max(1, len(self._candidates(())))):
-            endpoint = self._choose(plan, tried)
-            if endpoint is None:
-                break
-            tried.append(endpoint)
-            ticket = self._dispatch(endpoint, plan)
+
+        async def send(endpoint: Endpoint, ticket: Ticket) -> BackendResponse:
             try:
                 body, usage = await endpoint.upstream.complete(plan.path, plan.body, request.request_id)
-            except InterlockError as exc:
-                last = self._failed(endpoint, exc, plan.prompt_field)
-                if not _retry_elsewhere(last):
-                    raise last from None
-                continue
             finally:
                 ticket.done()
-            endpoint.failures = 0
             return BackendResponse(body=body, usage=usage)
-        raise last or self._none_healthy()
+
+        return await self._on_pool(plan, send)
 
     async def stream(self, request: BackendRequest) -> AsyncIterator[bytes]:
         plan = self._plan(request)
-        tried: list[_Endpoint] = []
+
+        async def send(endpoint: Endpoint, ticket: Ticket) -> AsyncIterator[bytes]:
+            chunks = await endpoint.upstream.stream(plan.path, plan.body, request.request_id)
+            ticket.first_token()  # the first bytes are in hand: the prefill is done
+            return _PoolStream(self, ticket, chunks)
+
+        return await self._on_pool(plan, send)
+
+    async def _on_pool(self, plan: _Plan, send: Callable[[Endpoint, Ticket], Awaitable[T]]) -> T:
+        """``send`` on the best endpoint; when it fails before anything reached the client with a
+        connection error or a 5xx, on the next best, at most once per healthy endpoint."""
+        tried: list[Endpoint] = []
         last: InterlockError | None = None
         for _ in range(max(1, len(self._candidates(())))):
             endpoint = self._choose(plan, tried)
@@ -551,7 +472,7 @@ class VllmBackend:
             tried.append(endpoint)
             ticket = self._dispatch(endpoint, plan)
             try:
-                chunks = await endpoint.upstream.stream(plan.path, plan.body, request.request_id)
+                result = await send(endpoint, ticket)
             except InterlockError as exc:
                 ticket.done()
                 last = self._failed(endpoint, exc, plan.prompt_field)
@@ -561,12 +482,11 @@ class VllmBackend:
             except BaseException:
                 ticket.done()
                 raise
-            ticket.first_token()  # the first bytes are in hand: the prefill is done
             endpoint.failures = 0
-            return _PoolStream(self, ticket, chunks)
+            return result
         raise last or self._none_healthy()
 
-    def _failed(self, endpoint: _Endpoint, exc: InterlockError, prompt: str | None = None) -> InterlockError:
+    def _failed(self, endpoint: Endpoint, exc: InterlockError, prompt: str | None = None) -> InterlockError:
         """Count an endpoint's failure, and map what vLLM said into what a client should see."""
         if _endpoint_fault(exc):
             endpoint.failures += 1
@@ -615,35 +535,12 @@ class VllmBackend:
     def endpoints(self) -> list[dict[str, Any]]:
         """Per-endpoint figures for operators (``/admin/routes``); URLs carry no credentials."""
         now = self._clock()
-        rows: list[dict[str, Any]] = []
-        for e in self._endpoints.values():
-            scrape = e.scrape or MetricsSnapshot()
-            rows.append({
-                "url": e.url,
-                "healthy": e.healthy,
-                "reason": e.reason,
-                "consecutive_failures": e.failures,
-                "in_flight": e.in_flight,
-                "outstanding_tokens": round(e.outstanding),
-                "served": e.served,
-                "running": _int(scrape.running),
-                "waiting": _int(scrape.waiting),
-                "kv_cache_usage": scrape.kv_cache_usage,
-                "prefix_hit_rate": e.prefix_rate.rate,
-                "scrape_age_s": round(now - e.scraped_at, 3) if e.scraped_at is not None else None,
-                "scrape_error": e.scrape_error,
-                "index_blocks": len(e.index),
-            })
-        return rows
+        return [e.row(now) for e in self._endpoints.values()]
 
 
 def _count(value: object) -> int:
     """A positive integer field of the body, or 0 (the gateway validated it; this never raises)."""
     return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
-
-
-def _int(value: float | None) -> int | None:
-    return None if value is None else int(value)
 
 
 def _endpoint_fault(exc: InterlockError) -> bool:
@@ -662,7 +559,7 @@ def _retry_elsewhere(exc: InterlockError) -> bool:
 class _PoolStream:
     """The upstream's SSE relay, releasing the endpoint's ticket when it ends however it ends."""
 
-    def __init__(self, pool: VllmBackend, ticket: _Ticket, chunks: AsyncIterator[bytes]) -> None:
+    def __init__(self, pool: VllmBackend, ticket: Ticket, chunks: AsyncIterator[bytes]) -> None:
         self._pool, self._ticket, self._chunks = pool, ticket, chunks
         self._started = False
 

@@ -169,6 +169,8 @@ class VllmSim:
     fail_next: int = 0
     #: False: GET /health answers 500
     healthy: bool = True
+    #: seconds GET /health takes to answer (a check overlapping other events)
+    health_delay_s: float = 0.0
 
     # what happened
     running: int = 0
@@ -310,6 +312,8 @@ class VllmSim:
     # -- plain endpoints ------------------------------------------------------------------------
 
     async def _health(self, _: web.Request) -> web.Response:
+        if self.health_delay_s:
+            await asyncio.sleep(self.health_delay_s)
         return web.Response(status=200 if self.healthy else 500)
 
     async def _version(self, _: web.Request) -> web.Response:
