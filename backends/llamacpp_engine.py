@@ -2,29 +2,34 @@
 
 The engine thread owns the model and the context. Each step it builds one batch
 holding the next token of every generating sequence plus prefill chunks of newly
-admitted prompts (at most ``n_batch`` tokens in all), runs a single
-``llama_decode``, and samples each sequence with its own llama.cpp sampler chain.
-Requests join between steps; a finished or cancelled sequence keeps its KV cells
-and its seq id goes back to the free list.
+admitted prompts, runs a single ``llama_decode``, and samples each sequence with its
+own llama.cpp sampler chain. Requests join between steps; a finished or cancelled
+sequence keeps its KV cells and its seq id goes back to the free list.
+
+Prefill: a step takes at most ``prefill_chunk`` prompt tokens (oldest prompt first;
+a tail under half a chunk is taken with the rest), so a burst of new prompts pauses
+running streams for one short step at a time, and the first prompts of the burst
+start answering before the last ones are read.
 
 Prefix reuse: the engine remembers, per seq id, the tokens resident in its KV cells
 (prompt + generated tokens that were decoded: a reply's last sampled token never is).
 A new request takes the free seq whose resident tokens share the longest prefix with
-its prompt (none shared: the least recently used one), drops the cells past that
-prefix and prefills only the rest; at least one prompt token is always decoded, for
-its logits. Chat requests share the system prompt and template this way, and a
-conversation's next turn its whole history. A failed decode clears the KV.
+its prompt, drops the cells past that prefix and prefills only the rest; at least one
+prompt token is always decoded, for its logits. When another sequence, free or
+running, holds a longer prefix of the prompt, that prefix is copied instead
+(``llama_memory_seq_cp``), so a system prompt that one conversation has prefilled
+serves every other. A failed decode clears the KV.
 
 Context sharing: the context has ``n_ctx`` KV cells and ``n_seq_max = parallel``,
 and every request may use at most ``n_ctx // parallel`` of them, prompt and reply
 together. At most ``parallel`` run at once, so the cells can never run out halfway
-through a reply, and admission is a simple length check. On a GPU the cache is
-unified (one stream): with ``kv_unified = False`` llama.cpp decodes each
-sequence's stream as its own micro-batch, a full pass per sequence per step
-(measured on an H100: the aggregate stayed at one stream's ~600 tok/s whatever the
-batch). On a CPU, where a step is compute-bound either way, separate streams keep
-a sequence's numerics independent of its neighbours, so greedy output does not
-depend on what else is running.
+through a reply, and admission is a simple length check. With one KV stream per
+sequence (``kv_unified = False``, the CPU default), llama.cpp cuts a batch into
+micro-batches of consecutive, increasing seq ids, each a full pass over the
+weights: so the batch is ordered by seq id, and a new request prefers a seq next
+to running ones. Separate streams keep a sequence's numerics independent of its
+neighbours, so greedy output does not depend on what else is running. On a GPU the
+cache is one unified stream: a copied prefix is shared, not copied.
 
 Threads: ``submit``/``cancel`` run on the event loop and only touch lock-guarded
 containers and an Event; the engine answers through ``loop.call_soon_threadsafe``,
@@ -34,6 +39,7 @@ once per step for all sequences, so the loop wakes once per step, not per token.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import codecs
 import ctypes
 import logging
@@ -58,6 +64,16 @@ _FLASH_ATTN = {
     "off": C.LLAMA_FLASH_ATTN_TYPE_DISABLED,
 }
 
+
+#: With one KV stream per sequence, each run of consecutive seq ids in a batch is its own
+#: micro-batch: a pass over all the weights, which costs about as much as prefilling this many
+#: prompt tokens (SmolLM2 on 2 CPU cores: 6 seqs as one run 26 ms a step, as three 45 ms).
+_RUN_COST_TOKENS = 4
+
+#: Copying another sequence's prefix pays off from this many more tokens than the seq's own.
+#: Across KV streams llama.cpp copies a whole stream (SmolLM2 with 512 cells a stream: 12 MB,
+#: about one token's prefill on 2 CPU cores); within one stream a copy is free.
+_COPY_MIN_GAIN = 8
 
 #: the cached "piece" of an end-of-generation token
 _EOG = b"\x00<eog>"
@@ -91,7 +107,7 @@ class Job:
     """One request's life inside the engine; fields are touched by the engine thread only."""
 
     __slots__ = (
-        "chain", "decoder", "generated", "held", "loop", "max_new", "n_fed", "n_gen",
+        "admitted", "chain", "decoder", "generated", "held", "loop", "max_new", "n_fed", "n_gen",
         "next_token", "pos", "queue", "reused", "sampling", "seq", "tokens",
     )
 
@@ -103,6 +119,7 @@ class Job:
         self.loop = loop
         self.max_new = max_new
         self.seq = -1
+        self.admitted = 0  # the engine's admission count when it got a seq
         self.n_fed = 0  # prompt tokens already in the KV cache
         self.pos = 0
         self.next_token = -1
@@ -132,7 +149,7 @@ class Engine:
 
     def __init__(self, model_path: str, *, n_ctx: int, n_gpu_layers: int, n_threads: int | None,
                  n_batch: int, parallel: int, max_queue: int, flash_attn: str = "auto",
-                 kv_unified: bool = False) -> None:
+                 kv_unified: bool = False, prefill_chunk: int | None = None) -> None:
         if not os.path.isfile(model_path):
             raise FileNotFoundError(f"model file not found: {model_path}")
         llama_logging.set_verbose(False)  # llama.cpp's load chatter goes to stderr otherwise
@@ -175,6 +192,8 @@ class Engine:
         self.parallel = parallel
         self.max_queue = max_queue
         self._n_batch = n_batch
+        self._prefill_chunk = min(prefill_chunk or n_batch, n_batch)
+        self._kv_unified = kv_unified
         self._batch = C.llama_batch_init(n_batch, 0, 1)
         # Every batch row belongs to exactly one sequence; set once, not per step.
         for i in range(n_batch):
@@ -203,8 +222,11 @@ class Engine:
         self._resident: list[list[int]] = [[] for _ in range(parallel)]
         self._last_used = [0] * parallel  # release order, for least-recently-used choice
         self._clock = 0
+        self._admitted = 0
         #: prompt tokens taken from the KV cache instead of prefilled, over all requests
         self.reused_tokens = 0
+        #: of which copied from another sequence's cells
+        self.copied_tokens = 0
         self._stopping = False
         self.error: str | None = None  # set if the engine thread died
         self._thread = threading.Thread(target=self._run, name="llamacpp-engine", daemon=True)
@@ -298,31 +320,47 @@ class Engine:
                     self._waiting.remove(job)
             while self._waiting and self._free:
                 job = self._waiting.popleft()
+                self._admitted += 1
+                job.admitted = self._admitted
                 self._take_seq(job)
                 job.chain = self._make_chain(job.sampling)
-                self._active.append(job)
+                # Ordered by seq id: with one KV stream per sequence, llama.cpp cuts a batch into
+                # micro-batches of consecutive, increasing seq ids, each a full pass over the weights.
+                bisect.insort(self._active, job, key=_seq_of)
 
     def _take_seq(self, job: Job) -> None:
-        """Give ``job`` the free seq sharing the longest prompt prefix and skip that prefix."""
+        """Give ``job`` a free seq and skip the prompt prefix already in the KV cache: the seq's
+        own, or, when another sequence (free or running) holds a longer one, a copy of that."""
         tokens = job.tokens
-        best, best_key = self._free[0], (-1, 0)
+        limit = len(tokens) - 1  # one prompt token is always decoded, for its logits
+        running = {j.seq for j in self._active}
+        best, best_key, p = self._free[0], (-1 << 30, 0), 0
         for seq in self._free:
-            resident = self._resident[seq]
-            n = min(len(resident), len(tokens) - 1)  # one prompt token is always decoded
-            p = 0
-            while p < n and resident[p] == tokens[p]:
-                p += 1
-            key = (p, -self._last_used[seq])  # ties and no match: least recently used
+            shared = _common_prefix(self._resident[seq], tokens, limit)
+            score = shared
+            if not self._kv_unified:  # a seq next to running ones adds no micro-batch to each step
+                score -= _RUN_COST_TOKENS * (1 - ((seq - 1) in running) - ((seq + 1) in running))
+            key = (score, -self._last_used[seq])  # ties and no match: least recently used
             if key > best_key:
-                best, best_key = seq, key
+                best, best_key, p = seq, key, shared
         self._free.remove(best)
-        seq, p = best, best_key[0]
-        resident = self._resident[seq]
-        if p < len(resident) and not C.llama_memory_seq_rm(self._mem, seq, p, -1):
-            p = 0  # this memory cannot drop part of a sequence (e.g. recurrent state)
-        if p == 0:
-            C.llama_memory_seq_rm(self._mem, seq, -1, -1)
-        elif C.llama_memory_seq_pos_max(self._mem, seq) != p - 1:  # never expected: be safe
+        seq = best
+        donor, donor_p = -1, p + _COPY_MIN_GAIN - 1
+        for other in range(self.parallel):
+            if other != seq:
+                shared = _common_prefix(self._held(other), tokens, limit)
+                if shared > donor_p:
+                    donor, donor_p = other, shared
+        if donor >= 0 and self._copy_prefix(donor, seq, donor_p):
+            p = donor_p
+            self.copied_tokens += p
+        else:
+            resident = self._resident[seq]
+            if p < len(resident) and not C.llama_memory_seq_rm(self._mem, seq, p, -1):
+                p = 0  # this memory cannot drop part of a sequence (e.g. recurrent state)
+            if p == 0:
+                C.llama_memory_seq_rm(self._mem, seq, -1, -1)
+        if p and C.llama_memory_seq_pos_max(self._mem, seq) != p - 1:  # never expected: be safe
             log.warning("seq %d: KV holds up to position %d, expected %d; clearing it", seq,
                         C.llama_memory_seq_pos_max(self._mem, seq), p - 1)
             C.llama_memory_seq_rm(self._mem, seq, -1, -1)
@@ -332,6 +370,27 @@ class Engine:
         job.n_fed = job.pos = job.reused = p
         self.reused_tokens += p
         log.debug("seq %d: reusing %d of %d prompt tokens from the KV cache", seq, p, len(tokens))
+
+    def _held(self, seq: int) -> list[int]:
+        """The tokens at positions 0.. of ``seq``'s KV cells (of a running one: its prompt so far)."""
+        for job in self._active:
+            if job.seq == seq:
+                return job.tokens[:job.n_fed]
+        return self._resident[seq]
+
+    def _copy_prefix(self, src: int, dst: int, n: int) -> bool:
+        """Make ``dst`` hold ``src``'s first ``n`` positions. In one KV stream the cells are only
+        tagged with ``dst`` too; across streams llama.cpp copies the whole stream's buffer
+        (before the next decode), and the part past ``n`` is dropped."""
+        C.llama_memory_seq_rm(self._mem, dst, -1, -1)
+        if self._kv_unified:
+            C.llama_memory_seq_cp(self._mem, src, dst, 0, n)
+            return True
+        C.llama_memory_seq_cp(self._mem, src, dst, -1, -1)
+        if C.llama_memory_seq_rm(self._mem, dst, n, -1):
+            return True
+        C.llama_memory_seq_rm(self._mem, dst, -1, -1)
+        return False
 
     def _make_chain(self, s: Sampling) -> Any:
         chain = C.llama_sampler_chain_init(C.llama_sampler_chain_default_params())
@@ -365,8 +424,12 @@ class Engine:
             sample.append((job, n))
             job.pos += 1
             n += 1
-        for job in prefilling:  # what is left of n_batch goes to prompt chunks, oldest first
-            take = min(self._n_batch - n, len(job.tokens) - job.n_fed)
+        room, budget, chunk = self._n_batch - n, self._prefill_chunk, self._prefill_chunk
+        prefilling.sort(key=_admission)  # oldest first
+        for job in prefilling:
+            left = len(job.tokens) - job.n_fed
+            # a tail under half a chunk goes now, rather than make its user wait another step
+            take = min(left if left <= budget + chunk // 2 else budget, room)
             if take <= 0:
                 break
             seq, start = job.seq, job.n_fed
@@ -377,6 +440,8 @@ class Engine:
                 logits[n] = 0
                 n += 1
             job.n_fed += take
+            budget -= take
+            room -= take
             if job.n_fed == len(job.tokens):
                 logits[n - 1] = 1
                 job.pos = job.n_fed
@@ -497,6 +562,22 @@ class Engine:
         if tok < 0:
             return ""
         return (C.llama_vocab_get_text(self._vocab, tok) or b"").decode("utf-8", "replace")
+
+
+def _common_prefix(a: list[int], b: list[int], limit: int) -> int:
+    n = min(len(a), len(b), limit)
+    p = 0
+    while p < n and a[p] == b[p]:
+        p += 1
+    return p
+
+
+def _seq_of(job: Job) -> int:
+    return job.seq
+
+
+def _admission(job: Job) -> int:
+    return job.admitted
 
 
 def _put_all(items: list[tuple[asyncio.Queue[Any], Any]]) -> None:

@@ -365,3 +365,45 @@ def test_the_engine_reuses_a_shared_prefix_and_counts_it() -> None:
     finally:
         engine.close()
         fresh.close()
+
+
+@pytest.mark.parametrize("kv_unified", [False, True], ids=["kv-streams", "kv-unified"])
+def test_a_prefix_another_sequence_holds_is_copied_not_prefilled(kv_unified: bool) -> None:
+    from backends.llamacpp_engine import Finished, Sampling
+
+    engine = _engine(kv_unified=kv_unified)
+    fresh = _engine(kv_unified=kv_unified)
+    try:
+        def chat(user: str) -> list[int]:
+            text = (f"<|im_start|>system\n{SYSTEM}<|im_end|>\n<|im_start|>user\n{user}<|im_end|>\n"
+                    "<|im_start|>assistant\n")
+            return list(engine.tokenize(text, add_special=False))
+
+        a, b = chat(PROMPTS[1]), chat(PROMPTS[3])
+
+        async def b_while_a_runs() -> tuple[str, Any]:
+            # a holds the only sequence with the system prompt while b arrives: b gets the other,
+            # empty one, and its prefix is copied from a's cells
+            queue_a: asyncio.Queue[Any] = asyncio.Queue()
+            assert engine.submit(a, Sampling(temperature=0, max_tokens=40), queue_a) is not None
+            await queue_a.get()
+            queue_b: asyncio.Queue[Any] = asyncio.Queue()
+            job = engine.submit(b, Sampling(temperature=0, max_tokens=16), queue_b)
+            text = ""
+            while type(event := await queue_b.get()) is str:
+                text += event
+            assert isinstance(event, Finished)
+            while not isinstance(await queue_a.get(), Finished):
+                pass
+            return text, job
+
+        text_b, job = asyncio.run(b_while_a_runs())
+        assert job.reused == _common(a, b) >= 15
+        assert engine.copied_tokens == job.reused
+        if not kv_unified:  # one stream per sequence: numerics do not depend on the neighbours
+            assert text_b == _run(fresh, b)[0]
+        else:
+            assert text_b
+    finally:
+        engine.close()
+        fresh.close()

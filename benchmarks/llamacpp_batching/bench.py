@@ -335,13 +335,13 @@ class ServerSpec:
 
 
 def server_spec(name: str, port: int, gguf: str, llama_server: Path, tmp: Path,
-                threads: int) -> ServerSpec:
+                threads: int, backend_options: dict[str, Any]) -> ServerSpec:
     py = sys.executable
     if name == "interlock":
         config = tmp / "interlock.yaml"
         config.write_text(json.dumps({  # JSON is YAML; no yaml import needed here
             "backends": {"local": {"kind": "llamacpp", "model_path": gguf, "parallel": PARALLEL,
-                                   "n_threads": threads, "n_ctx": N_CTX}},
+                                   "n_threads": threads, "n_ctx": N_CTX, **backend_options}},
             "models": {"smollm2": {"targets": ["local"]}},
         }))
         exe = Path(py).parent / "interlock"
@@ -598,6 +598,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--extra-body", type=json.loads, default={},
                    help='JSON merged into every request, e.g. \'{"cache_prompt": false}\' '
                         "(llama-server's prompt cache); servers only, not direct")
+    p.add_argument("--interlock-options", type=json.loads, default={},
+                   help='JSON merged into Interlock\'s llamacpp backend, e.g. \'{"prefill_chunk": 256}\'')
     p.add_argument("--no-write", action="store_true", help="print only; leave results.md alone")
     p.add_argument("--quiet-wait", type=float, default=120.0,
                    help="seconds to wait, before each run, for other processes to go idle (0: none)")
@@ -679,7 +681,8 @@ def main() -> None:
                          Run(name, args.users, args.rounds, note="not built")]
                 continue
             port = free_port()
-            spec = server_spec(name, port, gguf, args.llama_server_bin, tmp, args.threads)
+            spec = server_spec(name, port, gguf, args.llama_server_bin, tmp, args.threads,
+                               args.interlock_options)
             print(f"bench: {name}: starting", file=sys.stderr, flush=True)
             with running(spec, port, tmp / f"{name}.log") as (url, pid):
                 for users in dict.fromkeys((1, args.users)):  # 1 user first, once if --users 1
