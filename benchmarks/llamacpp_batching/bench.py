@@ -16,7 +16,9 @@ a free loopback port:
 * ``llama-server``: llama.cpp's C++ server, built by build_llama_server.sh from the same
   vendored llama.cpp as the installed llama-cpp-python (``-np 8``);
 * ``direct``: no server: ``llama_cpp.Llama.create_chat_completion(stream=True)`` in a child
-  process, one user, the reference for "1 user within 10% of a direct Llama call".
+  process, one user, the reference for "1 user within 10% of a direct Llama call";
+* ``raw``: no server, no prompts: raw_decode.py's batched ``llama_decode`` rate for 1 and
+  ``--users`` sequences (decode only), the ceiling under every row of the table.
 
 Each server is measured with 1 user, then with ``--users`` users. Tokens are the content chunks
 the client actually received (each server sends one chunk per token; ``ignore_eos`` is not
@@ -59,7 +61,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
 DEFAULT_LLAMA_SERVER = REPO / "benchmarks" / ".work" / "llama-server" / "build" / "bin" / "llama-server"
 RESULTS = HERE / "results.md"
-SERVERS = ("interlock", "llamacpp-python", "llama-server", "direct")
+SERVERS = ("interlock", "llamacpp-python", "llama-server", "direct", "raw")
 THREADS = 2  # per server: llama.cpp threads for decode and for prompt batches
 N_CTX = 4096
 PARALLEL = 8
@@ -507,6 +509,31 @@ def find(runs: list[Run], server: str, users: int) -> Run | None:
     return next((r for r in runs if r.server == server and r.users == users and not r.note), None)
 
 
+def run_raw(users: int, threads: int) -> list[dict[str, float]]:
+    proc = subprocess.run([sys.executable, str(HERE / "raw_decode.py"), "--json", "--seqs", str(users),
+                           "--threads", str(threads)], capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        print(f"bench: raw_decode.py failed:\n{proc.stderr[-2000:]}", file=sys.stderr)
+        return []
+    return [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+
+
+def ceiling(raw: list[dict[str, float]], runs: list[Run], users: int) -> list[str]:
+    if not raw:
+        return []
+    rows = ", ".join(f"{r['seqs']:.0f} seq{'s' if r['seqs'] > 1 else ''} {r['tok_s']:.0f} tok/s "
+                     f"({r['step_ms']:.1f} ms a step)" for r in raw)
+    lines = [f"- ceiling, raw batched llama_decode with no server and no prompts to prefill "
+             f"(raw_decode.py): {rows}; one 60-token prompt prefills in {raw[-1]['prefill_ms']:.0f} ms"]
+    ls = find(runs, "llama-server", users)
+    if ls and ls.aggregate:
+        top = raw[-1]["tok_s"]
+        lines.append(f"- 1.25x llama-server would be {1.25 * ls.aggregate:.0f} tok/s: "
+                     f"{1.25 * ls.aggregate / top:.0%} of the decode-only ceiling, with the prompts "
+                     "still to prefill")
+    return lines
+
+
 def verdicts(runs: list[Run], users: int) -> list[str]:
     """The issue's targets, judged from the runs that exist (the script reports, never fails)."""
     lines: list[str] = []
@@ -556,7 +583,7 @@ def cpu_name() -> str:
     return platform.processor() or "unknown"
 
 
-def report(runs: list[Run], args: argparse.Namespace, argv: list[str]) -> str:
+def report(runs: list[Run], raw: list[dict[str, float]], args: argparse.Namespace, argv: list[str]) -> str:
     now = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
     header = [
         "# llama.cpp batching benchmark",
@@ -580,7 +607,8 @@ def report(runs: list[Run], args: argparse.Namespace, argv: list[str]) -> str:
         "measured again, up to --retries times, keeping the quietest).",
         "",
     ]
-    return "\n".join([*header, table(runs), "", *verdicts(runs, args.users), ""])
+    return "\n".join([*header, table(runs), "", *verdicts(runs, args.users),
+                      *ceiling(raw, runs, args.users), ""])
 
 
 # ---- main --------------------------------------------------------------------------------
@@ -666,9 +694,14 @@ def main() -> None:
         asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
     gguf = smollm2_gguf()
     runs: list[Run] = []
+    raw: list[dict[str, float]] = []
     with tempfile.TemporaryDirectory(prefix="llamacpp-bench-") as tmpdir:
         tmp = Path(tmpdir)
         for name in args.servers.split(","):
+            if name == "raw":
+                print("bench: raw batched llama_decode", file=sys.stderr, flush=True)
+                raw = run_raw(args.users, args.threads)
+                continue
             if name == "direct":
                 print("bench: direct Llama, 1 user", file=sys.stderr, flush=True)
                 direct = functools.partial(direct_once, gguf, args, tmp / "direct.log")
@@ -697,7 +730,7 @@ def main() -> None:
                         if args.verbose:
                             print(f"bench:   user {r.user}: {r.tokens} tokens, TTFT {ms(r.ttft)} ms,"
                                   f" total {r.total * 1000:.0f} ms", file=sys.stderr)
-    text = report(runs, args, sys.orig_argv)
+    text = report(runs, raw, args, sys.orig_argv)
     print(text)
     if not args.no_write:
         RESULTS.write_text(text)

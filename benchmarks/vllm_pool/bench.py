@@ -423,9 +423,9 @@ def save(results: list[RunResult], args: argparse.Namespace, endpoints: list[str
     text = report(results, args, endpoints, note)
     out = poolkit.out_dir()
     if out is not None:
-        (out / "vllm_pool.md").write_text(text, encoding="utf-8")
+        (out / f"{args.name}.md").write_text(text, encoding="utf-8")
         raw = {"args": vars(args), "runs": [asdict(r) for r in results]}
-        (out / "vllm_pool.json").write_text(json.dumps(raw, indent=1), encoding="utf-8")
+        (out / f"{args.name}.json").write_text(json.dumps(raw, indent=1), encoding="utf-8")
     return text
 
 
@@ -517,6 +517,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--gap", type=float, default=3.0,
                    help="idle seconds between runs (more than the pool's 2 s scrape interval)")
     p.add_argument("--quick", action="store_true", help="tiny sizes, for a smoke test")
+    p.add_argument("--name", default="vllm_pool", help="stem of the files written under $OUT")
     args = p.parse_args(argv)
     sizes = {"runs": (3, 1), "users": (48, 8), "conversations": (24, 4), "turns": (6, 3),
              "words": (1500, 300), "unique_requests": (144, 12)}
