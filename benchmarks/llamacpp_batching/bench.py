@@ -20,7 +20,10 @@ a free loopback port:
 * ``raw``: no server, no prompts: raw_decode.py's batched ``llama_decode`` rate for 1 and
   ``--users`` sequences (decode only), the ceiling under every row of the table.
 
-Each server is measured with 1 user, then with ``--users`` users. Tokens are the content chunks
+Each server is measured with 1 user, then with ``--users`` users; the whole list of servers is
+gone through ``--passes`` times (3), interleaved, and the summary shows each figure's median
+over the passes: the machine's speed drifts by 10% and more between minutes, so one run of each
+would compare drifts as often as servers. Tokens are the content chunks
 the client actually received (each server sends one chunk per token; ``ignore_eos`` is not
 portable, so replies may end early and are counted as delivered). A stream that errors, takes
 longer than 120 s or ends without a finish_reason and ``data: [DONE]`` is "dropped".
@@ -133,6 +136,8 @@ class Run:
     requests: list[Request] = field(default_factory=list)
     wall: float = 0.0
     note: str = ""  # set instead of measurements, e.g. "not built"
+    #: which pass over the servers made it (``--passes``)
+    pass_: int = 1
     #: CPU used by processes other than this one and the server measured, in cores, averaged
     #: over the run: other people's work on a shared machine that the numbers include
     foreign: float = 0.0
@@ -487,26 +492,71 @@ def ms(v: float | None) -> str:
     return "-" if v is None else f"{v * 1000:.0f}"
 
 
+@dataclass(slots=True)
+class Summary:
+    """A server and user count over every pass: medians of the runs' figures."""
+
+    server: str
+    users: int
+    runs: int
+    aggregate: float
+    per_user: float
+    ttft_p50: float | None
+    ttft_p95: float | None
+    ttfb_p50: float | None
+    dropped: int
+    requests: int
+
+
+def summarize(runs: list[Run]) -> list[Summary]:
+    keys = list(dict.fromkeys((r.server, r.users) for r in runs if not r.note))
+    out = []
+    for server, users in keys:
+        mine = [r for r in runs if r.server == server and r.users == users and not r.note]
+
+        def med(values: list[float | None]) -> float | None:
+            present = [v for v in values if v is not None]
+            return statistics.median(present) if present else None
+
+        out.append(Summary(server, users, len(mine), statistics.median(r.aggregate for r in mine),
+                           statistics.median(r.per_user for r in mine),
+                           med([r.ttft(0.5) for r in mine]), med([r.ttft(0.95) for r in mine]),
+                           med([r.ttfb(0.5) for r in mine]), sum(r.dropped for r in mine),
+                           sum(len(r.requests) for r in mine)))
+    return out
+
+
+def summary_table(rows: list[Summary]) -> str:
+    lines = ["| server | users | runs | aggregate tok/s | per-user tok/s | TTFT p50 ms | TTFT p95 ms "
+             "| first byte p50 ms | dropped |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for s in rows:
+        lines.append(f"| {s.server} | {s.users} | {s.runs} | {s.aggregate:.1f} | {s.per_user:.1f} "
+                     f"| {ms(s.ttft_p50)} | {ms(s.ttft_p95)} | {ms(s.ttfb_p50)} "
+                     f"| {s.dropped}/{s.requests} |")
+    return "\n".join(lines)
+
+
 def table(runs: list[Run]) -> str:
-    rows = ["| server | users x rounds | tokens (mean/reply) | wall s | aggregate tok/s "
+    rows = ["| pass | server | users x rounds | tokens (mean/reply) | wall s | aggregate tok/s "
             "| per-user tok/s (median) | TTFT p50 ms | TTFT p95 ms | first byte p50 ms | dropped "
             "| other load |",
-            "|---|---|---|---|---|---|---|---|---|---|---|"]
+            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in runs:
         shape = f"{r.users} x {r.rounds}"
         if r.note:
-            rows.append(f"| {r.server} | {shape} | {r.note} | | | | | | | | |")
+            rows.append(f"| {r.pass_} | {r.server} | {shape} | {r.note} | | | | | | | | |")
             continue
         n = len(r.requests)
-        rows.append(f"| {r.server} | {shape} | {r.tokens} ({r.tokens / n:.1f}) | {r.wall:.2f} "
+        rows.append(f"| {r.pass_} | {r.server} | {shape} | {r.tokens} ({r.tokens / n:.1f}) | {r.wall:.2f} "
                     f"| {r.aggregate:.1f} | {r.per_user:.1f} | {ms(r.ttft(0.5))} | {ms(r.ttft(0.95))} "
                     f"| {ms(r.ttfb(0.5))} "
                     f"| {r.dropped}/{n} | {r.foreign:.2f} |")
     return "\n".join(rows)
 
 
-def find(runs: list[Run], server: str, users: int) -> Run | None:
-    return next((r for r in runs if r.server == server and r.users == users and not r.note), None)
+def find(rows: list[Summary], server: str, users: int) -> Summary | None:
+    return next((r for r in rows if r.server == server and r.users == users), None)
 
 
 def run_raw(users: int, threads: int) -> list[dict[str, float]]:
@@ -518,14 +568,19 @@ def run_raw(users: int, threads: int) -> list[dict[str, float]]:
     return [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
 
 
-def ceiling(raw: list[dict[str, float]], runs: list[Run], users: int) -> list[str]:
-    if not raw:
+def ceiling(raws: list[list[dict[str, float]]], rows_: list[Summary], users: int) -> list[str]:
+    """The raw decode rates, medians over the passes that measured them."""
+    raws = [r for r in raws if r]
+    if not raws:
         return []
+    raw = [{key: statistics.median(p[i][key] for p in raws) for key in raws[0][i]}
+           for i in range(len(raws[0]))]
     rows = ", ".join(f"{r['seqs']:.0f} seq{'s' if r['seqs'] > 1 else ''} {r['tok_s']:.0f} tok/s "
                      f"({r['step_ms']:.1f} ms a step)" for r in raw)
     lines = [f"- ceiling, raw batched llama_decode with no server and no prompts to prefill "
-             f"(raw_decode.py): {rows}; one 60-token prompt prefills in {raw[-1]['prefill_ms']:.0f} ms"]
-    ls = find(runs, "llama-server", users)
+             f"(raw_decode.py, median of {len(raws)}): {rows}; one 60-token prompt prefills in "
+             f"{raw[-1]['prefill_ms']:.0f} ms"]
+    ls = find(rows_, "llama-server", users)
     if ls and ls.aggregate:
         top = raw[-1]["tok_s"]
         lines.append(f"- 1.25x llama-server would be {1.25 * ls.aggregate:.0f} tok/s: "
@@ -534,11 +589,11 @@ def ceiling(raw: list[dict[str, float]], runs: list[Run], users: int) -> list[st
     return lines
 
 
-def verdicts(runs: list[Run], users: int) -> list[str]:
-    """The issue's targets, judged from the runs that exist (the script reports, never fails)."""
+def verdicts(rows: list[Summary], users: int) -> list[str]:
+    """The issue's targets, judged on the medians that exist (the script reports, never fails)."""
     lines: list[str] = []
-    il, ls = find(runs, "interlock", users), find(runs, "llama-server", users)
-    il1, direct = find(runs, "interlock", 1), find(runs, "direct Llama", 1)
+    il, ls = find(rows, "interlock", users), find(rows, "llama-server", users)
+    il1, direct = find(rows, "interlock", 1), find(rows, "direct Llama", 1)
     ratio_ls = il.aggregate / ls.aggregate if il and ls and ls.aggregate else None
     ratio_direct = il1.per_user / direct.per_user if il1 and direct and direct.per_user else None
     if ratio_ls is not None:
@@ -546,7 +601,7 @@ def verdicts(runs: list[Run], users: int) -> list[str]:
     if ratio_direct is not None:
         lines.append(f"- Interlock 1-user / direct Llama tok/s: **{ratio_direct:.2f}**")
     if il:
-        p50 = il.ttft(0.5)
+        p50 = il.ttft_p50
 
         def mark(ok: bool) -> str:
             return "met" if ok else "MISSED"
@@ -583,7 +638,8 @@ def cpu_name() -> str:
     return platform.processor() or "unknown"
 
 
-def report(runs: list[Run], raw: list[dict[str, float]], args: argparse.Namespace, argv: list[str]) -> str:
+def report(runs: list[Run], raws: list[list[dict[str, float]]], args: argparse.Namespace,
+           argv: list[str]) -> str:
     now = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
     header = [
         "# llama.cpp batching benchmark",
@@ -607,8 +663,11 @@ def report(runs: list[Run], raw: list[dict[str, float]], args: argparse.Namespac
         "measured again, up to --retries times, keeping the quietest).",
         "",
     ]
-    return "\n".join([*header, table(runs), "", *verdicts(runs, args.users),
-                      *ceiling(raw, runs, args.users), ""])
+    rows = summarize(runs)
+    return "\n".join([*header, f"Medians over {args.passes} interleaved pass(es) (every server, then "
+                       "every server again, ...):", "", summary_table(rows), "",
+                       *verdicts(rows, args.users), *ceiling(raws, rows, args.users), "",
+                       "Every run:", "", table(runs), ""])
 
 
 # ---- main --------------------------------------------------------------------------------
@@ -618,6 +677,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--users", type=int, default=8)
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--passes", type=int, default=3,
+                   help="times over the whole server list, interleaved; the summary shows medians")
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--threads", type=int, default=THREADS, help="llama.cpp threads, every server")
     p.add_argument("--servers", default=",".join(SERVERS),
@@ -681,6 +742,41 @@ def serve_once(url: str, name: str, users: int, pid: int, args: argparse.Namespa
                             args.extra_body))
 
 
+def one_server(name: str, gguf: str, tmp: Path, args: argparse.Namespace,
+               raws: list[list[dict[str, float]]]) -> list[Run]:
+    """Measure one server (1 user, then ``--users``); ``raw`` appends to ``raws`` instead."""
+    if name == "raw":
+        print("raw batched llama_decode", file=sys.stderr, flush=True)
+        raws.append(run_raw(args.users, args.threads))
+        return []
+    if name == "direct":
+        print("direct Llama, 1 user", file=sys.stderr, flush=True)
+        direct = functools.partial(direct_once, gguf, args, tmp / "direct.log")
+        return [measure("direct Llama", direct, args.retries)]
+    if name == "llama-server" and not os.access(args.llama_server_bin, os.X_OK):
+        print(f"{args.llama_server_bin} not built (build_llama_server.sh)", file=sys.stderr)
+        return [Run(name, 1, args.rounds, note="not built"),
+                Run(name, args.users, args.rounds, note="not built")]
+    port = free_port()
+    spec = server_spec(name, port, gguf, args.llama_server_bin, tmp, args.threads,
+                       args.interlock_options)
+    print(f"{name}: starting", file=sys.stderr, flush=True)
+    runs = []
+    with running(spec, port, tmp / f"{name}.log") as (url, pid):
+        for users in dict.fromkeys((1, args.users)):  # 1 user first, once if --users 1
+            print(f"bench: {name}: {users} user(s) x {args.rounds}", file=sys.stderr, flush=True)
+            served = functools.partial(serve_once, url, name, users, pid, args)
+            run = measure(f"{name}, {users} user(s)", served, args.retries)
+            runs.append(run)
+            for r in run.requests:
+                if r.error:
+                    print(f"bench: {name}: user {r.user}: {r.error}", file=sys.stderr)
+                if args.verbose:
+                    print(f"bench:   user {r.user}: {r.tokens} tokens, TTFT {ms(r.ttft)} ms,"
+                          f" total {r.total * 1000:.0f} ms", file=sys.stderr)
+    return runs
+
+
 def main() -> None:
     args = parse_args(sys.argv[1:])
     if args.direct_worker:
@@ -694,43 +790,17 @@ def main() -> None:
         asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
     gguf = smollm2_gguf()
     runs: list[Run] = []
-    raw: list[dict[str, float]] = []
+    raws: list[list[dict[str, float]]] = []
     with tempfile.TemporaryDirectory(prefix="llamacpp-bench-") as tmpdir:
         tmp = Path(tmpdir)
-        for name in args.servers.split(","):
-            if name == "raw":
-                print("bench: raw batched llama_decode", file=sys.stderr, flush=True)
-                raw = run_raw(args.users, args.threads)
-                continue
-            if name == "direct":
-                print("bench: direct Llama, 1 user", file=sys.stderr, flush=True)
-                direct = functools.partial(direct_once, gguf, args, tmp / "direct.log")
-                runs.append(measure("direct Llama", direct, args.retries))
-                continue
-            if name == "llama-server" and not os.access(args.llama_server_bin, os.X_OK):
-                print(f"bench: {args.llama_server_bin} not built (build_llama_server.sh)",
-                      file=sys.stderr)
-                runs += [Run(name, 1, args.rounds, note="not built"),
-                         Run(name, args.users, args.rounds, note="not built")]
-                continue
-            port = free_port()
-            spec = server_spec(name, port, gguf, args.llama_server_bin, tmp, args.threads,
-                               args.interlock_options)
-            print(f"bench: {name}: starting", file=sys.stderr, flush=True)
-            with running(spec, port, tmp / f"{name}.log") as (url, pid):
-                for users in dict.fromkeys((1, args.users)):  # 1 user first, once if --users 1
-                    print(f"bench: {name}: {users} user(s) x {args.rounds}", file=sys.stderr,
-                          flush=True)
-                    served = functools.partial(serve_once, url, name, users, pid, args)
-                    run = measure(f"{name}, {users} user(s)", served, args.retries)
-                    runs.append(run)
-                    for r in run.requests:
-                        if r.error:
-                            print(f"bench: {name}: user {r.user}: {r.error}", file=sys.stderr)
-                        if args.verbose:
-                            print(f"bench:   user {r.user}: {r.tokens} tokens, TTFT {ms(r.ttft)} ms,"
-                                  f" total {r.total * 1000:.0f} ms", file=sys.stderr)
-    text = report(runs, raw, args, sys.orig_argv)
+        for pass_ in range(1, args.passes + 1):
+            for name in args.servers.split(","):
+                print(f"bench: pass {pass_}/{args.passes}", file=sys.stderr, end=": ", flush=True)
+                made = one_server(name, gguf, tmp, args, raws)
+                for run in made:
+                    run.pass_ = pass_
+                runs += made
+    text = report(runs, raws, args, sys.orig_argv)
     print(text)
     if not args.no_write:
         RESULTS.write_text(text)
