@@ -16,7 +16,9 @@ What follows the reference
       ``ModelNotPulled``; 400 → ``InvalidRequest`` (``does not support chat|generate|embed`` →
       ``UnsupportedEndpoint``); 503 (queue full) and 429 → ``BackendOverloaded``, with
       ``Retry-After`` only when one was sent (Ollama sends none; a proxy might: none is invented,
-      since the gateway's breaker opens at once on a Retry-After); other 5xx →
+      since the gateway's breaker opens at once on a Retry-After); a 500 ``invalid JSON schema
+      in format`` / ``invalid format`` (a ``response_format`` schema Ollama cannot turn into a
+      grammar) → ``InvalidRequest`` on ``response_format``, never counted; other 5xx →
       ``UpstreamHTTPError`` (retryable, the client sees 502); connect failures and timeouts →
       ``BackendUnavailable`` / ``BackendTimeout`` (the shared
       ``backends.http`` plumbing, including its one retry on a stale keep-alive connection).
@@ -97,6 +99,8 @@ _HEALTH_TIMEOUT_S = 3.0
 #: a Go ``time.ParseDuration`` string, which is what Ollama accepts for a string keep_alive
 _GO_DURATION = re.compile(r"^[-+]?(0|((\d+(\.\d*)?|\.\d+)(ns|us|µs|μs|ms|s|m|h))+)$")
 _NOT_FOUND = re.compile(r"^model .* not found")
+#: what Ollama's routes say of a ``format`` they cannot use (with status 500)
+_FORMAT_REJECTED = re.compile(r"^(invalid JSON schema in format|invalid format: )")
 #: a 400 ``... does not support <word>`` names the request field that asked for it
 _CAPABILITY_PARAMS = (("tools", "tools"), ("insert", "suffix"), ("thinking", "reasoning_effort"))
 
@@ -346,6 +350,11 @@ class OllamaBackend:
             return BackendOverloaded(f"ollama is busy: {message}", status=status, retry_after=retry_after)
         if status == 499:
             return BackendUnavailable("ollama cancelled the request")
+        if status == 500 and _FORMAT_REJECTED.match(message):
+            # Ollama reports a schema it cannot turn into a grammar on its generic 500 path: the
+            # request is at fault, not the server, so it must not count against the breaker.
+            return InvalidRequest(f"ollama cannot use this response_format: {message}",
+                                  param="response_format")
         return UpstreamHTTPError(status, {"message": f"ollama: {message}"}, retry_after=retry_after)
 
     # -- health and load ------------------------------------------------------------------------

@@ -101,6 +101,19 @@ def generate_reply(prompt: str, suffix: str | None = None) -> str:
     return f"Continued: {prompt}" + (f" then {suffix}" if suffix else "")
 
 
+def _unconvertible_schema(fmt: Any) -> bool:
+    """A ``format`` schema Ollama's grammar converter rejects. The real converter fails on more
+    (unsupported keywords, refs it cannot resolve); two cases stand in for them here: a schema
+    that constrains nothing (``{"$schema": ...}`` alone, as zod-to-json-schema emits for zod 4)
+    and a ``$ref`` to another document."""
+    if not isinstance(fmt, dict):
+        return False
+    if not set(fmt) - {"$schema", "title", "description"}:
+        return True
+    ref = fmt.get("$ref")
+    return isinstance(ref, str) and not ref.startswith("#")
+
+
 def _now() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
@@ -285,6 +298,9 @@ class OllamaSim:
                 load_only = not prompt
                 if body.get("raw") and (body.get("template") or body.get("system") or body.get("context")):
                     raise _Reject(400, "raw mode does not support template, system, or context")
+            if _unconvertible_schema(body.get("format")):
+                # llama.SchemaToGrammar gives up; Ollama answers from its generic error path
+                raise _Reject(500, "invalid JSON schema in format")
             if self.busy and not load_only:
                 raise _Reject(503, BUSY_MESSAGE, self._busy_headers())
         except _Reject as exc:

@@ -503,9 +503,10 @@ def broken_gateway(sim: OllamaSim) -> Iterator[str]:
     config = {
         "backends": {"missing": ollama_backend(sim.url, "mistral:7b"),
                      "down": ollama_backend(nothing_listens()),
-                     "down-control": ollama_backend(nothing_listens())},
+                     "down-control": ollama_backend(nothing_listens()),
+                     "strict": ollama_backend(sim.url)},
         "models": {"missing": {"targets": ["missing"]}, "down": {"targets": ["down"]},
-                   "down-control": {"targets": ["down-control"]}},
+                   "down-control": {"targets": ["down-control"]}, "strict": {"targets": ["strict"]}},
         # the default breaker (5 failures in a row open it); no periodic checks, only requests count
         "resilience": {"retry": {"attempts": 1}, "health_check": {"interval_s": 0}},
     }
@@ -557,6 +558,26 @@ def test_not_pulled_is_not_counted_by_the_breaker(broken_gateway: str) -> None:
     assert breaker["state"] == "closed"
     assert breaker["failures_in_window"] == 0 and breaker["consecutive_failures"] == 0
     assert routes["down-control"]["order"][0]["breaker"]["state"] == "open"
+
+
+@pytest.mark.parametrize("schema", [{"$schema": "http://json-schema.org/draft-07/schema#"},
+                                    {"$ref": "https://example.com/order.json"}],
+                         ids=["empty", "external-ref"])
+def test_a_schema_ollama_cannot_use_is_a_400_not_an_outage(broken_gateway: str,
+                                                           schema: dict[str, Any]) -> None:
+    body = {"model": "strict", "messages": user("x"),
+            "response_format": {"type": "json_schema", "json_schema": {"name": "s", "schema": schema}}}
+    with httpx.Client(base_url=broken_gateway, timeout=5) as http:
+        for _ in range(6):  # more than the default breaker's 5 consecutive failures
+            response = http.post("/v1/chat/completions", json=body)
+            assert response.status_code == 400
+            error = response.json()["error"]
+            assert error["param"] == "response_format"
+            assert "invalid JSON schema in format" in error["message"]
+        ok = http.post("/v1/chat/completions", json={"model": "strict", "messages": user("x")})
+        assert ok.status_code == 200
+        breaker = http.get("/admin/routes").json()["routes"]["strict"]["order"][0]["breaker"]
+    assert breaker["state"] == "closed" and breaker["consecutive_failures"] == 0
 
 
 # --- loading ------------------------------------------------------------------------------------
