@@ -2,8 +2,8 @@
 
 The engine thread owns the model and the context. Each step it builds one batch
 holding the next token of every generating sequence plus prefill chunks of newly
-admitted prompts, runs a single ``llama_decode``, and samples each sequence with its
-own llama.cpp sampler chain. Requests join between steps; a finished or cancelled
+admitted prompts, runs a single ``llama_decode``, and samples every sequence from that
+step's logits at once (``backends.llamacpp_sampling``). Requests join between steps; a finished or cancelled
 sequence keeps its KV cells and its seq id goes back to the free list.
 
 Prefill: a step takes at most ``prefill_chunk`` prompt tokens (oldest prompt first;
@@ -53,7 +53,10 @@ from typing import Any
 
 # llama_cpp must load before anything imports numpy (CUDA builds segfault otherwise).
 import llama_cpp.llama_cpp as C
+import numpy as np
 from llama_cpp import _logger as llama_logging
+
+from backends.llamacpp_sampling import Sampling, TokenSampler, sample_rows
 
 log = logging.getLogger("interlock.backends.llamacpp")
 
@@ -80,18 +83,6 @@ _EOG = b"\x00<eog>"
 
 
 @dataclass(slots=True)
-class Sampling:
-    temperature: float = 1.0
-    top_p: float = 1.0
-    seed: int | None = None
-    #: None: until the sequence's share of the context is used up
-    max_tokens: int | None = None
-    stop: tuple[str, ...] = ()
-    frequency_penalty: float = 0.0
-    presence_penalty: float = 0.0
-
-
-@dataclass(slots=True)
 class Finished:
     reason: str  # "stop" | "length"
     prompt_tokens: int
@@ -107,8 +98,8 @@ class Job:
     """One request's life inside the engine; fields are touched by the engine thread only."""
 
     __slots__ = (
-        "admitted", "chain", "decoder", "generated", "held", "loop", "max_new", "n_fed", "n_gen",
-        "next_token", "pos", "queue", "reused", "sampling", "seq", "tokens",
+        "admitted", "decoder", "generated", "held", "loop", "max_new", "n_fed", "n_gen",
+        "next_token", "pos", "queue", "reused", "sampler", "sampling", "seq", "tokens",
     )
 
     def __init__(self, tokens: list[int], sampling: Sampling, queue: asyncio.Queue[Any],
@@ -127,7 +118,7 @@ class Job:
         #: every sampled token; all but the last one sampled are in the KV cache
         self.generated: list[int] = []
         self.reused = 0  # prompt tokens found in the KV cache at admission
-        self.chain: Any = None
+        self.sampler = TokenSampler(sampling)
         # bytes of a multi-byte character split across tokens wait here
         self.decoder = codecs.getincrementaldecoder("utf-8")("replace")
         self.held = ""  # text that may be the start of a stop string
@@ -186,6 +177,7 @@ class Engine:
             raise RuntimeError(f"llama.cpp could not create a context for {model_path} "
                                  f"(n_ctx={n_ctx}, parallel={parallel})")
         self._vocab = C.llama_model_get_vocab(self._model)
+        self._n_vocab: int = C.llama_vocab_n_tokens(self._vocab)
         self._mem = C.llama_get_memory(self._ctx)
         self.n_ctx: int = C.llama_n_ctx(self._ctx)
         self.n_ctx_seq: int = self.n_ctx // parallel
@@ -323,7 +315,6 @@ class Engine:
                 self._admitted += 1
                 job.admitted = self._admitted
                 self._take_seq(job)
-                job.chain = self._make_chain(job.sampling)
                 # Ordered by seq id: with one KV stream per sequence, llama.cpp cuts a batch into
                 # micro-batches of consecutive, increasing seq ids, each a full pass over the weights.
                 bisect.insort(self._active, job, key=_seq_of)
@@ -392,26 +383,11 @@ class Engine:
         C.llama_memory_seq_rm(self._mem, dst, -1, -1)
         return False
 
-    def _make_chain(self, s: Sampling) -> Any:
-        chain = C.llama_sampler_chain_init(C.llama_sampler_chain_default_params())
-        if s.frequency_penalty or s.presence_penalty:
-            C.llama_sampler_chain_add(chain, C.llama_sampler_init_penalties(
-                self.n_ctx_seq, 1.0, s.frequency_penalty, s.presence_penalty))
-        if s.temperature <= 0:
-            C.llama_sampler_chain_add(chain, C.llama_sampler_init_greedy())
-            return chain
-        if s.top_p < 1.0:
-            C.llama_sampler_chain_add(chain, C.llama_sampler_init_top_p(s.top_p, 1))
-        C.llama_sampler_chain_add(chain, C.llama_sampler_init_temp(s.temperature))
-        seed = C.LLAMA_DEFAULT_SEED if s.seed is None else s.seed & 0xFFFFFFFF
-        C.llama_sampler_chain_add(chain, C.llama_sampler_init_dist(seed))
-        return chain
-
     def _step(self) -> None:
         batch, slots = self._batch, self._seq_slots
         token, pos, logits = batch.token, batch.pos, batch.logits
         n = 0
-        sample: list[tuple[Job, int]] = []
+        sample: list[tuple[Job, int]] = []  # (job, batch row), in batch order
         prefilling: list[Job] = []
         for job in self._active:  # decode first: a running stream never waits for a prompt
             if job.n_fed < len(job.tokens):
@@ -452,9 +428,13 @@ class Engine:
             log.error("llama_decode returned %d for a batch of %d tokens", rc, n)
             self._fail_all(f"llama_decode failed (code {rc})")
             return
+        # One foreign call for every row's logits, in batch order (llama.cpp restores that order);
+        # the engine's own buffer, read before the next decode overwrites it.
+        logits = np.ctypeslib.as_array(C.llama_get_logits(self._ctx), shape=(len(sample), self._n_vocab))
+        tokens = sample_rows(logits, [job.sampler for job, _ in sample])
         out: dict[asyncio.AbstractEventLoop, list[tuple[Any, Any]]] = {}
-        for job, idx in sample:
-            self._accept(job, C.llama_sampler_sample(job.chain, self._ctx, idx), out)
+        for (job, _), tok in zip(sample, tokens, strict=True):
+            self._accept(job, tok, out)
         self._deliver(out)
 
     def _accept(self, job: Job, tok: int, out: dict[Any, list[tuple[Any, Any]]]) -> None:
@@ -523,7 +503,6 @@ class Engine:
             self._resident[seq] = []
         self._clock += 1
         self._last_used[seq] = self._clock
-        C.llama_sampler_free(job.chain)
         self._active.remove(job)
         self._free.append(seq)
         job.seq = -1

@@ -120,6 +120,36 @@ async def test_eight_concurrent_streams_get_their_own_text(gateway: str, client:
     assert dict(zip(PROMPTS, got, strict=True)) == expected
 
 
+async def test_greedy_and_seeded_streams_sampled_in_the_same_steps_keep_their_own_text(
+        gateway: str, client: openai.OpenAI) -> None:
+    """Every step samples all sequences from one logits matrix: each row must go to its own
+    request, greedy ones batched together and seeded ones drawn on their own."""
+    def settings(i: int) -> dict[str, Any]:
+        if i % 2:
+            return {"temperature": 0.9, "top_p": 0.9, "seed": 100 + i}
+        return {"temperature": 0}
+
+    def request(i: int) -> dict[str, Any]:
+        return {"model": "smollm2", "messages": [{"role": "user", "content": PROMPTS[i]}],
+                "max_tokens": 24, **settings(i)}
+
+    expected = [client.chat.completions.create(**request(i)).choices[0].message.content
+                for i in range(len(PROMPTS))]
+    aclient = openai.AsyncOpenAI(base_url=gateway + "/v1", api_key="unused", max_retries=0)
+
+    async def one(i: int) -> str:
+        text = ""
+        async for event in await aclient.chat.completions.create(**request(i), stream=True):
+            if event.choices:
+                text += event.choices[0].delta.content or ""
+        return text
+
+    got = await asyncio.gather(*(one(i) for i in range(len(PROMPTS))))
+    await aclient.close()
+    assert got == expected
+    assert len(set(expected)) > 4
+
+
 def test_seeded_sampling_is_reproducible(client: openai.OpenAI) -> None:
     def sample(seed: int) -> str:
         reply = client.chat.completions.create(
