@@ -9,6 +9,11 @@ For each user count it starts ``interlock serve`` with one ``kind: llamacpp`` ba
 streamed chat completions per user with ``max_tokens`` tokens, and reports aggregate
 delivered tok/s, TTFT p50/p95 and dropped streams; then one user against a direct
 ``llama_cpp.Llama`` call with the same settings. Prints a markdown table.
+
+``--sampling greedy,sampled`` measures greedy replies and sampled ones (temperature 0.7,
+top_p 0.9); ``--baseline DIR`` also runs the gateway from another checkout of the code (e.g.
+``git archive <commit> gateway backends policies | tar -x -C DIR``), one after the other for
+each user count, so two versions of the engine are compared in one run.
 """
 
 from __future__ import annotations
@@ -42,7 +47,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_gateway(model: str, parallel: int, n_ctx: int, port: int, work: Path) -> subprocess.Popen[bytes]:
+SAMPLING = {"greedy": {"temperature": 0}, "sampled": {"temperature": 0.7, "top_p": 0.9}}
+
+
+def start_gateway(model: str, parallel: int, n_ctx: int, port: int, work: Path,
+                  code: Path) -> subprocess.Popen[bytes]:
     config = work / f"gpu-{parallel}.yaml"
     config.write_text(json.dumps({
         "backends": {"local": {"kind": "llamacpp", "model_path": model, "n_gpu_layers": -1,
@@ -55,7 +64,8 @@ def start_gateway(model: str, parallel: int, n_ctx: int, port: int, work: Path) 
     cli = "import sys; from gateway.cli import main; main(sys.argv[1:])"
     argv = [sys.executable, "-c", cli, "serve", "--config", str(config), "--port", str(port),
             "--log-level", "warning"]
-    proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(code), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, cwd=code, env=env)
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline:
         try:
@@ -72,9 +82,9 @@ def start_gateway(model: str, parallel: int, n_ctx: int, port: int, work: Path) 
 
 
 async def one(session: aiohttp.ClientSession, url: str, prompt: str,
-              max_tokens: int) -> tuple[float, int, bool]:
+              max_tokens: int, sampling: dict[str, float]) -> tuple[float, int, bool]:
     body = {"model": "smollm2", "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
-            "temperature": 0, "stream": True}
+            "stream": True, **sampling}
     started = time.perf_counter()
     ttft, tokens, finished = -1.0, 0, False
     async with session.post(url, json=body) as response:
@@ -96,16 +106,17 @@ async def one(session: aiohttp.ClientSession, url: str, prompt: str,
     return ttft, tokens, False
 
 
-async def load(port: int, users: int, rounds: int, max_tokens: int) -> dict[str, float]:
+async def load(port: int, users: int, rounds: int, max_tokens: int,
+               sampling: dict[str, float]) -> dict[str, float]:
     url = f"http://127.0.0.1:{port}/v1/chat/completions"
     results: list[tuple[float, int, bool]] = []
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
         async def user(u: int) -> None:
             for r in range(rounds):
                 prompt = f"Write a long story about {SUBJECTS[(u + r) % len(SUBJECTS)]} (user {u}, part {r})."
-                results.append(await one(session, url, prompt, max_tokens))
+                results.append(await one(session, url, prompt, max_tokens, sampling))
 
-        await one(session, url, "Say hi.", 4)  # warm-up
+        await one(session, url, "Say hi.", 4, sampling)  # warm-up
         started = time.perf_counter()
         await asyncio.gather(*(user(u) for u in range(users)))
         wall = time.perf_counter() - started
@@ -138,29 +149,46 @@ def main() -> None:
     p.add_argument("--users", default="1,8,32,64,128")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--sampling", default="greedy", help="comma list of: " + ", ".join(SAMPLING))
+    p.add_argument("--baseline", type=Path, help="another checkout's root, run beside this one")
+    p.add_argument("--baseline-name", default="baseline")
     args = p.parse_args()
     work = Path(tempfile.mkdtemp(prefix="llamacpp-gpu-"))
+    codes = [("this", Path.cwd())]
+    if args.baseline:
+        codes.append((args.baseline_name, args.baseline.resolve()))
     rows = []
-    for users in (int(u) for u in args.users.split(",")):
-        parallel = max(8, users)
-        port = free_port()
-        proc = start_gateway(args.model, parallel, 512 * parallel, port, work)
-        try:
-            r = asyncio.run(load(port, users, args.rounds, args.max_tokens))
-        finally:
-            proc.terminate()
-            proc.wait(30)
-        rows.append((users, parallel, r))
-        print(f"{users} users: {r}", flush=True)
+    for mode in args.sampling.split(","):
+        for users in (int(u) for u in args.users.split(",")):
+            for name, root in codes:
+                parallel = max(8, users)
+                port = free_port()
+                proc = start_gateway(args.model, parallel, 512 * parallel, port, work, root)
+                try:
+                    r = asyncio.run(load(port, users, args.rounds, args.max_tokens, SAMPLING[mode]))
+                finally:
+                    proc.terminate()
+                    proc.wait(30)
+                rows.append((name, mode, users, parallel, r))
+                print(f"{name} {mode} {users} users: {r}", flush=True)
     one_user = direct(args.model, args.max_tokens, args.rounds)
-    print("\n| users | parallel | requests | aggregate tok/s | TTFT p50 ms | TTFT p95 ms | dropped |")
-    print("|---:|---:|---:|---:|---:|---:|---:|")
-    for users, parallel, r in rows:
-        print(f"| {users} | {parallel} | {r['requests']} | {r['tok_s']:,.0f} | {r['ttft_p50']:.0f} | "
-              f"{r['ttft_p95']:.0f} | {r['dropped']} |")
-    print(f"\ndirect llama_cpp.Llama, 1 user, same GPU: {one_user:,.0f} tok/s")
-    if rows and rows[0][0] == 1:
-        print(f"Interlock 1 user / direct: {rows[0][2]['tok_s'] / one_user:.2f}")
+    print("\n| code | sampling | users | parallel | requests | aggregate tok/s | TTFT p50 ms | TTFT p95 ms "
+          "| dropped |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    for name, mode, users, parallel, r in rows:
+        print(f"| {name} | {mode} | {users} | {parallel} | {r['requests']} | {r['tok_s']:,.0f} | "
+              f"{r['ttft_p50']:.0f} | {r['ttft_p95']:.0f} | {r['dropped']} |")
+    if args.baseline:
+        print(f"\nratio {codes[0][0]} / {args.baseline_name} (aggregate tok/s):")
+        for name, mode, users, _, r in rows:
+            if name == codes[0][0]:
+                base = next(b for n, m, u, _, b in rows
+                            if n == args.baseline_name and m == mode and u == users)
+                print(f"- {mode}, {users} users: {r['tok_s'] / base['tok_s']:.2f}x")
+    print(f"\ndirect llama_cpp.Llama, 1 user, greedy, same GPU: {one_user:,.0f} tok/s")
+    first = next((r for n, m, u, _, r in rows if n == codes[0][0] and m == "greedy" and u == 1), None)
+    if first:
+        print(f"Interlock 1 user / direct: {first['tok_s'] / one_user:.2f}")
     print(f"GPU: {os.popen('nvidia-smi --query-gpu=name --format=csv,noheader').read().strip()}")
 
 
