@@ -58,11 +58,26 @@ def test_top_p_keeps_the_smallest_set_that_reaches_it() -> None:
 
 
 def test_top_p_over_a_flat_distribution_looks_past_the_first_candidates() -> None:
-    # 1,000 equally likely tokens: the nucleus for 0.5 is 500 of them, many more than the
-    # 64 candidates looked at first, and ties rank by token id
+    # 1,000 equally likely tokens: the nucleus for 0.5 is 500 of them, and ties rank by token id
     got = draws(Sampling(temperature=1.0, top_p=0.5, seed=9), [0.0] * 1000, 3000)
     assert max(got) < 500
     assert len(got) > 300
+
+
+def test_top_p_ranks_past_the_likely_tokens_when_they_hold_too_little() -> None:
+    # one likely token (p = 0.64) and 1,000 tokens below the first floor (e^-7.5 < 1e-3 of it)
+    # that hold the rest: a nucleus of 0.9 takes token 0 and the first 720 of them
+    logits = [0.0] + [-7.5] * 1000
+    got = draws(Sampling(temperature=1.0, top_p=0.9, seed=4), logits, 2000)
+    assert 0.67 < got[0] / 2000 < 0.76  # 1 / (1 + 720 e^-7.5) = 0.715
+    assert len(got) > 100 and 600 < max(got) <= 720
+
+
+def test_without_top_p_the_unlikely_tail_is_drawn_as_often_as_it_should_be() -> None:
+    # the same shape with no nucleus: the 1,000 unlikely tokens hold 36% of the mass together
+    got = draws(Sampling(temperature=1.0, seed=6), [0.0] + [-7.5] * 1000, 3000)
+    assert abs(got[0] / 3000 - 1 / (1 + 1000 * math.exp(-7.5))) < 0.03  # 0.644
+    assert len(got) > 500 and max(got) > 900
 
 
 def test_a_seed_makes_draws_reproducible() -> None:
