@@ -2,8 +2,9 @@
 
 Why not llama.cpp's sampler chains: every chain call is a ctypes foreign call, which gives up
 the GIL and must win it back from the event loop (up to a switch interval each); a step with
-128 sequences made 128 of them, and on an H200 that was more than half of each step (128
-greedy streams: 3,700 tok/s with a chain call per sequence, 8,849 with this module). And its
+128 sequences made 128 of them, and on an H200 that was most of each step (128 greedy
+streams: 2,965 tok/s with a chain call per sequence, 7,839 with this module; sampled ones
+749 and 3,021: benchmarks/gpu/results/llamacpp_gpu_h200.txt). And its
 ``top_p`` sorts the whole vocabulary: 2.6 ms a call for SmolLM2's 49k tokens on this CPU,
 more than a decode step's share per sequence. Here greedy rows are one ``argmax`` over all
 of them, and the sampled rows share one temperature scaling and ``exp``; then top-p ranks only
