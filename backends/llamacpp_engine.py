@@ -2,23 +2,21 @@
 
 The engine thread owns the model and the context. Each step it builds one batch
 holding the next token of every generating sequence plus prefill chunks of newly
-admitted prompts, runs a single ``llama_decode``, and samples every sequence from that
-step's logits at once (``backends.llamacpp_sampling``). Requests join between steps; a finished or cancelled
-sequence keeps its KV cells and its seq id goes back to the free list.
+admitted prompts, runs a single ``llama_decode``, and samples every sequence from
+that step's logits at once (``backends.llamacpp_sampling``). Requests join between
+steps; a finished or cancelled sequence keeps its KV cells and its seq id goes back
+to the free list.
 
 Prefill: a step takes at most ``prefill_chunk`` prompt tokens (oldest prompt first;
 a tail under half a chunk is taken with the rest), so a burst of new prompts pauses
 running streams for one short step at a time, and the first prompts of the burst
 start answering before the last ones are read.
 
-Prefix reuse: the engine remembers, per seq id, the tokens resident in its KV cells
-(prompt + generated tokens that were decoded: a reply's last sampled token never is).
-A new request takes the free seq whose resident tokens share the longest prefix with
-its prompt, drops the cells past that prefix and prefills only the rest; at least one
-prompt token is always decoded, for its logits. When another sequence, free or
-running, holds a longer prefix of the prompt, that prefix is copied instead
-(``llama_memory_seq_cp``), so a system prompt that one conversation has prefilled
-serves every other. A failed decode clears the KV.
+Prefix reuse: a free sequence keeps its KV cells, and a new request takes the one
+sharing the longest prefix with its prompt, or has a longer prefix another sequence holds
+copied (``llama_memory_seq_cp``); only the rest is prefilled (``backends.llamacpp_seqs``
+chooses). At least one prompt token is always decoded, for its logits. A failed decode
+clears the KV.
 
 Context sharing: the context has ``n_ctx`` KV cells and ``n_seq_max = parallel``,
 and every request may use at most ``n_ctx // parallel`` of them, prompt and reply
@@ -40,7 +38,6 @@ from __future__ import annotations
 
 import asyncio
 import bisect
-import codecs
 import ctypes
 import logging
 import os
@@ -57,6 +54,8 @@ import numpy as np
 from llama_cpp import _logger as llama_logging
 
 from backends.llamacpp_sampling import Sampling, TokenSampler, sample_rows
+from backends.llamacpp_seqs import SeqTable
+from backends.llamacpp_text import ReplyText
 
 log = logging.getLogger("interlock.backends.llamacpp")
 
@@ -67,16 +66,6 @@ _FLASH_ATTN = {
     "off": C.LLAMA_FLASH_ATTN_TYPE_DISABLED,
 }
 
-
-#: With one KV stream per sequence, each run of consecutive seq ids in a batch is its own
-#: micro-batch: a pass over all the weights, which costs about as much as prefilling this many
-#: prompt tokens (SmolLM2 on 2 CPU cores: 6 seqs as one run 26 ms a step, as three 45 ms).
-_RUN_COST_TOKENS = 4
-
-#: Copying another sequence's prefix pays off from this many more tokens than the seq's own.
-#: Across KV streams llama.cpp copies a whole stream (SmolLM2 with 512 cells a stream: 12 MB,
-#: about one token's prefill on 2 CPU cores); within one stream a copy is free.
-_COPY_MIN_GAIN = 8
 
 #: the cached "piece" of an end-of-generation token
 _EOG = b"\x00<eog>"
@@ -98,8 +87,8 @@ class Job:
     """One request's life inside the engine; fields are touched by the engine thread only."""
 
     __slots__ = (
-        "admitted", "decoder", "generated", "held", "loop", "max_new", "n_fed", "n_gen",
-        "next_token", "pos", "queue", "reused", "sampler", "sampling", "seq", "tokens",
+        "admitted", "generated", "loop", "max_new", "n_fed", "n_gen",
+        "next_token", "pos", "queue", "reused", "sampler", "sampling", "seq", "text", "tokens",
     )
 
     def __init__(self, tokens: list[int], sampling: Sampling, queue: asyncio.Queue[Any],
@@ -119,20 +108,7 @@ class Job:
         self.generated: list[int] = []
         self.reused = 0  # prompt tokens found in the KV cache at admission
         self.sampler = TokenSampler(sampling)
-        # bytes of a multi-byte character split across tokens wait here
-        self.decoder = codecs.getincrementaldecoder("utf-8")("replace")
-        self.held = ""  # text that may be the start of a stop string
-
-
-def stop_prefix_len(text: str, stops: tuple[str, ...]) -> int:
-    """Length of the longest tail of ``text`` that could still grow into a stop string."""
-    best = 0
-    for stop in stops:
-        for k in range(min(len(stop) - 1, len(text)), best, -1):
-            if text.endswith(stop[:k]):
-                best = k
-                break
-    return best
+        self.text = ReplyText(sampling.stop)
 
 
 class Engine:
@@ -209,11 +185,7 @@ class Engine:
         self._waiting: deque[Job] = deque()
         self._cancelled: list[Job] = []
         self._active: list[Job] = []
-        self._free = list(range(parallel - 1, -1, -1))
-        #: per seq id: the tokens in its KV cells, positions 0..len-1 (kept while it is free)
-        self._resident: list[list[int]] = [[] for _ in range(parallel)]
-        self._last_used = [0] * parallel  # release order, for least-recently-used choice
-        self._clock = 0
+        self._seqs = SeqTable(parallel, unified_kv=kv_unified)
         self._admitted = 0
         #: prompt tokens taken from the KV cache instead of prefilled, over all requests
         self.reused_tokens = 0
@@ -301,7 +273,7 @@ class Engine:
 
     def _admit(self) -> None:
         """Apply cancellations, then move waiting jobs into free sequences."""
-        if not (self._cancelled or (self._waiting and self._free)):
+        if not (self._cancelled or (self._waiting and self._seqs.has_free)):
             return
         with self._lock:
             cancelled, self._cancelled = self._cancelled, []
@@ -310,7 +282,7 @@ class Engine:
                     self._release(job)
                 elif job in self._waiting:
                     self._waiting.remove(job)
-            while self._waiting and self._free:
+            while self._waiting and self._seqs.has_free:
                 job = self._waiting.popleft()
                 self._admitted += 1
                 job.admitted = self._admitted
@@ -321,33 +293,20 @@ class Engine:
 
     def _take_seq(self, job: Job) -> None:
         """Give ``job`` a free seq and skip the prompt prefix already in the KV cache: the seq's
-        own, or, when another sequence (free or running) holds a longer one, a copy of that."""
-        tokens = job.tokens
-        limit = len(tokens) - 1  # one prompt token is always decoded, for its logits
-        running = {j.seq for j in self._active}
-        best, best_key, p = self._free[0], (-1 << 30, 0), 0
-        for seq in self._free:
-            shared = _common_prefix(self._resident[seq], tokens, limit)
-            score = shared
-            if not self._kv_unified:  # a seq next to running ones adds no micro-batch to each step
-                score -= _RUN_COST_TOKENS * (1 - ((seq - 1) in running) - ((seq + 1) in running))
-            key = (score, -self._last_used[seq])  # ties and no match: least recently used
-            if key > best_key:
-                best, best_key, p = seq, key, shared
-        self._free.remove(best)
-        seq = best
-        donor, donor_p = -1, p + _COPY_MIN_GAIN - 1
-        for other in range(self.parallel):
-            if other != seq:
-                shared = _common_prefix(self._held(other), tokens, limit)
-                if shared > donor_p:
-                    donor, donor_p = other, shared
-        if donor >= 0 and self._copy_prefix(donor, seq, donor_p):
-            p = donor_p
+        own, or a longer one copied from another sequence (``SeqTable.take`` chooses)."""
+        running = {j.seq: j for j in self._active}
+
+        def held(seq: int) -> list[int]:
+            other = running.get(seq)
+            return other.tokens[:other.n_fed] if other else self._seqs.resident(seq)
+
+        plan = self._seqs.take(job.tokens, running, held)
+        seq, p = plan.seq, plan.own
+        if plan.donor >= 0 and self._copy_prefix(plan.donor, seq, plan.donor_len):
+            p = plan.donor_len
             self.copied_tokens += p
         else:
-            resident = self._resident[seq]
-            if p < len(resident) and not C.llama_memory_seq_rm(self._mem, seq, p, -1):
+            if p < plan.cells and not C.llama_memory_seq_rm(self._mem, seq, p, -1):
                 p = 0  # this memory cannot drop part of a sequence (e.g. recurrent state)
             if p == 0:
                 C.llama_memory_seq_rm(self._mem, seq, -1, -1)
@@ -356,18 +315,10 @@ class Engine:
                         C.llama_memory_seq_pos_max(self._mem, seq), p - 1)
             C.llama_memory_seq_rm(self._mem, seq, -1, -1)
             p = 0
-        self._resident[seq] = []  # filled in again when the job releases the seq
         job.seq = seq
         job.n_fed = job.pos = job.reused = p
         self.reused_tokens += p
-        log.debug("seq %d: reusing %d of %d prompt tokens from the KV cache", seq, p, len(tokens))
-
-    def _held(self, seq: int) -> list[int]:
-        """The tokens at positions 0.. of ``seq``'s KV cells (of a running one: its prompt so far)."""
-        for job in self._active:
-            if job.seq == seq:
-                return job.tokens[:job.n_fed]
-        return self._resident[seq]
+        log.debug("seq %d: reusing %d of %d prompt tokens from the KV cache", seq, p, len(job.tokens))
 
     def _copy_prefix(self, src: int, dst: int, n: int) -> bool:
         """Make ``dst`` hold ``src``'s first ``n`` positions. In one KV stream the cells are only
@@ -446,22 +397,12 @@ class Engine:
         if piece is _EOG:
             self._finish(job, "stop", out)
             return
-        text = job.decoder.decode(piece) if piece else ""
+        text, stopped = job.text.add(piece)
         if text:
-            stops = job.sampling.stop
-            if stops:
-                text = job.held + text
-                cut = min((i for i in (text.find(s) for s in stops) if i >= 0), default=-1)
-                if cut >= 0:
-                    if cut:
-                        out.setdefault(job.loop, []).append((job.queue, text[:cut]))
-                    self._finish(job, "stop", out, flush=False)
-                    return
-                keep = stop_prefix_len(text, stops)
-                job.held = text[len(text) - keep:] if keep else ""
-                text = text[:len(text) - keep]
-            if text:
-                out.setdefault(job.loop, []).append((job.queue, text))
+            out.setdefault(job.loop, []).append((job.queue, text))
+        if stopped:
+            self._finish(job, "stop", out, flush=False)
+            return
         if job.n_gen >= job.max_new:
             self._finish(job, "length", out)
         else:
@@ -471,7 +412,7 @@ class Engine:
                 flush: bool = True) -> None:
         """Report the end of a job and free its sequence; ``flush=False`` after a stop string."""
         if flush:  # a partial stop string or split character that never completed is real text
-            tail = job.held + job.decoder.decode(b"", True)
+            tail = job.text.flush()
             if tail:
                 out.setdefault(job.loop, []).append((job.queue, tail))
         out.setdefault(job.loop, []).append((job.queue, Finished(reason, len(job.tokens), job.n_gen)))
@@ -492,19 +433,17 @@ class Engine:
         """Free the job's seq. ``keep``: the last decode succeeded, so its KV cells hold exactly
         the prompt tokens fed and the generated tokens decoded; they stay for the next prompt."""
         seq = job.seq
+        kept: list[int] = []
         if keep:
             n_prompt = len(job.tokens)
             if job.n_fed < n_prompt:  # still prefilling (cancelled)
-                self._resident[seq] = job.tokens[:job.n_fed]
+                kept = job.tokens[:job.n_fed]
             else:  # job.pos: positions decoded; the last sampled token was never decoded
-                self._resident[seq] = job.tokens + job.generated[:job.pos - n_prompt]
+                kept = job.tokens + job.generated[:job.pos - n_prompt]
         else:
             C.llama_memory_seq_rm(self._mem, seq, -1, -1)
-            self._resident[seq] = []
-        self._clock += 1
-        self._last_used[seq] = self._clock
         self._active.remove(job)
-        self._free.append(seq)
+        self._seqs.release(seq, kept)
         job.seq = -1
 
     @staticmethod
@@ -541,14 +480,6 @@ class Engine:
         if tok < 0:
             return ""
         return (C.llama_vocab_get_text(self._vocab, tok) or b"").decode("utf-8", "replace")
-
-
-def _common_prefix(a: list[int], b: list[int], limit: int) -> int:
-    n = min(len(a), len(b), limit)
-    p = 0
-    while p < n and a[p] == b[p]:
-        p += 1
-    return p
 
 
 def _seq_of(job: Job) -> int:
