@@ -172,6 +172,11 @@ class Run:
         return percentile([r.ttfb for r in self.requests if r.ttfb is not None], q)
 
 
+def _extra_note(extra: dict[str, Any]) -> str:
+    """What --extra-body changes in every request, for the workload line."""
+    return f" (overridden for the servers by {json.dumps(extra)})" if extra else ""
+
+
 def percentile(values: Sequence[float], q: float) -> float | None:
     """Nearest-rank percentile: with 24 samples p95 is the 23rd, an actually observed value."""
     if not values:
@@ -649,7 +654,8 @@ def report(runs: list[Run], raws: list[list[dict[str, float]]], args: argparse.N
         f"- command: `{shlex.join(argv)}`",
         f"- git commit: {git_commit()}",
         f"- workload: SmolLM2-135M-Instruct Q4_1, streamed chat, max_tokens {args.max_tokens}, "
-        f"temperature 0, {args.threads} threads per server, n_ctx {N_CTX}, parallel {PARALLEL} "
+        f"temperature 0{_extra_note(args.extra_body)}, {args.threads} threads per server, n_ctx {N_CTX}, "
+        f"parallel {PARALLEL} "
         "(Interlock, llama-server); llama_cpp.server runs with `--interrupt_requests False` "
         "(its default cuts a running stream short whenever another request waits)",
         "",
