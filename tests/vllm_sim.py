@@ -1,7 +1,8 @@
 """A simulator of a vLLM 0.26.0 server, reproducing the captured fixtures.
 
-``../shared/fixtures/vllm-0.26.0/*.json`` hold what a real vLLM 0.26.0 (SmolLM2 on an H100)
-answered to every endpoint. ``VllmSim`` is an aiohttp server in a thread that gives the same
+``tests/fixtures/vllm-0.26.0/*.json`` hold what a real vLLM 0.26.0 (SmolLM2 on an H100)
+answered to every endpoint (captured on the GPU machine; ``INTERLOCK_VLLM_FIXTURES`` points at
+another capture). ``VllmSim`` is an aiohttp server in a thread that gives the same
 bytes where a gateway depends on them:
 
 - replies and SSE framing with vLLM's extra fields (``token_ids``, ``stop_reason``,
@@ -52,7 +53,7 @@ from tests.fakes import free_port
 T = TypeVar("T")
 
 FIXTURES = Path(os.environ.get("INTERLOCK_VLLM_FIXTURES")
-                or Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "vllm-0.26.0")
+                or Path(__file__).resolve().parent / "fixtures" / "vllm-0.26.0")
 FINGERPRINT = "vllm-0.26.0-fad12e9d"
 #: the captured chat reply to "Name three colors." (temperature 0), token by token
 CHAT_TOKENS = ["The", " most", " obvious", " color", " is", " red", ",", " but", " there", " are", " many",
@@ -64,41 +65,6 @@ COMPLETION_TOKENS = [" a", " canvas", " of", " colors", ","]
 NATURAL_LENGTH = 16
 SMOLLM2_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
 
-#: the lines of the captured /metrics page this simulator changes, with their neighbours;
-#: served when the fixtures are not at hand (the full captured page is used when they are)
-METRICS_EXCERPT = """\
-# HELP process_open_fds Number of open file descriptors.
-# TYPE process_open_fds gauge
-process_open_fds 46.0
-# HELP vllm:num_requests_running Number of requests in model execution batches.
-# TYPE vllm:num_requests_running gauge
-vllm:num_requests_running{engine="0",model_name="smollm2"} 0.0
-# HELP vllm:num_requests_waiting Number of requests waiting to be processed.
-# TYPE vllm:num_requests_waiting gauge
-vllm:num_requests_waiting{engine="0",model_name="smollm2"} 0.0
-# HELP vllm:num_requests_waiting_by_reason Number of waiting requests by reason. Reason labels: \
-'capacity' = waiting for scheduling capacity; 'deferred' = deferred by transient constraints \
-(LoRA budget, KV transfer, blocked status). Sum of all reasons equals vllm:num_requests_waiting.
-# TYPE vllm:num_requests_waiting_by_reason gauge
-vllm:num_requests_waiting_by_reason{engine="0",model_name="smollm2",reason="capacity"} 0.0
-vllm:num_requests_waiting_by_reason{engine="0",model_name="smollm2",reason="deferred"} 0.0
-# HELP vllm:kv_cache_usage_perc KV-cache usage. 1 means 100 percent usage.
-# TYPE vllm:kv_cache_usage_perc gauge
-vllm:kv_cache_usage_perc{engine="0",model_name="smollm2"} 0.0
-# HELP vllm:prefix_cache_queries_total Prefix cache queries, in terms of number of queried tokens.
-# TYPE vllm:prefix_cache_queries_total counter
-vllm:prefix_cache_queries_total{engine="0",model_name="smollm2"} 0.0
-# HELP vllm:prefix_cache_queries_created Prefix cache queries, in terms of number of queried tokens.
-# TYPE vllm:prefix_cache_queries_created gauge
-vllm:prefix_cache_queries_created{engine="0",model_name="smollm2"} 1.7953957283221838e+09
-# HELP vllm:prefix_cache_hits_total Prefix cache hits, in terms of number of cached tokens.
-# TYPE vllm:prefix_cache_hits_total counter
-vllm:prefix_cache_hits_total{engine="0",model_name="smollm2"} 0.0
-# HELP vllm:prefix_cache_hits_created Prefix cache hits, in terms of number of cached tokens.
-# TYPE vllm:prefix_cache_hits_created gauge
-vllm:prefix_cache_hits_created{engine="0",model_name="smollm2"} 1.7953957283222e+09
-"""
-
 _TOKEN = re.compile(r"<\|[a-z_]+\|>|\w+|[^\w\s]")
 _LIVE_SERIES = ("vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc",
                 "vllm:prefix_cache_queries_total", "vllm:prefix_cache_hits_total")
@@ -106,18 +72,15 @@ _LEGACY_NAMES = (("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc"),
                  ("vllm:prefix_cache_", "vllm:gpu_prefix_cache_"))
 
 
-def fixture(name: str) -> dict[str, Any] | None:
-    """A captured exchange, or None where the fixtures are not at hand."""
-    path = FIXTURES / f"{name}.json"
-    if not path.exists():
-        return None
-    data: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
+def fixture(name: str) -> dict[str, Any]:
+    """A captured exchange."""
+    data: dict[str, Any] = json.loads((FIXTURES / f"{name}.json").read_text(encoding="utf-8"))
     return data
 
 
 def metrics_template() -> str:
-    captured = fixture("metrics_idle")
-    return captured["body"] if captured else METRICS_EXCERPT
+    body: str = fixture("metrics_idle")["body"]
+    return body
 
 
 def count_tokens(text: str) -> int:
