@@ -379,6 +379,8 @@ class Engine:
             log.error("llama_decode returned %d for a batch of %d tokens", rc, n)
             self._fail_all(f"llama_decode failed (code {rc})")
             return
+        if not sample:  # only prompt chunks that do not end their prompt: no logits this step
+            return
         # One foreign call for every row's logits, in batch order (llama.cpp restores that order);
         # the engine's own buffer, read before the next decode overwrites it.
         logits = np.ctypeslib.as_array(C.llama_get_logits(self._ctx), shape=(len(sample), self._n_vocab))
