@@ -1,8 +1,10 @@
 """The in-process llama.cpp backend (``kind: llamacpp``).
 
 Construction only validates and remembers the config; ``start()`` loads the GGUF
-once, in a worker thread, and starts the batching engine
-(``backends.llamacpp_engine``). Requests are rendered and tokenized on the event
+once, in a worker thread (``backends.llamacpp_model``), and starts the batching engine
+(``backends.llamacpp_engine``), or, for an embedding model (one whose GGUF declares a
+pooling), the embedding engine (``backends.llamacpp_embed``), which serves
+``/v1/embeddings`` only. Requests are rendered and tokenized on the event
 loop, so errors known up front (prompt too long, queue full, unsupported options)
 raise before ``stream()`` returns and the router can still fall back.
 
@@ -15,6 +17,7 @@ left is clamped and the reply ends with ``finish_reason: "length"``.
 from __future__ import annotations
 
 import asyncio
+import base64
 import importlib.util
 import logging
 import os
@@ -22,6 +25,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Any, Literal
 
+import orjson
 from pydantic import Field
 
 from backends.base import BackendConfig, BackendRequest, BackendResponse, Health, Load, Resources, Usage
@@ -35,6 +39,7 @@ from backends.errors import (
 from backends.llamacpp_chat import Shaper, make_chat_renderer
 
 if TYPE_CHECKING:
+    from backends.llamacpp_embed import EmbeddingEngine
     from backends.llamacpp_engine import Engine, Job, Sampling
 
 log = logging.getLogger("interlock.backends.llamacpp")
@@ -99,67 +104,92 @@ class LlamaCppBackend:
         self.config = config
         self.model_path = config.model_path or default_model_path() or DEFAULT_GGUF
         self.model_id = os.path.basename(self.model_path).removesuffix(".gguf")
-        self._engine: Engine | None = None
+        self._engine: Engine | None = None  # a generative model's
+        self._embedder: EmbeddingEngine | None = None  # an embedding model's
         self._mod: Any = None  # backends.llamacpp_engine, once start() imported it
+        self._embed_mod: Any = None  # backends.llamacpp_embed, likewise
         self._render: Callable[[list[Any]], str] | None = None
         self._state = "not started"
 
     @property
     def ready(self) -> bool:
-        return self._engine is not None and self._engine.alive
+        running = self._engine or self._embedder
+        return running is not None and running.alive
 
     async def start(self) -> None:
-        if self._engine is not None:
+        if self._engine is not None or self._embedder is not None:
             return
         self._state = f"loading model {self.model_path}"
         log.info("%s: loading model %s", self.name, self.model_path)
         try:
-            self._engine = await asyncio.to_thread(self._load)
+            await asyncio.to_thread(self._load)
         except Exception as exc:
             self._state = f"model failed to load: {exc}"
             log.error("%s: %s", self.name, self._state)
             raise ModelLoadError(f"llamacpp backend {self.name!r}: cannot load model "
                                  f"{self.model_path}: {exc}") from exc
-        e = self._engine
-        log.info("%s: loaded %s in %.1fs: n_ctx %d = %d sequences x %d tokens, n_batch %d",
-                 self.name, self.model_id, e.load_seconds, e.n_ctx, e.parallel, e.n_ctx_seq,
-                 self.config.n_batch)
+        if self._embedder is not None:
+            m = self._embedder
+            log.info("%s: loaded embedding model %s in %.1fs: %d dimensions, %s pooling, inputs of "
+                     "up to %d tokens", self.name, self.model_id, m.model.load_seconds, m.n_embd,
+                     m.pooling, m.max_input_tokens)
+        elif (e := self._engine) is not None:
+            log.info("%s: loaded %s in %.1fs: n_ctx %d = %d sequences x %d tokens, n_batch %d",
+                     self.name, self.model_id, e.model.load_seconds, e.n_ctx, e.parallel, e.n_ctx_seq,
+                     self.config.n_batch)
 
-    def _load(self) -> Engine:
-        from backends import llamacpp_engine  # loads libllama: only here, never at import
+    def _load(self) -> None:
+        # These load libllama: only here, never at import.
+        from backends import llamacpp_embed, llamacpp_engine
+        from backends.llamacpp_model import Model
 
         c = self.config
-        engine = llamacpp_engine.Engine(
-            self.model_path, n_ctx=c.n_ctx, n_gpu_layers=c.n_gpu_layers, n_threads=c.n_threads,
-            n_batch=c.n_batch, parallel=c.parallel, max_queue=c.max_queue, flash_attn=c.flash_attn,
-            prefill_chunk=c.prefill_chunk or (c.n_batch if c.n_gpu_layers != 0 else CPU_PREFILL_CHUNK),
-            kv_unified=c.n_gpu_layers != 0 if c.kv_unified is None else c.kv_unified)
-        template = c.chat_template or engine.chat_template
+        model = Model(self.model_path, n_gpu_layers=c.n_gpu_layers)
+        try:
+            if model.embedding:
+                self._embed_mod = llamacpp_embed
+                self._embedder = llamacpp_embed.EmbeddingEngine(
+                    model, n_ctx=c.n_ctx, n_threads=c.n_threads, n_batch=c.n_batch,
+                    parallel=c.parallel, max_queue=c.max_queue, flash_attn=c.flash_attn)
+                return
+            engine = llamacpp_engine.Engine(
+                model, n_ctx=c.n_ctx, n_threads=c.n_threads, n_batch=c.n_batch,
+                parallel=c.parallel, max_queue=c.max_queue, flash_attn=c.flash_attn,
+                prefill_chunk=c.prefill_chunk or (c.n_batch if c.n_gpu_layers != 0 else CPU_PREFILL_CHUNK),
+                kv_unified=c.n_gpu_layers != 0 if c.kv_unified is None else c.kv_unified)
+        except BaseException:
+            model.free()
+            raise
+        template = c.chat_template or model.chat_template
         if template:
-            self._render = make_chat_renderer(template, engine.bos_token, engine.eos_token)
+            self._render = make_chat_renderer(template, model.bos_token, model.eos_token)
         self._mod = llamacpp_engine
-        return engine
+        self._engine = engine
 
     async def close(self) -> None:
-        engine, self._engine = self._engine, None
+        running: Engine | EmbeddingEngine | None = self._engine or self._embedder
+        self._engine = self._embedder = None
         self._state = "closed"
-        if engine is not None:
-            await asyncio.to_thread(engine.close)
+        if running is not None:
+            await asyncio.to_thread(running.close)
 
     async def health(self) -> Health:
-        if self._engine is None:
+        running = self._engine or self._embedder
+        if running is None:
             return Health(False, self._state)
-        if not self._engine.alive:
-            return Health(False, self._engine.error or "engine stopped")
+        if not running.alive:
+            return Health(False, running.error or "engine stopped")
         return Health(True)
 
     def load(self) -> Load:
-        e = self._engine
+        e = self._engine or self._embedder
         if e is None:
             return Load(capacity=self.config.parallel)
         return Load(in_flight=e.n_active, queued=e.n_waiting, capacity=e.parallel)
 
     async def complete(self, request: BackendRequest) -> BackendResponse:
+        if request.endpoint == "embeddings" and self._embedder is not None:
+            return await self._embed(self._embedder, request.body)
         job, queue, shaper = self._submit(request)
         parts: list[str] = []
         try:
@@ -189,6 +219,9 @@ class LlamaCppBackend:
     # ---- request → engine ------------------------------------------------------------
 
     def _submit(self, request: BackendRequest) -> tuple[Job, asyncio.Queue[Any], Shaper]:
+        if self._embedder is not None:
+            raise UnsupportedEndpoint(f"the llamacpp backend {self.name!r} serves an embedding model "
+                                      f"({self.model_id}): use /v1/embeddings")
         engine = self._engine
         if engine is None or not engine.alive:
             raise BackendUnavailable(f"llamacpp backend {self.name!r} is not ready: "
@@ -227,7 +260,7 @@ class LlamaCppBackend:
                 raise UnsupportedEndpoint(f"model {self.model_id} has no chat template; set "
                                           "chat_template in the backend config", param="messages")
             # The rendered text already holds the template's special tokens (BOS included).
-            return engine.tokenize(self._render(messages), add_special=False), "messages"
+            return engine.model.tokenize(self._render(messages), add_special=False), "messages"
         prompt = body.get("prompt")
         if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
             prompt = prompt[0]
@@ -236,12 +269,48 @@ class LlamaCppBackend:
         if not isinstance(prompt, str):
             raise InvalidRequest("prompt must be a string or a list of one string (batched prompts "
                                  "are not supported by the llamacpp backend)", param="prompt")
-        tokens = engine.tokenize(prompt, add_special=True) if prompt else []
+        tokens = engine.model.tokenize(prompt, add_special=True) if prompt else []
         if not tokens:
-            if engine.bos_id < 0:
+            if engine.model.bos_id < 0:
                 raise InvalidRequest("prompt must not be empty", param="prompt")
-            tokens = [engine.bos_id]
+            tokens = [engine.model.bos_id]
         return tokens, "prompt"
+
+    async def _embed(self, embedder: EmbeddingEngine, body: dict[str, Any]) -> BackendResponse:
+        """``/v1/embeddings`` on an embedding model: OpenAI's request and reply shapes."""
+        inputs = _embedding_inputs(body.get("input"), embedder.model.n_vocab)
+        dimensions = body.get("dimensions")
+        if dimensions is not None and dimensions != embedder.n_embd:
+            raise InvalidRequest(f"model {self.model_id} gives {embedder.n_embd}-dimensional "
+                                 "embeddings and cannot shorten them", param="dimensions")
+        encoding = body.get("encoding_format") or "float"
+        if encoding not in ("float", "base64"):
+            raise InvalidRequest("encoding_format must be 'float' or 'base64'", param="encoding_format")
+        tokens = [embedder.model.tokenize(i, add_special=True, parse_special=False)
+                  if isinstance(i, str) else i for i in inputs]
+        for index, one in enumerate(tokens):
+            if len(one) > embedder.max_input_tokens:
+                raise ContextLengthExceeded(
+                    f"This model's maximum input length is {embedder.max_input_tokens} tokens. "
+                    f"However, input {index} is {len(one)} tokens. Please shorten it.", param="input")
+        try:
+            vectors = await embedder.embed(tokens)
+        except self._embed_mod.QueueFull:
+            raise BackendOverloaded(f"llamacpp backend {self.name!r} is busy: "
+                                    f"{embedder.max_queue} embedding requests waiting",
+                                    retry_after=1.0) from None
+        except RuntimeError as exc:
+            raise BackendUnavailable(f"llamacpp backend {self.name!r}: {exc}") from exc
+        model = body.get("model")
+        n_tokens = sum(len(one) for one in tokens)
+        data = [{"object": "embedding", "index": i,
+                 "embedding": (base64.b64encode(v.astype("<f4").tobytes()).decode() if encoding == "base64"
+                               else v.tolist())}
+                for i, v in enumerate(vectors)]
+        reply = {"object": "list", "data": data,
+                 "model": model if isinstance(model, str) else self.model_id,
+                 "usage": {"prompt_tokens": n_tokens, "total_tokens": n_tokens}}
+        return BackendResponse(orjson.dumps(reply), Usage(n_tokens, 0))
 
     def _sampling(self, body: dict[str, Any], endpoint: str) -> Sampling:
         for key, bad, why in _UNSUPPORTED:
@@ -294,6 +363,38 @@ def _number(body: dict[str, Any], key: str, default: float, low: float, high: fl
     if type(value) not in (int, float) or not low <= value <= high:
         raise InvalidRequest(f"{key} must be a number between {low:g} and {high:g}", param=key)
     return float(value)
+
+
+#: OpenAI's limit on the inputs of one embeddings request
+MAX_EMBEDDING_INPUTS = 2048
+
+
+def _embedding_inputs(value: Any, n_vocab: int) -> list[str | list[int]]:
+    """The inputs of an embeddings request: texts, or token lists (ids of this model's vocabulary)."""
+    if isinstance(value, str):
+        items: list[Any] = [value]
+    elif isinstance(value, list) and value and all(type(t) is int for t in value):
+        items = [value]
+    elif isinstance(value, list):
+        items = value
+    else:
+        raise InvalidRequest("input must be a string, a list of strings or a list of token lists",
+                             param="input")
+    if not items:
+        raise InvalidRequest("input must not be empty", param="input")
+    if len(items) > MAX_EMBEDDING_INPUTS:
+        raise InvalidRequest(f"input holds {len(items)} items; at most {MAX_EMBEDDING_INPUTS} "
+                             "fit in one request", param="input")
+    for i, item in enumerate(items):
+        if isinstance(item, str):
+            if not item:
+                raise InvalidRequest(f"input {i} is an empty string", param="input")
+        elif not (isinstance(item, list) and item and all(type(t) is int for t in item)):
+            raise InvalidRequest(f"input {i} is neither a string nor a list of token ids", param="input")
+        elif not all(0 <= t < n_vocab for t in item):
+            raise InvalidRequest(f"input {i} holds a token id outside this model's vocabulary "
+                                 f"(0..{n_vocab - 1})", param="input")
+    return items
 
 
 class _SSEStream:

@@ -43,7 +43,6 @@ import logging
 import os
 import sys
 import threading
-import time
 from collections import deque
 from dataclasses import dataclass
 from typing import Any
@@ -51,8 +50,8 @@ from typing import Any
 # llama_cpp must load before anything imports numpy (CUDA builds segfault otherwise).
 import llama_cpp.llama_cpp as C
 import numpy as np
-from llama_cpp import _logger as llama_logging
 
+from backends.llamacpp_model import FLASH_ATTN, Model
 from backends.llamacpp_sampling import Sampling, TokenSampler, sample_rows
 from backends.llamacpp_seqs import SeqTable
 from backends.llamacpp_text import ReplyText
@@ -60,11 +59,6 @@ from backends.llamacpp_text import ReplyText
 log = logging.getLogger("interlock.backends.llamacpp")
 
 
-_FLASH_ATTN = {
-    "auto": C.LLAMA_FLASH_ATTN_TYPE_AUTO,
-    "on": C.LLAMA_FLASH_ATTN_TYPE_ENABLED,
-    "off": C.LLAMA_FLASH_ATTN_TYPE_DISABLED,
-}
 
 
 #: the cached "piece" of an end-of-generation token
@@ -112,49 +106,32 @@ class Job:
 
 
 class Engine:
-    """Loads the model (blocking: call it in a worker thread) and runs the batching thread."""
+    """Runs the batching thread over a context of ``model`` (which it frees on ``close``).
+    Blocking to create: call it in a worker thread."""
 
-    def __init__(self, model_path: str, *, n_ctx: int, n_gpu_layers: int, n_threads: int | None,
-                 n_batch: int, parallel: int, max_queue: int, flash_attn: str = "auto",
-                 kv_unified: bool = False, prefill_chunk: int | None = None) -> None:
-        if not os.path.isfile(model_path):
-            raise FileNotFoundError(f"model file not found: {model_path}")
-        llama_logging.set_verbose(False)  # llama.cpp's load chatter goes to stderr otherwise
-        C.llama_backend_init()
+    def __init__(self, model: Model, *, n_ctx: int, n_threads: int | None, n_batch: int,
+                 parallel: int, max_queue: int, flash_attn: str = "auto", kv_unified: bool = False,
+                 prefill_chunk: int | None = None) -> None:
         threads = n_threads or len(os.sched_getaffinity(0))
-        started = time.perf_counter()
-        mparams = C.llama_model_default_params()
-        mparams.n_gpu_layers = n_gpu_layers
-        # Big GGUFs take minutes to load; log each quarter so an operator sees it move.
-        reported = [-1]
-
-        def progress(fraction: float, _: Any) -> bool:
-            quarter = int(fraction * 4)
-            if quarter > reported[0]:
-                reported[0] = quarter
-                log.info("loading %s: %d%%", os.path.basename(model_path), quarter * 25)
-            return True
-
-        self._progress = C.llama_progress_callback(progress)  # must outlive the load call
-        mparams.progress_callback = self._progress
-        self._model = C.llama_model_load_from_file(model_path.encode(), mparams)
-        if not self._model:
-            raise RuntimeError(f"llama.cpp could not load {model_path}: not a valid GGUF model")
+        self.model = model
         cparams = C.llama_context_default_params()
         cparams.n_ctx = n_ctx
         cparams.n_batch = cparams.n_ubatch = n_batch
         cparams.n_seq_max = parallel
         cparams.kv_unified = kv_unified
-        cparams.flash_attn_type = _FLASH_ATTN[flash_attn]
+        cparams.flash_attn_type = FLASH_ATTN[flash_attn]
         cparams.n_threads = cparams.n_threads_batch = threads
-        self._ctx = C.llama_init_from_model(self._model, cparams)
+        self._ctx = C.llama_init_from_model(model.ptr, cparams)
         if not self._ctx:
-            C.llama_model_free(self._model)
-            raise RuntimeError(f"llama.cpp could not create a context for {model_path} "
-                                 f"(n_ctx={n_ctx}, parallel={parallel})")
-        self._vocab = C.llama_model_get_vocab(self._model)
-        self._n_vocab: int = C.llama_vocab_n_tokens(self._vocab)
+            raise RuntimeError(f"llama.cpp could not create a context for {model.path} "
+                               f"(n_ctx={n_ctx}, parallel={parallel})")
         self._mem = C.llama_get_memory(self._ctx)
+        if not self._mem:  # e.g. a BERT without pooling metadata: it cannot generate
+            C.llama_free(self._ctx)
+            raise RuntimeError(f"{model.path} ({model.architecture}) keeps no KV cache: it is not a "
+                               "generative model")
+        self._vocab = model.vocab
+        self._n_vocab = model.n_vocab
         self.n_ctx: int = C.llama_n_ctx(self._ctx)
         self.n_ctx_seq: int = self.n_ctx // parallel
         self.parallel = parallel
@@ -173,12 +150,6 @@ class Engine:
         # switch interval it can wait that long behind the event loop each time, which capped a
         # GPU at a few hundred tokens/s whatever the batch. 0.5 ms keeps the wait small.
         sys.setswitchinterval(min(sys.getswitchinterval(), 0.0005))
-        self.chat_template = self._meta("tokenizer.chat_template")
-        self.bos_token = self._token_text(C.llama_vocab_bos(self._vocab))
-        self.eos_token = self._token_text(C.llama_vocab_eos(self._vocab))
-        self.add_bos: bool = C.llama_vocab_get_add_bos(self._vocab)
-        self.bos_id: int = C.llama_vocab_bos(self._vocab)
-        self.load_seconds = time.perf_counter() - started
 
         self._lock = threading.Lock()
         self._wake = threading.Event()
@@ -209,17 +180,6 @@ class Engine:
     @property
     def alive(self) -> bool:
         return self._thread.is_alive() and not self._stopping
-
-    def tokenize(self, text: str, *, add_special: bool) -> list[int]:
-        """Text to tokens; special-token text (``<|im_start|>``) is parsed as the special token."""
-        raw = text.encode()
-        size = len(raw) + 8
-        buf = (C.llama_token * size)()
-        n = C.llama_tokenize(self._vocab, raw, len(raw), buf, size, add_special, True)
-        if n < 0:  # more tokens than bytes + 8 is impossible, but the API allows it
-            buf = (C.llama_token * -n)()
-            n = C.llama_tokenize(self._vocab, raw, len(raw), buf, -n, add_special, True)
-        return buf[:n]
 
     def submit(self, tokens: list[int], sampling: Sampling, queue: asyncio.Queue[Any]) -> Job | None:
         """Queue a prompt (already checked to fit ``n_ctx_seq``); None when the queue is full.
@@ -252,7 +212,7 @@ class Engine:
         self._fail_all("the llamacpp backend was closed")
         C.llama_batch_free(self._batch)
         C.llama_free(self._ctx)
-        C.llama_model_free(self._model)
+        self.model.free()
 
     # ---- engine thread ---------------------------------------------------------------
 
@@ -466,22 +426,6 @@ class Engine:
             piece = self._piece.raw[:n] if n > 0 else b""
         self._pieces[tok] = piece
         return piece
-
-    def _meta(self, key: str) -> str | None:
-        size = 1 << 16
-        buf = ctypes.create_string_buffer(size)
-        n = C.llama_model_meta_val_str(self._model, key.encode(), buf, size)
-        if n < 0:
-            return None
-        if n >= size:
-            buf = ctypes.create_string_buffer(n + 1)
-            C.llama_model_meta_val_str(self._model, key.encode(), buf, n + 1)
-        return buf.value.decode("utf-8", "replace")
-
-    def _token_text(self, tok: int) -> str:
-        if tok < 0:
-            return ""
-        return (C.llama_vocab_get_text(self._vocab, tok) or b"").decode("utf-8", "replace")
 
 
 def _seq_of(job: Job) -> int:

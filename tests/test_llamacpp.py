@@ -312,9 +312,11 @@ def test_a_reused_prefix_does_not_change_the_greedy_reply(client: openai.OpenAI)
 
 def _engine(**kw: Any) -> Any:
     from backends.llamacpp_engine import Engine
+    from backends.llamacpp_model import Model
 
-    return Engine(smollm2_gguf(), **{"n_ctx": 1024, "n_gpu_layers": 0, "n_threads": 2, "n_batch": 16,
-                                     "parallel": 2, "max_queue": 4, "flash_attn": "on", **kw})
+    return Engine(Model(smollm2_gguf(), n_gpu_layers=0),
+                  **{"n_ctx": 1024, "n_threads": 2, "n_batch": 16, "parallel": 2, "max_queue": 4,
+                     "flash_attn": "on", **kw})
 
 
 def _run(engine: Any, tokens: list[int], max_tokens: int = 16, cancel_after: int = 0) -> tuple[str, Any]:
@@ -356,7 +358,7 @@ def test_the_engine_reuses_a_shared_prefix_and_counts_it() -> None:
         def chat(user: str, reply: str = "") -> list[int]:
             text = (f"<|im_start|>system\n{SYSTEM}<|im_end|>\n<|im_start|>user\n{user}<|im_end|>\n"
                     f"<|im_start|>assistant\n{reply}")
-            return list(engine.tokenize(text, add_special=False))
+            return list(engine.model.tokenize(text, add_special=False))
 
         a, b = chat(PROMPTS[1]), chat(PROMPTS[3])
         _, job = _run(engine, a)
@@ -365,7 +367,7 @@ def test_the_engine_reuses_a_shared_prefix_and_counts_it() -> None:
         assert job.reused == _common(a, b) >= 15 and engine.reused_tokens == job.reused
         _, job = _run(engine, b)  # the same prompt again: all but its last token
         assert job.reused == len(b) - 1
-        unrelated = list(engine.tokenize("The sky is", add_special=True))
+        unrelated = list(engine.model.tokenize("The sky is", add_special=True))
         _, job = _run(engine, unrelated)
         assert job.reused == 0
 
@@ -407,7 +409,7 @@ def test_a_prefix_another_sequence_holds_is_copied_not_prefilled(kv_unified: boo
         def chat(user: str) -> list[int]:
             text = (f"<|im_start|>system\n{SYSTEM}<|im_end|>\n<|im_start|>user\n{user}<|im_end|>\n"
                     "<|im_start|>assistant\n")
-            return list(engine.tokenize(text, add_special=False))
+            return list(engine.model.tokenize(text, add_special=False))
 
         a, b = chat(PROMPTS[1]), chat(PROMPTS[3])
 

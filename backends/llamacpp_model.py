@@ -1,0 +1,105 @@
+"""A GGUF model loaded once through llama.cpp: weights, vocabulary and metadata.
+
+Both engines take one: ``backends.llamacpp_engine`` (generative models, continuous
+batching) and ``backends.llamacpp_embed`` (embedding models). ``embedding`` tells them apart
+from the GGUF itself: an embedding model declares how it pools its token vectors
+(``<arch>.pooling_type``: mean, CLS, last, rank), a generative one does not.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import time
+from typing import Any
+
+# llama_cpp must load before anything imports numpy (CUDA builds segfault otherwise).
+import llama_cpp.llama_cpp as C
+from llama_cpp import _logger as llama_logging
+
+log = logging.getLogger("interlock.backends.llamacpp")
+
+FLASH_ATTN = {
+    "auto": C.LLAMA_FLASH_ATTN_TYPE_AUTO,
+    "on": C.LLAMA_FLASH_ATTN_TYPE_ENABLED,
+    "off": C.LLAMA_FLASH_ATTN_TYPE_DISABLED,
+}
+
+
+class Model:
+    """Loads the GGUF (blocking: call it in a worker thread); ``free()`` releases it."""
+
+    def __init__(self, path: str, *, n_gpu_layers: int) -> None:
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"model file not found: {path}")
+        llama_logging.set_verbose(False)  # llama.cpp's load chatter goes to stderr otherwise
+        C.llama_backend_init()
+        started = time.perf_counter()
+        params = C.llama_model_default_params()
+        params.n_gpu_layers = n_gpu_layers
+        # Big GGUFs take minutes to load; log each quarter so an operator sees it move.
+        reported = [-1]
+
+        def progress(fraction: float, _: Any) -> bool:
+            quarter = int(fraction * 4)
+            if quarter > reported[0]:
+                reported[0] = quarter
+                log.info("loading %s: %d%%", os.path.basename(path), quarter * 25)
+            return True
+
+        callback = C.llama_progress_callback(progress)  # must outlive the load call
+        params.progress_callback = callback
+        self.ptr = C.llama_model_load_from_file(path.encode(), params)
+        if not self.ptr:
+            raise RuntimeError(f"llama.cpp could not load {path}: not a valid GGUF model")
+        self.path = path
+        self.vocab = C.llama_model_get_vocab(self.ptr)
+        self.n_vocab: int = C.llama_vocab_n_tokens(self.vocab)
+        self.n_embd: int = C.llama_model_n_embd(self.ptr)
+        self.architecture = self.meta("general.architecture") or "unknown"
+        pooling = self.meta(f"{self.architecture}.pooling_type")
+        #: declares a pooling of its token vectors: an embedding model, not a generative one
+        self.embedding = pooling is not None and pooling.strip() not in ("", "0")
+        self.chat_template = self.meta("tokenizer.chat_template")
+        self.bos_id: int = C.llama_vocab_bos(self.vocab)
+        self.bos_token = self._token_text(self.bos_id)
+        self.eos_token = self._token_text(C.llama_vocab_eos(self.vocab))
+        self.load_seconds = time.perf_counter() - started
+
+    def tokenize(self, text: str, *, add_special: bool, parse_special: bool = True) -> list[int]:
+        """Text to tokens. ``add_special``: the model's BOS/CLS and EOS/SEP around them, as it
+        expects; ``parse_special``: special-token text (``<|im_start|>``, as a rendered chat
+        holds) becomes the special token, not its characters."""
+        raw = text.encode()
+        size = len(raw) + 8
+        buf = (C.llama_token * size)()
+        n = C.llama_tokenize(self.vocab, raw, len(raw), buf, size, add_special, parse_special)
+        if n < 0:  # more tokens than bytes + 8 is impossible, but the API allows it
+            buf = (C.llama_token * -n)()
+            n = C.llama_tokenize(self.vocab, raw, len(raw), buf, -n, add_special, parse_special)
+        return buf[:n]
+
+    def meta(self, key: str) -> str | None:
+        size = 1 << 16
+        buf = ctypes.create_string_buffer(size)
+        n = C.llama_model_meta_val_str(self.ptr, key.encode(), buf, size)
+        if n < 0:
+            return None
+        if n >= size:
+            buf = ctypes.create_string_buffer(n + 1)
+            C.llama_model_meta_val_str(self.ptr, key.encode(), buf, n + 1)
+        return buf.value.decode("utf-8", "replace")
+
+    def free(self) -> None:
+        if self.ptr:
+            C.llama_model_free(self.ptr)
+            self.ptr = None
+
+    def _token_text(self, tok: int) -> str:
+        if tok < 0:
+            return ""
+        return (C.llama_vocab_get_text(self.vocab, tok) or b"").decode("utf-8", "replace")
+
+
+__all__ = ["FLASH_ATTN", "Model"]
