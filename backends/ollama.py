@@ -8,10 +8,9 @@ How an OpenAI request becomes an Ollama one and back (chat → ``/api/chat``, co
 refused is ``backends.ollama_translate`` (pure translation); this module is the backend around it.
 
 What follows the reference
-    * streams (§1, §6): NDJSON is read and translated line by line as it arrives (lines up to
-      16 MiB). An ``{"error": ...}`` line raises ``BackendError``; a stream that ends without
-      ``done: true`` raises ``BackendUnavailable``. Closing the iterator closes the connection,
-      which is how Ollama learns the client left (it then stops generating).
+    * streams (§1, §6): NDJSON relayed as SSE line by line as it arrives
+      (``backends.ollama_stream``); closing the iterator closes the connection, which is how
+      Ollama learns the client left (it then stops generating).
     * errors (§6, body ``{"error": "<msg>"}``): 404 ``model ... not found`` (both wordings) →
       ``ModelNotPulled``; 400 → ``InvalidRequest`` (``does not support chat|generate|embed`` →
       ``UnsupportedEndpoint``); 503 (queue full) and 429 → ``BackendOverloaded``, with
@@ -55,7 +54,6 @@ import asyncio
 import logging
 import re
 import time
-from collections import deque
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
@@ -75,6 +73,7 @@ from backends.errors import (
     UpstreamHTTPError,
 )
 from backends.http import OpenAICompatibleUpstream, Timeouts, _error_dict, _retry_after, http_base_url
+from backends.ollama_stream import NdjsonRelay
 from backends.ollama_translate import (
     Shape,
     client_model,
@@ -91,7 +90,6 @@ log = logging.getLogger("interlock.backends.ollama")
 _MAX_ERROR_BODY = 64 * 1024
 _MAX_MESSAGE = 1000
 #: one NDJSON line may not grow beyond this (a tool call with huge arguments is still far below)
-_MAX_LINE = 16 * 1024 * 1024
 #: Retry-After while the model is being preloaded
 _LOADING_RETRY_AFTER_S = 2.0
 #: GET /api/tags must answer within this (the health monitor bounds it too)
@@ -239,7 +237,7 @@ class OllamaBackend:
         self._log_timings(request.request_id, data)
         return BackendResponse(body=body, usage=reply_usage(data))
 
-    async def stream(self, request: BackendRequest) -> _NdjsonRelay:
+    async def stream(self, request: BackendRequest) -> NdjsonRelay:
         path, payload = self._payload(request, stream=True)
         self._refuse_while_loading()
         options = request.body.get("stream_options")
@@ -251,7 +249,9 @@ class OllamaBackend:
         except BaseException:
             self._in_flight -= 1
             raise
-        relay = _NdjsonRelay(self, response, shape, request.request_id)
+        relay = NdjsonRelay(response, shape, parse=self._parse, unavailable=self._upstream._unavailable,
+                            on_done=lambda data: self._log_timings(request.request_id, data),
+                            on_end=self._stream_ended)
         try:
             async with asyncio.timeout(self.config.timeouts.first_token):
                 await relay.prime()
@@ -386,6 +386,9 @@ class OllamaBackend:
     def load(self) -> Load:
         return Load(in_flight=self._in_flight)
 
+    def _stream_ended(self) -> None:
+        self._in_flight -= 1
+
     def _log_timings(self, request_id: str, data: dict[str, Any]) -> None:
         load_ns = int_or_zero(data.get("load_duration"))
         if load_ns > 1e9:
@@ -399,104 +402,3 @@ class OllamaBackend:
                       int_or_zero(data.get("total_duration")) / 1e6, load_ns / 1e6, prompt_n,
                       int_or_zero(data.get("prompt_eval_duration")) / 1e6, eval_n, eval_ns / 1e6,
                       eval_n / eval_ns * 1e9 if eval_ns else 0.0)
-
-
-class _NdjsonRelay:
-    """The stream() iterator: reads NDJSON lines and yields OpenAI SSE bytes.
-
-    A class rather than an async generator so that ``aclose()`` frees the connection even when
-    nobody iterated it yet. Ending without ``done: true`` is an error; closing early (client gone)
-    closes the connection, which makes Ollama stop generating.
-    """
-
-    def __init__(self, backend: OllamaBackend, response: aiohttp.ClientResponse, shape: Shape,
-                 request_id: str) -> None:
-        self._backend = backend
-        self._response: aiohttp.ClientResponse | None = response
-        self._shape = shape
-        self._request_id = request_id
-        self._buffer = bytearray()
-        self._scanned = 0
-        self._ready: deque[bytes] = deque()
-        self._finished = False
-
-    def __aiter__(self) -> _NdjsonRelay:
-        return self
-
-    async def prime(self) -> None:
-        """Read until there is something to send (or the reply is complete); errors raise here."""
-        while not self._ready and not self._finished:
-            await self._read_one()
-
-    async def __anext__(self) -> bytes:
-        while not self._ready:
-            if self._finished:
-                raise StopAsyncIteration
-            await self._read_one()
-        return self._ready.popleft()
-
-    async def _read_one(self) -> None:
-        if self._response is None:
-            raise BackendUnavailable("the ollama stream was already closed")
-        try:
-            line = await self._next_line(self._response)
-            if line is None:
-                raise BackendUnavailable("ollama ended the stream before it finished (no done line)")
-            data = self._backend._parse(line)
-            out, done = self._shape.feed(data)
-        except TimeoutError:
-            self._end(clean=False)
-            raise BackendTimeout("the ollama stream went past its total time limit") from None
-        except aiohttp.ClientError as exc:
-            self._end(clean=False)
-            raise self._backend._upstream._unavailable(exc) from None
-        except BaseException:
-            self._end(clean=False)
-            raise
-        if out:
-            self._ready.append(out)
-        if done:
-            self._finished = True
-            self._backend._log_timings(self._request_id, data)
-            self._end(clean=True)
-
-    async def _next_line(self, response: aiohttp.ClientResponse) -> bytes | None:
-        buffer = self._buffer
-        while True:
-            at = buffer.find(b"\n", self._scanned)
-            if at >= 0:
-                line = bytes(buffer[:at])
-                del buffer[:at + 1]
-                self._scanned = 0
-                if line.strip():
-                    return line
-                continue
-            self._scanned = len(buffer)
-            if len(buffer) > _MAX_LINE:
-                raise BackendUnavailable("ollama sent a line longer than 16 MiB")
-            data = await response.content.readany()
-            if not data:  # EOF: a last line without its newline still counts
-                line = bytes(buffer)
-                buffer.clear()
-                self._scanned = 0
-                return line if line.strip() else None
-            buffer += data
-
-    async def aclose(self) -> None:
-        self._end(clean=False)
-
-    def _end(self, *, clean: bool) -> None:
-        response, self._response = self._response, None
-        if response is None:
-            return
-        self._backend._in_flight -= 1
-        # release() keeps a fully read connection for reuse; close() drops it, which is what tells a
-        # still-generating Ollama that nobody is listening any more
-        if clean:
-            response.release()
-        else:
-            response.close()
-
-    def __del__(self) -> None:
-        if self._response is not None:
-            self._response.close()
