@@ -86,11 +86,15 @@ class EmbeddingEngine:
             if self._pending > self.max_queue:  # one running and max_queue waiting already
                 raise QueueFull
             self._pending += 1
-        try:
-            return await asyncio.get_running_loop().run_in_executor(self._executor, self._embed, inputs)
-        finally:
-            with self._lock:
-                self._pending -= 1
+        work = self._executor.submit(self._embed, inputs)
+        # counted until the work ends or is dropped unstarted, not until this caller gives up:
+        # a client that hangs up cannot free a place its inputs still hold on the worker
+        work.add_done_callback(self._done)
+        return await asyncio.wrap_future(work)
+
+    def _done(self, _: object) -> None:
+        with self._lock:
+            self._pending -= 1
 
     def close(self) -> None:
         self._executor.shutdown(wait=True, cancel_futures=True)

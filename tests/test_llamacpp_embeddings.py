@@ -150,3 +150,36 @@ def test_a_model_with_no_kv_cache_and_no_pooling_fails_start_up_clearly(tmp_path
     backend = LlamaCppBackend("b", config.backends["b"])  # type: ignore[arg-type]
     with pytest.raises(ModelLoadError, match=r"no-pooling\.gguf.*not a generative model"):
         asyncio.run(backend.start())
+
+
+async def test_the_queue_is_bounded_and_counts_a_request_until_the_worker_lets_it_go(tiny_bert: Path) -> None:
+    import threading
+
+    from backends.llamacpp_embed import EmbeddingEngine, QueueFull
+    from backends.llamacpp_model import Model
+
+    engine = EmbeddingEngine(Model(str(tiny_bert), n_gpu_layers=0), n_ctx=512, n_threads=1, n_batch=64,
+                             parallel=2, max_queue=1)
+    gate = threading.Event()
+    embed = engine._embed
+    engine._embed = lambda inputs: (gate.wait(10), embed(inputs))[1]  # type: ignore[method-assign]
+    try:
+        running = asyncio.create_task(engine.embed([[2, 6, 3]]))
+        waiting = asyncio.create_task(engine.embed([[2, 7, 3]]))
+        await asyncio.sleep(0.05)
+        assert (engine.n_active, engine.n_waiting) == (1, 1)
+        with pytest.raises(QueueFull):
+            await engine.embed([[2, 8, 3]])
+        waiting.cancel()  # its client left before the worker reached it: the place is free
+        running.cancel()  # its client left mid-work: the worker still holds its place
+        await asyncio.sleep(0.05)
+        assert (engine.n_active, engine.n_waiting) == (1, 0)
+        later = asyncio.create_task(engine.embed([[2, 8, 3]]))
+        await asyncio.sleep(0.05)
+        assert engine.n_waiting == 1
+        gate.set()
+        assert (await later)[0].shape == (32,)
+        assert (engine.n_active, engine.n_waiting) == (0, 0)
+    finally:
+        gate.set()
+        engine.close()
