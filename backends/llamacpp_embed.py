@@ -59,8 +59,11 @@ class EmbeddingEngine:
         self.n_embd = model.n_embd
         self.parallel = parallel
         self.max_queue = max_queue
-        #: the longest input: one micro-batch, and no further than the model's positions go
+        #: the longest input: one micro-batch, no further than the model's positions go, and (for
+        #: a model with a KV cache, e.g. a decoder pooling its last token) within one sequence's cells
         self.max_input_tokens = min(n_batch, C.llama_model_n_ctx_train(model.ptr) or n_batch)
+        if self._mem:
+            self.max_input_tokens = min(self.max_input_tokens, C.llama_n_ctx_seq(self._ctx))
         self._n_batch = n_batch
         self._batch = C.llama_batch_init(n_batch, 0, 1)
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="llamacpp-embed")
