@@ -17,7 +17,6 @@ left is clamped and the reply ends with ``finish_reason: "length"``.
 from __future__ import annotations
 
 import asyncio
-import base64
 import importlib.util
 import logging
 import os
@@ -25,7 +24,6 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Any, Literal
 
-import orjson
 from pydantic import Field
 
 from backends.base import BackendConfig, BackendRequest, BackendResponse, Health, Load, Resources, Usage
@@ -36,7 +34,7 @@ from backends.errors import (
     InvalidRequest,
     UnsupportedEndpoint,
 )
-from backends.llamacpp_chat import Shaper, make_chat_renderer
+from backends.llamacpp_chat import Shaper, embedding_inputs, embeddings_body, make_chat_renderer
 
 if TYPE_CHECKING:
     from backends.llamacpp_embed import EmbeddingEngine
@@ -278,7 +276,7 @@ class LlamaCppBackend:
 
     async def _embed(self, embedder: EmbeddingEngine, body: dict[str, Any]) -> BackendResponse:
         """``/v1/embeddings`` on an embedding model: OpenAI's request and reply shapes."""
-        inputs = _embedding_inputs(body.get("input"), embedder.model.n_vocab)
+        inputs = embedding_inputs(body.get("input"), embedder.model.n_vocab)
         dimensions = body.get("dimensions")
         if dimensions is not None and dimensions != embedder.n_embd:
             raise InvalidRequest(f"model {self.model_id} gives {embedder.n_embd}-dimensional "
@@ -303,14 +301,9 @@ class LlamaCppBackend:
             raise BackendUnavailable(f"llamacpp backend {self.name!r}: {exc}") from exc
         model = body.get("model")
         n_tokens = sum(len(one) for one in tokens)
-        data = [{"object": "embedding", "index": i,
-                 "embedding": (base64.b64encode(v.astype("<f4").tobytes()).decode() if encoding == "base64"
-                               else v.tolist())}
-                for i, v in enumerate(vectors)]
-        reply = {"object": "list", "data": data,
-                 "model": model if isinstance(model, str) else self.model_id,
-                 "usage": {"prompt_tokens": n_tokens, "total_tokens": n_tokens}}
-        return BackendResponse(orjson.dumps(reply), Usage(n_tokens, 0))
+        reply = embeddings_body(vectors, model if isinstance(model, str) else self.model_id,
+                                n_tokens, base64=encoding == "base64")
+        return BackendResponse(reply, Usage(n_tokens, 0))
 
     def _sampling(self, body: dict[str, Any], endpoint: str) -> Sampling:
         for key, bad, why in _UNSUPPORTED:
@@ -363,38 +356,6 @@ def _number(body: dict[str, Any], key: str, default: float, low: float, high: fl
     if type(value) not in (int, float) or not low <= value <= high:
         raise InvalidRequest(f"{key} must be a number between {low:g} and {high:g}", param=key)
     return float(value)
-
-
-#: OpenAI's limit on the inputs of one embeddings request
-MAX_EMBEDDING_INPUTS = 2048
-
-
-def _embedding_inputs(value: Any, n_vocab: int) -> list[str | list[int]]:
-    """The inputs of an embeddings request: texts, or token lists (ids of this model's vocabulary)."""
-    if isinstance(value, str):
-        items: list[Any] = [value]
-    elif isinstance(value, list) and value and all(type(t) is int for t in value):
-        items = [value]
-    elif isinstance(value, list):
-        items = value
-    else:
-        raise InvalidRequest("input must be a string, a list of strings or a list of token lists",
-                             param="input")
-    if not items:
-        raise InvalidRequest("input must not be empty", param="input")
-    if len(items) > MAX_EMBEDDING_INPUTS:
-        raise InvalidRequest(f"input holds {len(items)} items; at most {MAX_EMBEDDING_INPUTS} "
-                             "fit in one request", param="input")
-    for i, item in enumerate(items):
-        if isinstance(item, str):
-            if not item:
-                raise InvalidRequest(f"input {i} is an empty string", param="input")
-        elif not (isinstance(item, list) and item and all(type(t) is int for t in item)):
-            raise InvalidRequest(f"input {i} is neither a string nor a list of token ids", param="input")
-        elif not all(0 <= t < n_vocab for t in item):
-            raise InvalidRequest(f"input {i} holds a token id outside this model's vocabulary "
-                                 f"(0..{n_vocab - 1})", param="input")
-    return items
 
 
 class _SSEStream:

@@ -1,4 +1,4 @@
-"""Prompt rendering and OpenAI reply shapes for the in-process llama.cpp backend.
+"""Prompt rendering and OpenAI request and reply shapes for the in-process llama.cpp backend.
 
 Replies follow the OpenAI wire format byte for byte in structure (the fields the
 official SDK reads), with vLLM's SSE framing: ``data: {json}\\n\\n`` per chunk and
@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Callable
+from base64 import b64encode
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import orjson
@@ -127,3 +128,45 @@ class Shaper:
 def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
             "total_tokens": prompt_tokens + completion_tokens}
+
+
+#: OpenAI's limit on the inputs of one embeddings request
+MAX_EMBEDDING_INPUTS = 2048
+
+
+def embedding_inputs(value: Any, n_vocab: int) -> list[str | list[int]]:
+    """The inputs of an embeddings request: texts, or token lists (ids of this model's vocabulary)."""
+    if isinstance(value, str):
+        items: list[Any] = [value]
+    elif isinstance(value, list) and value and all(type(t) is int for t in value):
+        items = [value]
+    elif isinstance(value, list):
+        items = value
+    else:
+        raise InvalidRequest("input must be a string, a list of strings or a list of token lists",
+                             param="input")
+    if not items:
+        raise InvalidRequest("input must not be empty", param="input")
+    if len(items) > MAX_EMBEDDING_INPUTS:
+        raise InvalidRequest(f"input holds {len(items)} items; at most {MAX_EMBEDDING_INPUTS} "
+                             "fit in one request", param="input")
+    for i, item in enumerate(items):
+        if isinstance(item, str):
+            if not item:
+                raise InvalidRequest(f"input {i} is an empty string", param="input")
+        elif not (isinstance(item, list) and item and all(type(t) is int for t in item)):
+            raise InvalidRequest(f"input {i} is neither a string nor a list of token ids", param="input")
+        elif not all(0 <= t < n_vocab for t in item):
+            raise InvalidRequest(f"input {i} holds a token id outside this model's vocabulary "
+                                 f"(0..{n_vocab - 1})", param="input")
+    return items
+
+
+def embeddings_body(vectors: Sequence[Any], model: str, n_tokens: int, *, base64: bool) -> bytes:
+    """The ``/v1/embeddings`` reply: unit vectors (numpy rows) as float lists, or as base64 of
+    their little-endian float32 bytes (what the ``openai`` SDK asks for by default)."""
+    data = [{"object": "embedding", "index": i,
+             "embedding": b64encode(v.astype("<f4").tobytes()).decode() if base64 else v.tolist()}
+            for i, v in enumerate(vectors)]
+    return orjson.dumps({"object": "list", "data": data, "model": model,
+                         "usage": {"prompt_tokens": n_tokens, "total_tokens": n_tokens}})
