@@ -16,8 +16,10 @@ from typing import Any
 import httpx
 import numpy as np
 import openai
+import orjson
 import pytest
 
+from backends.errors import ContextLengthExceeded
 from tests.conftest import run_gateway, wait_ready
 from tests.tiny_gguf import write_tiny_bert
 
@@ -183,3 +185,62 @@ async def test_the_queue_is_bounded_and_counts_a_request_until_the_worker_lets_i
     finally:
         gate.set()
         engine.close()
+
+
+# ---- a decoder that pools its last token: an embedding model with a KV cache -------------------
+
+
+@pytest.fixture(scope="module")
+def last_token_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """SmolLM2 with ``llama.pooling_type = last`` added to its metadata (as decoder-based embedding
+    models such as Qwen3-Embedding declare it): a model with a KV cache that serves embeddings."""
+    import gguf
+    from gguf.scripts.gguf_new_metadata import MetadataDetails, copy_with_new_metadata
+
+    from tests.conftest import smollm2_gguf
+
+    path = tmp_path_factory.mktemp("gguf") / "smollm2-last.gguf"
+    reader = gguf.GGUFReader(smollm2_gguf(), "r")
+    writer = gguf.GGUFWriter(str(path), arch="llama", endianess=reader.endianess)
+    copy_with_new_metadata(reader, writer, {"llama.pooling_type": MetadataDetails(
+        gguf.GGUFValueType.UINT32, int(gguf.PoolingType.LAST))}, [])
+    return path
+
+
+def test_a_model_with_a_kv_cache_embeds_batch_after_batch_like_llama_cpp(last_token_model: Path) -> None:
+    from llama_cpp import Llama
+
+    from backends.base import BackendRequest
+    from backends.llamacpp import LlamaCppBackend
+    from gateway.config import parse_config
+
+    texts = [f"Sentence number {i} is about {topic}." for i, topic in
+             enumerate(["the sea", "a cat", "bread", "trains", "rain", "music", "stars"])]
+    # flash attention off on both sides: llama-cpp-python's flag does not pick the same CPU
+    # attention path as the context's "on", and this model's vectors differ by 1e-2 between them
+    reference = Llama(model_path=str(last_token_model), embedding=True, n_ctx=1024, flash_attn=False,
+                      verbose=False)
+    expected = np.array(reference.embed(texts, normalize=True), dtype=np.float32)
+    config = parse_config({"backends": {"b": {"kind": "llamacpp", "model_path": str(last_token_model),
+                                              "n_ctx": 1024, "parallel": 4, "n_batch": 512,
+                                              "n_threads": 2, "flash_attn": "off"}},
+                           "models": {"m": {"targets": ["b"]}}}, "<test>")
+    backend = LlamaCppBackend("b", config.backends["b"])  # type: ignore[arg-type]
+
+    async def run() -> tuple[Any, Any]:
+        await backend.start()
+        try:
+            # 7 inputs over 4 sequences: two decodes, the cache cleared before each; an input may
+            # use one sequence's cells, 1024 // 4, which binds before n_batch (512)
+            reply = await backend.complete(BackendRequest("embeddings", {"model": "m", "input": texts,
+                                                                         "encoding_format": "float"}, "r"))
+            with pytest.raises(ContextLengthExceeded, match="maximum input length is 256 tokens"):
+                await backend.complete(BackendRequest("embeddings", {"model": "m", "input": "w " * 400}, "r"))
+            return reply, await backend.health()
+        finally:
+            await backend.close()
+
+    reply, health = asyncio.run(run())
+    got = np.array([d["embedding"] for d in orjson.loads(reply.body)["data"]], dtype=np.float32)
+    np.testing.assert_allclose(got, expected, atol=1e-5)
+    assert health.ok
