@@ -47,6 +47,8 @@ DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 #: Measured with 8 users (benchmarks/llamacpp_batching): TTFT p50 204 ms at 32, 322 ms at 64,
 #: the same throughput.
 CPU_PREFILL_CHUNK = 32
+#: texts longer than this are tokenized in a worker thread (~3 ms of tokenizing on the event loop)
+INLINE_TOKENIZE_CHARS = 16_384
 
 
 class LlamaCppConfig(BackendConfig):
@@ -188,7 +190,7 @@ class LlamaCppBackend:
     async def complete(self, request: BackendRequest) -> BackendResponse:
         if request.endpoint == "embeddings" and self._embedder is not None:
             return await self._embed(self._embedder, request.body)
-        job, queue, shaper = self._submit(request)
+        job, queue, shaper = await self._submit(request)
         parts: list[str] = []
         try:
             while True:
@@ -206,7 +208,7 @@ class LlamaCppBackend:
         return BackendResponse(body, Usage(event.prompt_tokens, event.completion_tokens))
 
     async def stream(self, request: BackendRequest) -> AsyncIterator[bytes]:
-        job, queue, shaper = self._submit(request)
+        job, queue, shaper = await self._submit(request)
         return _SSEStream(self, job, queue, shaper)
 
     def _cancel(self, job: Job) -> None:
@@ -216,7 +218,7 @@ class LlamaCppBackend:
 
     # ---- request → engine ------------------------------------------------------------
 
-    def _submit(self, request: BackendRequest) -> tuple[Job, asyncio.Queue[Any], Shaper]:
+    async def _submit(self, request: BackendRequest) -> tuple[Job, asyncio.Queue[Any], Shaper]:
         if self._embedder is not None:
             raise UnsupportedEndpoint(f"the llamacpp backend {self.name!r} serves an embedding model "
                                       f"({self.model_id}): use /v1/embeddings")
@@ -229,7 +231,7 @@ class LlamaCppBackend:
             raise UnsupportedEndpoint(f"the llamacpp backend {self.name!r} serves a generative model "
                                       f"({self.model_id}) and has no embeddings")
         sampling = self._sampling(body, request.endpoint)
-        tokens, param = self._prompt_tokens(body, request.endpoint, engine)
+        tokens, param = await self._prompt_tokens(body, request.endpoint, engine)
         if len(tokens) >= engine.n_ctx_seq:
             raise ContextLengthExceeded(
                 f"This model's context is {engine.n_ctx_seq} tokens per request (n_ctx "
@@ -249,7 +251,8 @@ class LlamaCppBackend:
                         include_usage=include_usage)
         return job, queue, shaper
 
-    def _prompt_tokens(self, body: dict[str, Any], endpoint: str, engine: Engine) -> tuple[list[int], str]:
+    async def _prompt_tokens(self, body: dict[str, Any], endpoint: str,
+                             engine: Engine) -> tuple[list[int], str]:
         if endpoint == "chat":
             messages = body.get("messages")
             if not isinstance(messages, list) or not messages:
@@ -258,7 +261,8 @@ class LlamaCppBackend:
                 raise UnsupportedEndpoint(f"model {self.model_id} has no chat template; set "
                                           "chat_template in the backend config", param="messages")
             # The rendered text already holds the template's special tokens (BOS included).
-            return engine.model.tokenize(self._render(messages), add_special=False), "messages"
+            return await self._tokenize(engine, self._render(messages), "messages", add_special=False), \
+                "messages"
         prompt = body.get("prompt")
         if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
             prompt = prompt[0]
@@ -267,12 +271,26 @@ class LlamaCppBackend:
         if not isinstance(prompt, str):
             raise InvalidRequest("prompt must be a string or a list of one string (batched prompts "
                                  "are not supported by the llamacpp backend)", param="prompt")
-        tokens = engine.model.tokenize(prompt, add_special=True) if prompt else []
+        tokens = await self._tokenize(engine, prompt, "prompt", add_special=True) if prompt else []
         if not tokens:
             if engine.model.bos_id < 0:
                 raise InvalidRequest("prompt must not be empty", param="prompt")
             tokens = [engine.model.bos_id]
         return tokens, "prompt"
+
+    async def _tokenize(self, engine: Engine, text: str, param: str, *, add_special: bool) -> list[int]:
+        """A prompt's tokens. One far too long for the context is refused before tokenizing (4 MB
+        of text takes SmolLM2's tokenizer ~0.7 s); a long one is tokenized off the event loop."""
+        floor = engine.model.min_tokens(text)
+        if floor >= engine.n_ctx_seq:
+            raise ContextLengthExceeded(
+                f"This model's context is {engine.n_ctx_seq} tokens per request (n_ctx "
+                f"{engine.n_ctx} shared by {engine.parallel} parallel sequences). However, your "
+                f"{param} is {len(text):,} characters long: at least {floor:,} tokens. Please reduce "
+                f"the length of the {param}.", param=param)
+        if len(text) > INLINE_TOKENIZE_CHARS:
+            return await asyncio.to_thread(engine.model.tokenize, text, add_special=add_special)
+        return engine.model.tokenize(text, add_special=add_special)
 
     async def _embed(self, embedder: EmbeddingEngine, body: dict[str, Any]) -> BackendResponse:
         """``/v1/embeddings`` on an embedding model: OpenAI's request and reply shapes."""
@@ -284,8 +302,21 @@ class LlamaCppBackend:
         encoding = body.get("encoding_format") or "float"
         if encoding not in ("float", "base64"):
             raise InvalidRequest("encoding_format must be 'float' or 'base64'", param="encoding_format")
-        tokens = [embedder.model.tokenize(i, add_special=True, parse_special=False)
-                  if isinstance(i, str) else i for i in inputs]
+        model_ = embedder.model
+        for index, text in enumerate(inputs):
+            floor = model_.min_tokens(text) if isinstance(text, str) else 0
+            if floor > embedder.max_input_tokens:
+                raise ContextLengthExceeded(
+                    f"This model's maximum input length is {embedder.max_input_tokens} tokens. "
+                    f"However, input {index} is {len(text):,} characters: at least {floor:,} tokens. "
+                    "Please shorten it.", param="input")
+
+        def tokenize() -> list[list[int]]:
+            return [model_.tokenize(i, add_special=True, parse_special=False) if isinstance(i, str) else i
+                    for i in inputs]
+
+        size = sum(len(i) for i in inputs if isinstance(i, str))
+        tokens = await asyncio.to_thread(tokenize) if size > INLINE_TOKENIZE_CHARS else tokenize()
         for index, one in enumerate(tokens):
             if len(one) > embedder.max_input_tokens:
                 raise ContextLengthExceeded(

@@ -65,6 +65,12 @@ class Model:
         self.bos_id: int = C.llama_vocab_bos(self.vocab)
         self.bos_token = self._token_text(self.bos_id)
         self.eos_token = self._token_text(C.llama_vocab_eos(self.vocab))
+        #: a text of n characters is at least n / this many tokens, which rejects a prompt far too
+        #: long for the context before tokenizing it (0: no such bound). Only for tokenizers that
+        #: keep every character (BPE, SentencePiece); WordPiece and Unigram drop whitespace.
+        self.chars_per_token_max = (
+            self._longest_token()
+            if C.llama_vocab_type(self.vocab) in (C.LLAMA_VOCAB_TYPE_BPE, C.LLAMA_VOCAB_TYPE_SPM) else 0)
         self.load_seconds = time.perf_counter() - started
 
     def tokenize(self, text: str, *, add_special: bool, parse_special: bool = True) -> list[int]:
@@ -95,6 +101,19 @@ class Model:
         if self.ptr:
             C.llama_model_free(self.ptr)
             self.ptr = None
+
+    def min_tokens(self, text: str) -> int:
+        """A lower bound on the tokens ``text`` makes (0 where the tokenizer gives none)."""
+        return len(text) // self.chars_per_token_max if self.chars_per_token_max else 0
+
+    def _longest_token(self) -> int:
+        """The longest token's text, in bytes (a character is at least one byte)."""
+        buf = ctypes.create_string_buffer(256)
+        longest = 1
+        for tok in range(self.n_vocab):
+            n = C.llama_token_to_piece(self.vocab, tok, buf, 256, 0, True)
+            longest = max(longest, n if n > 0 else -n)
+        return longest
 
     def _token_text(self, tok: int) -> str:
         if tok < 0:

@@ -283,6 +283,48 @@ def test_readiness_waits_for_the_model() -> None:
     assert closed[0] is False
 
 
+def test_a_prompt_far_too_long_is_refused_before_tokenizing_and_a_long_one_off_the_loop() -> None:
+    """A 4 MB body would hold the event loop ~0.7 s in the tokenizer: one that cannot fit is
+    refused on its length alone, and a long one is tokenized in a worker thread."""
+    import threading
+
+    from backends.base import BackendRequest
+    from backends.errors import ContextLengthExceeded
+    from backends.llamacpp import LlamaCppBackend
+
+    backend = LlamaCppBackend("local", parse_config(_config(), "<test>").backends["local"])  # type: ignore[arg-type]
+    huge = "The quick brown fox jumps over the lazy dog. " * 25_000  # 1.1 MB
+    long = "The quick brown fox jumps over the lazy dog. " * 400  # 18 KB: ~4,000 tokens
+    threads: list[str] = []
+
+    async def run() -> list[str]:
+        await backend.start()
+        model = backend._engine.model  # type: ignore[union-attr]
+        tokenize = model.tokenize
+
+        def watched(text: str, **kw: Any) -> list[int]:
+            threads.append(threading.current_thread().name)
+            assert len(text) < len(huge), "the huge prompt was tokenized"
+            return tokenize(text, **kw)
+
+        model.tokenize = watched  # type: ignore[method-assign]
+        messages = []
+        try:
+            for prompt in (huge, long):
+                body = {"model": "smollm2", "prompt": prompt, "max_tokens": 4}
+                with pytest.raises(ContextLengthExceeded) as caught:
+                    await backend.complete(BackendRequest("completions", body, "r"))
+                messages.append(str(caught.value))
+        finally:
+            await backend.close()
+        return messages
+
+    refused, counted = asyncio.run(run())
+    assert "1,125,000 characters long: at least" in refused
+    assert "resulted in" in counted and "tokens" in counted
+    assert len(threads) == 1 and threads[0] != threading.main_thread().name
+
+
 # ---- prefix reuse: a free sequence keeps its KV cells for the next prompt ------------------
 
 SYSTEM = "You are a helpful assistant. Answer in one short sentence."

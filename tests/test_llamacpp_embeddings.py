@@ -76,6 +76,17 @@ def test_the_sdk_gets_the_vectors_llama_cpp_gives(client: openai.OpenAI, referen
     assert reply.model == "tiny-embed"
 
 
+def test_many_inputs_in_order_and_a_large_request_tokenized_off_the_loop(client: openai.OpenAI,
+                                                                         reference: Any) -> None:
+    # 300 inputs, 20 KB of text in all: tokenized in a worker thread, 75 decodes of 4
+    texts = [" ".join(f"w{(i * 7 + k * k) % 59}" for k in range(16 + i % 5)) for i in range(300)]
+    assert sum(map(len, texts)) > 16_384
+    reply = client.embeddings.create(model="tiny-embed", input=texts)
+    got = np.array([d.embedding for d in reply.data], dtype=np.float32)
+    # llama-cpp-python packs other groups of inputs into each decode: float noise of ~4e-5
+    np.testing.assert_allclose(got, want(reference, texts), atol=1e-4)
+
+
 def test_float_and_base64_encodings_carry_the_same_vector(gateway: str, reference: Any) -> None:
     with httpx.Client(base_url=gateway, timeout=10) as http:
         plain = http.post("/v1/embeddings", json={"model": "tiny-embed", "input": "w4",
@@ -236,6 +247,10 @@ def test_a_model_with_a_kv_cache_embeds_batch_after_batch_like_llama_cpp(last_to
                                                                          "encoding_format": "float"}, "r"))
             with pytest.raises(ContextLengthExceeded, match="maximum input length is 256 tokens"):
                 await backend.complete(BackendRequest("embeddings", {"model": "m", "input": "w " * 400}, "r"))
+            # refused on its length alone (a BPE token is at most a few dozen characters)
+            huge = {"model": "m", "input": "w " * 30_000}
+            with pytest.raises(ContextLengthExceeded, match="60,000 characters: at least"):
+                await backend.complete(BackendRequest("embeddings", huge, "r"))
             return reply, await backend.health()
         finally:
             await backend.close()
