@@ -34,7 +34,7 @@ from backends.errors import (
     InvalidRequest,
     UnsupportedEndpoint,
 )
-from backends.llamacpp_chat import Shaper, embedding_inputs, embeddings_body, make_chat_renderer
+from backends.llamacpp_chat import INLINE_TOKENIZE_CHARS, Shaper, make_chat_renderer
 
 if TYPE_CHECKING:
     from backends.llamacpp_embed import EmbeddingEngine
@@ -47,8 +47,6 @@ DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 #: Measured with 8 users (benchmarks/llamacpp_batching): TTFT p50 204 ms at 32, 322 ms at 64,
 #: the same throughput.
 CPU_PREFILL_CHUNK = 32
-#: texts longer than this are tokenized in a worker thread (~3 ms of tokenizing on the event loop)
-INLINE_TOKENIZE_CHARS = 16_384
 
 
 class LlamaCppConfig(BackendConfig):
@@ -189,7 +187,8 @@ class LlamaCppBackend:
 
     async def complete(self, request: BackendRequest) -> BackendResponse:
         if request.endpoint == "embeddings" and self._embedder is not None:
-            return await self._embed(self._embedder, request.body)
+            return await self._embed_mod.answer(self._embedder, request.body, backend=self.name,
+                                                model_id=self.model_id)
         job, queue, shaper = await self._submit(request)
         parts: list[str] = []
         try:
@@ -291,50 +290,6 @@ class LlamaCppBackend:
         if len(text) > INLINE_TOKENIZE_CHARS:
             return await asyncio.to_thread(engine.model.tokenize, text, add_special=add_special)
         return engine.model.tokenize(text, add_special=add_special)
-
-    async def _embed(self, embedder: EmbeddingEngine, body: dict[str, Any]) -> BackendResponse:
-        """``/v1/embeddings`` on an embedding model: OpenAI's request and reply shapes."""
-        inputs = embedding_inputs(body.get("input"), embedder.model.n_vocab)
-        dimensions = body.get("dimensions")
-        if dimensions is not None and dimensions != embedder.n_embd:
-            raise InvalidRequest(f"model {self.model_id} gives {embedder.n_embd}-dimensional "
-                                 "embeddings and cannot shorten them", param="dimensions")
-        encoding = body.get("encoding_format") or "float"
-        if encoding not in ("float", "base64"):
-            raise InvalidRequest("encoding_format must be 'float' or 'base64'", param="encoding_format")
-        model_ = embedder.model
-        for index, text in enumerate(inputs):
-            floor = model_.min_tokens(text) if isinstance(text, str) else 0
-            if floor > embedder.max_input_tokens:
-                raise ContextLengthExceeded(
-                    f"This model's maximum input length is {embedder.max_input_tokens} tokens. "
-                    f"However, input {index} is {len(text):,} characters: at least {floor:,} tokens. "
-                    "Please shorten it.", param="input")
-
-        def tokenize() -> list[list[int]]:
-            return [model_.tokenize(i, add_special=True, parse_special=False) if isinstance(i, str) else i
-                    for i in inputs]
-
-        size = sum(len(i) for i in inputs if isinstance(i, str))
-        tokens = await asyncio.to_thread(tokenize) if size > INLINE_TOKENIZE_CHARS else tokenize()
-        for index, one in enumerate(tokens):
-            if len(one) > embedder.max_input_tokens:
-                raise ContextLengthExceeded(
-                    f"This model's maximum input length is {embedder.max_input_tokens} tokens. "
-                    f"However, input {index} is {len(one)} tokens. Please shorten it.", param="input")
-        try:
-            vectors = await embedder.embed(tokens)
-        except self._embed_mod.QueueFull:
-            raise BackendOverloaded(f"llamacpp backend {self.name!r} is busy: "
-                                    f"{embedder.max_queue} embedding requests waiting",
-                                    retry_after=1.0) from None
-        except RuntimeError as exc:
-            raise BackendUnavailable(f"llamacpp backend {self.name!r}: {exc}") from exc
-        model = body.get("model")
-        n_tokens = sum(len(one) for one in tokens)
-        reply = embeddings_body(vectors, model if isinstance(model, str) else self.model_id,
-                                n_tokens, base64=encoding == "base64")
-        return BackendResponse(reply, Usage(n_tokens, 0))
 
     def _sampling(self, body: dict[str, Any], endpoint: str) -> Sampling:
         for key, bad, why in _UNSUPPORTED:

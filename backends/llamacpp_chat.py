@@ -130,6 +130,9 @@ def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
             "total_tokens": prompt_tokens + completion_tokens}
 
 
+#: texts longer than this are tokenized in a worker thread (~3 ms of tokenizing on the event loop)
+INLINE_TOKENIZE_CHARS = 16_384
+
 #: OpenAI's limit on the inputs of one embeddings request
 MAX_EMBEDDING_INPUTS = 2048
 

@@ -1,5 +1,8 @@
 """Embeddings from an embedding GGUF (BERT, nomic-embed, bge, ...), in process.
 
+``answer`` serves one ``/v1/embeddings`` request (OpenAI's shapes, from
+``backends.llamacpp_chat``); ``EmbeddingEngine`` computes the vectors.
+
 One context created with ``embeddings`` on and the model's own pooling (mean, CLS or
 last token, from the GGUF). A request's inputs are packed into as few ``llama_decode``
 calls as fit (``parallel`` inputs and ``n_batch`` tokens a call; each input whole in one
@@ -17,15 +20,64 @@ import os
 import threading
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 # llama_cpp must load before anything imports numpy (CUDA builds segfault otherwise).
 import llama_cpp.llama_cpp as C
 import numpy as np
 
+from backends.base import BackendResponse, Usage
+from backends.errors import BackendOverloaded, BackendUnavailable, ContextLengthExceeded, InvalidRequest
+from backends.llamacpp_chat import INLINE_TOKENIZE_CHARS, embedding_inputs, embeddings_body
 from backends.llamacpp_model import FLASH_ATTN, Model
 
 _POOLING = {C.LLAMA_POOLING_TYPE_MEAN: "mean", C.LLAMA_POOLING_TYPE_CLS: "cls",
             C.LLAMA_POOLING_TYPE_LAST: "last"}
+
+
+async def answer(embedder: EmbeddingEngine, body: dict[str, Any], *, backend: str,
+                 model_id: str) -> BackendResponse:
+    """``/v1/embeddings`` on an embedding model: OpenAI's request and reply shapes."""
+    model = embedder.model
+    inputs = embedding_inputs(body.get("input"), model.n_vocab)
+    dimensions = body.get("dimensions")
+    if dimensions is not None and dimensions != embedder.n_embd:
+        raise InvalidRequest(f"model {model_id} gives {embedder.n_embd}-dimensional embeddings and "
+                             "cannot shorten them", param="dimensions")
+    encoding = body.get("encoding_format") or "float"
+    if encoding not in ("float", "base64"):
+        raise InvalidRequest("encoding_format must be 'float' or 'base64'", param="encoding_format")
+    limit = embedder.max_input_tokens
+    for index, text in enumerate(inputs):
+        floor = model.min_tokens(text) if isinstance(text, str) else 0
+        if floor > limit:
+            raise ContextLengthExceeded(
+                f"This model's maximum input length is {limit} tokens. However, input {index} is "
+                f"{len(text):,} characters: at least {floor:,} tokens. Please shorten it.", param="input")
+
+    def tokenize() -> list[list[int]]:
+        return [model.tokenize(i, add_special=True, parse_special=False) if isinstance(i, str) else i
+                for i in inputs]
+
+    size = sum(len(i) for i in inputs if isinstance(i, str))
+    tokens = await asyncio.to_thread(tokenize) if size > INLINE_TOKENIZE_CHARS else tokenize()
+    for index, one in enumerate(tokens):
+        if len(one) > limit:
+            raise ContextLengthExceeded(
+                f"This model's maximum input length is {limit} tokens. However, input {index} is "
+                f"{len(one)} tokens. Please shorten it.", param="input")
+    try:
+        vectors = await embedder.embed(tokens)
+    except QueueFull:
+        raise BackendOverloaded(f"llamacpp backend {backend!r} is busy: {embedder.max_queue} "
+                                "embedding requests waiting", retry_after=1.0) from None
+    except RuntimeError as exc:
+        raise BackendUnavailable(f"llamacpp backend {backend!r}: {exc}") from exc
+    n_tokens = sum(len(one) for one in tokens)
+    name = body.get("model")
+    reply = embeddings_body(vectors, name if isinstance(name, str) else model_id, n_tokens,
+                            base64=encoding == "base64")
+    return BackendResponse(reply, Usage(n_tokens, 0))
 
 
 class QueueFull(Exception):
@@ -145,4 +197,4 @@ class EmbeddingEngine:
         return vectors
 
 
-__all__ = ["EmbeddingEngine", "QueueFull"]
+__all__ = ["EmbeddingEngine", "QueueFull", "answer"]
