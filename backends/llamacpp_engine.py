@@ -59,8 +59,6 @@ from backends.llamacpp_text import ReplyText
 log = logging.getLogger("interlock.backends.llamacpp")
 
 
-
-
 #: the cached "piece" of an end-of-generation token
 _EOG = b"\x00<eog>"
 
@@ -298,7 +296,8 @@ class Engine:
         batch, slots = self._batch, self._seq_slots
         token, pos, logits = batch.token, batch.pos, batch.logits
         n = 0
-        sample: list[tuple[Job, int]] = []  # (job, batch row), in batch order
+        # the jobs whose row of this batch outputs logits, in batch order (llama_get_logits' order)
+        sample: list[Job] = []
         prefilling: list[Job] = []
         for job in self._active:  # decode first: a running stream never waits for a prompt
             if job.n_fed < len(job.tokens):
@@ -308,7 +307,7 @@ class Engine:
             pos[n] = job.pos
             slots[n][0] = job.seq
             logits[n] = 1
-            sample.append((job, n))
+            sample.append(job)
             job.pos += 1
             n += 1
         room, budget, chunk = self._n_batch - n, self._prefill_chunk, self._prefill_chunk
@@ -332,7 +331,7 @@ class Engine:
             if job.n_fed == len(job.tokens):
                 logits[n - 1] = 1
                 job.pos = job.n_fed
-                sample.append((job, n - 1))
+                sample.append(job)
         batch.n_tokens = n
         rc = C.llama_decode(self._ctx, batch)
         if rc != 0:  # the KV state of every sequence in the batch is now unknown: drop them all
@@ -344,9 +343,9 @@ class Engine:
         # One foreign call for every row's logits, in batch order (llama.cpp restores that order);
         # the engine's own buffer, read before the next decode overwrites it.
         logits = np.ctypeslib.as_array(C.llama_get_logits(self._ctx), shape=(len(sample), self._n_vocab))
-        tokens = sample_rows(logits, [job.sampler for job, _ in sample])
+        tokens = sample_rows(logits, [job.sampler for job in sample])
         out: dict[asyncio.AbstractEventLoop, list[tuple[Any, Any]]] = {}
-        for (job, _), tok in zip(sample, tokens, strict=True):
+        for job, tok in zip(sample, tokens, strict=True):
             self._accept(job, tok, out)
         self._deliver(out)
 
