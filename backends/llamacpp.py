@@ -34,7 +34,7 @@ from backends.errors import (
     InvalidRequest,
     UnsupportedEndpoint,
 )
-from backends.llamacpp_chat import INLINE_TOKENIZE_CHARS, Shaper, make_chat_renderer
+from backends.llamacpp_chat import Shaper, make_chat_renderer, tokenize_sized
 
 if TYPE_CHECKING:
     from backends.llamacpp_embed import EmbeddingEngine
@@ -232,11 +232,8 @@ class LlamaCppBackend:
         sampling = self._sampling(body, request.endpoint)
         tokens, param = await self._prompt_tokens(body, request.endpoint, engine)
         if len(tokens) >= engine.n_ctx_seq:
-            raise ContextLengthExceeded(
-                f"This model's context is {engine.n_ctx_seq} tokens per request (n_ctx "
-                f"{engine.n_ctx} shared by {engine.parallel} parallel sequences). However, your "
-                f"{param} resulted in {len(tokens)} tokens, which leaves no room for a reply. "
-                f"Please reduce the length of the {param}.", param=param)
+            raise _too_long(engine, param, f"resulted in {len(tokens)} tokens, which leaves no room "
+                                           "for a reply")
         queue: asyncio.Queue[Any] = asyncio.Queue()
         job = engine.submit(tokens, sampling, queue)
         if job is None:
@@ -278,18 +275,11 @@ class LlamaCppBackend:
         return tokens, "prompt"
 
     async def _tokenize(self, engine: Engine, text: str, param: str, *, add_special: bool) -> list[int]:
-        """A prompt's tokens. One far too long for the context is refused before tokenizing (4 MB
-        of text takes SmolLM2's tokenizer ~0.7 s); a long one is tokenized off the event loop."""
+        """A prompt's tokens; one far too long for the context is refused before tokenizing."""
         floor = engine.model.min_tokens(text)
         if floor >= engine.n_ctx_seq:
-            raise ContextLengthExceeded(
-                f"This model's context is {engine.n_ctx_seq} tokens per request (n_ctx "
-                f"{engine.n_ctx} shared by {engine.parallel} parallel sequences). However, your "
-                f"{param} is {len(text):,} characters long: at least {floor:,} tokens. Please reduce "
-                f"the length of the {param}.", param=param)
-        if len(text) > INLINE_TOKENIZE_CHARS:
-            return await asyncio.to_thread(engine.model.tokenize, text, add_special=add_special)
-        return engine.model.tokenize(text, add_special=add_special)
+            raise _too_long(engine, param, f"is {len(text):,} characters long: at least {floor:,} tokens")
+        return await tokenize_sized(len(text), lambda: engine.model.tokenize(text, add_special=add_special))
 
     def _sampling(self, body: dict[str, Any], endpoint: str) -> Sampling:
         for key, bad, why in _UNSUPPORTED:
@@ -333,6 +323,13 @@ _UNSUPPORTED: list[tuple[str, Callable[[Any], bool], str]] = [
     ("response_format", lambda v: not (isinstance(v, dict) and v.get("type") == "text"),
      "response_format other than text"),
 ]
+
+
+def _too_long(engine: Engine, param: str, what: str) -> ContextLengthExceeded:
+    return ContextLengthExceeded(
+        f"This model's context is {engine.n_ctx_seq} tokens per request (n_ctx {engine.n_ctx} "
+        f"shared by {engine.parallel} parallel sequences). However, your {param} {what}. Please "
+        f"reduce the length of the {param}.", param=param)
 
 
 def _number(body: dict[str, Any], key: str, default: float, low: float, high: float) -> float:

@@ -28,7 +28,7 @@ import numpy as np
 
 from backends.base import BackendResponse, Usage
 from backends.errors import BackendOverloaded, BackendUnavailable, ContextLengthExceeded, InvalidRequest
-from backends.llamacpp_chat import INLINE_TOKENIZE_CHARS, embedding_inputs, embeddings_body
+from backends.llamacpp_chat import embedding_inputs, embeddings_body, tokenize_sized
 from backends.llamacpp_model import FLASH_ATTN, Model
 
 _POOLING = {C.LLAMA_POOLING_TYPE_MEAN: "mean", C.LLAMA_POOLING_TYPE_CLS: "cls",
@@ -48,24 +48,22 @@ async def answer(embedder: EmbeddingEngine, body: dict[str, Any], *, backend: st
     if encoding not in ("float", "base64"):
         raise InvalidRequest("encoding_format must be 'float' or 'base64'", param="encoding_format")
     limit = embedder.max_input_tokens
+
+    def too_long(index: int, what: str) -> ContextLengthExceeded:
+        return ContextLengthExceeded(f"This model's maximum input length is {limit} tokens. However, "
+                                     f"input {index} is {what}. Please shorten it.", param="input")
+
     for index, text in enumerate(inputs):
         floor = model.min_tokens(text) if isinstance(text, str) else 0
         if floor > limit:
-            raise ContextLengthExceeded(
-                f"This model's maximum input length is {limit} tokens. However, input {index} is "
-                f"{len(text):,} characters: at least {floor:,} tokens. Please shorten it.", param="input")
-
-    def tokenize() -> list[list[int]]:
-        return [model.tokenize(i, add_special=True, parse_special=False) if isinstance(i, str) else i
-                for i in inputs]
-
-    size = sum(len(i) for i in inputs if isinstance(i, str))
-    tokens = await asyncio.to_thread(tokenize) if size > INLINE_TOKENIZE_CHARS else tokenize()
+            raise too_long(index, f"{len(text):,} characters: at least {floor:,} tokens")
+    tokens = await tokenize_sized(
+        sum(len(i) for i in inputs if isinstance(i, str)),
+        lambda: [model.tokenize(i, add_special=True, parse_special=False) if isinstance(i, str) else i
+                 for i in inputs])
     for index, one in enumerate(tokens):
         if len(one) > limit:
-            raise ContextLengthExceeded(
-                f"This model's maximum input length is {limit} tokens. However, input {index} is "
-                f"{len(one)} tokens. Please shorten it.", param="input")
+            raise too_long(index, f"{len(one)} tokens")
     try:
         vectors = await embedder.embed(tokens)
     except QueueFull:
