@@ -36,7 +36,9 @@ request triggers a check right away) or after ``eject_after_failures`` (3) conse
 connection errors or 5xx; a scheduled health check that passes brings it back. A request
 that fails on an endpoint with a connection error or a 5xx is retried on another one (at
 most once per healthy endpoint); a stream only if nothing had come yet. With no healthy
-endpoint the pool raises ``BackendUnavailable``, so the router falls back.
+endpoint the pool raises ``BackendUnavailable``, so the router falls back. Who is in the pool
+(static list or DNS), the health checks and the scrapes are ``backends.vllm_members``; the
+settings are ``backends.vllm_config``.
 
 vLLM's errors come back in OpenAI's shapes: an over-long prompt or ``max_tokens`` is a 400
 ``context_length_exceeded`` with vLLM's numbers; its other 400s keep their message; a model
@@ -48,29 +50,15 @@ default) are refused here before sending, though the gateway refuses them first.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import logging
 import os
 import random
-import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, Self, TypeVar
-from urllib.parse import urlsplit, urlunsplit
+from typing import Any, TypeVar
 
-from pydantic import Field, SecretStr, field_validator, model_validator
-
-from backends.base import (
-    ENDPOINT_PATHS,
-    BackendConfig,
-    BackendRequest,
-    BackendResponse,
-    Health,
-    Load,
-    Resources,
-)
+from backends.base import ENDPOINT_PATHS, BackendRequest, BackendResponse, Health, Load, Resources
 from backends.errors import (
     BackendOverloaded,
     BackendUnavailable,
@@ -79,23 +67,19 @@ from backends.errors import (
     InvalidRequest,
     UpstreamHTTPError,
 )
-from backends.http import HttpClient, OpenAICompatibleUpstream, Timeouts
-from backends.openai import TimeoutsConfig
+from backends.http import Timeouts
 from backends.vllm_affinity import (
     CHARS_PER_TOKEN,
     Ask,
     Candidate,
-    PrefixIndex,
-    Routing,
     block_keys,
     choose,
     prompt_tokens,
     render_prompt,
 )
-from backends.vllm_endpoint import Endpoint, Ticket, public_url
-from backends.vllm_metrics import MetricsSnapshot
-
-log = logging.getLogger("interlock.backends.vllm")
+from backends.vllm_config import VllmConfig, endpoint_root, split_host_port
+from backends.vllm_endpoint import Endpoint, Ticket
+from backends.vllm_members import Members
 
 #: the reply length assumed when a request sets no max_tokens (as the gateway's ranking does)
 DEFAULT_MAX_TOKENS = 256
@@ -104,79 +88,6 @@ _PROMPT_FIELD = {"chat": "messages", "completions": "prompt", "embeddings": "inp
 _TYPICAL_TOKENS = 512.0
 
 T = TypeVar("T")
-
-
-class VllmConfig(BackendConfig):
-    kind: Literal["vllm"]
-    #: base URLs (``http://10.0.0.5:8000``, with or without ``/v1``); or ``dns``, not both
-    endpoints: list[str] | None = None
-    #: ``host:port`` resolved to every address it has, re-resolved every ``dns_refresh_s``
-    dns: str | None = None
-    dns_refresh_s: float = Field(default=30.0, gt=0)
-    #: the upstream's model name; unset sends the client's
-    model: str | None = None
-    api_key: SecretStr | None = None
-    timeouts: TimeoutsConfig = Field(default_factory=TimeoutsConfig)
-    #: seconds between /metrics scrapes of each endpoint
-    scrape_interval_s: float = Field(default=2.0, gt=0)
-    #: seconds between GET /health checks of each endpoint
-    health_interval_s: float = Field(default=5.0, gt=0)
-    routing: Routing = "auto"
-    #: characters per block of the prefix index (~64 tokens)
-    prefix_block_chars: int = Field(default=256, ge=16)
-    #: seconds a prompt is assumed to stay in an endpoint's prefix cache
-    prefix_ttl_s: float = Field(default=600.0, gt=0)
-    #: blocks remembered per endpoint (20,000 x 256 chars is ~1.3M tokens, more than one GPU's KV cache)
-    prefix_index_blocks: int = Field(default=20_000, ge=1)
-    #: tokens by which an endpoint holding the prompt's prefix may be busier than the least busy
-    #: before the prefix is ignored
-    load_guard: int = Field(default=4096, ge=0)
-    #: consecutive connection errors / 5xx after which an endpoint leaves the rotation
-    eject_after_failures: int = Field(default=3, ge=1)
-
-    @field_validator("endpoints")
-    @classmethod
-    def _urls(cls, value: list[str] | None) -> list[str] | None:
-        if value is None:
-            return None
-        if not value:
-            raise ValueError("must list at least one URL")
-        roots = [endpoint_root(url) for url in value]
-        if len(set(roots)) != len(roots):
-            raise ValueError("lists the same endpoint twice")
-        return roots
-
-    @field_validator("dns")
-    @classmethod
-    def _host_port(cls, value: str | None) -> str | None:
-        if value is not None:
-            split_host_port(value)
-        return value
-
-    @model_validator(mode="after")
-    def _one_source(self) -> Self:
-        if (self.endpoints is None) == (self.dns is None):
-            raise ValueError("set exactly one of endpoints (a list of URLs) and dns (host:port)")
-        return self
-
-
-def endpoint_root(url: str) -> str:
-    """``http://h:8000/v1/`` -> ``http://h:8000``: the server's root, where /health and /metrics live."""
-    parts = urlsplit(url.strip())
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ValueError(f"{url!r} is not an http:// or https:// URL")
-    if parts.query or parts.fragment:
-        raise ValueError(f"{url!r}: a base URL takes no query or fragment")
-    path = parts.path.rstrip("/").removesuffix("/v1").rstrip("/")
-    return urlunsplit((parts.scheme, parts.netloc, path, "", ""))
-
-
-def split_host_port(value: str) -> tuple[str, int]:
-    host, sep, port = value.rpartition(":")
-    host = host.removeprefix("[").removesuffix("]")
-    if not sep or not host or "/" in value or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ValueError("must be host:port, e.g. vllm.internal:8000")
-    return host, int(port)
 
 
 @dataclass(slots=True)
@@ -211,7 +122,6 @@ class VllmBackend:
     ) -> None:
         self.name = name
         self.config = config
-        self._http: HttpClient = resources.http
         #: per process, never shared: replicas must not break ties alike
         self._rng = rng or random.Random(os.urandom(16))
         self._clock = clock
@@ -220,133 +130,24 @@ class VllmBackend:
         if self._key:
             self._headers["authorization"] = f"Bearer {self._key}"
         t = config.timeouts
-        self._timeouts = Timeouts(connect=t.connect, first_token=t.first_token, total=t.total)
         self._block_tokens = config.prefix_block_chars / CHARS_PER_TOKEN
-        self._probe_timeout = min(2.0, max(0.5, config.health_interval_s))
-        self._scrape_timeout = min(5.0, max(1.0, config.scrape_interval_s))
-        self._stale_after = max(3 * config.scrape_interval_s, 1.0)
         self._typical = _TYPICAL_TOKENS
         self._turn = 0
-        self._running = False
-        self._tasks: list[asyncio.Task[None]] = []
-        #: tasks of endpoints DNS removed, until their cancellation has run
-        self._retired: set[asyncio.Task[None]] = set()
-        self._endpoints: dict[str, Endpoint] = {}
-        for root in config.endpoints or ():
-            self._add(root)
+        self._members = Members(name, config, resources.http, headers=self._headers, secret=self._key,
+                                timeouts=Timeouts(connect=t.connect, first_token=t.first_token,
+                                                  total=t.total),
+                                clock=clock)
 
-    # -- lifecycle ------------------------------------------------------------------------------
+    @property
+    def members(self) -> Members:
+        """The endpoints, their health and their scrapes (``backends.vllm_members``)."""
+        return self._members
 
     async def start(self) -> None:
-        if self.config.dns is not None:
-            await self.refresh_dns()
-        # one check of every endpoint before serving, so readiness starts out right
-        await asyncio.gather(*(self._check(e, may_restore=True) for e in self._endpoints.values()))
-        self._running = True
-        for endpoint in self._endpoints.values():
-            self._watch(endpoint)
-        if self.config.dns is not None:
-            self._tasks.append(asyncio.create_task(self._dns_loop()))
+        await self._members.start()
 
     async def close(self) -> None:
-        self._running = False
-        tasks = [*self._tasks, *self._retired, *(t for e in self._endpoints.values() for t in e.tasks)]
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        self._tasks.clear()
-
-    def _add(self, root: str) -> Endpoint:
-        netloc = urlsplit(root).netloc
-        upstream = OpenAICompatibleUpstream(
-            http=self._http, base_url=root + "/v1", headers=self._headers, timeouts=self._timeouts,
-            secrets=tuple(s for s in (self._key, root, netloc, self.config.dns) if s),
-        )
-        endpoint = Endpoint(root, upstream, PrefixIndex(self.config.prefix_ttl_s,
-                                                         self.config.prefix_index_blocks))
-        self._endpoints[root] = endpoint
-        if self._running:
-            self._watch(endpoint)
-        return endpoint
-
-    def _watch(self, endpoint: Endpoint) -> None:
-        endpoint.tasks = [asyncio.create_task(self._health_loop(endpoint)),
-                          asyncio.create_task(self._scrape_loop(endpoint))]
-
-    def _remove(self, root: str) -> None:
-        endpoint = self._endpoints.pop(root)
-        for task in endpoint.tasks:  # requests in flight there finish on their own
-            task.cancel()
-            self._retired.add(task)
-            task.add_done_callback(self._retired.discard)
-        log.info("vllm pool %s: endpoint %s left (DNS)", self.name, endpoint.url)
-
-    # -- DNS ------------------------------------------------------------------------------------
-
-    async def refresh_dns(self) -> None:
-        """Resolve ``dns`` now; addresses that appeared join the pool, those that vanished leave.
-        A failed or empty answer keeps the pool as it is (a DNS hiccup must not empty it)."""
-        assert self.config.dns is not None
-        host, port = split_host_port(self.config.dns)
-        try:
-            infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
-        except OSError as exc:
-            log.warning("vllm pool %s: cannot resolve %s: %s", self.name, self.config.dns, exc)
-            return
-        addresses = {str(info[4][0]) for info in infos}
-        if not addresses:
-            return
-        wanted = {f"http://[{a}]:{port}" if ":" in a else f"http://{a}:{port}" for a in addresses}
-        for root in sorted(wanted - self._endpoints.keys()):
-            self._add(root)
-            log.info("vllm pool %s: endpoint %s joined (DNS)", self.name, public_url(root))
-        for root in sorted(self._endpoints.keys() - wanted):
-            self._remove(root)
-
-    async def _dns_loop(self) -> None:
-        while True:
-            # an empty pool (the name did not resolve yet) asks again soon
-            await asyncio.sleep(self.config.dns_refresh_s if self._endpoints
-                                else min(1.0, self.config.dns_refresh_s))
-            await self.refresh_dns()
-
-    # -- health and scrapes ---------------------------------------------------------------------
-
-    async def _health_loop(self, endpoint: Endpoint) -> None:
-        while True:
-            woken = False
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(self.config.health_interval_s):
-                    await endpoint.wake.wait()
-                    woken = True
-            endpoint.wake.clear()
-            # A check woken by a failed request may take an endpoint out, never put it back: one
-            # ejected for failing requests while /health passes returns at the next scheduled check.
-            await self._check(endpoint, may_restore=not woken)
-
-    async def _check(self, endpoint: Endpoint, *, may_restore: bool) -> None:
-        ejections = endpoint.ejections
-        reason = await endpoint.probe(self._http.session, self._headers, self._probe_timeout)
-        if reason is not None:
-            self._eject(endpoint, reason)
-        elif not endpoint.healthy and may_restore and endpoint.ejections == ejections:
-            log.info("vllm pool %s: endpoint %s is back", self.name, endpoint.url)
-            endpoint.restore()
-
-    def _eject(self, endpoint: Endpoint, reason: str) -> None:
-        if endpoint.eject(reason):
-            log.warning("vllm pool %s: endpoint %s leaves the rotation: %s", self.name, endpoint.url, reason)
-
-    async def _scrape_loop(self, endpoint: Endpoint) -> None:
-        while True:
-            await endpoint.read_metrics(self._http.session, self._headers, self._scrape_timeout,
-                                        self._clock())
-            await asyncio.sleep(self.config.scrape_interval_s)
-
-    def _fresh(self, endpoint: Endpoint) -> MetricsSnapshot | None:
-        if endpoint.scraped_at is None or self._clock() - endpoint.scraped_at > self._stale_after:
-            return None
-        return endpoint.scrape
+        await self._members.close()
 
     # -- choosing an endpoint -------------------------------------------------------------------
 
@@ -396,20 +197,17 @@ class VllmBackend:
             shaped.pop("stream_options", None)
         return shaped
 
-    def _candidates(self, exclude: Sequence[Endpoint]) -> list[Endpoint]:
-        return [e for e in self._endpoints.values() if e.healthy and e not in exclude]
-
     def _queued(self, endpoint: Endpoint) -> float:
         """Tokens of work ahead of a new request there: ours, plus what the scrape saw beyond ours."""
         queued = endpoint.outstanding
-        scrape = self._fresh(endpoint)
+        scrape = self._members.fresh(endpoint)
         if scrape is not None:
             seen = (scrape.running or 0.0) + (scrape.waiting or 0.0)
             queued += max(0.0, seen - endpoint.ours_at_scrape) * self._typical
         return queued
 
     def _choose(self, plan: _Plan, exclude: Sequence[Endpoint] = ()) -> Endpoint | None:
-        endpoints = {e.root: e for e in self._candidates(exclude)}
+        endpoints = {e.root: e for e in self._members.healthy(exclude)}
         if not endpoints:
             return None
         now = self._clock()
@@ -465,7 +263,7 @@ class VllmBackend:
         connection error or a 5xx, on the next best, at most once per healthy endpoint."""
         tried: list[Endpoint] = []
         last: InterlockError | None = None
-        for _ in range(max(1, len(self._candidates(())))):
+        for _ in range(max(1, len(self._members.healthy()))):
             endpoint = self._choose(plan, tried)
             if endpoint is None:
                 break
@@ -491,7 +289,8 @@ class VllmBackend:
         if _endpoint_fault(exc):
             endpoint.failures += 1
             if endpoint.failures >= self.config.eject_after_failures:
-                self._eject(endpoint, f"{endpoint.failures} consecutive failures, last: {exc.message}")
+                reason = f"{endpoint.failures} consecutive failures, last: {exc.message}"
+                self._members.eject(endpoint, reason)
             endpoint.wake.set()  # check it now rather than at the next interval
         if not isinstance(exc, UpstreamHTTPError):
             return exc
@@ -509,14 +308,14 @@ class VllmBackend:
         return exc
 
     def _none_healthy(self) -> BackendUnavailable:
-        total = len(self._endpoints)
+        total = len(self._members)
         return BackendUnavailable(f"no healthy endpoint in the vLLM pool ({total} of {total} down)"
                                   if total else "the vLLM pool has no endpoints")
 
     # -- what the gateway reads -----------------------------------------------------------------
 
     async def health(self) -> Health:
-        endpoints = list(self._endpoints.values())
+        endpoints = list(self._members)
         if not endpoints:
             return Health(False, f"no endpoints resolved from {self.config.dns}")
         dead = [f"{e.url} ({e.reason or 'down'})" for e in endpoints if not e.healthy]
@@ -526,16 +325,16 @@ class VllmBackend:
 
     def load(self) -> Load:
         queued = 0
-        for endpoint in self._endpoints.values():
-            scrape = self._fresh(endpoint)
+        for endpoint in self._members:
+            scrape = self._members.fresh(endpoint)
             if scrape is not None and scrape.waiting:
                 queued += int(scrape.waiting)
-        return Load(in_flight=sum(e.in_flight for e in self._endpoints.values()), queued=queued)
+        return Load(in_flight=sum(e.in_flight for e in self._members), queued=queued)
 
     def endpoints(self) -> list[dict[str, Any]]:
         """Per-endpoint figures for operators (``/admin/routes``); URLs carry no credentials."""
         now = self._clock()
-        return [e.row(now) for e in self._endpoints.values()]
+        return [e.row(now) for e in self._members]
 
 
 def _count(value: object) -> int:
@@ -592,3 +391,6 @@ class _PoolStream:
             await self._chunks.aclose()  # type: ignore[attr-defined]
         finally:
             self._ticket.done()
+
+
+__all__ = ["VllmBackend", "VllmConfig", "endpoint_root", "split_host_port"]

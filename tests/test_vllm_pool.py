@@ -367,10 +367,10 @@ async def test_a_health_check_begun_before_an_ejection_does_not_undo_it(
         http: HttpClient, sims: list[VllmSim]) -> None:
     pair = sims[:2]
     async with pool(http, pair, routing="round_robin", health_interval_s=60.0) as backend:
-        first = next(iter(backend._endpoints.values()))
+        first = next(iter(backend.members))
         pair[0].health_delay_s = 1.0
         # a check is on its way; the server answers it 200, but only after it failed 3 requests
-        check = asyncio.create_task(backend._check(first, may_restore=True))
+        check = asyncio.create_task(backend.members.check(first, may_restore=True))
         await asyncio.sleep(0.05)
         pair[0].fail_next = 3
         for i in range(6):
@@ -380,7 +380,7 @@ async def test_a_health_check_begun_before_an_ejection_does_not_undo_it(
         assert first.healthy is False, "a 200 from before the ejection put it back"
         # a check begun after the ejection does bring it back
         pair[0].health_delay_s = 0.0
-        await backend._check(first, may_restore=True)
+        await backend.members.check(first, may_restore=True)
         assert first.healthy is True
 
 
