@@ -47,6 +47,7 @@ DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 #: Measured with 8 users (benchmarks/llamacpp_batching): TTFT p50 204 ms at 32, 322 ms at 64,
 #: the same throughput.
 CPU_PREFILL_CHUNK = 32
+CPU_FOLLOW_UP_WAIT_MS = 10.0
 
 
 class LlamaCppConfig(BackendConfig):
@@ -68,6 +69,12 @@ class LlamaCppConfig(BackendConfig):
     #: before the last ones are read. None: 32 on a CPU, n_batch with GPU offload (where a step
     #: of n_batch tokens is short)
     prefill_chunk: int | None = Field(None, ge=1)
+    #: after a step that ended a reply, with no request waiting, how long the next step waits
+    #: for one (cut short by any arrival): a client that sends its next request as soon as a
+    #: reply ends (an agent loop, a batch job) has it prefilled in the very next step instead of
+    #: after one more. Running streams pause at most this long per finished reply. None: 10 on
+    #: a CPU (steps of 40-90 ms here), 0 with GPU offload (not measured there)
+    follow_up_wait_ms: float | None = Field(None, ge=0, le=1000)
     #: sequences decoded together
     parallel: int = Field(8, ge=1, le=256)
     #: requests that may wait for a free sequence; beyond it: 503 with Retry-After
@@ -154,6 +161,8 @@ class LlamaCppBackend:
                 model, n_ctx=c.n_ctx, n_threads=c.n_threads, n_batch=c.n_batch,
                 parallel=c.parallel, max_queue=c.max_queue, flash_attn=c.flash_attn,
                 prefill_chunk=c.prefill_chunk or (c.n_batch if c.n_gpu_layers != 0 else CPU_PREFILL_CHUNK),
+                follow_up_wait_ms=(c.follow_up_wait_ms if c.follow_up_wait_ms is not None
+                                   else 0.0 if c.n_gpu_layers != 0 else CPU_FOLLOW_UP_WAIT_MS),
                 kv_unified=c.n_gpu_layers != 0 if c.kv_unified is None else c.kv_unified)
         except BaseException:
             model.free()

@@ -12,6 +12,13 @@ a tail under half a chunk is taken with the rest), so a burst of new prompts pau
 running streams for one short step at a time, and the first prompts of the burst
 start answering before the last ones are read.
 
+Follow-ups: a client that sends its next request the moment a reply ends (an agent loop, a
+benchmark's closed loop) would miss the step that starts right after that reply's last token
+and wait a whole step before its prompt is read; when another user's prompt filled that step,
+the two users' replies then end one step apart, and each one's follow-up waits behind the
+other's prefill again, every turn. After a step that ended a reply, with no request waiting,
+the engine therefore waits up to ``follow_up_wait_ms`` for one (any arrival ends the wait).
+
 Prefix reuse: a free sequence keeps its KV cells, and a new request takes the one
 sharing the longest prefix with its prompt, or has a longer prefix another sequence holds
 copied (``llama_memory_seq_cp``); only the rest is prefilled (``backends.llamacpp_seqs``
@@ -109,7 +116,7 @@ class Engine:
 
     def __init__(self, model: Model, *, n_ctx: int, n_threads: int | None, n_batch: int,
                  parallel: int, max_queue: int, flash_attn: str = "auto", kv_unified: bool = False,
-                 prefill_chunk: int | None = None) -> None:
+                 prefill_chunk: int | None = None, follow_up_wait_ms: float = 0.0) -> None:
         threads = n_threads or len(os.sched_getaffinity(0))
         self.model = model
         cparams = C.llama_context_default_params()
@@ -137,6 +144,11 @@ class Engine:
         self._n_batch = n_batch
         self._prefill_chunk = min(prefill_chunk or n_batch, n_batch)
         self._kv_unified = kv_unified
+        self._follow_up_wait_s = follow_up_wait_ms / 1000
+        #: a reply ended (or was cancelled) since the last follow-up wait
+        self._freed = False
+        #: llama_decode calls so far
+        self.steps = 0
         self._batch = C.llama_batch_init(n_batch, 0, 1)
         # Every batch row belongs to exactly one sequence; set once, not per step.
         for i in range(n_batch):
@@ -223,11 +235,24 @@ class Engine:
                     self._wake.clear()
                     continue
                 self._step()
+                if self._freed:
+                    self._freed = False
+                    self._await_follow_up()
         except Exception as exc:  # a bug: fail loudly and never leave a client hanging
             log.exception("llamacpp engine thread died")
             self.error = f"engine thread died: {exc!r}"
             self._stopping = True
             self._fail_all(self.error)
+
+    def _await_follow_up(self) -> None:
+        """Give a client whose reply just ended the chance to have its next prompt in the next step
+        (see the module's docstring). With nothing running the loop sleeps until a submit anyway."""
+        if self._follow_up_wait_s <= 0 or not self._active:
+            return
+        self._wake.clear()  # before looking: a submit from here on sets it again
+        if self._waiting or self._cancelled or self._stopping:
+            return
+        self._wake.wait(self._follow_up_wait_s)
 
     def _admit(self) -> None:
         """Apply cancellations, then move waiting jobs into free sequences."""
@@ -334,6 +359,7 @@ class Engine:
                 sample.append(job)
         batch.n_tokens = n
         rc = C.llama_decode(self._ctx, batch)
+        self.steps += 1
         if rc != 0:  # the KV state of every sequence in the batch is now unknown: drop them all
             log.error("llama_decode returned %d for a batch of %d tokens", rc, n)
             self._fail_all(f"llama_decode failed (code {rc})")
@@ -405,6 +431,7 @@ class Engine:
             C.llama_memory_seq_rm(self._mem, seq, -1, -1)
         self._active.remove(job)
         self._seqs.release(seq, kept)
+        self._freed = True
         job.seq = -1
 
     @staticmethod

@@ -481,3 +481,45 @@ def test_a_prefix_another_sequence_holds_is_copied_not_prefilled(kv_unified: boo
     finally:
         engine.close()
         fresh.close()
+
+
+@pytest.mark.parametrize("wait_ms", [0, 5000])
+def test_a_follow_up_sent_as_a_reply_ends_is_read_in_the_next_step(wait_ms: int) -> None:
+    from backends.llamacpp_engine import Finished, Sampling
+
+    engine = _engine(follow_up_wait_ms=wait_ms)
+    try:
+        def prompt(user: str) -> list[int]:
+            text = f"<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n"
+            return list(engine.model.tokenize(text, add_special=False))
+
+        async def scenario() -> tuple[int, int, float]:
+            # a long reply keeps the engine stepping while a short one ends and its client,
+            # 0.2 s later (a slow round trip), sends the next request
+            long_q: asyncio.Queue[Any] = asyncio.Queue()
+            long_job = engine.submit(prompt(PROMPTS[1]), Sampling(temperature=0, max_tokens=200), long_q)
+            await long_q.get()
+            short_q: asyncio.Queue[Any] = asyncio.Queue()
+            engine.submit(prompt(PROMPTS[2]), Sampling(temperature=0, max_tokens=4), short_q)
+            while not isinstance(await short_q.get(), Finished):
+                pass
+            ended_at = engine.steps
+            await asyncio.sleep(0.2)
+            sent_at = engine.steps
+            t0 = time.monotonic()
+            next_q: asyncio.Queue[Any] = asyncio.Queue()
+            engine.submit(prompt(PROMPTS[3]), Sampling(temperature=0, max_tokens=2), next_q)
+            assert type(await next_q.get()) is str
+            first_token_s = time.monotonic() - t0
+            engine.cancel(long_job)
+            return ended_at, sent_at, first_token_s
+
+        ended_at, sent_at, first_token_s = asyncio.run(scenario())
+        if wait_ms:
+            # the engine held the step after the reply ended, and the arrival ended the wait
+            assert sent_at == ended_at
+            assert first_token_s < wait_ms / 1000 / 2
+        else:
+            assert sent_at > ended_at  # the long reply went on without it
+    finally:
+        engine.close()
