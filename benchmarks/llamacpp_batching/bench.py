@@ -65,6 +65,8 @@ REPO = HERE.parent.parent
 DEFAULT_LLAMA_SERVER = REPO / "benchmarks" / ".work" / "llama-server" / "build" / "bin" / "llama-server"
 RESULTS = HERE / "results.md"
 SERVERS = ("interlock", "llamacpp-python", "llama-server", "direct", "raw")
+#: Interlock with other backend options, for a side-by-side run on request (not in the default list)
+VARIANTS = {"interlock-no-wait": {"follow_up_wait_ms": 0}}
 THREADS = 2  # per server: llama.cpp threads for decode and for prompt batches
 N_CTX = 4096
 PARALLEL = 8
@@ -349,11 +351,12 @@ class ServerSpec:
 def server_spec(name: str, port: int, gguf: str, llama_server: Path, tmp: Path,
                 threads: int, backend_options: dict[str, Any]) -> ServerSpec:
     py = sys.executable
-    if name == "interlock":
-        config = tmp / "interlock.yaml"
+    if name == "interlock" or name in VARIANTS:
+        config = tmp / f"{name}.yaml"
+        options = {**backend_options, **VARIANTS.get(name, {})}
         config.write_text(json.dumps({  # JSON is YAML; no yaml import needed here
             "backends": {"local": {"kind": "llamacpp", "model_path": gguf, "parallel": PARALLEL,
-                                   "n_threads": threads, "n_ctx": N_CTX, **backend_options}},
+                                   "n_threads": threads, "n_ctx": N_CTX, **options}},
             "models": {"smollm2": {"targets": ["local"]}},
         }))
         exe = Path(py).parent / "interlock"
@@ -688,7 +691,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--threads", type=int, default=THREADS, help="llama.cpp threads, every server")
     p.add_argument("--servers", default=",".join(SERVERS),
-                   help=f"comma-separated, in run order; known: {', '.join(SERVERS)}")
+                   help=f"comma-separated, in run order; known: {', '.join([*SERVERS, *VARIANTS])}")
     p.add_argument("--llama-server-bin", type=Path, default=DEFAULT_LLAMA_SERVER)
     p.add_argument("--extra-body", type=json.loads, default={},
                    help='JSON merged into every request, e.g. \'{"cache_prompt": false}\' '
@@ -704,7 +707,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--direct-worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--gguf", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    unknown = set(args.servers.split(",")) - set(SERVERS)
+    unknown = set(args.servers.split(",")) - set(SERVERS) - set(VARIANTS)
     if unknown:
         p.error(f"unknown server(s): {', '.join(sorted(unknown))}")
     return args
