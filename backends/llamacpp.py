@@ -34,7 +34,8 @@ from backends.errors import (
     InvalidRequest,
     UnsupportedEndpoint,
 )
-from backends.llamacpp_chat import Shaper, make_chat_renderer, tokenize_sized
+from backends.llamacpp_chat import make_chat_renderer, tokenize_sized
+from backends.openai_frames import ReplyFrames
 
 if TYPE_CHECKING:
     from backends.llamacpp_embed import EmbeddingEngine
@@ -198,7 +199,7 @@ class LlamaCppBackend:
         if request.endpoint == "embeddings" and self._embedder is not None:
             return await self._embed_mod.answer(self._embedder, request.body, backend=self.name,
                                                 model_id=self.model_id)
-        job, queue, shaper = await self._submit(request)
+        job, queue, frames = await self._submit(request)
         parts: list[str] = []
         try:
             while True:
@@ -212,12 +213,12 @@ class LlamaCppBackend:
         except BaseException:
             self._cancel(job)  # no-op when it already ended
             raise
-        body = shaper.body("".join(parts), event.reason, event.prompt_tokens, event.completion_tokens)
-        return BackendResponse(body, Usage(event.prompt_tokens, event.completion_tokens))
+        usage = Usage(event.prompt_tokens, event.completion_tokens)
+        return BackendResponse(frames.text_body("".join(parts), event.reason, usage), usage)
 
     async def stream(self, request: BackendRequest) -> AsyncIterator[bytes]:
-        job, queue, shaper = await self._submit(request)
-        return _SSEStream(self, job, queue, shaper)
+        job, queue, frames = await self._submit(request)
+        return _SSEStream(self, job, queue, frames)
 
     def _cancel(self, job: Job) -> None:
         engine = self._engine
@@ -226,7 +227,7 @@ class LlamaCppBackend:
 
     # ---- request → engine ------------------------------------------------------------
 
-    async def _submit(self, request: BackendRequest) -> tuple[Job, asyncio.Queue[Any], Shaper]:
+    async def _submit(self, request: BackendRequest) -> tuple[Job, asyncio.Queue[Any], ReplyFrames]:
         if self._embedder is not None:
             raise UnsupportedEndpoint(f"the llamacpp backend {self.name!r} serves an embedding model "
                                       f"({self.model_id}): use /v1/embeddings")
@@ -252,9 +253,9 @@ class LlamaCppBackend:
         options = body.get("stream_options")
         include_usage = isinstance(options, dict) and bool(options.get("include_usage"))
         model = body.get("model")
-        shaper = Shaper(request.endpoint, model if isinstance(model, str) else self.model_id,
-                        include_usage=include_usage)
-        return job, queue, shaper
+        frames = ReplyFrames(request.endpoint == "chat", model if isinstance(model, str) else self.model_id,
+                             include_usage=include_usage)
+        return job, queue, frames
 
     async def _prompt_tokens(self, body: dict[str, Any], endpoint: str,
                              engine: Engine) -> tuple[list[int], str]:
@@ -353,12 +354,13 @@ def _number(body: dict[str, Any], key: str, default: float, low: float, high: fl
 class _SSEStream:
     """The stream() iterator. Closing it, cancelling its reader or dropping it frees the sequence."""
 
-    def __init__(self, backend: LlamaCppBackend, job: Job, queue: asyncio.Queue[Any], shaper: Shaper) -> None:
+    def __init__(self, backend: LlamaCppBackend, job: Job, queue: asyncio.Queue[Any],
+                 frames: ReplyFrames) -> None:
         self._backend = backend
         self._job: Job | None = job
         self._queue = queue
-        self._shaper = shaper
-        first = shaper.first_chunk()
+        self._frames = frames
+        first = frames.role_chunk()
         self._ready: deque[bytes] = deque([first] if first else [])
 
     def __aiter__(self) -> _SSEStream:
@@ -375,11 +377,11 @@ class _SSEStream:
             self._cancel()
             raise
         if type(event) is str:
-            return self._shaper.delta_chunk(event)
+            return self._frames.delta_chunk(event)
         self._job = None
         if isinstance(event, self._backend._mod.Finished):
-            self._ready.extend(
-                self._shaper.final_chunks(event.reason, event.prompt_tokens, event.completion_tokens))
+            self._ready.extend(self._frames.final_chunks(
+                event.reason, Usage(event.prompt_tokens, event.completion_tokens)))
             return self._ready.popleft()
         raise BackendUnavailable(f"llamacpp backend {self._backend.name!r}: {event.message}")
 

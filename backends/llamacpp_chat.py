@@ -1,17 +1,9 @@
-"""Prompt rendering and OpenAI request and reply shapes for the in-process llama.cpp backend.
-
-Replies follow the OpenAI wire format byte for byte in structure (the fields the
-official SDK reads), with vLLM's SSE framing: ``data: {json}\\n\\n`` per chunk and
-``data: [DONE]\\n\\n`` at the end. A streamed chunk is a prebuilt prefix, the
-JSON-escaped text, and a prebuilt suffix, so a token costs one ``orjson.dumps`` of
-a short string.
-"""
+"""Prompt rendering and OpenAI request shapes for the in-process llama.cpp backend; its replies
+are framed by ``backends.openai_frames``."""
 
 from __future__ import annotations
 
 import asyncio
-import time
-import uuid
 from base64 import b64encode
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
@@ -19,8 +11,6 @@ from typing import Any, TypeVar
 import orjson
 
 from backends.errors import InvalidRequest
-
-DONE = b"data: [DONE]\n\n"
 
 T = TypeVar("T")
 
@@ -67,70 +57,6 @@ def _plain_message(message: Any) -> dict[str, Any]:
     role = message.get("role")
     # OpenAI's newer "developer" role means what templates call "system".
     return {"role": "system" if role == "developer" else role, "content": content}
-
-
-class Shaper:
-    """Builds the OpenAI bodies and SSE chunks of one request."""
-
-    def __init__(self, endpoint: str, model: str, *, include_usage: bool = False) -> None:
-        self.chat = endpoint == "chat"
-        self.id = ("chatcmpl-" if self.chat else "cmpl-") + uuid.uuid4().hex
-        self.created = int(time.time())
-        self.model = model
-        self.include_usage = include_usage
-        obj = "chat.completion.chunk" if self.chat else "text_completion"
-        self._head = (f'data: {{"id":"{self.id}","object":"{obj}","created":{self.created},'
-                      f'"model":').encode() + orjson.dumps(model) + b',"choices":'
-        key = b'"delta":{"content":' if self.chat else b'"text":'
-        self._delta_prefix = self._head + b'[{"index":0,' + key
-        close = b"}" if self.chat else b""
-        self._delta_suffix = close + b',"logprobs":null,"finish_reason":null}]}\n\n'
-
-    def first_chunk(self) -> bytes | None:
-        """The role announcement that opens a chat stream; completions have none."""
-        if not self.chat:
-            return None
-        return self._head + b'[{"index":0,"delta":{"role":"assistant","content":""},' \
-                            b'"logprobs":null,"finish_reason":null}]}\n\n'
-
-    def delta_chunk(self, text: str) -> bytes:
-        return self._delta_prefix + orjson.dumps(text) + self._delta_suffix
-
-    def final_chunks(self, finish_reason: str, prompt_tokens: int, completion_tokens: int) -> list[bytes]:
-        """The finish_reason chunk, the usage chunk when asked for, and ``[DONE]``."""
-        empty = b'"delta":{}' if self.chat else b'"text":""'
-        out = [self._head + b'[{"index":0,' + empty + b',"logprobs":null,"finish_reason":'
-               + orjson.dumps(finish_reason) + b"}]}\n\n"]
-        if self.include_usage:
-            usage = orjson.dumps(_usage(prompt_tokens, completion_tokens))
-            out.append(self._head + b'[],"usage":' + usage + b"}\n\n")
-        out.append(DONE)
-        return out
-
-    def body(self, text: str, finish_reason: str, prompt_tokens: int, completion_tokens: int) -> bytes:
-        """The non-streamed ``chat.completion`` / ``text_completion`` JSON."""
-        if self.chat:
-            choice: dict[str, Any] = {
-                "index": 0,
-                "message": {"role": "assistant", "content": text, "refusal": None},
-                "logprobs": None,
-                "finish_reason": finish_reason,
-            }
-        else:
-            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
-        return orjson.dumps({
-            "id": self.id,
-            "object": "chat.completion" if self.chat else "text_completion",
-            "created": self.created,
-            "model": self.model,
-            "choices": [choice],
-            "usage": _usage(prompt_tokens, completion_tokens),
-        })
-
-
-def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
 
 
 #: texts longer than this are tokenized in a worker thread (~3 ms of tokenizing on the event loop)

@@ -47,7 +47,6 @@ from __future__ import annotations
 
 import base64
 import struct
-import time
 import uuid
 from typing import Any
 
@@ -55,9 +54,7 @@ import orjson
 
 from backends.base import BackendRequest, BackendResponse, Usage
 from backends.errors import BackendUnavailable, InvalidRequest
-
-_DONE = b"data: [DONE]\n\n"
-
+from backends.openai_frames import ReplyFrames
 
 # --- request translation -----------------------------------------------------------------------
 
@@ -312,11 +309,6 @@ def reply_usage(data: dict[str, Any]) -> Usage:
     return Usage(int_or_zero(data.get("prompt_eval_count")), int_or_zero(data.get("eval_count")))
 
 
-def _usage_dict(usage: Usage) -> dict[str, int]:
-    return {"prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens,
-            "total_tokens": usage.total_tokens}
-
-
 def _finish_reason(done_reason: Any, tool_calls: bool) -> str:
     if done_reason == "length":
         return "length"
@@ -338,26 +330,13 @@ def _tool_call_out(call: Any, index: int | None) -> dict[str, Any]:
 
 
 class Shape:
-    """The OpenAI bodies and SSE chunks of one request (built byte-wise, as backends.llamacpp_chat)."""
+    """Ollama's replies for one request, as OpenAI bodies and SSE chunks."""
 
     def __init__(self, chat: bool, model: str, *, include_usage: bool = False) -> None:
         self.chat = chat
-        self.id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
-        self.created = int(time.time())
-        self.model = model
-        self.include_usage = include_usage
-        self.object = "chat.completion.chunk" if chat else "text_completion"
-        self._head = (f'data: {{"id":"{self.id}","object":"{self.object}","created":{self.created},'
-                      f'"model":').encode() + orjson.dumps(model) + b',"choices":'
-        key = b'"delta":{"content":' if chat else b'"text":'
-        self._delta_prefix = self._head + b'[{"index":0,' + key
-        self._delta_suffix = (b"}" if chat else b"") + b',"logprobs":null,"finish_reason":null}]}\n\n'
+        self.frames = ReplyFrames(chat, model, include_usage=include_usage)
         self._started = False
         self._tool_calls = 0
-
-    def _chunk(self, choice: dict[str, Any]) -> bytes:
-        return self._head + orjson.dumps([{"index": 0, **choice, "logprobs": None,
-                                           "finish_reason": choice.get("finish_reason")}]) + b"}\n\n"
 
     def feed(self, data: dict[str, Any]) -> tuple[bytes, bool]:
         """One NDJSON object → the SSE bytes it makes (maybe none), and whether it was the last."""
@@ -365,34 +344,30 @@ class Shape:
         if self.chat:
             if not self._started:
                 self._started = True
-                out += self._chunk({"delta": {"role": "assistant", "content": ""}})
+                out += self.frames.chunk({"delta": {"role": "assistant", "content": ""}})
             message = data.get("message")
             message = message if isinstance(message, dict) else {}
             thinking = message.get("thinking")
             if isinstance(thinking, str) and thinking:
-                out += self._chunk({"delta": {"reasoning_content": thinking}})
+                out += self.frames.chunk({"delta": {"reasoning_content": thinking}})
             content = message.get("content")
             if isinstance(content, str) and content:
-                out += self._delta_prefix + orjson.dumps(content) + self._delta_suffix
+                out += self.frames.delta_chunk(content)
             calls = message.get("tool_calls")
             if isinstance(calls, list) and calls:
                 deltas = []
                 for call in calls:
                     deltas.append(_tool_call_out(call, self._tool_calls))
                     self._tool_calls += 1
-                out += self._chunk({"delta": {"tool_calls": deltas}})
+                out += self.frames.chunk({"delta": {"tool_calls": deltas}})
         else:
             text = data.get("response")
             if isinstance(text, str) and text:
-                out += self._delta_prefix + orjson.dumps(text) + self._delta_suffix
+                out += self.frames.delta_chunk(text)
         done = data.get("done") is True
         if done:
             finish = _finish_reason(data.get("done_reason"), self._tool_calls > 0)
-            empty: dict[str, Any] = {"delta": {}} if self.chat else {"text": ""}
-            out += self._chunk({**empty, "finish_reason": finish})
-            if self.include_usage:
-                out += self._head + b'[],"usage":' + orjson.dumps(_usage_dict(reply_usage(data))) + b"}\n\n"
-            out += _DONE
+            out += b"".join(self.frames.final_chunks(finish, reply_usage(data)))
         return bytes(out), done
 
     def body(self, data: dict[str, Any]) -> bytes:
@@ -411,19 +386,11 @@ class Shape:
             if calls:
                 reply["tool_calls"] = [_tool_call_out(c, None) for c in calls]
             finish = _finish_reason(data.get("done_reason"), bool(calls))
-            choice: dict[str, Any] = {"index": 0, "message": reply, "logprobs": None, "finish_reason": finish}
+            choice: dict[str, Any] = {"message": reply, "finish_reason": finish}
         else:
             text = data.get("response") if isinstance(data.get("response"), str) else ""
-            finish = _finish_reason(data.get("done_reason"), False)
-            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
-        return orjson.dumps({
-            "id": self.id,
-            "object": "chat.completion" if self.chat else "text_completion",
-            "created": self.created,
-            "model": self.model,
-            "choices": [choice],
-            "usage": _usage_dict(reply_usage(data)),
-        })
+            choice = {"text": text, "finish_reason": _finish_reason(data.get("done_reason"), False)}
+        return self.frames.body(choice, reply_usage(data))
 
 
 def embeddings_reply(data: dict[str, Any], model: str, encoding: Any) -> BackendResponse:
