@@ -22,8 +22,8 @@ the engine therefore waits up to ``follow_up_wait_ms`` for one (any arrival ends
 Prefix reuse: a free sequence keeps its KV cells, and a new request takes the one
 sharing the longest prefix with its prompt, or has a longer prefix another sequence holds
 copied (``llama_memory_seq_cp``); only the rest is prefilled (``backends.llamacpp_seqs``
-chooses). At least one prompt token is always decoded, for its logits. A failed decode
-clears the KV.
+chooses, ``backends.llamacpp_kv`` does it). At least one prompt token is always decoded,
+for its logits. A failed decode clears the KV.
 
 Context sharing: the context has ``n_ctx`` KV cells and ``n_seq_max = parallel``,
 and every request may use at most ``n_ctx // parallel`` of them, prompt and reply
@@ -58,9 +58,9 @@ from typing import Any
 import llama_cpp.llama_cpp as C
 import numpy as np
 
+from backends.llamacpp_kv import KvCells
 from backends.llamacpp_model import FLASH_ATTN, Model
 from backends.llamacpp_sampling import Sampling, TokenSampler, sample_rows
-from backends.llamacpp_seqs import SeqTable
 from backends.llamacpp_text import ReplyText
 
 log = logging.getLogger("interlock.backends.llamacpp")
@@ -166,12 +166,8 @@ class Engine:
         self._waiting: deque[Job] = deque()
         self._cancelled: list[Job] = []
         self._active: list[Job] = []
-        self._seqs = SeqTable(parallel, unified_kv=kv_unified)
+        self._kv = KvCells(self._mem, parallel, unified=kv_unified)
         self._admitted = 0
-        #: prompt tokens taken from the KV cache instead of prefilled, over all requests
-        self.reused_tokens = 0
-        #: of which copied from another sequence's cells
-        self.copied_tokens = 0
         self._stopping = False
         self.error: str | None = None  # set if the engine thread died
         self._thread = threading.Thread(target=self._run, name="llamacpp-engine", daemon=True)
@@ -182,6 +178,16 @@ class Engine:
     @property
     def n_active(self) -> int:
         return len(self._active)
+
+    @property
+    def reused_tokens(self) -> int:
+        """Prompt tokens taken from the KV cache instead of prefilled, over all requests."""
+        return self._kv.reused_tokens
+
+    @property
+    def copied_tokens(self) -> int:
+        """Of ``reused_tokens``, those copied from another sequence's cells."""
+        return self._kv.copied_tokens
 
     @property
     def n_waiting(self) -> int:
@@ -256,7 +262,7 @@ class Engine:
 
     def _admit(self) -> None:
         """Apply cancellations, then move waiting jobs into free sequences."""
-        if not (self._cancelled or (self._waiting and self._seqs.has_free)):
+        if not (self._cancelled or (self._waiting and self._kv.has_free)):
             return
         with self._lock:
             cancelled, self._cancelled = self._cancelled, []
@@ -265,7 +271,7 @@ class Engine:
                     self._release(job)
                 elif job in self._waiting:
                     self._waiting.remove(job)
-            while self._waiting and self._seqs.has_free:
+            while self._waiting and self._kv.has_free:
                 job = self._waiting.popleft()
                 self._admitted += 1
                 job.admitted = self._admitted
@@ -275,47 +281,11 @@ class Engine:
                 bisect.insort(self._active, job, key=_seq_of)
 
     def _take_seq(self, job: Job) -> None:
-        """Give ``job`` a free seq and skip the prompt prefix already in the KV cache: the seq's
-        own, or a longer one copied from another sequence (``SeqTable.take`` chooses)."""
-        running = {j.seq: j for j in self._active}
-
-        def held(seq: int) -> list[int]:
-            other = running.get(seq)
-            return other.tokens[:other.n_fed] if other else self._seqs.resident(seq)
-
-        plan = self._seqs.take(job.tokens, running, held)
-        seq, p = plan.seq, plan.own
-        if plan.donor >= 0 and self._copy_prefix(plan.donor, seq, plan.donor_len):
-            p = plan.donor_len
-            self.copied_tokens += p
-        else:
-            if p < plan.cells and not C.llama_memory_seq_rm(self._mem, seq, p, -1):
-                p = 0  # this memory cannot drop part of a sequence (e.g. recurrent state)
-            if p == 0:
-                C.llama_memory_seq_rm(self._mem, seq, -1, -1)
-        if p and C.llama_memory_seq_pos_max(self._mem, seq) != p - 1:  # never expected: be safe
-            log.warning("seq %d: KV holds up to position %d, expected %d; clearing it", seq,
-                        C.llama_memory_seq_pos_max(self._mem, seq), p - 1)
-            C.llama_memory_seq_rm(self._mem, seq, -1, -1)
-            p = 0
-        job.seq = seq
-        job.n_fed = job.pos = job.reused = p
-        self.reused_tokens += p
-        log.debug("seq %d: reusing %d of %d prompt tokens from the KV cache", seq, p, len(job.tokens))
-
-    def _copy_prefix(self, src: int, dst: int, n: int) -> bool:
-        """Make ``dst`` hold ``src``'s first ``n`` positions. In one KV stream the cells are only
-        tagged with ``dst`` too; across streams llama.cpp copies the whole stream's buffer
-        (before the next decode), and the part past ``n`` is dropped."""
-        C.llama_memory_seq_rm(self._mem, dst, -1, -1)
-        if self._kv_unified:
-            C.llama_memory_seq_cp(self._mem, src, dst, 0, n)
-            return True
-        C.llama_memory_seq_cp(self._mem, src, dst, -1, -1)
-        if C.llama_memory_seq_rm(self._mem, dst, n, -1):
-            return True
-        C.llama_memory_seq_rm(self._mem, dst, -1, -1)
-        return False
+        """Give ``job`` a free seq, skipping the prompt prefix already in the KV cache: the seq's
+        own, or a longer one copied from another sequence (``KvCells`` and ``SeqTable``)."""
+        running = {j.seq: (j.tokens, j.n_fed) for j in self._active}
+        job.seq, reused = self._kv.take(job.tokens, running)
+        job.n_fed = job.pos = job.reused = reused
 
     def _step(self) -> None:
         batch, slots = self._batch, self._seq_slots
@@ -419,18 +389,15 @@ class Engine:
     def _release(self, job: Job, *, keep: bool = True) -> None:
         """Free the job's seq. ``keep``: the last decode succeeded, so its KV cells hold exactly
         the prompt tokens fed and the generated tokens decoded; they stay for the next prompt."""
-        seq = job.seq
-        kept: list[int] = []
+        kept: list[int] | None = None
         if keep:
             n_prompt = len(job.tokens)
             if job.n_fed < n_prompt:  # still prefilling (cancelled)
                 kept = job.tokens[:job.n_fed]
             else:  # job.pos: positions decoded; the last sampled token was never decoded
                 kept = job.tokens + job.generated[:job.pos - n_prompt]
-        else:
-            C.llama_memory_seq_rm(self._mem, seq, -1, -1)
         self._active.remove(job)
-        self._seqs.release(seq, kept)
+        self._kv.release(job.seq, kept)
         self._freed = True
         job.seq = -1
 
