@@ -130,8 +130,8 @@ class Engine:
         if not self._ctx:
             raise RuntimeError(f"llama.cpp could not create a context for {model.path} "
                                f"(n_ctx={n_ctx}, parallel={parallel})")
-        self._mem = C.llama_get_memory(self._ctx)
-        if not self._mem:  # e.g. a BERT without pooling metadata: it cannot generate
+        mem = C.llama_get_memory(self._ctx)
+        if not mem:  # e.g. a BERT without pooling metadata: it cannot generate
             C.llama_free(self._ctx)
             raise RuntimeError(f"{model.path} ({model.architecture}) keeps no KV cache: it is not a "
                                "generative model")
@@ -143,7 +143,6 @@ class Engine:
         self.max_queue = max_queue
         self._n_batch = n_batch
         self._prefill_chunk = min(prefill_chunk or n_batch, n_batch)
-        self._kv_unified = kv_unified
         self._follow_up_wait_s = follow_up_wait_ms / 1000
         #: a reply ended (or was cancelled) since the last follow-up wait
         self._freed = False
@@ -166,7 +165,7 @@ class Engine:
         self._waiting: deque[Job] = deque()
         self._cancelled: list[Job] = []
         self._active: list[Job] = []
-        self._kv = KvCells(self._mem, parallel, unified=kv_unified)
+        self._kv = KvCells(mem, parallel, unified=kv_unified)
         self._admitted = 0
         self._stopping = False
         self.error: str | None = None  # set if the engine thread died
