@@ -201,7 +201,8 @@ def ceiling(raws: list[list[dict[str, float]]], rows_: list[Summary], users: int
     reply_ms = (max_tokens * last["step_ms"] / last["seqs"]
                 + NEW_PROMPT_TOKENS * last["prefill_ms"] / 60)
     with_prompts = max_tokens / reply_ms * 1000
-    lines.append(f"- ceiling with the prompts: {max_tokens} decoded tokens at "
+    lines.append(f"- ceiling with the prompts (an estimate from the raw rates): {max_tokens} decoded "
+                 f"tokens at "
                  f"{last['step_ms'] / last['seqs']:.1f} ms plus {NEW_PROMPT_TOKENS} prompt tokens at "
                  f"{last['prefill_ms'] / 60:.1f} ms per reply: {with_prompts:.0f} tok/s")
     ls = find(rows_, "llama-server", users)
