@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
-import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -80,6 +79,8 @@ class Timeouts:
     connect: float
     first_token: float
     total: float
+    #: the longest gap between two chunks of a stream after its first
+    idle: float = 30.0
 
 
 @dataclass(slots=True)
@@ -209,9 +210,21 @@ class OpenAICompatibleUpstream:
         self, response: aiohttp.ClientResponse, chunks: AsyncIterator[bytes], first: bytes
     ) -> AsyncIterator[bytes]:
         tail = first[-32:]
+        idle = self.timeouts.idle
         try:
             yield first
-            async for chunk in chunks:
+            while True:
+                # Around the read only: a client slow to take the bytes is not a stalled upstream.
+                timer = asyncio.timeout(idle)
+                try:
+                    async with timer:
+                        chunk = await anext(chunks, b"")
+                except TimeoutError:
+                    if timer.expired():
+                        raise BackendTimeout(f"no bytes from the upstream for {idle:g}s") from None
+                    raise
+                if not chunk:
+                    break
                 tail = (tail + chunk)[-32:]
                 yield chunk
         except TimeoutError:
@@ -292,24 +305,27 @@ def _retry_after(value: str | None) -> float | None:
         return None  # an HTTP-date; rare from LLM servers, and a guess is worse than none
 
 
-_PROMPT_TOKENS = re.compile(rb'"prompt_tokens"\s*:\s*(\d+)')
-_COMPLETION_TOKENS = re.compile(rb'"completion_tokens"\s*:\s*(\d+)')
-
-
 def usage_of(body: bytes) -> Usage | None:
     """Token counts from an OpenAI JSON reply; a reply that is not a JSON object is the upstream's fault.
 
-    Read with two regular expressions from the ``usage`` key on, not a full JSON parse: the
-    reply is relayed as bytes anyway, and parsing it all costs more than the rest of this hop.
+    A full parse, not a look at the braces: only that tells a truncated or mangled reply (or
+    invalid UTF-8) from a good one, and orjson does it in microseconds for a typical reply.
+    The client still gets the upstream's bytes as they came.
     """
-    stripped = body.strip()
-    if not (stripped.startswith(b"{") and stripped.endswith(b"}")):
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        raise BackendUnavailable("the upstream sent a reply that is not valid JSON") from None
+    if not isinstance(data, dict):
         raise BackendUnavailable("the upstream sent a reply that is not a JSON object")
-    at = body.rfind(b'"usage"')
-    if at < 0:
+    usage = data.get("usage")
+    if not isinstance(usage, dict):
         return None
-    prompt = _PROMPT_TOKENS.search(body, at)
-    completion = _COMPLETION_TOKENS.search(body, at)
+    prompt, completion = _count(usage.get("prompt_tokens")), _count(usage.get("completion_tokens"))
     if prompt is None and completion is None:
         return None
-    return Usage(int(prompt.group(1)) if prompt else 0, int(completion.group(1)) if completion else 0)
+    return Usage(prompt or 0, completion or 0)
+
+
+def _count(value: object) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None

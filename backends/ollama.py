@@ -170,7 +170,7 @@ class OllamaBackend:
         self._secrets = tuple(s for s in (config.url, parts.netloc, *(
             v for v in self._extra_headers.values() if len(v) >= 8)) if s)
         t = config.timeouts
-        self._upstream = self._make_upstream(Timeouts(t.connect, t.first_token, t.total))
+        self._upstream = self._make_upstream(t.build())
         self._in_flight = 0
         self._preload: asyncio.Task[None] | None = None
 
@@ -249,7 +249,8 @@ class OllamaBackend:
         except BaseException:
             self._in_flight -= 1
             raise
-        relay = NdjsonRelay(response, shape, parse=self._parse, unavailable=self._upstream._unavailable,
+        relay = NdjsonRelay(response, shape, idle=self.config.timeouts.idle,
+                            parse=self._parse, unavailable=self._upstream._unavailable,
                             on_done=lambda data: self._log_timings(request.request_id, data),
                             on_end=self._stream_ended)
         try:

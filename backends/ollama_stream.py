@@ -9,6 +9,7 @@ closes the connection, which is how Ollama learns the client left (it then stops
 
 from __future__ import annotations
 
+import asyncio
 from collections import deque
 from collections.abc import Callable
 from typing import Any
@@ -27,10 +28,11 @@ class NdjsonRelay:
     A class rather than an async generator so that ``aclose()`` frees the connection even when
     nobody iterated it yet. ``parse`` reads a line (raising on an error line), ``unavailable``
     names a transport failure, ``on_done`` gets the last line's figures and ``on_end`` runs once
-    when the response is given up, cleanly or not.
+    when the response is given up, cleanly or not. ``idle`` bounds the wait for bytes once
+    ``prime()`` is done (the caller bounds the wait for the first ones).
     """
 
-    def __init__(self, response: aiohttp.ClientResponse, shape: Shape, *,
+    def __init__(self, response: aiohttp.ClientResponse, shape: Shape, *, idle: float | None = None,
                  parse: Callable[[bytes], dict[str, Any]],
                  unavailable: Callable[[aiohttp.ClientError], InterlockError],
                  on_done: Callable[[dict[str, Any]], None], on_end: Callable[[], None]) -> None:
@@ -40,6 +42,8 @@ class NdjsonRelay:
         self._unavailable = unavailable
         self._on_done = on_done
         self._on_end = on_end
+        self._idle = idle
+        self._primed = False
         self._buffer = bytearray()
         self._scanned = 0
         self._ready: deque[bytes] = deque()
@@ -52,6 +56,7 @@ class NdjsonRelay:
         """Read until there is something to send (or the reply is complete); errors raise here."""
         while not self._ready and not self._finished:
             await self._read_one()
+        self._primed = True
 
     async def __anext__(self) -> bytes:
         while not self._ready:
@@ -99,13 +104,25 @@ class NdjsonRelay:
             self._scanned = len(buffer)
             if len(buffer) > MAX_LINE:
                 raise BackendUnavailable("ollama sent a line longer than 16 MiB")
-            data = await response.content.readany()
+            data = await self._read_more(response)
             if not data:  # EOF: a last line without its newline still counts
                 line = bytes(buffer)
                 buffer.clear()
                 self._scanned = 0
                 return line if line.strip() else None
             buffer += data
+
+    async def _read_more(self, response: aiohttp.ClientResponse) -> bytes:
+        if self._idle is None or not self._primed:
+            return await response.content.readany()
+        timer = asyncio.timeout(self._idle)
+        try:
+            async with timer:
+                return await response.content.readany()
+        except TimeoutError:
+            if timer.expired():
+                raise BackendTimeout(f"no bytes from ollama for {self._idle:g}s") from None
+            raise
 
     async def aclose(self) -> None:
         self._end(clean=False)

@@ -26,6 +26,13 @@ class TimeoutsConfig(BaseModel):
     #: until the first token: response headers for JSON replies, the first SSE bytes for streams
     first_token: float = Field(default=60.0, gt=0)
     total: float = Field(default=600.0, gt=0)
+    #: the longest a stream may go without a byte once its first arrived: a stalled upstream
+    #: ends the stream with an error event instead of holding the client until ``total``
+    idle: float = Field(default=30.0, gt=0)
+
+    def build(self) -> Timeouts:
+        return Timeouts(connect=self.connect, first_token=self.first_token, total=self.total,
+                        idle=self.idle)
 
 
 class OpenAIConfig(BackendConfig):
@@ -60,12 +67,11 @@ class OpenAIBackend:
             headers["openai-organization"] = config.organization
         if config.project:
             headers["openai-project"] = config.project
-        t = config.timeouts
         self._upstream = OpenAICompatibleUpstream(
             http=resources.http,
             base_url=config.base_url,
             headers=headers,
-            timeouts=Timeouts(connect=t.connect, first_token=t.first_token, total=t.total),
+            timeouts=config.timeouts.build(),
             # header values may be credentials too (x-api-key, api-key, ...)
             secrets=(*(s for s in (key, config.base_url, urlsplit(config.base_url).netloc) if s),
                      *(v for v in extra.values() if len(v) >= 8)),

@@ -135,7 +135,7 @@ class VllmBackend:
         self._turn = 0
         self._members = Members(name, config, resources.http, headers=self._headers, secret=self._key,
                                 timeouts=Timeouts(connect=t.connect, first_token=t.first_token,
-                                                  total=t.total),
+                                                  total=t.total, idle=t.idle),
                                 clock=clock)
 
     @property

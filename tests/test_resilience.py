@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import hashlib
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 import openai
@@ -25,6 +25,7 @@ CLIENT_KEY = "sk-resilience-client-0001"
 ADMIN_KEY = "sk-resilience-admin-0002"
 #: FakeUpstream/ChaosUpstream replies carry usage 5 prompt / 3 completion tokens
 PROMPT_TOKENS, COMPLETION_TOKENS = 5, 3
+T = TypeVar("T")
 
 
 def resilience(**overrides: dict[str, Any]) -> dict[str, Any]:
@@ -58,6 +59,16 @@ def order_of(url: str, route: str, key: str | None = None) -> dict[str, dict[str
 def chat(url: str, model: str, headers: dict[str, str] | None = None, **fields: Any) -> httpx.Response:
     return httpx.post(url + "/v1/chat/completions", headers=headers, timeout=10,
                       json={"model": model, "messages": MESSAGES, **fields})
+
+
+def eventually(probe: Callable[[], T], done: Callable[[T], bool], what: str, timeout: float = 30) -> T:
+    """``probe()`` once ``done`` holds for it. A stream's stats (and an upstream's counters) are
+    recorded just after the client read its last byte, so asserting at once races them."""
+    deadline = time.monotonic() + timeout
+    while not done(value := probe()):
+        assert time.monotonic() < deadline, f"{what}: still {value!r} after {timeout} s"
+        time.sleep(0.02)
+    return value
 
 
 def p99(values: list[float]) -> float:
@@ -113,9 +124,12 @@ def test_clients_are_served_while_one_upstream_fails(mode: str) -> None:
             # a reset is retried once inside the HTTP client (it looks like a stale keep-alive)
             assert trips_after <= bad.received <= (6 if mode == "reset" else trips_after)
             assert bad.completed == 0
-            assert (good.received, good.completed) == (70, 70)
+            eventually(lambda: (good.received, good.completed), lambda seen: seen == (70, 70),
+                       "good upstream's (received, completed)")
 
-            order = order_of(url, "m")
+            order = eventually(lambda: order_of(url, "m"),
+                               lambda o: (o["good"]["stats"]["samples"], o["good"]["stats"]["in_flight"])
+                               == (70, 0), "good's stats")
             assert [name for name in order] == ["bad", "good"]
             breaker = order["bad"]["breaker"]
             assert (breaker["state"], breaker["trips"]) == ("open", 1)
@@ -202,8 +216,8 @@ def test_active_health_checks_ask_the_upstream() -> None:
             "resilience": resilience(health_check={"interval_s": 0.05, "timeout_s": 1}),
         }
         with run_gateway(config) as url:
-            time.sleep(0.5)
-            entry = order_of(url, "m")["dead"]
+            entry = eventually(lambda: order_of(url, "m")["dead"], lambda e: e["healthy"] is False,
+                               "the dead upstream's health")
             assert dead.models_requests >= 1
             assert entry["healthy"] is False
 
@@ -310,8 +324,9 @@ def test_mid_stream_cut_is_an_sdk_error_and_a_failure_in_stats(
     assert not isinstance(caught.value, openai.APIStatusError)  # the status was 200: raised mid-stream
     assert caught.value.body["code"] == "backend_unavailable"  # type: ignore[index]
     assert cutter.by_mode["cut"] >= 1
-    stats = order_of(url, "cut", ADMIN_KEY)["cutter"]["stats"]
-    assert stats["samples"] == before["samples"] + 1
+    stats = eventually(lambda: order_of(url, "cut", ADMIN_KEY)["cutter"]["stats"],
+                       lambda s: s["samples"] == before["samples"] + 1 and s["in_flight"] == 0,
+                       "cutter's stats")
     assert stats["error_rate"] > 0
     assert stats["in_flight"] == 0
 
