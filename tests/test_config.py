@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from pydantic import SecretStr
 
 from backends.openai import OpenAIConfig
@@ -337,3 +338,64 @@ def test_example_config_checks(capsys: pytest.CaptureFixture[str], monkeypatch: 
     code, out, err = check(path, capsys)
     assert code == 0, err
     assert out.startswith(f"{path}: ok (")
+
+
+# --- one pass over everything, and the files it names ---------------------------------------
+
+
+def test_shape_route_and_backend_errors_come_together() -> None:
+    data = base(chat={"targets": ["up", "gpu"], "policy": "random"}, other={"targets": "up"})
+    data["backends"]["down"]["base_url"] = "ftp://x"
+    data["modles"] = {}
+    found = problems(data)
+    assert found[:2] == [("modles", "Extra inputs are not permitted"),
+                         ("backends.down.base_url", "must be an http:// or https:// URL")]
+    assert [path for path, _ in found[2:]] == ["models.chat.policy", "models.chat.targets[1]",
+                                               "models.other.targets"]
+
+
+def gguf_doc(tmp_path: Path) -> dict[str, Any]:
+    (tmp_path / "model.gguf").write_bytes(b"GGUF\x03\x00\x00\x00")
+    (tmp_path / "notes.gguf").write_text("not a model")
+    paths = {"good": "model.gguf", "absent": "absent.gguf", "text": "notes.gguf", "folder": "."}
+    return {"backends": {name: {"kind": "llamacpp", "model_path": str(tmp_path / file)}
+                         for name, file in paths.items()},
+            "models": {"chat": {"targets": list(paths)}}}
+
+
+def test_model_files_are_checked_with_their_paths(tmp_path: Path) -> None:
+    path = tmp_path / "routing.yaml"
+    path.write_text(yaml.safe_dump(gguf_doc(tmp_path), sort_keys=False))
+    with pytest.raises(ConfigError) as caught:
+        load_config(path, env={})
+    assert caught.value.problems == [
+        ("backends.absent.model_path", f"cannot read {tmp_path / 'absent.gguf'}: No such file or directory"),
+        ("backends.text.model_path", f"{tmp_path / 'notes.gguf'} is not a GGUF file (no GGUF magic)"),
+        ("backends.folder.model_path", f"cannot read {tmp_path}: Is a directory"),
+    ]
+    # an in-memory config (tests) names files only to be loaded later: only its shape is checked
+    assert set(parse_config(gguf_doc(tmp_path), env={}).backends) == {"good", "absent", "text", "folder"}
+
+
+def test_check_prints_every_problem_in_one_pass(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = write(tmp_path, f"""
+        extra: 1
+        backends:
+          local: {{kind: llamacpp, model_path: "{tmp_path / 'gone.gguf'}", parallel: 0}}
+          up: {{kind: openai, base_url: "ftp://x"}}
+          fine: {{kind: llamacpp, model_path: "{tmp_path / 'missing.gguf'}"}}
+        models:
+          chat: {{targets: [local, up, gpu], policy: random}}
+    """)
+    code, out, err = check(path, capsys)
+    assert (code, out) == (1, "")
+    assert err.splitlines() == [
+        "extra: Extra inputs are not permitted",
+        "backends.local.parallel: Input should be greater than or equal to 1",
+        "backends.up.base_url: must be an http:// or https:// URL",
+        f"backends.fine.model_path: cannot read {tmp_path / 'missing.gguf'}: No such file or directory",
+        "models.chat.policy: unknown policy 'random'; known: ordered, weighted, least_busy, cost, latency, "
+        "balanced, slo",
+        "models.chat.targets[2]: unknown backend 'gpu'",
+        f"{path}: 6 problem(s)",
+    ]
