@@ -16,7 +16,6 @@ embedding request is one short burst of compute, not a stream to interleave); at
 from __future__ import annotations
 
 import asyncio
-import os
 import threading
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -27,6 +26,7 @@ import llama_cpp.llama_cpp as C
 import numpy as np
 
 from backends.base import BackendResponse, Usage
+from backends.cpus import available_cpus
 from backends.errors import BackendOverloaded, BackendUnavailable, ContextLengthExceeded, InvalidRequest
 from backends.llamacpp_chat import embedding_inputs, embeddings_body, tokenize_sized
 from backends.llamacpp_model import FLASH_ATTN, Model
@@ -94,7 +94,7 @@ class EmbeddingEngine:
         params.n_seq_max = parallel
         params.embeddings = True
         params.flash_attn_type = FLASH_ATTN[flash_attn]
-        params.n_threads = params.n_threads_batch = n_threads or len(os.sched_getaffinity(0))
+        params.n_threads = params.n_threads_batch = n_threads or available_cpus()
         self._ctx = C.llama_init_from_model(model.ptr, params)
         if not self._ctx:
             raise RuntimeError(f"llama.cpp could not create an embedding context for {model.path}")

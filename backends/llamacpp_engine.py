@@ -47,7 +47,6 @@ import asyncio
 import bisect
 import ctypes
 import logging
-import os
 import sys
 import threading
 from collections import deque
@@ -58,6 +57,7 @@ from typing import Any
 import llama_cpp.llama_cpp as C
 import numpy as np
 
+from backends.cpus import available_cpus
 from backends.llamacpp_kv import KvCells
 from backends.llamacpp_model import FLASH_ATTN, Model
 from backends.llamacpp_sampling import Sampling, TokenSampler, sample_rows
@@ -117,7 +117,7 @@ class Engine:
     def __init__(self, model: Model, *, n_ctx: int, n_threads: int | None, n_batch: int,
                  parallel: int, max_queue: int, flash_attn: str = "auto", kv_unified: bool = False,
                  prefill_chunk: int | None = None, follow_up_wait_ms: float = 0.0) -> None:
-        threads = n_threads or len(os.sched_getaffinity(0))
+        threads = n_threads or available_cpus()  # a container's CPU quota, not the host's cores
         self.model = model
         cparams = C.llama_context_default_params()
         cparams.n_ctx = n_ctx
