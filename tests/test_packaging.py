@@ -1,9 +1,13 @@
 """The deployment files, checked without a Docker engine (none runs here): the compose file is
-parsed and cross-checked against the image and the gateway's settings."""
+parsed and cross-checked against the image and the gateway's settings; and scripts/setup, once
+done, does nothing (no pip, no network)."""
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
+import time
 from pathlib import Path
 
 import yaml
@@ -49,3 +53,27 @@ def test_the_image_has_what_the_gateway_needs() -> None:
     assert "INTERLOCK_HOST=0.0.0.0" in dockerfile
     ignored = (ROOT / ".dockerignore").read_text().split()
     assert ".venv" in ignored and ".git" in ignored
+
+
+def test_a_second_setup_calls_no_pip_and_works_offline(tmp_path: Path) -> None:
+    env = {**os.environ, "INTERLOCK_EXTRAS": "llamacpp,test"}
+    first = subprocess.run([str(ROOT / "scripts/setup")], env=env, capture_output=True, text=True,
+                           timeout=1800)
+    assert first.returncode == 0, first.stderr
+    # Offline from here: any pip run would write PIP_LOG and find no index; `pip` on PATH is a trap.
+    (tmp_path / "pip.conf").write_text("[global]\nindex-url = http://127.0.0.1:9/simple\n")
+    trap = tmp_path / "bin"
+    trap.mkdir()
+    for name in ("pip", "pip3"):
+        (trap / name).write_text(f"#!/bin/sh\ntouch {tmp_path}/trap-ran\nexit 1\n")
+        (trap / name).chmod(0o755)
+    offline = {**env, "PIP_CONFIG_FILE": str(tmp_path / "pip.conf"), "PIP_INDEX_URL": "http://127.0.0.1:9/simple",
+               "PIP_NO_INDEX": "1", "PIP_LOG": str(tmp_path / "pip.log"), "PATH": f"{trap}:{env['PATH']}"}
+    started = time.monotonic()
+    second = subprocess.run([str(ROOT / "scripts/setup")], env=offline, capture_output=True, text=True,
+                            timeout=300)
+    took = time.monotonic() - started
+    assert (second.returncode, second.stdout, second.stderr) == (0, "", "")
+    assert not (tmp_path / "pip.log").exists(), "scripts/setup ran pip although nothing had changed"
+    assert not (tmp_path / "trap-ran").exists()
+    assert took < 60, f"a set-up with nothing to do took {took:.1f} s"
