@@ -83,6 +83,57 @@ class Timeouts:
     idle: float = 30.0
 
 
+class IdleWatch:
+    """Cancels a wait for upstream bytes that lasts ``idle`` seconds; ``fired()`` tells that
+    cancel from any other.
+
+    One timer per stream, moved at most once per ``idle``: each wait only notes the time, where
+    an ``asyncio.timeout`` per chunk (a timer scheduled and cancelled) would cost several times
+    the rest of the relay's work on that chunk.
+    """
+
+    __slots__ = ("_fired", "_loop", "_since", "_task", "_timer", "idle")
+
+    def __init__(self, idle: float) -> None:
+        self.idle = idle
+        self._loop = asyncio.get_running_loop()
+        self._since: float | None = None
+        self._task: asyncio.Task[Any] | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._fired = False
+
+    def start(self) -> None:
+        """A wait begins (call right before the await)."""
+        self._since = since = self._loop.time()
+        if self._timer is None:
+            self._task = asyncio.current_task()
+            self._timer = self._loop.call_at(since + self.idle, self._check)
+
+    def stop(self) -> None:
+        self._since = None
+
+    def fired(self) -> bool:
+        """True when the CancelledError being handled is this watch's alone."""
+        return self._fired and self._task is not None and self._task.uncancel() == 0
+
+    def close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _check(self) -> None:
+        self._timer = None
+        since = self._since
+        if since is None or self._task is None:
+            return  # not waiting: the next start() arms it again
+        due = since + self.idle
+        if self._loop.time() >= due:
+            self._fired = True
+            self._task.cancel()
+        else:
+            self._timer = self._loop.call_at(due, self._check)
+
+
 @dataclass(slots=True)
 class OpenAICompatibleUpstream:
     """One OpenAI-compatible base URL with its credentials and timeouts."""
@@ -210,19 +261,20 @@ class OpenAICompatibleUpstream:
         self, response: aiohttp.ClientResponse, chunks: AsyncIterator[bytes], first: bytes
     ) -> AsyncIterator[bytes]:
         tail = first[-32:]
-        idle = self.timeouts.idle
+        watch = IdleWatch(self.timeouts.idle)
         try:
             yield first
             while True:
                 # Around the read only: a client slow to take the bytes is not a stalled upstream.
-                timer = asyncio.timeout(idle)
+                watch.start()
                 try:
-                    async with timer:
-                        chunk = await anext(chunks, b"")
-                except TimeoutError:
-                    if timer.expired():
-                        raise BackendTimeout(f"no bytes from the upstream for {idle:g}s") from None
+                    chunk = await anext(chunks, b"")
+                except asyncio.CancelledError:
+                    if watch.fired():
+                        raise BackendTimeout(f"no bytes from the upstream for {watch.idle:g}s") from None
                     raise
+                finally:
+                    watch.stop()
                 if not chunk:
                     break
                 tail = (tail + chunk)[-32:]
@@ -232,6 +284,7 @@ class OpenAICompatibleUpstream:
         except aiohttp.ClientError as exc:
             raise self._unavailable(exc) from None
         finally:
+            watch.close()
             # Closing (not releasing) drops the connection, so an upstream that is still
             # generating for a client who left sees the disconnect and stops.
             response.close()

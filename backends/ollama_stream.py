@@ -17,6 +17,7 @@ from typing import Any
 import aiohttp
 
 from backends.errors import BackendTimeout, BackendUnavailable, InterlockError
+from backends.http import IdleWatch
 from backends.ollama_translate import Shape
 
 MAX_LINE = 16 * 1024 * 1024
@@ -44,6 +45,7 @@ class NdjsonRelay:
         self._on_end = on_end
         self._idle = idle
         self._primed = False
+        self._watch: IdleWatch | None = None
         self._buffer = bytearray()
         self._scanned = 0
         self._ready: deque[bytes] = deque()
@@ -113,21 +115,27 @@ class NdjsonRelay:
             buffer += data
 
     async def _read_more(self, response: aiohttp.ClientResponse) -> bytes:
-        if self._idle is None or not self._primed:
-            return await response.content.readany()
-        timer = asyncio.timeout(self._idle)
-        try:
-            async with timer:
+        watch = self._watch
+        if watch is None:
+            if self._idle is None or not self._primed:
                 return await response.content.readany()
-        except TimeoutError:
-            if timer.expired():
-                raise BackendTimeout(f"no bytes from ollama for {self._idle:g}s") from None
+            watch = self._watch = IdleWatch(self._idle)
+        watch.start()
+        try:
+            return await response.content.readany()
+        except asyncio.CancelledError:
+            if watch.fired():
+                raise BackendTimeout(f"no bytes from ollama for {watch.idle:g}s") from None
             raise
+        finally:
+            watch.stop()
 
     async def aclose(self) -> None:
         self._end(clean=False)
 
     def _end(self, *, clean: bool) -> None:
+        if self._watch is not None:
+            self._watch.close()
         response, self._response = self._response, None
         if response is None:
             return
