@@ -21,6 +21,7 @@ from backends.errors import (
 __all__ = [
     "AuthenticationFailed",
     "BackendError",
+    "HeadersTooLarge",
     "InterlockError",
     "InvalidRequest",
     "ModelNotFound",
@@ -78,6 +79,12 @@ class UnsupportedMediaType(InterlockError):
     status = 415
     type = "invalid_request_error"
     code = "unsupported_media_type"
+
+
+class HeadersTooLarge(InterlockError):
+    status = 431
+    type = "invalid_request_error"
+    code = "request_header_fields_too_large"
 
 
 def error_body(exc: InterlockError) -> bytes:

@@ -13,6 +13,7 @@ import logging
 import socket
 from collections.abc import AsyncIterator
 from types import FrameType
+from typing import Any
 
 import uvicorn
 from starlette.applications import Starlette
@@ -23,6 +24,7 @@ from gateway.app import Gateway, GatewayApp, build_app
 from gateway.breaker import CircuitBreaker
 from gateway.config import BACKEND_KINDS, LoadedConfig
 from gateway.health import HealthMonitor
+from gateway.http_server import head_capped_protocol
 from gateway.retry_budget import RetryBudget
 from gateway.router import Route, Router, Target
 from gateway.settings import Settings
@@ -168,21 +170,22 @@ def check_bind(config: LoadedConfig, settings: Settings) -> None:
                 settings.host)
 
 
+def uvicorn_config(settings: Settings, **overrides: Any) -> uvicorn.Config:
+    """How ``serve`` runs uvicorn (tests run the app the same way); ``app`` is set once the server
+    exists, since the app stops it on fatal errors."""
+    options: dict[str, Any] = {
+        "app": None, "host": settings.host, "port": settings.port, "loop": "uvloop",
+        "http": head_capped_protocol(settings.max_header_bytes), "lifespan": "on",
+        "access_log": False, "server_header": False, "log_config": None,
+        "timeout_graceful_shutdown": int(settings.graceful_shutdown_s),
+    }
+    return uvicorn.Config(**{**options, **overrides})
+
+
 def serve(config: LoadedConfig, settings: Settings) -> int:
     """Run until stopped; returns the process exit code."""
     check_bind(config, settings)
-    uv_config = uvicorn.Config(
-        app=None,  # type: ignore[arg-type]  # set below, once the server exists to stop on fatal errors
-        host=settings.host,
-        port=settings.port,
-        loop="uvloop",
-        http="httptools",
-        lifespan="on",
-        access_log=False,
-        server_header=False,
-        log_config=None,
-        timeout_graceful_shutdown=int(settings.graceful_shutdown_s),
-    )
+    uv_config = uvicorn_config(settings)
     server = _Server(uv_config)
     app = create_app(config, settings, server)
     server.gateway = app.gateway

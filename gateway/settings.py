@@ -27,3 +27,5 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(default=4 * 1024 * 1024, gt=0)
     #: how long a shutdown waits for in-flight streams to finish
     graceful_shutdown_s: float = Field(default=30.0, ge=0)
+    #: the request line and headers together; larger heads get 431 and the connection is closed
+    max_header_bytes: int = Field(default=64 * 1024, ge=1024)

@@ -16,7 +16,7 @@ import pytest
 import uvicorn
 
 from gateway.config import LoadedConfig, parse_config
-from gateway.server import create_app
+from gateway.server import create_app, uvicorn_config
 from gateway.settings import Settings
 from tests.fakes import free_port
 
@@ -33,8 +33,9 @@ def run_gateway(config: dict[str, Any] | LoadedConfig, **settings: Any) -> Itera
     loaded = config if isinstance(config, LoadedConfig) else parse_config(config, "<test>")
     port = free_port()
     cfg = Settings(port=port, **settings)
-    uv = uvicorn.Config(app=None, host="127.0.0.1", port=port, lifespan="on",  # type: ignore[arg-type]
-                        log_level="warning", access_log=False, loop="asyncio", http="httptools")
+    # serve()'s own uvicorn settings (the request head cap)
+    uv = uvicorn_config(cfg, host="127.0.0.1", log_level="warning", log_config=uvicorn.config.LOGGING_CONFIG,
+                        loop="asyncio")
     server = uvicorn.Server(uv)
     uv.app = create_app(loaded, cfg, server)
     thread = threading.Thread(target=server.run, daemon=True)
