@@ -28,6 +28,7 @@ __all__ = [
     "NotFound",
     "PermissionDenied",
     "RequestTooLarge",
+    "ShuttingDown",
     "error_body",
     "error_headers",
     "sse_error_event",
@@ -85,6 +86,17 @@ class HeadersTooLarge(InterlockError):
     status = 431
     type = "invalid_request_error"
     code = "request_header_fields_too_large"
+
+
+class ShuttingDown(InterlockError):
+    """A stream still open when the grace period of a shutdown ran out."""
+
+    status = 503
+    type = "server_error"
+    code = "shutting_down"
+
+    def __init__(self, message: str = "the gateway is shutting down") -> None:
+        super().__init__(message)
 
 
 def error_body(exc: InterlockError) -> bytes:

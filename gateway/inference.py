@@ -23,6 +23,7 @@ from gateway.errors import PermissionDenied, sse_error_event
 from gateway.middleware import CLIENT_KEY, REQUEST_ID_KEY, send_error
 from gateway.protocol import parse_body
 from gateway.router import Route, Router, Target
+from gateway.shutdown import until_shutdown
 from policies.base import RequestFacts
 
 log = logging.getLogger("interlock.app")
@@ -73,7 +74,7 @@ class Inference:
             if request.stream:
                 opened = await router.stream(route, request, facts)
                 response = StreamingResponse(
-                    relay(opened.first, opened.rest, request_id),
+                    relay(opened.first, until_shutdown(opened.rest), request_id),
                     media_type="text/event-stream",
                     headers={**_SSE_HEADERS, **route_headers(opened.target, opened.reason)},
                 )

@@ -11,6 +11,7 @@ import importlib
 import ipaddress
 import logging
 import socket
+import time
 from collections.abc import AsyncIterator
 from types import FrameType
 from typing import Any
@@ -28,6 +29,7 @@ from gateway.http_server import head_capped_protocol
 from gateway.retry_budget import RetryBudget
 from gateway.router import Route, Router, Target
 from gateway.settings import Settings
+from gateway.shutdown import stream_cutoff
 from gateway.stats import BackendStats
 
 log = logging.getLogger("interlock.server")
@@ -128,16 +130,44 @@ async def _start_backends(gateway: Gateway, server: uvicorn.Server | None) -> No
         await gateway.health.run()  # runs until the lifespan ends and cancels it
 
 
-class _Server(uvicorn.Server):
-    """Flags the gateway as draining the moment a stop is asked for, so readiness turns 503 and
-    load balancers stop sending while uvicorn finishes the in-flight streams."""
+class GatewayServer(uvicorn.Server):
+    """uvicorn's server, stopping in the order a load balancer needs.
+
+    On a stop signal the gateway is flagged draining at once (readiness turns 503) while the port
+    keeps taking connections for ``shutdown_delay_s``, so the balancer sees the 503 rather than a
+    refused connection and moves traffic away; only then does uvicorn stop listening (a second
+    signal skips the wait). Streams still open when the grace period nearly ran out end with an
+    error event (``gateway.shutdown``) before uvicorn cancels them.
+    """
 
     gateway: Gateway | None = None
+    shutdown_delay_s: float = 0.0
+    _stop_at: float | None = None
+    _pending_signal: int | None = None
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        # a signal handler: set flags only, the loop's next tick acts on them
         if self.gateway is not None:
             self.gateway.draining = True
+        if self._stop_at is None and self.shutdown_delay_s > 0 and not self.should_exit:
+            self._stop_at = time.monotonic() + self.shutdown_delay_s
+            self._pending_signal = sig
+            return
+        self._stop_at = self._pending_signal = None
         super().handle_exit(sig, frame)
+
+    async def on_tick(self, counter: int) -> bool:
+        if self._pending_signal is not None and self._stop_at is not None \
+                and time.monotonic() >= self._stop_at:
+            sig, self._pending_signal = self._pending_signal, None
+            super().handle_exit(sig, None)  # records it, so uvicorn re-raises it once stopped
+        return await super().on_tick(counter)
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        grace = self.config.timeout_graceful_shutdown
+        if grace is not None:
+            stream_cutoff().begin(grace)
+        await super().shutdown(sockets)
 
 
 def is_loopback(host: str) -> bool:
@@ -182,11 +212,17 @@ def uvicorn_config(settings: Settings, **overrides: Any) -> uvicorn.Config:
     return uvicorn.Config(**{**options, **overrides})
 
 
+def gateway_server(uv_config: uvicorn.Config, settings: Settings) -> GatewayServer:
+    server = GatewayServer(uv_config)
+    server.shutdown_delay_s = settings.shutdown_delay_s
+    return server
+
+
 def serve(config: LoadedConfig, settings: Settings) -> int:
     """Run until stopped; returns the process exit code."""
     check_bind(config, settings)
     uv_config = uvicorn_config(settings)
-    server = _Server(uv_config)
+    server = gateway_server(uv_config, settings)
     app = create_app(config, settings, server)
     server.gateway = app.gateway
     uv_config.app = app

@@ -25,7 +25,11 @@ class Settings(BaseSettings):
     #: binding to a non-loopback address with no client keys configured needs this
     allow_unauthenticated: bool = False
     max_body_bytes: int = Field(default=4 * 1024 * 1024, gt=0)
-    #: how long a shutdown waits for in-flight streams to finish
+    #: how long a shutdown waits for in-flight streams to finish; streams still open then end
+    #: with an error event shortly before it runs out
     graceful_shutdown_s: float = Field(default=30.0, ge=0)
+    #: after SIGTERM, readiness answers 503 this long while the port still takes connections,
+    #: so a load balancer sees the replica drain before it stops listening (a second signal skips it)
+    shutdown_delay_s: float = Field(default=5.0, ge=0)
     #: the request line and headers together; larger heads get 431 and the connection is closed
     max_header_bytes: int = Field(default=64 * 1024, ge=1024)

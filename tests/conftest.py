@@ -16,7 +16,7 @@ import pytest
 import uvicorn
 
 from gateway.config import LoadedConfig, parse_config
-from gateway.server import create_app, uvicorn_config
+from gateway.server import create_app, gateway_server, uvicorn_config
 from gateway.settings import Settings
 from tests.fakes import free_port
 
@@ -32,11 +32,11 @@ def run_gateway(config: dict[str, Any] | LoadedConfig, **settings: Any) -> Itera
     """The real app under uvicorn on a loopback port, in a thread; yields its base URL."""
     loaded = config if isinstance(config, LoadedConfig) else parse_config(config, "<test>")
     port = free_port()
-    cfg = Settings(port=port, **settings)
-    # serve()'s own uvicorn settings (the request head cap)
+    cfg = Settings(port=port, **{"shutdown_delay_s": 0, **settings})
+    # serve()'s own uvicorn settings and server (the request head cap, the shutdown order)
     uv = uvicorn_config(cfg, host="127.0.0.1", log_level="warning", log_config=uvicorn.config.LOGGING_CONFIG,
                         loop="asyncio")
-    server = uvicorn.Server(uv)
+    server = gateway_server(uv, cfg)
     uv.app = create_app(loaded, cfg, server)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
