@@ -110,6 +110,10 @@ class Backend(Protocol):
     def load(self) -> Load:
         """Cheap, synchronous snapshot for policies; no I/O."""
 
+    def fatal(self) -> str | None:
+        """A fault this process cannot recover from without a restart (the in-process engine
+        thread died); None when there is none."""
+
 
 class Price(BaseModel):
     """USD per million tokens; 0 for self-hosted unless an operator says otherwise."""

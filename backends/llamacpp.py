@@ -35,11 +35,12 @@ from backends.errors import (
     UnsupportedEndpoint,
 )
 from backends.llamacpp_chat import make_chat_renderer, tokenize_sized
+from backends.llamacpp_options import sampling_of
 from backends.openai_frames import ReplyFrames
 
 if TYPE_CHECKING:
     from backends.llamacpp_embed import EmbeddingEngine
-    from backends.llamacpp_engine import Engine, Job, Sampling
+    from backends.llamacpp_engine import Engine, Job
 
 log = logging.getLogger("interlock.backends.llamacpp")
 
@@ -201,6 +202,13 @@ class LlamaCppBackend:
             return Health(False, running.error or "engine stopped")
         return Health(True)
 
+    def fatal(self) -> str | None:
+        """Why the engine thread died, once it has (not while loading, not after close())."""
+        running = self._engine or self._embedder
+        if running is None or running.alive:
+            return None
+        return running.error or "the llamacpp engine stopped"
+
     def load(self) -> Load:
         e = self._engine or self._embedder
         if e is None:
@@ -251,7 +259,7 @@ class LlamaCppBackend:
         if request.endpoint == "embeddings":
             raise UnsupportedEndpoint(f"the llamacpp backend {self.name!r} serves a generative model "
                                       f"({self.model_id}) and has no embeddings")
-        sampling = self._sampling(body, request.endpoint)
+        sampling = sampling_of(body, request.endpoint)
         tokens, param = await self._prompt_tokens(body, request.endpoint, engine)
         if len(tokens) >= engine.n_ctx_seq:
             raise _too_long(engine, param, f"resulted in {len(tokens)} tokens, which leaves no room "
@@ -303,64 +311,12 @@ class LlamaCppBackend:
             raise _too_long(engine, param, f"is {len(text):,} characters long: at least {floor:,} tokens")
         return await tokenize_sized(len(text), lambda: engine.model.tokenize(text, add_special=add_special))
 
-    def _sampling(self, body: dict[str, Any], endpoint: str) -> Sampling:
-        for key, bad, why in _UNSUPPORTED:
-            value = body.get(key)
-            if value is not None and bad(value):
-                raise InvalidRequest(f"{why} is not supported by the llamacpp backend", param=key)
-        n = body.get("n")
-        if n is not None and n != 1:
-            raise InvalidRequest("n>1 is not supported by the llamacpp backend", param="n")
-        max_tokens = body.get("max_completion_tokens") if endpoint == "chat" else None
-        if max_tokens is None:
-            max_tokens = body.get("max_tokens")
-        if max_tokens is not None and (type(max_tokens) is not int or max_tokens < 1):
-            raise InvalidRequest("max_tokens must be a positive integer", param="max_tokens")
-        stop = body.get("stop")
-        stops = (stop,) if isinstance(stop, str) else tuple(stop or ())
-        if not all(isinstance(s, str) for s in stops):
-            raise InvalidRequest("stop must be a string or a list of strings", param="stop")
-        seed = body.get("seed")
-        return self._mod.Sampling(
-            temperature=_number(body, "temperature", 1.0, 0.0, 2.0),
-            top_p=_number(body, "top_p", 1.0, 0.0, 1.0),
-            seed=seed if type(seed) is int else None,
-            max_tokens=max_tokens,
-            stop=tuple(s for s in stops if s),
-            frequency_penalty=_number(body, "frequency_penalty", 0.0, -2.0, 2.0),
-            presence_penalty=_number(body, "presence_penalty", 0.0, -2.0, 2.0),
-        )
-
-
-#: (field, is_a_request_we_cannot_honour, what) for options that change the reply
-_UNSUPPORTED: list[tuple[str, Callable[[Any], bool], str]] = [
-    ("logprobs", lambda v: v is not False, "logprobs"),
-    ("top_logprobs", lambda v: v != 0, "top_logprobs"),
-    ("tools", lambda v: bool(v), "tool calling"),
-    ("functions", lambda v: bool(v), "function calling"),
-    ("logit_bias", lambda v: bool(v), "logit_bias"),
-    ("echo", lambda v: bool(v), "echo"),
-    ("suffix", lambda v: bool(v), "suffix"),
-    ("best_of", lambda v: v != 1, "best_of>1"),
-    ("response_format", lambda v: not (isinstance(v, dict) and v.get("type") == "text"),
-     "response_format other than text"),
-]
-
 
 def _too_long(engine: Engine, param: str, what: str) -> ContextLengthExceeded:
     return ContextLengthExceeded(
         f"This model's context is {engine.n_ctx_seq} tokens per request (n_ctx {engine.n_ctx} "
         f"shared by {engine.parallel} parallel sequences). However, your {param} {what}. Please "
         f"reduce the length of the {param}.", param=param)
-
-
-def _number(body: dict[str, Any], key: str, default: float, low: float, high: float) -> float:
-    value = body.get(key)
-    if value is None:
-        return default
-    if type(value) not in (int, float) or not low <= value <= high:
-        raise InvalidRequest(f"{key} must be a number between {low:g} and {high:g}", param=key)
-    return float(value)
 
 
 class _SSEStream:

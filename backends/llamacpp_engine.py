@@ -205,6 +205,9 @@ class Engine:
         max_new = room if sampling.max_tokens is None else min(sampling.max_tokens, room)
         job = Job(tokens, sampling, queue, asyncio.get_running_loop(), max_new)
         with self._lock:
+            if self._stopping:  # the thread is gone or going: answer at once, never hang
+                queue.put_nowait(Failed(self.error or "the llamacpp engine stopped"))
+                return job
             # Cancelled jobs still hold their sequence until the next step; they do not count.
             held = len(self._waiting) + len(self._active) - len(self._cancelled)
             if held >= self.parallel + self.max_queue:
@@ -243,11 +246,13 @@ class Engine:
                 if self._freed:
                     self._freed = False
                     self._await_follow_up()
-        except Exception as exc:  # a bug: fail loudly and never leave a client hanging
-            log.exception("llamacpp engine thread died")
+        except BaseException as exc:  # a bug: fail loudly and never leave a client hanging
             self.error = f"engine thread died: {exc!r}"
-            self._stopping = True
-            self._fail_all(self.error)
+            log.exception("llamacpp %s: %s; every request fails until a restart", self.model.path,
+                          self.error)
+            with self._lock:  # a submit from here on is answered at once (see submit)
+                self._stopping = True
+            self._fail_all(self.error, release=False)  # the crash may have left the KV bookkeeping bad
 
     def _await_follow_up(self) -> None:
         """Give a client whose reply just ended the chance to have its next prompt in the next step
@@ -374,12 +379,15 @@ class Engine:
         out.setdefault(job.loop, []).append((job.queue, Finished(reason, len(job.tokens), job.n_gen)))
         self._release(job)
 
-    def _fail_all(self, message: str) -> None:
+    def _fail_all(self, message: str, *, release: bool = True) -> None:
         out: dict[asyncio.AbstractEventLoop, list[tuple[Any, Any]]] = {}
         with self._lock:
             for job in list(self._active):
-                self._release(job, keep=False)
+                if release:
+                    self._release(job, keep=False)
                 out.setdefault(job.loop, []).append((job.queue, Failed(message)))
+            if not release:
+                self._active.clear()
             for job in self._waiting:
                 out.setdefault(job.loop, []).append((job.queue, Failed(message)))
             self._waiting.clear()

@@ -15,11 +15,13 @@ Semantics, as vLLM and OpenAI apply them: frequency/presence penalties on the co
 tokens generated so far, then temperature, then top-p (the smallest set of most likely tokens
 whose probability reaches ``top_p``), then a draw from that set. Temperature 0 is greedy: the
 first token with the highest logit, as llama.cpp's greedy sampler picks it, so greedy replies
-equal a direct ``llama_cpp.Llama`` call's. A ``seed`` makes a reply reproducible.
+equal a direct ``llama_cpp.Llama`` call's; so is any temperature below ``GREEDY_BELOW``. A ``seed``
+makes a reply reproducible.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -30,6 +32,11 @@ import numpy as np
 #: the last floor hold less than top_p. Exact: every token left out is less likely than every
 #: token ranked, so the nucleus is a prefix of the ranked ones whenever they reach top_p.
 _NUCLEUS_FLOORS = (1e-3, 1e-7)
+
+#: temperatures below this sample as greedy: a logit gap of 1e-3 already weighs e^100 there, so
+#: the draw is the argmax anyway, and 1/T of a tinier one overflows float32 (1e-300 made inf
+#: weights, then NaN, and killed the engine thread)
+GREEDY_BELOW = 1e-5
 
 
 @dataclass(slots=True)
@@ -53,7 +60,7 @@ class TokenSampler:
         self.settings = settings
         self.penalised = bool(settings.frequency_penalty or settings.presence_penalty)
         #: plain argmax, batched with the other greedy rows of a step
-        self.greedy = settings.temperature <= 0 and not self.penalised
+        self.greedy = settings.temperature < GREEDY_BELOW and not self.penalised
         self.rng = np.random.default_rng(None if settings.seed is None else settings.seed & 0xFFFFFFFF)
         self.counts: dict[int, int] = {}
 
@@ -70,7 +77,7 @@ class TokenSampler:
             ids = np.fromiter(self.counts, dtype=np.intp, count=len(self.counts))
             n = np.fromiter(self.counts.values(), dtype=np.float32, count=len(self.counts))
             x[ids] -= n * s.frequency_penalty + s.presence_penalty
-        if s.temperature <= 0:
+        if s.temperature < GREEDY_BELOW:
             return int(x.argmax())
         x = x * np.float32(1.0 / s.temperature)
         x -= x.max()
@@ -81,6 +88,8 @@ class TokenSampler:
         top_p = self.settings.top_p
         total = float(weights.sum(dtype=np.float64))
         likely = np.flatnonzero(weights >= _NUCLEUS_FLOORS[0])
+        if not (likely.size and math.isfinite(total)):  # NaN logits: never an IndexError here
+            return int(weights.argmax())
         if top_p >= 1.0:
             # the likely tokens, in any order, hold nearly all of the mass: the rest of the
             # vocabulary is summed up only when the draw lands past them
@@ -137,4 +146,4 @@ def sample_rows(logits: np.ndarray, samplers: Sequence[TokenSampler]) -> list[in
     return tokens
 
 
-__all__ = ["Sampling", "TokenSampler", "sample_rows"]
+__all__ = ["GREEDY_BELOW", "Sampling", "TokenSampler", "sample_rows"]

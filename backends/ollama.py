@@ -387,6 +387,9 @@ class OllamaBackend:
     def load(self) -> Load:
         return Load(in_flight=self._in_flight)
 
+    def fatal(self) -> str | None:
+        return None  # a remote server's faults are its own: health() reports them
+
     def _stream_ended(self) -> None:
         self._in_flight -= 1
 

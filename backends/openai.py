@@ -128,3 +128,6 @@ class OpenAIBackend:
 
     def load(self) -> Load:
         return Load(in_flight=self._in_flight)
+
+    def fatal(self) -> str | None:
+        return None  # a remote server's faults are its own: health() reports them

@@ -331,6 +331,9 @@ class VllmBackend:
                 queued += int(scrape.waiting)
         return Load(in_flight=sum(e.in_flight for e in self._members), queued=queued)
 
+    def fatal(self) -> str | None:
+        return None  # remote servers' faults are their own: health() reports them
+
     def endpoints(self) -> list[dict[str, Any]]:
         """Per-endpoint figures for operators (``/admin/routes``); URLs carry no credentials."""
         now = self._clock()

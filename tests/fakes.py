@@ -312,6 +312,8 @@ class FakeBackend:
         self.in_flight = 0
         self.started = False
         self.closed = False
+        #: what fatal() answers; tests set it
+        self.fatal_reason: str | None = None
 
     async def start(self) -> None:
         self.started = True
@@ -360,6 +362,9 @@ class FakeBackend:
 
     def load(self) -> Load:
         return Load(in_flight=self.in_flight, capacity=self.capacity)
+
+    def fatal(self) -> str | None:
+        return self.fatal_reason
 
 
 # --- a misbehaving upstream on loopback, switchable at any time ---------------------------------

@@ -113,3 +113,24 @@ def test_penalised_sampling_at_a_temperature_reads_the_logits_only() -> None:
         sample_rows(logits, [sampler])
     assert sum(sampler.counts.values()) == 10
     assert logits.tolist() == [[3.0, 2.0, 1.0]]
+
+
+def test_every_temperature_and_top_p_the_edge_admits_gives_a_token() -> None:
+    # 1/1e-300 overflows float32: the weights went NaN and the draw raised, killing the engine
+    logits = rows([1.0, 3.0, 2.0, -4.0], [1.0, 3.0, 2.0, -4.0])
+    for temperature in (0.0, 1e-300, 1e-45, 3e-39, 1e-20, 9e-6, 1e-5, 0.5, 2.0):
+        for top_p in (0.0, 1e-300, 1e-45, 0.5, 1.0):
+            for penalty in (-2.0, 0.0, 2.0):
+                settings = Sampling(temperature=temperature, top_p=top_p, seed=1,
+                                    frequency_penalty=penalty, presence_penalty=-penalty)
+                sampler = TokenSampler(settings)
+                for _ in range(5):
+                    token = sample_rows(logits, [sampler, TokenSampler(Sampling(temperature=0))])
+                    assert 0 <= token[0] < 4 and token[1] == 1
+                if temperature < 1e-5 and not penalty:
+                    assert sampler.greedy and token[0] == 1
+
+
+def test_nan_logits_still_give_a_token() -> None:
+    sampler = TokenSampler(Sampling(temperature=1.0, top_p=0.9, seed=1))
+    assert 0 <= sample_rows(rows([np.nan, 1.0, np.nan]), [sampler])[0] < 3

@@ -1,0 +1,142 @@
+"""No single request may harm the in-process llama.cpp backend or its other users: extreme
+sampling options, token ids outside the vocabulary and role markers typed in a message; an engine
+thread that dies anyway says why. With the real SmolLM2 model."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import httpx
+import openai
+import orjson
+import pytest
+
+from backends.base import BackendRequest
+from backends.errors import BackendUnavailable
+from gateway.config import parse_config
+from tests.conftest import run_gateway, wait_ready
+
+pytest.importorskip("llama_cpp")
+
+#: a hang would be a bug, not a slow machine: far longer than any of these requests takes
+HANG_S = 120
+
+
+def _config(**local: Any) -> dict[str, Any]:
+    return {
+        "backends": {"local": {"kind": "llamacpp", "n_ctx": 2048, "parallel": 4, "n_threads": 2,
+                               "flash_attn": "on", **local}},
+        "models": {"smollm2": {"targets": ["local"]}},
+    }
+
+
+@pytest.fixture(scope="module")
+def gateway() -> Iterator[str]:
+    with run_gateway(_config()) as url:
+        wait_ready(url)
+        yield url
+
+
+@pytest.fixture(scope="module")
+def client(gateway: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=gateway + "/v1", api_key="unused", max_retries=0)
+
+
+@pytest.fixture
+async def backend() -> AsyncIterator[Any]:
+    from backends.llamacpp import LlamaCppBackend
+
+    b = LlamaCppBackend("local", parse_config(_config(), "<test>").backends["local"])  # type: ignore[arg-type]
+    await b.start()
+    try:
+        yield b
+    finally:
+        await b.close()
+
+
+def _chat(client: openai.OpenAI, content: str, max_tokens: int = 12, **options: Any) -> Any:
+    return client.chat.completions.create(
+        model="smollm2", messages=[{"role": "user", "content": content}], max_tokens=max_tokens, **options)
+
+
+def _events(chunk: bytes) -> list[dict[str, Any]]:
+    return [orjson.loads(line[6:]) for line in chunk.split(b"\n\n") if line.startswith(b"data: {")]
+
+
+# ---- 1. sampling options at their limits; an engine thread that dies anyway --------------------
+
+def test_tiny_temperatures_and_top_p_are_greedy_and_the_engine_lives_on(gateway: str,
+                                                                        client: openai.OpenAI) -> None:
+    prompt = "Name three colors."
+    greedy = _chat(client, prompt, temperature=0).choices[0].message.content
+    for temperature in (1e-300, 1e-45, 3e-39, 1e-6):
+        reply = _chat(client, prompt, temperature=temperature)
+        assert reply.choices[0].message.content == greedy, temperature
+    for top_p in (0, 1e-300):  # a nucleus of the most likely token alone
+        reply = _chat(client, prompt, temperature=1.0, top_p=top_p, seed=3)
+        assert reply.choices[0].message.content == greedy, top_p
+    for options in ({"temperature": 1e-300, "frequency_penalty": 2, "presence_penalty": 2},
+                    {"temperature": 1e-300, "frequency_penalty": -2, "presence_penalty": -2},
+                    {"temperature": 2, "top_p": 1e-300, "frequency_penalty": -2, "presence_penalty": 2},
+                    {"temperature": 2, "top_p": 1, "frequency_penalty": 2, "presence_penalty": -2,
+                     "seed": 1}):
+        reply = _chat(client, "Repeat the word cat forever.", **options, max_tokens=16)
+        assert reply.choices[0].finish_reason in ("stop", "length"), options
+    assert httpx.get(gateway + "/health/ready", timeout=5).status_code == 200
+    assert _chat(client, prompt, temperature=0).choices[0].message.content == greedy
+
+
+def test_remote_backends_have_no_fatal_fault() -> None:
+    from backends.ollama import OllamaBackend
+    from backends.openai import OpenAIBackend
+    from backends.vllm import VllmBackend
+
+    for cls in (OpenAIBackend, VllmBackend, OllamaBackend):
+        assert cls.fatal(object.__new__(cls)) is None
+
+
+async def test_an_engine_thread_that_dies_says_why_and_later_requests_fail_at_once(
+        backend: Any, caplog: pytest.LogCaptureFixture) -> None:
+    assert backend.fatal() is None
+    engine = backend._engine
+
+    def broken_step() -> None:
+        raise RuntimeError("a bug in the step")
+
+    engine._step = broken_step
+    body = {"model": "smollm2", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+    with caplog.at_level(logging.ERROR, logger="interlock.backends.llamacpp"):
+        with pytest.raises(BackendUnavailable, match="a bug in the step"):
+            await asyncio.wait_for(backend.complete(BackendRequest("chat", body, "r1")), HANG_S)
+        assert "a bug in the step" in caplog.text and "engine thread died" in caplog.text
+    engine._thread.join(HANG_S)
+    assert not engine._thread.is_alive()
+    reason = backend.fatal()
+    assert reason is not None and "RuntimeError('a bug in the step')" in reason
+    assert not (await backend.health()).ok
+    with pytest.raises(BackendUnavailable, match="a bug in the step"):
+        await asyncio.wait_for(backend.complete(BackendRequest("chat", body, "r2")), HANG_S)
+    with pytest.raises(BackendUnavailable, match="a bug in the step"):
+        await asyncio.wait_for(backend.stream(BackendRequest("chat", body, "r3", stream=True)), HANG_S)
+    # a request that passed the liveness check just before the thread died is answered too
+    queue: asyncio.Queue[Any] = asyncio.Queue()
+    engine.submit([1, 2, 3], backend._mod.Sampling(max_tokens=2), queue)
+    assert "a bug in the step" in (await asyncio.wait_for(queue.get(), HANG_S)).message
+    await backend.close()
+    assert backend.fatal() is None  # closed on purpose: nothing to restart for
+
+
+async def test_fatal_is_none_while_loading() -> None:
+    from backends.llamacpp import LlamaCppBackend
+
+    b = LlamaCppBackend("local", parse_config(_config(), "<test>").backends["local"])  # type: ignore[arg-type]
+    assert b.fatal() is None
+    loading = asyncio.create_task(b.start())
+    await asyncio.sleep(0)
+    assert b.fatal() is None
+    await loading
+    assert b.fatal() is None
+    await b.close()
