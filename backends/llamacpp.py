@@ -293,6 +293,12 @@ class LlamaCppBackend:
         if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
             prompt = prompt[0]
         if isinstance(prompt, list) and prompt and all(type(t) is int for t in prompt):
+            # an id outside the vocabulary fails the whole llama_decode batch, others' streams too
+            n_vocab = engine.model.n_vocab
+            if min(prompt) < 0 or max(prompt) >= n_vocab:
+                i, bad = next((i, t) for i, t in enumerate(prompt) if not 0 <= t < n_vocab)
+                raise InvalidRequest(f"prompt[{i}] is token id {bad}, outside this model's vocabulary "
+                                     f"of {n_vocab} tokens (ids 0 to {n_vocab - 1})", param="prompt")
             return list(prompt), "prompt"
         if not isinstance(prompt, str):
             raise InvalidRequest("prompt must be a string or a list of one string (batched prompts "

@@ -140,3 +140,40 @@ async def test_fatal_is_none_while_loading() -> None:
     await loading
     assert b.fatal() is None
     await b.close()
+
+
+# ---- 2. token ids outside the vocabulary ----------------------------------------------------------
+
+async def test_a_token_id_outside_the_vocabulary_is_a_400_and_other_streams_go_on(
+        gateway: str, client: openai.OpenAI) -> None:
+    prompts = ["1, 2, 3, 4, 5,", "The sky is"]
+    body = {"model": "smollm2", "max_tokens": 48, "temperature": 0}
+    alone = [client.completions.create(**body, prompt=p).choices[0].text for p in prompts]  # type: ignore[call-overload]
+    async with httpx.AsyncClient(base_url=gateway, timeout=HANG_S) as http:
+        async def stream(prompt: str, started: asyncio.Event) -> tuple[str, str | None]:
+            text, finish = "", None
+            async with http.stream("POST", "/v1/completions",
+                                   json={**body, "prompt": prompt, "stream": True}) as response:
+                assert response.status_code == 200
+                async for line in response.aiter_lines():
+                    if line.startswith("data: {"):
+                        choice = orjson.loads(line[6:])["choices"][0]
+                        text += choice["text"]
+                        finish = choice["finish_reason"] or finish
+                        started.set()
+            return text, finish
+
+        started = [asyncio.Event() for _ in prompts]
+        streams = [asyncio.create_task(stream(p, e)) for p, e in zip(prompts, started, strict=True)]
+        await asyncio.wait_for(asyncio.gather(*(e.wait() for e in started)), HANG_S)
+        assert not any(s.done() for s in streams)  # both still generating: they share the next steps
+        for bad, index in (([1, 2, 49152], 2), ([5, -1], 1), ([10**12], 0)):
+            response = await http.post("/v1/completions", json={**body, "prompt": bad})
+            assert response.status_code == 400, response.text
+            error = response.json()["error"]
+            assert error["param"] == "prompt"
+            assert f"prompt[{index}] is token id {bad[index]}" in error["message"]
+            assert "vocabulary of 49152 tokens" in error["message"]
+        got = await asyncio.wait_for(asyncio.gather(*streams), HANG_S)
+        assert got == [(text, "length") for text in alone]
+        assert (await http.get("/health/ready")).status_code == 200
