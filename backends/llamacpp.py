@@ -127,7 +127,7 @@ class LlamaCppBackend:
         self._embedder: EmbeddingEngine | None = None  # an embedding model's
         self._mod: Any = None  # backends.llamacpp_engine, once start() imported it
         self._embed_mod: Any = None  # backends.llamacpp_embed, likewise
-        self._render: Callable[[list[Any]], str] | None = None
+        self._render: Callable[[list[Any]], list[tuple[str, bool]]] | None = None
         self._state = "not started"
 
     @property
@@ -286,9 +286,12 @@ class LlamaCppBackend:
             if self._render is None:
                 raise UnsupportedEndpoint(f"model {self.model_id} has no chat template; set "
                                           "chat_template in the backend config", param="messages")
-            # The rendered text already holds the template's special tokens (BOS included).
-            return await self._tokenize(engine, self._render(messages), "messages", add_special=False), \
-                "messages"
+            # Only the template's own text holds special tokens (BOS included): the messages' text
+            # is tokenized as text, so a "<|im_start|>" a user types stays characters.
+            parts = self._render(messages)
+            text = "".join(part for part, _ in parts)
+            return await self._tokenize(engine, text, "messages",
+                                        lambda: engine.model.tokenize_parts(parts)), "messages"
         prompt = body.get("prompt")
         if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
             prompt = prompt[0]
@@ -303,19 +306,24 @@ class LlamaCppBackend:
         if not isinstance(prompt, str):
             raise InvalidRequest("prompt must be a string or a list of one string (batched prompts "
                                  "are not supported by the llamacpp backend)", param="prompt")
-        tokens = await self._tokenize(engine, prompt, "prompt", add_special=True) if prompt else []
+        # A prompt is all the caller's own text: its special-token text is parsed, as llama.cpp's
+        # server and OpenAI's completions do (a hand-written ChatML prompt works).
+        tokens = [] if not prompt else await self._tokenize(
+            engine, prompt, "prompt", lambda: engine.model.tokenize(prompt, add_special=True))
         if not tokens:
             if engine.model.bos_id < 0:
                 raise InvalidRequest("prompt must not be empty", param="prompt")
             tokens = [engine.model.bos_id]
         return tokens, "prompt"
 
-    async def _tokenize(self, engine: Engine, text: str, param: str, *, add_special: bool) -> list[int]:
-        """A prompt's tokens; one far too long for the context is refused before tokenizing."""
+    async def _tokenize(self, engine: Engine, text: str, param: str,
+                        tokenize: Callable[[], list[int]]) -> list[int]:
+        """``tokenize()``, the tokens of ``text``; a text far too long for the context is refused
+        before tokenizing."""
         floor = engine.model.min_tokens(text)
         if floor >= engine.n_ctx_seq:
             raise _too_long(engine, param, f"is {len(text):,} characters long: at least {floor:,} tokens")
-        return await tokenize_sized(len(text), lambda: engine.model.tokenize(text, add_special=add_special))
+        return await tokenize_sized(len(text), tokenize)
 
 
 def _too_long(engine: Engine, param: str, what: str) -> ContextLengthExceeded:

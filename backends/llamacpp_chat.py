@@ -4,6 +4,8 @@ are framed by ``backends.openai_frames``."""
 from __future__ import annotations
 
 import asyncio
+import re
+import secrets
 from base64 import b64encode
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
@@ -15,27 +17,54 @@ from backends.errors import InvalidRequest
 T = TypeVar("T")
 
 
-def make_chat_renderer(template: str, bos_token: str, eos_token: str) -> Callable[[list[Any]], str]:
-    """A function from OpenAI ``messages`` to the prompt text, generation prompt appended.
+def make_chat_renderer(template: str, bos_token: str,
+                       eos_token: str) -> Callable[[list[Any]], list[tuple[str, bool]]]:
+    """A function from OpenAI ``messages`` to the prompt text, generation prompt appended, as
+    ``(text, is_template)`` parts: the template's own text, whose special-token text is meant as
+    special tokens, and the messages' contents, which are plain text whatever they hold.
 
     It uses llama-cpp-python's sandboxed Jinja2 formatter, the one its own
-    ``create_chat_completion`` uses, so the prompt matches what ``Llama`` renders.
-    Imported here, not at module top: loading llama_cpp is the engine's business.
+    ``create_chat_completion`` uses, so the prompt matches what ``Llama`` renders. The parts come
+    from a second rendering with each non-empty content replaced by a sentinel. Imported here, not
+    at module top: loading llama_cpp is the engine's business.
     """
     from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
     formatter = Jinja2ChatFormatter(template=template, bos_token=bos_token, eos_token=eos_token)
+    # Nothing a client sends reaches the sentinel rendering (contents are replaced, roles are a
+    # fixed set), so a sentinel found there is one of ours. Letters and digits only: a template
+    # that trims or escapes a content leaves it whole.
+    mark = "interlock" + secrets.token_hex(8)
+    sentinel = re.compile(mark + r"x(\d+)x")
 
-    def render(messages: list[Any]) -> str:
+    def render(messages: list[Any]) -> list[tuple[str, bool]]:
+        plain = [_plain_message(m) for m in messages]
+        marked = [{**m, "content": f"{mark}x{i}x" if m["content"] else ""} for i, m in enumerate(plain)]
         try:
-            return formatter(messages=[_plain_message(m) for m in messages]).prompt
+            want = formatter(messages=plain).prompt
+            pieces = sentinel.split(formatter(messages=marked).prompt)
         except InvalidRequest:
             raise
         except Exception as exc:  # templates raise_exception() on role orders they refuse
             raise InvalidRequest(f"the chat template rejected these messages: {exc}",
                                  param="messages") from exc
+        # pieces: template text, a message index, template text, ...
+        contents = [str(plain[int(i)]["content"]) for i in pieces[1::2]]
+        for form in (contents, [c.strip() for c in contents]):  # as given, or as a template trims
+            parts = [(p, i % 2 == 0) for i, p in enumerate(_interleave(pieces[::2], form))]
+            if "".join(p for p, _ in parts) == want:
+                return parts
+        # A template that changes contents some other way: its structure, the contents as given.
+        return [(p, i % 2 == 0) for i, p in enumerate(_interleave(pieces[::2], contents))]
 
     return render
+
+
+def _interleave(template: list[str], contents: list[str]) -> list[str]:
+    out = [template[0]]
+    for content, text in zip(contents, template[1:], strict=True):
+        out += (content, text)
+    return out
 
 
 def _plain_message(message: Any) -> dict[str, Any]:

@@ -12,6 +12,7 @@ import ctypes
 import logging
 import os
 import time
+from collections.abc import Sequence
 from typing import Any
 
 # llama_cpp must load before anything imports numpy (CUDA builds segfault otherwise).
@@ -75,8 +76,9 @@ class Model:
 
     def tokenize(self, text: str, *, add_special: bool, parse_special: bool = True) -> list[int]:
         """Text to tokens. ``add_special``: the model's BOS/CLS and EOS/SEP around them, as it
-        expects; ``parse_special``: special-token text (``<|im_start|>``, as a rendered chat
-        holds) becomes the special token, not its characters."""
+        expects; ``parse_special``: special-token text (``<|im_start|>``) becomes the special
+        token, not its characters: only for text that is all the caller's own, never for text
+        of several parties (a chat: see ``tokenize_parts``)."""
         raw = text.encode()
         size = len(raw) + 8
         buf = (C.llama_token * size)()
@@ -85,6 +87,15 @@ class Model:
             buf = (C.llama_token * -n)()
             n = C.llama_tokenize(self.vocab, raw, len(raw), buf, -n, add_special, parse_special)
         return buf[:n]
+
+    def tokenize_parts(self, parts: Sequence[tuple[str, bool]]) -> list[int]:
+        """A rendered chat's tokens, from ``(text, is_template)`` parts: special-token text is
+        parsed in the template's parts only, so a message's ``<|im_start|>`` stays characters."""
+        tokens: list[int] = []
+        for text, template in parts:
+            if text:
+                tokens += self.tokenize(text, add_special=False, parse_special=template)
+        return tokens
 
     def meta(self, key: str) -> str | None:
         size = 1 << 16
