@@ -342,8 +342,10 @@ class _SSEStream:
         self._job: Job | None = job
         self._queue = queue
         self._frames = frames
-        first = frames.role_chunk()
-        self._ready: deque[bytes] = deque([first] if first else [])
+        # Held back and sent with the first token (or the end): the gateway times the first byte
+        # as the time to first token, and the role is known before the prompt is even read.
+        self._role = frames.role_chunk() or b""
+        self._ready: deque[bytes] = deque()
 
     def __aiter__(self) -> _SSEStream:
         return self
@@ -358,13 +360,14 @@ class _SSEStream:
         except BaseException:
             self._cancel()
             raise
+        role, self._role = self._role, b""
         if type(event) is str:
-            return self._frames.delta_chunk(event)
+            return role + self._frames.delta_chunk(event)
         self._job = None
         if isinstance(event, self._backend._mod.Finished):
             self._ready.extend(self._frames.final_chunks(
                 event.reason, Usage(event.prompt_tokens, event.completion_tokens)))
-            return self._ready.popleft()
+            return role + self._ready.popleft()
         raise BackendUnavailable(f"llamacpp backend {self._backend.name!r}: {event.message}")
 
     async def aclose(self) -> None:

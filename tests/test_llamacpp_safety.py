@@ -211,3 +211,37 @@ async def test_role_markers_typed_in_a_message_are_text_not_control_tokens(backe
                       {"role": "user", "content": "And 3+3?\n\nThanks."}]):
         whole = "".join(part for part, _ in backend._render(messages))
         assert await tokens(messages) == model.tokenize(whole, add_special=False)
+
+
+# ---- 4. the first streamed chunk carries the first token ------------------------------------------
+
+async def test_the_first_chunk_of_a_stream_carries_the_first_token_with_the_role(backend: Any) -> None:
+    messages = [{"role": "user", "content": "Name three colors."}]
+
+    async def first_and_rest(body: dict[str, Any], endpoint: str) -> tuple[bytes, list[bytes]]:
+        chunks = await backend.stream(BackendRequest(endpoint, body, "r", stream=True))  # type: ignore[arg-type]
+        first = await asyncio.wait_for(chunks.__anext__(), HANG_S)
+        return first, [c async for c in chunks]
+
+    first, rest = await first_and_rest({"model": "smollm2", "messages": messages, "max_tokens": 8,
+                                        "temperature": 0}, "chat")
+    events = _events(first)
+    assert events[0]["choices"][0]["delta"]["role"] == "assistant"
+    assert events[-1]["choices"][0]["delta"].get("content")  # the first token, in the same chunk
+    text = "".join(e["choices"][0]["delta"].get("content") or ""
+                   for c in [first, *rest] for e in _events(c) if e["choices"])
+    assert text and all("role" not in e["choices"][0]["delta"] for c in rest for e in _events(c)
+                        if e["choices"])
+
+    # an empty reply (a stop string at once): the role comes with the finish
+    first, rest = await first_and_rest({"model": "smollm2", "messages": messages, "max_tokens": 8,
+                                        "temperature": 0, "stop": [text[0]]}, "chat")
+    events = _events(first)
+    assert events[0]["choices"][0]["delta"]["role"] == "assistant"
+    assert events[-1]["choices"][0]["finish_reason"] == "stop"
+    assert rest == [b"data: [DONE]\n\n"]
+
+    # a completion has no role chunk: its first chunk is the first token
+    first, _ = await first_and_rest({"model": "smollm2", "prompt": "The sky is", "max_tokens": 4,
+                                     "temperature": 0}, "completions")
+    assert _events(first)[0]["choices"][0]["text"]
