@@ -75,6 +75,8 @@ class Load:
     in_flight: int = 0
     queued: int = 0
     capacity: int | None = None
+    #: its own queue is full: a request now would be refused, so the router skips it unasked
+    full: bool = False
 
 
 @runtime_checkable
@@ -113,6 +115,10 @@ class Backend(Protocol):
     def fatal(self) -> str | None:
         """A fault this process cannot recover from without a restart (the in-process engine
         thread died); None when there is none."""
+
+    def describe(self) -> dict[str, Any]:
+        """What only this kind knows, for operators (``/admin/routes``, ``interlock routes``):
+        a pool's endpoints, a model's queue. Cheap and synchronous; no secrets."""
 
 
 class Price(BaseModel):

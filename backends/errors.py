@@ -8,12 +8,15 @@ place that turns one into a response is ``gateway.errors.error_response``.
     InterlockError
     ├── BackendError                 an upstream could not serve the request
     │   ├── BackendUnavailable       connect failed, reset, dead endpoint      502
-    │   ├── BackendOverloaded        queue full / upstream 429                  429/503 + Retry-After
+    │   ├── BackendOverloaded        busy, not failing: queue full, upstream    429/503 + Retry-After
+    │   │                            429/503; the next candidate is tried, no breaker counts it
     │   ├── BackendTimeout           connect / first token / total deadline    504
     │   └── UpstreamHTTPError        upstream answered with an error status     its status (sanitised)
     └── InvalidRequest               the client's request cannot be served      400
         ├── ContextLengthExceeded    prompt (+ max_tokens) over the context
         └── UnsupportedEndpoint      e.g. embeddings on a generative model
+    InternalError                    the gateway's own fault (a bug): 500 with the request id;
+                                     never retried, never charged to a backend
     (gateway.errors adds Authentication, PermissionDenied, ModelNotFound, RequestTooLarge, ...)
 """
 
@@ -24,8 +27,10 @@ class InterlockError(Exception):
     status: int = 500
     type: str = "server_error"
     code: str | None = None
-    #: a failure of the upstream, not of the client: breakers count it, the router may try another backend
+    #: a failure of the upstream, not of the client: the router may try another backend
     retryable: bool = False
+    #: the upstream is full rather than failing: another backend may serve it, no breaker counts it
+    busy: bool = False
 
     def __init__(
         self,
@@ -62,6 +67,12 @@ class UnsupportedEndpoint(InvalidRequest):
     code = "unsupported_endpoint"
 
 
+class InternalError(InterlockError):
+    status = 500
+    type = "server_error"
+    code = "internal_error"
+
+
 class BackendError(InterlockError):
     status = 502
     type = "upstream_error"
@@ -73,9 +84,13 @@ class BackendUnavailable(BackendError):
 
 
 class BackendOverloaded(BackendError):
+    """The backend refused because it is full. Busy is not broken: the router moves on to the
+    next candidate, and neither the breaker nor the error rate hears of it."""
+
     status = 503
     type = "overloaded_error"
     code = "backend_overloaded"
+    busy = True
 
 
 class BackendTimeout(BackendError):
@@ -93,6 +108,8 @@ class UpstreamHTTPError(BackendError):
         self.error = error
         # A client mistake that the upstream caught (400, 404, 422...) is not an outage.
         self.retryable = status >= 500 or status in (408, 429)
+        # a rate limit or "unavailable, try later" is an upstream at capacity, not a broken one
+        self.busy = status in (429, 503)
         raw_type = error.get("type")
         default_type = "invalid_request_error" if status < 500 else self.type
         self.type = raw_type if isinstance(raw_type, str) and raw_type else default_type

@@ -130,11 +130,6 @@ class LlamaCppBackend:
         self._render: Callable[[list[Any]], list[tuple[str, bool]]] | None = None
         self._state = "not started"
 
-    @property
-    def ready(self) -> bool:
-        running = self._engine or self._embedder
-        return running is not None and running.alive
-
     async def start(self) -> None:
         if self._engine is not None or self._embedder is not None:
             return
@@ -202,6 +197,10 @@ class LlamaCppBackend:
             return Health(False, running.error or "engine stopped")
         return Health(True)
 
+    def describe(self) -> dict[str, object]:
+        return {"model": self.model_id, "state": self._state if self._engine is None and
+                self._embedder is None else "running"}
+
     def fatal(self) -> str | None:
         """Why the engine thread died, once it has (not while loading, not after close())."""
         running = self._engine or self._embedder
@@ -213,7 +212,8 @@ class LlamaCppBackend:
         e = self._engine or self._embedder
         if e is None:
             return Load(capacity=self.config.parallel)
-        return Load(in_flight=e.n_active, queued=e.n_waiting, capacity=e.parallel)
+        return Load(in_flight=e.n_active, queued=e.n_waiting, capacity=e.parallel,
+                    full=e.n_active + e.n_waiting >= e.parallel + e.max_queue)
 
     async def complete(self, request: BackendRequest) -> BackendResponse:
         if request.endpoint == "embeddings" and self._embedder is not None:

@@ -1,7 +1,7 @@
 """``kind: ollama``: an Ollama server through its native API (/api/chat, /api/generate, /api/embed).
 
-Written from Ollama's API reference (``/work/shared/reference/ollama-api.md``, checked
-against Ollama's source); the section numbers below are that document's.
+Written from Ollama's API reference (https://github.com/ollama/ollama/blob/main/docs/api.md, checked
+against Ollama's source); the section numbers (§) count that document's endpoint sections.
 
 How an OpenAI request becomes an Ollama one and back (chat → ``/api/chat``, completions →
 ``/api/generate``, embeddings → ``/api/embed``, options, reply shapes) and which parameters are
@@ -73,6 +73,7 @@ from backends.errors import (
     UpstreamHTTPError,
 )
 from backends.http import OpenAICompatibleUpstream, Timeouts, _error_dict, _retry_after, http_base_url
+from backends.http_limits import read_capped
 from backends.ollama_stream import NdjsonRelay
 from backends.ollama_translate import (
     Shape,
@@ -296,7 +297,7 @@ class OllamaBackend:
         """A non-streamed call: the reply's JSON object."""
         response = await self._post(upstream, path, payload, request_id, stream=False)
         try:
-            raw = await response.read()
+            raw = await read_capped(response, self._http.max_reply_bytes)
         except TimeoutError:
             raise BackendTimeout(f"ollama did not finish within {upstream.timeouts.total:g}s") from None
         except aiohttp.ClientError as exc:
@@ -318,9 +319,7 @@ class OllamaBackend:
         return data
 
     def _redact(self, text: str) -> str:
-        for secret in self._secrets:
-            text = text.replace(secret, "[redacted]")
-        return text[:_MAX_MESSAGE]
+        return self._upstream.redact(text)[:_MAX_MESSAGE]
 
     async def _error(self, response: aiohttp.ClientResponse, path: str) -> InterlockError:
         try:
@@ -389,6 +388,9 @@ class OllamaBackend:
 
     def fatal(self) -> str | None:
         return None  # a remote server's faults are its own: health() reports them
+
+    def describe(self) -> dict[str, object]:
+        return {"model": self.config.model}
 
     def _stream_ended(self) -> None:
         self._in_flight -= 1

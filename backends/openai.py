@@ -131,3 +131,6 @@ class OpenAIBackend:
 
     def fatal(self) -> str | None:
         return None  # a remote server's faults are its own: health() reports them
+
+    def describe(self) -> dict[str, object]:
+        return {}

@@ -334,6 +334,9 @@ class VllmBackend:
     def fatal(self) -> str | None:
         return None  # remote servers' faults are their own: health() reports them
 
+    def describe(self) -> dict[str, object]:
+        return {"endpoints": self.endpoints()}
+
     def endpoints(self) -> list[dict[str, Any]]:
         """Per-endpoint figures for operators (``/admin/routes``); URLs carry no credentials."""
         now = self._clock()

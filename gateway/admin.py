@@ -15,48 +15,53 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from gateway.router import Router
+from gateway.snapshot import Route
+from gateway.state import Gateway
 from policies.base import RequestFacts
 
 #: the request the ranking is shown for, unless the query string says otherwise
 _TYPICAL = RequestFacts(prompt_tokens=500, max_tokens=256)
 
 
-def routes_report(router: Router, facts: RequestFacts = _TYPICAL) -> dict[str, object]:
-    routes = {}
-    for name, route in router.routes.items():
-        order = router.plan(route, facts)
-        routes[name] = {
-            "policy": route.policy,
-            "attempts": route.attempts,
-            "hedge": route.hedge,
-            "ttft_slo_ms": route.ttft_slo_ms,
-            "order": [
-                {
-                    "backend": choice.target.name,
-                    "reason": choice.reason,
-                    "breaker": choice.target.breaker.snapshot(),
-                    "healthy": choice.target.healthy,
-                    "health_reason": choice.target.health_reason,
-                    "load": dataclasses.asdict(choice.target.backend.load()),
-                    "max_in_flight": choice.target.max_in_flight,
-                    "price": choice.target.price.model_dump(),
-                    "stats": choice.target.stats.snapshot(),
-                    # pools (kind: vllm) show each endpoint's figures too
-                    **({"endpoints": choice.target.backend.endpoints()}  # type: ignore[attr-defined]
-                       if hasattr(choice.target.backend, "endpoints") else {}),
-                }
-                for choice in order
-            ],
-        }
+def routes_report(gateway: Gateway, facts: RequestFacts = _TYPICAL) -> dict[str, object]:
+    snapshot = gateway.snapshot
     return {
+        "config": {"hash": snapshot.hash, "source": snapshot.config.source, "loaded_at": snapshot.loaded_at},
         "request": {"prompt_tokens": facts.prompt_tokens, "max_tokens": facts.max_tokens,
                     "ttft_budget_ms": facts.ttft_budget_ms},
-        "retry_budget": router.budget.snapshot(),
-        "routes": routes,
+        "retry_budget": gateway.router.budget.snapshot(),
+        "routes": {name: _route_report(gateway.router, route, facts)
+                   for name, route in snapshot.routes.items()},
     }
 
 
-def admin_routes(router: Router) -> Callable[[Request], Awaitable[Response]]:
+def _route_report(router: Router, route: Route, facts: RequestFacts) -> dict[str, object]:
+    return {
+        "policy": route.policy,
+        "attempts": route.attempts,
+        "hedge": route.hedge,
+        "ttft_slo_ms": route.ttft_slo_ms,
+        "order": [
+            {
+                "backend": choice.target.name,
+                "kind": choice.target.backend.kind,
+                "reason": choice.reason,
+                "breaker": choice.target.breaker.snapshot(),
+                "healthy": choice.target.healthy,
+                "health_reason": choice.target.health_reason,
+                "load": dataclasses.asdict(choice.target.backend.load()),
+                "max_in_flight": choice.target.max_in_flight,
+                "price": choice.target.price.model_dump(),
+                "stats": choice.target.stats.snapshot(),
+                # what only this kind of backend knows (a pool's endpoints, say)
+                **choice.target.backend.describe(),
+            }
+            for choice in router.plan(route, facts)
+        ],
+    }
+
+
+def admin_routes(gateway: Gateway) -> Callable[[Request], Awaitable[Response]]:
     async def handle(request: Request) -> Response:
         query = request.query_params
         try:
@@ -69,6 +74,6 @@ def admin_routes(router: Router) -> Callable[[Request], Awaitable[Response]]:
             return Response(b'{"error":{"message":"prompt_tokens, max_tokens and ttft_ms must be numbers",'
                             b'"type":"invalid_request_error","param":null,"code":null}}', 400,
                             media_type="application/json")
-        return Response(orjson.dumps(routes_report(router, facts)), media_type="application/json")
+        return Response(orjson.dumps(routes_report(gateway, facts)), media_type="application/json")
 
     return handle

@@ -1,17 +1,16 @@
-"""The HTTP surface: one explicit route table, handlers that parse, call the router, reply.
+"""The HTTP surface: one explicit route table and the middleware list.
 
-Handlers never know which backend kind answers; they pick JSON or SSE and render
-errors through ``gateway.errors``. ``build_app`` takes a loaded config and built
-backends: nothing here reads the environment.
+The inference endpoints are plain ASGI (``gateway.inference``, over ``gateway.serving``);
+models, health and admin are Starlette handlers. Every handler reads the snapshot in
+force through the ``Gateway`` (``gateway.state``), never a copy taken at build time, and
+renders errors through ``gateway.errors``. Nothing here reads the environment.
 """
 
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
 
 import orjson
 from starlette.applications import Starlette
@@ -21,10 +20,8 @@ from starlette.responses import Response
 from starlette.routing import Route as HttpRoute
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from backends.base import Backend
 from backends.errors import InterlockError
 from gateway.admin import admin_routes
-from gateway.config import LoadedConfig
 from gateway.errors import (
     MethodNotAllowed,
     ModelNotFound,
@@ -34,29 +31,14 @@ from gateway.errors import (
     error_body,
     error_headers,
 )
-from gateway.health import HealthMonitor
-from gateway.inference import HotPaths, Inference, allowed
+from gateway.inference import HotPaths, Inference
 from gateway.middleware import CLIENT_KEY, BodyLimit, ClientAuth, RequestContext
-from gateway.router import Router, Target
+from gateway.serving import Serving
+from gateway.snapshot import may_use
+from gateway.state import Gateway
 
 log = logging.getLogger("interlock.app")
 
-
-
-@dataclass
-class Gateway:
-    """Everything a request handler needs, built once per config."""
-
-    config: LoadedConfig
-    router: Router
-    backends: dict[str, Backend]
-    targets: dict[str, Target]
-    health: HealthMonitor
-    started_at: int = field(default_factory=lambda: int(time.time()))
-    #: set when start-up of a backend failed; the server exits with it
-    fatal: BaseException | None = None
-    #: set once shutdown begins: readiness answers 503 while in-flight streams finish
-    draining: bool = False
 
 
 def _json(data: object, status: int = 200, headers: dict[str, str] | None = None) -> Response:
@@ -73,14 +55,14 @@ def _models(gateway: Gateway) -> tuple[Callable[[Request], Awaitable[Response]],
 
     async def list_models(request: Request) -> Response:
         key = request.scope.get(CLIENT_KEY)
-        data = [entry(name) for name in gateway.config.models if allowed(key, name)]
+        data = [entry(name) for name in gateway.snapshot.routes if may_use(key, name)]
         return _json({"object": "list", "data": data})
 
     async def get_model(request: Request) -> Response:
         name = request.path_params["model"]
-        if name not in gateway.config.models:
+        if name not in gateway.snapshot.routes:
             return _error(ModelNotFound(name))
-        if not allowed(request.scope.get(CLIENT_KEY), name):
+        if not may_use(request.scope.get(CLIENT_KEY), name):
             return _error(PermissionDenied(f"This API key may not use the model `{name}`.", param="model"))
         return _json(entry(name))
 
@@ -89,15 +71,17 @@ def _models(gateway: Gateway) -> tuple[Callable[[Request], Awaitable[Response]],
 
 def _health(gateway: Gateway) -> tuple[Callable[[Request], Awaitable[Response]], ...]:
     async def live(_: Request) -> Response:
+        # Only what a restart would cure fails liveness: an in-process engine whose thread died.
+        dead = {name: fault for name, backend in gateway.backends.items() if (fault := backend.fatal())}
+        if dead:
+            return _json({"status": "dead", "backends": dead}, 503)
         return Response(b'{"status":"ok"}', 200, media_type="application/json")
 
     async def ready(_: Request) -> Response:
         if gateway.draining:
             return _json({"status": "shutting down"}, 503)
-        problems = await gateway.health.problems(gateway.router.routes)
-        if problems:
-            return _json({"status": "not ready", "routes": problems}, 503)
-        return _json({"status": "ready"})
+        ok, models = gateway.health.readiness(gateway.snapshot.routes)
+        return _json({"status": "ready" if ok else "not ready", "models": models}, 200 if ok else 503)
 
     return live, ready
 
@@ -130,7 +114,8 @@ def build_app(
 ) -> GatewayApp:
     list_models, get_model = _models(gateway)
     live, ready = _health(gateway)
-    hot = {("POST", path): Inference(gateway.router, endpoint)
+    serving = Serving(gateway)
+    hot = {("POST", path): Inference(serving, endpoint)
            for path, endpoint in (("/v1/chat/completions", "chat"), ("/v1/completions", "completions"),
                                   ("/v1/embeddings", "embeddings"))}
     routes = [
@@ -141,18 +126,17 @@ def build_app(
         HttpRoute("/v1/models/{model:path}", get_model, methods=["GET"]),
         HttpRoute("/health/live", live, methods=["GET"]),
         HttpRoute("/health/ready", ready, methods=["GET"]),
-        HttpRoute("/admin/routes", admin_routes(gateway.router), methods=["GET"]),
+        HttpRoute("/admin/routes", admin_routes(gateway), methods=["GET"]),
     ]
     rest = Starlette(
         routes=routes,
         exception_handlers={HTTPException: _http_error, InterlockError: _interlock_error},
         lifespan=asynccontextmanager(lifespan) if lifespan else None,
     )
-    rest.state.gateway = gateway
     # Plain ASGI layers, outermost first: request id (and last-resort 500), client keys, body limit.
     asgi: ASGIApp = HotPaths(hot, rest)
     asgi = BodyLimit(asgi, max_bytes=max_body_bytes)
-    asgi = ClientAuth(asgi, keys=gateway.config.auth.keys)
+    asgi = ClientAuth(asgi, keys=lambda: gateway.snapshot.keys)
     asgi = RequestContext(asgi)
     return GatewayApp(asgi, gateway)
 

@@ -13,7 +13,6 @@ request says nothing about the backend's health.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections import deque
@@ -48,7 +47,8 @@ class BreakerConfig(BaseModel):
     #: probe requests admitted at once while half-open
     half_open_probes: int = Field(default=2, ge=1)
     successes_to_close: int = Field(default=2, ge=1)
-    #: open at once when an upstream answers 429/503 with Retry-After, for that long
+    #: open at once, for that long, when a failure carries a Retry-After (a 502/504 that says when
+    #: to come back); a busy upstream's 429/503 is not a failure and opens nothing
     open_on_retry_after: bool = True
 
     @model_validator(mode="after")
@@ -63,16 +63,13 @@ class BreakerConfig(BaseModel):
 def counts_as_failure(exc: BaseException) -> bool:
     """Whether an attempt's exception says the backend is unhealthy.
 
-    Upstream faults (connect errors, timeouts, 5xx, 408/429) count; a client's
-    mistake (InvalidRequest, an upstream 4xx) and a client going away
-    (CancelledError) do not. Any other Exception escaping a backend broke its
-    contract to raise ``backends.errors``, which is a fault of that backend.
+    Upstream faults (connect errors, timeouts, 5xx, 408) count. These do not: a
+    client's mistake (InvalidRequest, an upstream 4xx), a client going away
+    (CancelledError), a backend that is busy rather than broken (queue full, an
+    upstream 429/503: ``busy``), and any other exception, which is a bug of the
+    gateway's own code and must not shut a healthy backend off for everyone.
     """
-    if isinstance(exc, asyncio.CancelledError):
-        return False
-    if isinstance(exc, InterlockError):
-        return exc.retryable
-    return isinstance(exc, Exception)  # KeyboardInterrupt, GeneratorExit...: not the backend's doing
+    return isinstance(exc, InterlockError) and exc.retryable and not exc.busy
 
 
 class CircuitBreaker:
@@ -172,8 +169,8 @@ class CircuitBreaker:
             calls = len(self._window)
             # a division, not failures >= rate * calls: 0.3 * 10 is 3.0000000000000004 in floats
             by_rate = calls >= cfg.min_calls and self._failures / calls >= cfg.failure_rate
-            # An upstream that said when to come back (429/503 with Retry-After) is believed at once:
-            # sending more before then only earns more refusals.
+            # A failing upstream that said when to come back is believed at once: sending more
+            # before then only earns more failures.
             told_to_wait = cfg.open_on_retry_after and retry_after is not None and retry_after > 0
             if by_rate or self._consecutive >= cfg.consecutive_failures or told_to_wait:
                 self._open(retry_after)
@@ -226,6 +223,8 @@ class CircuitBreaker:
 
     def _transition(self, new: State) -> None:
         old, self._state = self._state, new  # callers only ever move to a different state
+        log.log(logging.INFO if new == "closed" else logging.WARNING, "circuit of backend %s: %s -> %s",
+                self.name, old, new)
         for listener in list(self.listeners):
             try:
                 listener(self.name, old, new)

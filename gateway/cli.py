@@ -93,9 +93,21 @@ def cmd_routes(args: argparse.Namespace) -> int:
     import urllib.parse
     import urllib.request
 
+    from backends.errors import InvalidRequest
+    from gateway.admin_query import admin_routes_query
+
     query = {"prompt_tokens": args.prompt_tokens, "max_tokens": args.max_tokens}
     if args.ttft_ms is not None:
         query["ttft_ms"] = args.ttft_ms
+    try:  # the gateway would refuse these too; saying so here names the flag
+        admin_routes_query(query)
+    except InvalidRequest as exc:
+        print(f"interlock: --{(exc.param or '').replace('_', '-')}: {exc.message}", file=sys.stderr)
+        return 2
+    parts = urllib.parse.urlsplit(args.url)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        print(f"interlock: --url must be an http:// or https:// URL, not {args.url!r}", file=sys.stderr)
+        return 2
     url = args.url.rstrip("/") + "/admin/routes?" + urllib.parse.urlencode(query)
     request = urllib.request.Request(url)
     key = args.key or os.environ.get("INTERLOCK_ADMIN_KEY")
@@ -111,7 +123,16 @@ def cmd_routes(args: argparse.Namespace) -> int:
     except (urllib.error.URLError, OSError) as exc:
         print(f"interlock: cannot reach {args.url}: {getattr(exc, 'reason', exc)}", file=sys.stderr)
         return 1
-    print(render_routes(report))
+    except ValueError:
+        print(f"interlock: {url}: the answer is not JSON; is this an Interlock gateway?", file=sys.stderr)
+        return 1
+    try:
+        table = render_routes(report)
+    except (KeyError, TypeError, AttributeError):
+        print(f"interlock: {url}: an answer of an unexpected shape; is this an Interlock gateway "
+              "of the same version?", file=sys.stderr)
+        return 1
+    print(table)
     return 0
 
 

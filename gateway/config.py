@@ -19,7 +19,9 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from gateway.breaker import BreakerConfig
+from gateway.cache import CacheConfig, CacheSection
 from policies import POLICIES
+from policies.base import PolicyOptions
 
 #: kind -> (module, config class, backend class)
 BACKEND_KINDS: dict[str, tuple[str, str, str]] = {
@@ -69,23 +71,22 @@ class SloConfig(BaseModel):
     ttft_ms: float = Field(gt=0)
 
 
-class RouteConfig(BaseModel):
-    """``models.<name>``: what clients send as ``model`` and where it may go."""
+class RouteConfig(PolicyOptions):
+    """``models.<name>``: what clients send as ``model`` and where it may go; the policy's own
+    knobs (``weights``, ``latency_weight``, ...) are declared in ``policies.base.PolicyOptions``."""
 
     model_config = ConfigDict(extra="forbid")
     targets: list[str] = Field(min_length=1)
     #: the degraded path, tried in order after every target failed or was skipped
     fallback: list[str] = Field(default_factory=list)
     policy: str = "ordered"
-    #: ``weighted`` policy: target -> weight (unlisted targets weigh 1)
-    weights: dict[str, float] = Field(default_factory=dict)
-    #: ``balanced`` policy: 0 = cheapest wins, 1 = fastest wins
-    latency_weight: float = Field(default=0.5, ge=0, le=1)
     slo: SloConfig | None = None
     #: attempts per request across all candidates (retries included); default: resilience.retry
     attempts: int | None = Field(default=None, ge=1, le=10)
     #: if the first token has not come by the chosen backend's p95 TTFT, also ask the next one
     hedge: bool = False
+    #: cache this route's answers (``cache: {}`` or ``cache: true``: the top-level ``cache.default``)
+    cache: CacheConfig | None = None
 
     @field_validator("policy")
     @classmethod
@@ -130,6 +131,7 @@ class GatewayConfig(BaseModel):
     backends: dict[str, Any] = Field(min_length=1)
     models: dict[str, Any] = Field(min_length=1)
     resilience: Any = None
+    cache: Any = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,6 +143,7 @@ class LoadedConfig:
     models: dict[str, RouteConfig]
     source: str
     resilience: ResilienceConfig = field(default_factory=ResilienceConfig)
+    cache: CacheSection = field(default_factory=CacheSection)
 
 
 # --- ${VAR} interpolation ---------------------------------------------------
@@ -263,10 +266,12 @@ def parse_config(data: Any, source: str = "<config>", env: dict[str, str] | None
         if names.index(name) != i:
             problems.append((f"auth.keys[{i}].name", f"key name {name!r} is used twice"))
     resilience = _section(ResilienceConfig, data.get("resilience", {}), "resilience", problems)
+    cache = _section(CacheSection, data.get("cache", {}), "cache", problems)
 
-    if problems or auth is None or resilience is None:
+    if problems or auth is None or resilience is None or cache is None:
         raise ConfigError(source, problems)
-    return LoadedConfig(auth=auth, backends=backends, models=models, source=source, resilience=resilience)
+    return LoadedConfig(auth=auth, backends=backends, models=models, source=source, resilience=resilience,
+                        cache=cache)
 
 
 def _section(model: type[_M], raw: Any, where: str, problems: list[tuple[str, str]]) -> _M | None:

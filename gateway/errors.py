@@ -76,12 +76,6 @@ class RequestTooLarge(InterlockError):
     code = "request_too_large"
 
 
-class UnsupportedMediaType(InterlockError):
-    status = 415
-    type = "invalid_request_error"
-    code = "unsupported_media_type"
-
-
 class HeadersTooLarge(InterlockError):
     status = 431
     type = "invalid_request_error"

@@ -1,37 +1,49 @@
 """Active health checks and the readiness verdict.
 
-Every ``interval_s`` each backend's ``health()`` runs (bounded by ``timeout_s``); the
-verdict is kept on its ``Target`` for the router (unhealthy targets are tried last) and
-fed to its circuit breaker, so an upstream that died between requests is found by the
-checker rather than by the next unlucky client.
+Every ``interval_s`` each backend's ``health()`` runs (bounded by ``timeout_s``); a backend
+that failed its last check, or was never checked, is asked again every ``recheck_s``, so a
+model that finished loading or an upstream that came back is noticed within a second or so.
+The verdict is kept on its ``Target`` for the router (unhealthy targets are tried last) and
+weighed in its circuit breaker beside real traffic: while the circuit is closed a check is
+one more outcome in its window, passing or failing. A check never moves an open or half-open
+circuit: only real requests, the ones that matter, close it again (an upstream whose
+``/models`` answers while its chat requests hang must stay open).
 
-Readiness: the process is ready when it is not draining and every route has at least
-one candidate whose circuit is not open and whose health is good. A cached good verdict
-is trusted (probes stay cheap); a missing or bad one is checked live, so readiness
-turns green as soon as a model finishes loading rather than at the next interval.
+Readiness answers from that state alone, in microseconds, and never calls an upstream (a
+probe every few seconds from every load balancer must not become upstream traffic). This
+replica is ready when it is not draining, every backend has started (in-process models are
+loaded) and at least one model has a usable candidate: one dead model's upstream does not
+take the replica out of its load balancer for every other model. The body lists each model.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Iterable
+import time
+from collections.abc import Callable, Iterable, Mapping
 
 from backends.base import Health
-from gateway.router import Route, Target
+from gateway.snapshot import Route, Target
 
 log = logging.getLogger("interlock.health")
 
 
 class HealthMonitor:
-    def __init__(self, targets: Iterable[Target], *, interval_s: float, timeout_s: float) -> None:
-        self.targets = list(targets)
+    def __init__(self, targets: Callable[[], Iterable[Target]], *, interval_s: float, timeout_s: float,
+                 recheck_s: float = 1.0, clock: Callable[[], float] = time.monotonic) -> None:
+        #: the targets in force (the current snapshot's), read at every round
+        self._targets = targets
         self.interval_s = interval_s
         self.timeout_s = timeout_s
+        self.recheck_s = recheck_s
+        self._clock = clock
+        #: backends whose start() has finished: the replica is not ready while any other is in force
+        self._started: set[str] = set()
+        self._checked_at: dict[str, float] = {}
 
-    async def check(self, target: Target, *, feed_breaker: bool = True) -> bool:
-        """Ask the backend now and record the answer (for the breaker too, unless a probe asks:
-        readiness probes come often and during model loads, and must not trip circuits)."""
+    async def check(self, target: Target) -> bool:
+        """Ask the backend now and record the answer, logging each change of verdict once."""
         try:
             async with asyncio.timeout(self.timeout_s):
                 health = await target.backend.health()
@@ -39,42 +51,61 @@ class HealthMonitor:
             health = Health(False, f"health check timed out after {self.timeout_s:g}s")
         except Exception as exc:  # a health() that raises is an unhealthy backend, not a dead monitor
             health = Health(False, f"health check failed: {type(exc).__name__}")
+        self._checked_at[target.name] = self._clock()
         was = target.healthy
         target.healthy, target.health_reason = health.ok, health.reason
-        if not feed_breaker:
-            return health.ok
-        if health.ok:
-            if was is False:
-                log.info("backend %s is healthy again", target.name)
-            if target.breaker.state == "half_open" and target.breaker.allow():
-                target.breaker.on_success()  # a good check is as good a probe as a request
-        else:
-            if was is not False:
-                log.warning("backend %s failed its health check: %s", target.name, health.reason)
-            if not health.misconfigured:
-                target.breaker.on_failure()
+        if health.ok and was is False:
+            log.info("backend %s is healthy again", target.name)
+        elif health.ok and was is None:
+            log.info("backend %s is healthy", target.name)
+        elif not health.ok and was is not False:
+            log.warning("backend %s failed its health check: %s", target.name, health.reason)
+        breaker = target.breaker
+        if breaker.state == "closed":
+            if health.ok:
+                breaker.on_success()
+            elif not health.misconfigured:
+                breaker.on_failure()
         return health.ok
 
+    async def started(self, target: Target) -> None:
+        """``target``'s start() finished: check it at once (unless checks are off), so readiness
+        need not wait an interval."""
+        if self.interval_s > 0:
+            await self.check(target)
+        self._started.add(target.name)
+
     async def run(self) -> None:
-        """Check every backend every interval, until cancelled."""
+        """Check every backend every interval (the unhealthy ones every ``recheck_s``), until cancelled."""
         if self.interval_s <= 0:
             return
+        tick = min(self.interval_s, self.recheck_s)
         while True:
-            await asyncio.gather(*(self.check(t) for t in self.targets))
-            await asyncio.sleep(self.interval_s)
+            now = self._clock()
+            due = [t for t in self._targets() if not t.healthy
+                   or now - self._checked_at.get(t.name, -self.interval_s) >= self.interval_s]
+            if due:
+                await asyncio.gather(*(self.check(t) for t in due))
+            await asyncio.sleep(tick)
 
-    async def problems(self, routes: dict[str, Route]) -> dict[str, str]:
-        """Routes with no usable candidate, each with the reason per candidate."""
-        problems: dict[str, str] = {}
+    def readiness(self, routes: Mapping[str, Route]) -> tuple[bool, dict[str, str]]:
+        """(ready, each model's state: "ready" or why not, per candidate), from recorded state only."""
+        models: dict[str, str] = {}
+        starting = False
         for name, route in routes.items():
             reasons = []
             for target in route.candidates():
-                if target.breaker.state == "open":
+                if target.name not in self._started:
+                    starting = True
+                    reasons.append(f"{target.name}: starting")
+                elif target.breaker.state == "open":
                     reasons.append(f"{target.name}: circuit open for {target.breaker.retry_in():.0f}s more")
-                    continue
-                if target.healthy or await self.check(target, feed_breaker=False):
+                elif target.healthy is False:
+                    reasons.append(f"{target.name}: {target.health_reason or 'not ready'}")
+                else:
+                    models[name] = "ready"
                     break
-                reasons.append(f"{target.name}: {target.health_reason or 'not ready'}")
             else:
-                problems[name] = "; ".join(reasons)
-        return problems
+                models[name] = "; ".join(reasons)
+        ready = not starting and any(state == "ready" for state in models.values())
+        return ready, models

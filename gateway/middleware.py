@@ -6,17 +6,14 @@ and each layer costs one call per message.
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import ipaddress
 import logging
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Callable
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from gateway.config import ClientKey
 from gateway.errors import (
     AuthenticationFailed,
     InterlockError,
@@ -26,6 +23,7 @@ from gateway.errors import (
     error_body,
     error_headers,
 )
+from gateway.snapshot import KeyTable
 
 log = logging.getLogger("interlock.http")
 
@@ -118,22 +116,24 @@ class BodyLimit:
 
 
 class ClientAuth:
-    """Checks ``Authorization: Bearer <key>`` on ``/v1/`` against SHA-256 hashes, in constant time.
+    """Checks ``Authorization: Bearer <key>`` on ``/v1/`` against the snapshot's keys (SHA-256,
+    constant time); ``keys`` returns the table in force, so a reload changes keys at once.
 
     With no keys configured it lets everything through; the server refuses to bind
     anywhere but loopback in that case unless told otherwise.
     """
 
-    def __init__(self, app: ASGIApp, keys: Sequence[ClientKey]) -> None:
+    def __init__(self, app: ASGIApp, keys: Callable[[], KeyTable]) -> None:
         self.app = app
-        self.keys = [(bytes.fromhex(k.sha256), k) for k in keys]
+        self.keys = keys
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        keys = self.keys()
         admin = scope["path"].startswith("/admin/")
-        if admin and not self.keys:
+        if admin and not keys:
             # No keys: the admin view is for this machine only, even when --allow-unauthenticated
             # opened the API to the network.
             client = scope.get("client")
@@ -141,7 +141,7 @@ class ClientAuth:
                 await send_error(send, PermissionDenied("/admin/ answers loopback clients only when no "
                                                         "client keys are configured.", code="admin_only"))
                 return
-        if not self.keys or not (admin or scope["path"].startswith("/v1/")):
+        if not keys or not (admin or scope["path"].startswith("/v1/")):
             await self.app(scope, receive, send)
             return
         token = b""
@@ -151,7 +151,7 @@ class ClientAuth:
                 if scheme.lower() != b"bearer":
                     token = b""
                 break
-        key = self.match(token.strip())
+        key = keys.match(token.strip())
         if key is None:
             message = ("Missing API key: send 'Authorization: Bearer <key>'." if not token
                        else "Incorrect API key provided.")
@@ -163,14 +163,6 @@ class ClientAuth:
             return
         scope[CLIENT_KEY] = key
         await self.app(scope, receive, send)
-
-    def match(self, token: bytes) -> ClientKey | None:
-        digest = hashlib.sha256(token).digest()
-        found = None
-        for stored, key in self.keys:  # no early exit: every key is compared every time
-            if hmac.compare_digest(stored, digest) and token:
-                found = key
-        return found
 
 
 def _loopback(host: str) -> bool:

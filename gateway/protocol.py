@@ -110,6 +110,12 @@ REQUEST_MODELS: dict[Endpoint, type[BaseModel]] = {
 }
 
 
+#: deepest nesting of arrays and objects a body may have. orjson reads up to 1,024 levels but
+#: writes only 254, and a body is written again on its way to a backend: a deeper one would fail
+#: there, in the gateway's own code, after routing. No OpenAI request comes near this.
+MAX_JSON_DEPTH = 128
+
+
 def parse_body(endpoint: Endpoint, raw: bytes) -> dict[str, Any]:
     """Decode and validate a request body; returns the client's dict, or raises ``InvalidRequest``."""
     try:
@@ -118,11 +124,29 @@ def parse_body(endpoint: Endpoint, raw: bytes) -> dict[str, Any]:
         raise InvalidRequest(f"The request body is not valid JSON: {exc}", code="invalid_json") from None
     if not isinstance(body, dict):
         raise InvalidRequest("The request body must be a JSON object.", code="invalid_json")
+    # Nesting cannot pass the number of brackets, and counting bytes is nearly free: the walk
+    # runs only for bodies with that many.
+    if raw.count(b"[") + raw.count(b"{") > MAX_JSON_DEPTH and _too_deep(body, MAX_JSON_DEPTH):
+        raise InvalidRequest(f"The request body nests arrays and objects deeper than {MAX_JSON_DEPTH} "
+                             "levels.", code="invalid_json")
     try:
         REQUEST_MODELS[endpoint].model_validate(body)
     except ValidationError as exc:
         raise _first_problem(exc) from None
     return body
+
+
+def _too_deep(value: Any, limit: int) -> bool:
+    stack = [(value, 1)]
+    while stack:
+        node, depth = stack.pop()
+        children = node.values() if isinstance(node, dict) else node if isinstance(node, list) else ()
+        for child in children:
+            if isinstance(child, dict | list):
+                if depth + 1 > limit:
+                    return True
+                stack.append((child, depth + 1))
+    return False
 
 
 def _first_problem(exc: ValidationError) -> InvalidRequest:

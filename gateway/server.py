@@ -19,18 +19,18 @@ from typing import Any
 import uvicorn
 from starlette.applications import Starlette
 
-from backends.base import Backend, Price, Resources
+from backends.base import Backend, Resources
 from backends.http import HttpClient
-from gateway.app import Gateway, GatewayApp, build_app
-from gateway.breaker import CircuitBreaker
+from gateway.app import GatewayApp, build_app
 from gateway.config import BACKEND_KINDS, LoadedConfig
 from gateway.health import HealthMonitor
-from gateway.http_server import head_capped_protocol
+from gateway.http_server import EdgeLimits, edge_protocol
 from gateway.retry_budget import RetryBudget
-from gateway.router import Route, Router, Target
+from gateway.router import Router
 from gateway.settings import Settings
 from gateway.shutdown import stream_cutoff
-from gateway.stats import BackendStats
+from gateway.snapshot import Target, build_snapshot
+from gateway.state import Gateway
 
 log = logging.getLogger("interlock.server")
 
@@ -49,55 +49,24 @@ def build_backends(config: LoadedConfig, resources: Resources) -> dict[str, Back
 
 
 def build_gateway(config: LoadedConfig, resources: Resources) -> Gateway:
-    backends = build_backends(config, resources)
-    resilience = config.resilience
-    targets = {
-        name: Target(
-            backend=backend,
-            stats=BackendStats(name),
-            breaker=CircuitBreaker(name, resilience.breaker),
-            price=getattr(config.backends[name], "price", Price()),
-            max_in_flight=getattr(config.backends[name], "max_in_flight", None),
-        )
-        for name, backend in backends.items()
-    }
-    for target in targets.values():
-        target.breaker.listeners.append(_log_transition)
-    routes = {
-        model: Route(
-            name=model,
-            targets=tuple(targets[n] for n in route.targets),
-            fallback=tuple(targets[n] for n in route.fallback),
-            policy=route.policy,
-            weights=route.weights,
-            latency_weight=route.latency_weight,
-            ttft_slo_ms=route.slo.ttft_ms if route.slo else None,
-            attempts=route.attempts or resilience.retry.attempts,
-            hedge=route.hedge,
-        )
-        for model, route in config.models.items()
-    }
-    retry = resilience.retry
+    snapshot = build_snapshot(config, build_backends(config, resources))
+    retry = config.resilience.retry
     router = Router(
-        routes,
         budget=RetryBudget(ratio=retry.budget_ratio, min_per_s=retry.budget_min_per_s),
         backoff_initial_s=retry.backoff_initial_s,
         backoff_max_s=retry.backoff_max_s,
     )
-    check = resilience.health_check
-    monitor = HealthMonitor(targets.values(), interval_s=check.interval_s, timeout_s=check.timeout_s)
-    return Gateway(config=config, router=router, backends=backends, targets=targets, health=monitor)
-
-
-def _log_transition(name: str, old: str, new: str) -> None:
-    level = logging.INFO if new == "closed" else logging.WARNING
-    log.log(level, "circuit of backend %s: %s -> %s", name, old, new)
+    check = config.resilience.health_check
+    monitor = HealthMonitor(lambda: gateway.snapshot.targets.values(), interval_s=check.interval_s,
+                            timeout_s=check.timeout_s)
+    gateway = Gateway(snapshot=snapshot, router=router, health=monitor)
+    return gateway
 
 
 def create_app(config: LoadedConfig, settings: Settings, server: uvicorn.Server | None = None) -> GatewayApp:
     """The ASGI app; its lifespan opens the HTTP client and starts every backend in the background
     (the port answers liveness while models load; readiness waits for them)."""
-    http = HttpClient()
+    http = HttpClient(max_reply_bytes=settings.max_reply_bytes)
     gateway = build_gateway(config, Resources(http=http))
 
     async def lifespan(_: Starlette) -> AsyncIterator[None]:
@@ -115,16 +84,18 @@ def create_app(config: LoadedConfig, settings: Settings, server: uvicorn.Server 
 
 
 async def _start_backends(gateway: Gateway, server: uvicorn.Server | None) -> None:
-    async def start(backend: Backend) -> None:
+    async def start(target: Target) -> None:
         try:
-            await backend.start()
+            await target.backend.start()
         except Exception as exc:
-            log.error("backend %s failed to start: %s", backend.name, exc)
+            log.error("backend %s failed to start: %s", target.name, exc)
             gateway.fatal = exc
             if server is not None:
                 server.should_exit = True
+            return
+        await gateway.health.started(target)
 
-    await asyncio.gather(*(start(b) for b in gateway.backends.values()))
+    await asyncio.gather(*(start(t) for t in gateway.snapshot.targets.values()))
     if gateway.fatal is None:
         log.info("all backends started: %s", ", ".join(gateway.backends) or "none")
         await gateway.health.run()  # runs until the lifespan ends and cancels it
@@ -205,11 +176,19 @@ def uvicorn_config(settings: Settings, **overrides: Any) -> uvicorn.Config:
     exists, since the app stops it on fatal errors."""
     options: dict[str, Any] = {
         "app": None, "host": settings.host, "port": settings.port, "loop": "uvloop",
-        "http": head_capped_protocol(settings.max_header_bytes), "lifespan": "on",
+        "http": edge_protocol(edge_limits(settings)), "lifespan": "on",
         "access_log": False, "server_header": False, "log_config": None,
         "timeout_graceful_shutdown": int(settings.graceful_shutdown_s),
+        "timeout_keep_alive": settings.keepalive_timeout_s,
     }
     return uvicorn.Config(**{**options, **overrides})
+
+
+def edge_limits(settings: Settings) -> EdgeLimits:
+    return EdgeLimits(max_head_bytes=settings.max_header_bytes, header_timeout_s=settings.header_timeout_s,
+                      body_timeout_s=settings.body_timeout_s,
+                      body_min_bytes_per_s=settings.body_min_bytes_per_s,
+                      max_connections=settings.max_connections)
 
 
 def gateway_server(uv_config: uvicorn.Config, settings: Settings) -> GatewayServer:

@@ -33,3 +33,15 @@ class Settings(BaseSettings):
     shutdown_delay_s: float = Field(default=5.0, ge=0)
     #: the request line and headers together; larger heads get 431 and the connection is closed
     max_header_bytes: int = Field(default=64 * 1024, ge=1024)
+    #: slow clients: the request head must be in this long after the connection opened or the
+    #: previous response ended (else 408 and close)
+    header_timeout_s: float = Field(default=10.0, gt=0)
+    #: a request body may pause this long, and must average ``body_min_bytes_per_s`` after it
+    body_timeout_s: float = Field(default=10.0, gt=0)
+    body_min_bytes_per_s: float = Field(default=500.0, ge=0)
+    #: an idle keep-alive connection is closed after this (uvicorn's timeout_keep_alive)
+    keepalive_timeout_s: float = Field(default=5.0, gt=0)
+    #: open connections at most; beyond, a new one gets 503 and is closed
+    max_connections: int = Field(default=10_000, ge=1)
+    #: a non-streamed upstream reply, counted after decompression; larger ones fail as 502
+    max_reply_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)

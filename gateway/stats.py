@@ -1,7 +1,8 @@
 """Live per-backend figures (latency, pace, errors, load) that the routing policies read.
 
-The router reports each attempt: ``started()``, then ``first_token()`` when the
-first byte of a reply arrives (streams), then ``finished()``. ``view()`` turns the
+Each attempt (``gateway.attempts``) reports here: ``started()``, ``first_token()`` once when
+its first token arrives (a non-streamed reply's is the whole reply), then ``finished()`` or
+``abandoned()``. ``view()`` turns the
 figures into the frozen ``policies.base.BackendView`` a policy ranks. No I/O; the
 clock is injected so the ageing of old outcomes is testable. One event loop, no locks.
 """
@@ -16,11 +17,6 @@ from policies.base import BackendView
 
 #: outcomes older than this no longer say anything about the backend's health now
 DEFAULT_MAX_AGE_S = 120.0
-
-
-def cost_usd(prompt_tokens: int, completion_tokens: int, price_in: float, price_out: float) -> float:
-    """USD for one request at per-million-token prices."""
-    return (prompt_tokens * price_in + completion_tokens * price_out) / 1e6
 
 
 def _quantile(ordered: list[float], q: float) -> float:
@@ -120,10 +116,6 @@ class BackendStats:
         # (time, ok) of recent outcomes, and the failures among them as a running count
         self._outcomes: deque[tuple[float, bool]] = deque()
         self._failures = 0
-        # TTFTs recorded by first_token() whose finished() has not come yet: finished() cannot tell
-        # which request it closes, but the router hands both calls the same measured float, so
-        # (prompt_tokens, ttft_s) identifies it. Bounded: a stream that dies silently must not leak.
-        self._pending_ttft: deque[tuple[int, float]] = deque(maxlen=window)
 
     # -- reports from the router ----------------------------------------------------------------
 
@@ -131,28 +123,24 @@ class BackendStats:
         self.in_flight += 1
 
     def first_token(self, prompt_tokens: int, ttft_s: float) -> None:
-        self._record_ttft(prompt_tokens, ttft_s)
-        self._pending_ttft.append((prompt_tokens, ttft_s))
+        """An attempt's first token came ``ttft_s`` after it started; ``prompt_tokens`` is the
+        estimate policies predict from."""
+        ttft_ms = ttft_s * 1000
+        self.ttft.add(ttft_ms)
+        self._fit.add(float(prompt_tokens), ttft_ms)
 
     def finished(
         self,
         ok: bool,
-        prompt_tokens: int = 0,
         completion_tokens: int = 0,
         total_s: float | None = None,
         ttft_s: float | None = None,
     ) -> None:
-        """One attempt ended. ``ttft_s`` here records TTFT unless first_token() already did;
-        with ``total_s`` it also gives the pace of the tokens after the first."""
+        """One attempt ended; with ``total_s`` and its ``ttft_s`` it gives the pace of the tokens
+        after the first."""
         self.in_flight = max(0, self.in_flight - 1)
         self.samples += 1
         self._record_outcome(ok)
-        if ttft_s is not None:
-            key = (prompt_tokens, ttft_s)
-            if key in self._pending_ttft:
-                self._pending_ttft.remove(key)
-            else:
-                self._record_ttft(prompt_tokens, ttft_s)
         if not ok or total_s is None:
             return  # a failed request's duration is a timeout or an error, not the backend's speed
         self.latency.add(total_s * 1000)
@@ -187,7 +175,6 @@ class BackendStats:
         self,
         price_in: float,
         price_out: float,
-        weight: float,
         capacity: int | None,
         in_flight: int | None = None,
     ) -> BackendView:
@@ -209,7 +196,6 @@ class BackendStats:
             capacity=capacity,
             input_per_mtok=price_in,
             output_per_mtok=price_out,
-            weight=weight,
         )
 
     def snapshot(self) -> dict[str, object]:
@@ -238,11 +224,6 @@ class BackendStats:
         }
 
     # -- internals -------------------------------------------------------------------------------
-
-    def _record_ttft(self, prompt_tokens: int, ttft_s: float) -> None:
-        ttft_ms = ttft_s * 1000
-        self.ttft.add(ttft_ms)
-        self._fit.add(float(prompt_tokens), ttft_ms)
 
     def _record_outcome(self, ok: bool) -> None:
         if len(self._outcomes) >= self._window and not self._outcomes.popleft()[1]:

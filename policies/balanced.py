@@ -24,7 +24,7 @@ LATENCY_FLOOR_MS = 1.0
 
 def rank(candidates: Sequence[BackendView], request: RequestFacts, context: PolicyContext) -> list[Ranked]:
     p, m = request.prompt_tokens, request.max_tokens
-    w = min(1.0, max(0.0, context.latency_weight))
+    w = context.options.latency_weight
     ranked, rest = explore_first(candidates, context.rng)
     if not rest:
         return ranked

@@ -10,8 +10,10 @@ returned; each ``Ranked`` carries the reason shown in ``x-interlock-route-reason
 from __future__ import annotations
 
 import random
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+
+from pydantic import BaseModel, ConfigDict, Field
 
 #: completed requests a backend needs before its figures are trusted over exploring it
 MIN_SAMPLES = 3
@@ -41,8 +43,6 @@ class BackendView:
     #: USD per million tokens
     input_per_mtok: float = 0.0
     output_per_mtok: float = 0.0
-    #: from the route's ``weights`` (weighted policy); 1 by default
-    weight: float = 1.0
 
     @property
     def cold(self) -> bool:
@@ -62,7 +62,25 @@ class BackendView:
         return ttft + (self.tpot_ms or 0.0) * max(0, max_tokens - 1)
 
     def cost_usd(self, prompt_tokens: int, completion_tokens: int) -> float:
-        return (prompt_tokens * self.input_per_mtok + completion_tokens * self.output_per_mtok) / 1e6
+        return cost_usd(prompt_tokens, completion_tokens, self.input_per_mtok, self.output_per_mtok)
+
+
+def cost_usd(prompt_tokens: int, completion_tokens: int, input_per_mtok: float,
+             output_per_mtok: float) -> float:
+    """USD for one request at per-million-token prices: the one place this formula is written."""
+    return (prompt_tokens * input_per_mtok + completion_tokens * output_per_mtok) / 1e6
+
+
+class PolicyOptions(BaseModel):
+    """A route's knobs for its policy, declared once, here: the routing YAML reads them as fields of
+    the route (``RouteConfig`` extends this) and a policy reads them from its context. A new knob is
+    a field here and the lines of the policy that read it; nothing in between names it."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    #: ``weighted``: target -> weight (unlisted targets weigh 1; 0 or less: standby, listed last)
+    weights: dict[str, float] = Field(default_factory=dict)
+    #: ``balanced``: 0 = cheapest wins, 1 = fastest wins
+    latency_weight: float = Field(default=0.5, ge=0, le=1)
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,13 +95,15 @@ class RequestFacts:
     ttft_budget_ms: float | None = None
 
 
+_DEFAULT_OPTIONS = PolicyOptions()
+
+
 @dataclass(frozen=True, slots=True)
 class PolicyContext:
-    """Per-call inputs that are not about one backend: randomness and route knobs."""
+    """Per-call inputs that are not about one backend: randomness and the route's options."""
 
     rng: random.Random = field(default_factory=random.Random)
-    #: balanced policy: 0 = only cost matters, 1 = only latency
-    latency_weight: float = 0.5
+    options: PolicyOptions = _DEFAULT_OPTIONS
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,4 +113,3 @@ class Ranked:
 
 
 Policy = Callable[[Sequence[BackendView], RequestFacts, PolicyContext], list[Ranked]]
-PolicyTable = Mapping[str, Policy]

@@ -74,7 +74,10 @@ def llama_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
             [sys.executable, "-m", "llama_cpp.server", "--model", smollm2_gguf(), "--port", str(port),
-             "--model_alias", "smollm2", "--n_threads", "1", "--n_ctx", "2048", "--seed", "1"],
+             "--model_alias", "smollm2", "--n_threads", "1", "--n_ctx", "2048", "--seed", "1",
+             # by default it cuts a running stream short (with a clean [DONE]) whenever any other
+             # request arrives, the gateway's health check of GET /models included
+             "--interrupt_requests", "False"],
             stdout=subprocess.DEVNULL, stderr=log, env={**os.environ, "PYTHONFAULTHANDLER": "1"},
         )
     url = f"http://127.0.0.1:{port}"

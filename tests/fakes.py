@@ -312,7 +312,8 @@ class FakeBackend:
         self.in_flight = 0
         self.started = False
         self.closed = False
-        #: what fatal() answers; tests set it
+        #: what load() reports as ``full`` and fatal() answers; tests set them
+        self.full = False
         self.fatal_reason: str | None = None
 
     async def start(self) -> None:
@@ -361,10 +362,13 @@ class FakeBackend:
         return self.health_result
 
     def load(self) -> Load:
-        return Load(in_flight=self.in_flight, capacity=self.capacity)
+        return Load(in_flight=self.in_flight, capacity=self.capacity, full=self.full)
 
     def fatal(self) -> str | None:
         return self.fatal_reason
+
+    def describe(self) -> dict[str, object]:
+        return {}
 
 
 # --- a misbehaving upstream on loopback, switchable at any time ---------------------------------

@@ -1,8 +1,8 @@
 """A SIMULATOR of Ollama's native HTTP API, for tests. It is not Ollama.
 
 No Ollama binary is available here, so this small aiohttp server imitates the parts of
-Ollama's native API that ``backends.ollama`` uses, written from its documentation
-(``/work/shared/reference/ollama-api.md``, checked against Ollama's source): the paths,
+Ollama's native API that ``backends.ollama`` uses, written from its API documentation
+(https://github.com/ollama/ollama/blob/main/docs/api.md, checked against Ollama's source): the paths,
 field names, NDJSON framing, status codes and error bodies follow that reference; the
 "model" is a deterministic function of the input, so tests can assert exact text.
 

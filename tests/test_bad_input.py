@@ -219,3 +219,35 @@ def test_valid_request_still_works(http: httpx.Client) -> None:
     response = http.post("/v1/chat/completions", json=chat(temperature=0.5, max_tokens=10, n=1, stream=False))
     assert response.status_code == 200
     assert response.json()["choices"][0]["message"]["content"] == "Hello there."
+
+
+def _nested(depth: int) -> bytes:
+    return b"[" * depth + b"]" * depth
+
+
+@pytest.mark.parametrize("depth", [300, 1000])
+def test_a_body_nested_too_deep_is_the_clients_400_not_the_backends_failure(
+    http: httpx.Client, fake: FakeUpstream, depth: int
+) -> None:
+    # a pass-through field the gateway does not know, nested deeper than it could write it again
+    body = b'{"model": "alpha-model", "messages": [{"role": "user", "content": "hi"}], "metadata": ' + \
+        _nested(depth) + b"}"
+    sent = len(fake.requests)
+    for _ in range(6):  # more than the default breaker's 5 failures in a row
+        response = http.post("/v1/chat/completions", content=body,
+                             headers={"content-type": "application/json"})
+        assert response.status_code == 400, response.text
+        error = check_error(response)
+        assert error["code"] == "invalid_json" and "deeper than 128" in error["message"]
+    assert len(fake.requests) == sent
+    assert http.post("/v1/chat/completions", json=chat()).status_code == 200
+    breaker = http.get("/admin/routes").json()["routes"]["alpha-model"]["order"][0]["breaker"]
+    assert (breaker["state"], breaker["failures_in_window"]) == ("closed", 0)
+
+
+def test_a_body_nested_within_the_limit_is_passed_on(http: httpx.Client, fake: FakeUpstream) -> None:
+    body = b'{"model": "alpha-model", "messages": [{"role": "user", "content": "hi"}], "metadata": ' + \
+        _nested(120) + b"}"
+    response = http.post("/v1/chat/completions", content=body, headers={"content-type": "application/json"})
+    assert response.status_code == 200
+    assert fake.requests[-1]["metadata"] == orjson.loads(_nested(120))

@@ -16,7 +16,7 @@ import orjson
 import pytest
 
 from tests.conftest import run_gateway
-from tests.fakes import UPSTREAM_KEY, ClosingUpstream, FakeUpstream, closed_url, openai_backend
+from tests.fakes import UPSTREAM_KEY, ChaosUpstream, ClosingUpstream, FakeUpstream, closed_url, openai_backend
 
 MESSAGES = [{"role": "user", "content": "Say hello."}]
 BEHAVIOURS = ("ok", "slow", "cut", "error500", "garbage", "ratelimited", "leaky", "leakyfields", "endless")
@@ -234,6 +234,7 @@ def test_no_fallback_left_is_a_502() -> None:
     config = {
         "backends": {"broken": openai_backend(closed_url(), "ok")},
         "models": {"m": {"targets": ["broken"]}},
+        "resilience": {"health_check": {"interval_s": 0}},  # only the requests feed its breaker
     }
     with run_gateway(config) as url:
         for stream in (False, True):
@@ -266,6 +267,30 @@ def test_client_disconnect_cancels_the_upstream() -> None:
             assert not fake.disconnected.is_set()
             # leaving the block closed the connection mid-stream
             assert fake.disconnected.wait(2.0), "the upstream kept generating for a client who left"
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_client_that_leaves_before_the_reply_cancels_the_upstream_call_and_retries(stream: bool) -> None:
+    with ChaosUpstream(mode="timeout") as held:
+        config = {
+            # two candidates: a retry would show as a second request to the same upstream
+            "backends": {"one": openai_backend(held.base_url, first_token=20.0),
+                         "two": openai_backend(held.base_url, first_token=20.0)},
+            "models": {"m": {"targets": ["one", "two"]}},
+            "resilience": {"health_check": {"interval_s": 0}},
+        }
+        with run_gateway(config) as url:
+            with pytest.raises(httpx.ReadTimeout):  # the client gives up long before the upstream
+                httpx.post(url + "/v1/chat/completions", timeout=httpx.Timeout(5, read=0.5),
+                           json={"model": "m", "messages": MESSAGES, "stream": stream})
+            deadline = time.monotonic() + 10
+            while held.client_gone < 1:
+                assert time.monotonic() < deadline, "the upstream call outlived its client"
+                time.sleep(0.02)
+            assert held.received == 1, "a retry started for a client that had gone"
+            order = httpx.get(url + "/admin/routes", timeout=5).json()["routes"]["m"]["order"]
+            assert [e["stats"]["in_flight"] for e in order] == [0, 0]
+            assert [e["breaker"]["failures_in_window"] for e in order] == [0, 0]
 
 
 # --- keep-alive ---------------------------------------------------------------------------

@@ -5,7 +5,7 @@ from __future__ import annotations
 from backends.base import Health
 from gateway.breaker import BreakerConfig, CircuitBreaker
 from gateway.health import HealthMonitor
-from gateway.router import Route, Target
+from gateway.snapshot import Route, Target
 from gateway.stats import BackendStats
 from tests.fakes import FakeBackend, ok_handler
 
@@ -18,7 +18,7 @@ def target(health: Health) -> Target:
 
 async def test_failed_checks_open_the_circuit() -> None:
     t = target(Health(False, "connection refused"))
-    monitor = HealthMonitor([t], interval_s=1, timeout_s=1)
+    monitor = HealthMonitor(lambda: [t], interval_s=1, timeout_s=1)
     for _ in range(3):
         assert await monitor.check(t) is False
     assert t.healthy is False and t.health_reason == "connection refused"
@@ -27,19 +27,55 @@ async def test_failed_checks_open_the_circuit() -> None:
 
 async def test_a_misconfigured_backend_is_not_ready_but_not_an_outage() -> None:
     t = target(Health(False, "model llama3.2 is not pulled", misconfigured=True))
-    monitor = HealthMonitor([t], interval_s=1, timeout_s=1)
+    monitor = HealthMonitor(lambda: [t], interval_s=1, timeout_s=1)
+    await monitor.started(t)
     for _ in range(10):
         assert await monitor.check(t) is False
     assert t.breaker.state == "closed"
-    problems = await monitor.problems({"m": Route("m", (t,))})
-    assert problems == {"m": "b: model llama3.2 is not pulled"}
+    assert monitor.readiness({"m": Route("m", (t,))}) == (False, {"m": "b: model llama3.2 is not pulled"})
 
 
-async def test_readiness_probes_do_not_trip_circuits() -> None:
-    t = target(Health(False, "loading model"))
-    monitor = HealthMonitor([t], interval_s=1, timeout_s=1)
-    for _ in range(10):
-        assert await monitor.problems({"m": Route("m", (t,))}) == {"m": "b: loading model"}
+async def test_passing_checks_are_weighed_with_the_failing_ones() -> None:
+    # a backend that fails one check in three is flaky, not dead: the passes in between count, so
+    # neither 3 failures in a row (consecutive_failures=3) nor half of the window ever happen
+    t = target(Health(True))
+    monitor = HealthMonitor(lambda: [t], interval_s=1, timeout_s=1)
+    for i in range(20):
+        t.backend.health_result = Health(i % 3 != 0, "flap")  # type: ignore[attr-defined]
+        await monitor.check(t)
     assert t.breaker.state == "closed"
-    t.backend.health_result = Health(True)  # type: ignore[attr-defined]
-    assert await monitor.problems({"m": Route("m", (t,))}) == {}
+    assert t.breaker.snapshot()["calls_in_window"] == 20
+
+
+async def test_a_passing_check_never_closes_a_circuit_that_requests_opened() -> None:
+    clock = [0.0]
+    t = target(Health(True))
+    t.breaker = CircuitBreaker("b", BreakerConfig(consecutive_failures=1, cooldown_s=5),
+                               clock=lambda: clock[0])
+    t.breaker.on_failure()  # real requests hang and time out: open
+    monitor = HealthMonitor(lambda: [t], interval_s=1, timeout_s=1)
+    for _ in range(5):
+        assert await monitor.check(t) is True  # while /models answers fine
+    assert t.breaker.state == "open"
+    clock[0] = 6
+    for _ in range(5):
+        await monitor.check(t)
+    assert t.breaker.state == "half_open", "a check took the place of a real probe"
+    assert t.breaker.snapshot()["probes_in_flight"] == 0
+
+
+async def test_readiness_answers_from_state_without_calling_any_backend() -> None:
+    t, other = target(Health(False, "loading model")), target(Health(True))
+    other.backend.name = "o"  # type: ignore[misc]
+    monitor = HealthMonitor(lambda: [t, other], interval_s=1, timeout_s=1)
+    routes = {"m": Route("m", (t,)), "n": Route("n", (other,))}
+    assert monitor.readiness(routes) == (False, {"m": "b: starting", "n": "o: starting"})
+    await monitor.started(other)
+    assert monitor.readiness(routes) == (False, {"m": "b: starting", "n": "ready"})
+    await monitor.started(t)
+    calls = t.backend.health_calls + other.backend.health_calls  # type: ignore[attr-defined]
+    for _ in range(100):
+        # one model's backend still loading does not make the replica unready for the other
+        assert monitor.readiness(routes) == (True, {"m": "b: loading model", "n": "ready"})
+    assert t.backend.health_calls + other.backend.health_calls == calls  # type: ignore[attr-defined]
+    assert t.breaker.state == "closed"

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from policies import POLICIES, balanced, cost, latency, least_busy, ordered, slo, weighted
-from policies.base import MIN_SAMPLES, BackendView, Policy, PolicyContext, Ranked, RequestFacts
+from policies.base import MIN_SAMPLES, BackendView, Policy, PolicyContext, PolicyOptions, Ranked, RequestFacts
 
 DATA_POLICIES = {"cost": cost.rank, "latency": latency.rank, "balanced": balanced.rank, "slo": slo.rank}
 REQ = RequestFacts(prompt_tokens=1000, max_tokens=100)
@@ -28,8 +28,8 @@ def cold(name: str, **kw: Any) -> BackendView:
     return BackendView(name=name, **kw)
 
 
-def ctx(seed: int = 0, **kw: Any) -> PolicyContext:
-    return PolicyContext(rng=random.Random(seed), **kw)
+def ctx(seed: int = 0, **options: Any) -> PolicyContext:
+    return PolicyContext(rng=random.Random(seed), options=PolicyOptions(**options))
 
 
 def names(ranked: Sequence[Ranked]) -> list[str]:
@@ -62,9 +62,9 @@ MIXED = [
     warm("fast-dear", ttft_ms=120.0, tpot_ms=5.0, input_per_mtok=10, output_per_mtok=30,
          capacity=4, in_flight=3),
     warm("slow-free", ttft_base_ms=900.0, ttft_per_token_ms=0.5, tpot_ms=40.0, in_flight=1),
-    warm("flaky", ttft_ms=80.0, error_rate=0.9, input_per_mtok=1, output_per_mtok=1, weight=0),
-    cold("new", samples=1, ttft_ms=300.0, input_per_mtok=2, output_per_mtok=2, weight=3.5),
-    cold("new-busy", in_flight=2, capacity=2, weight=-1),
+    warm("flaky", ttft_ms=80.0, error_rate=0.9, input_per_mtok=1, output_per_mtok=1),
+    cold("new", samples=1, ttft_ms=300.0, input_per_mtok=2, output_per_mtok=2),
+    cold("new-busy", in_flight=2, capacity=2),
     warm("no-data", input_per_mtok=0.1, output_per_mtok=0.1, capacity=0),
 ]
 SCENARIOS = {
@@ -107,8 +107,8 @@ def test_ordered_keeps_target_order() -> None:
     ({"a": 0.001, "b": 0.001}, {"a": 0.5, "b": 0.5}),  # tiny weights must not underflow into a bias
 ])
 def test_weighted_first_place_share(weights: dict[str, float], expected_share: dict[str, float]) -> None:
-    cands = [warm(n, weight=w) for n, w in weights.items()]
-    context = ctx(1234)
+    cands = [warm(n) for n in weights]
+    context = ctx(1234, weights=weights)
     firsts: Counter[str] = Counter()
     for _ in range(2000):
         out = weighted.rank(cands, REQ, context)
@@ -121,19 +121,21 @@ def test_weighted_first_place_share(weights: dict[str, float], expected_share: d
 
 
 def test_weighted_non_positive_weights_listed_last_in_target_order() -> None:
-    cands = [warm("off", weight=0), warm("on", weight=2), warm("neg", weight=-1), warm("on2", weight=1)]
+    weights = {"off": 0.0, "on": 2.0, "neg": -1.0, "on2": 1.0}
+    cands = [warm(n) for n in weights]
     for seed in range(50):
-        out = run(weighted.rank, cands, seed=seed)
+        out = run(weighted.rank, cands, seed=seed, weights=weights)
         assert names(out)[2:] == ["off", "neg"]
         assert out[2].reason == "weight 0: listed last"
-    all_off = [warm("x", weight=0), warm("y", weight=0)]
-    assert names(run(weighted.rank, all_off)) == ["x", "y"]
+    all_off = [warm("x"), warm("y")]
+    assert names(run(weighted.rank, all_off, weights={"x": 0, "y": 0})) == ["x", "y"]
 
 
 def test_weighted_is_without_replacement() -> None:
     # With one dominant weight the rest still get drawn, each once, in weight-biased order.
-    cands = [warm("a", weight=100), warm("b", weight=10), warm("c", weight=1)]
-    orders = Counter(tuple(names(run(weighted.rank, cands, seed=s))) for s in range(300))
+    cands = [warm("a"), warm("b"), warm("c")]
+    weights = {"a": 100.0, "b": 10.0, "c": 1.0}
+    orders = Counter(tuple(names(run(weighted.rank, cands, seed=s, weights=weights))) for s in range(300))
     assert orders.most_common(1)[0][0] == ("a", "b", "c")
 
 

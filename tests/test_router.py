@@ -19,13 +19,15 @@ from backends.base import Backend, BackendRequest, BackendResponse, Health, Pric
 from backends.errors import (
     BackendOverloaded,
     BackendUnavailable,
+    InterlockError,
     InvalidRequest,
     UpstreamHTTPError,
 )
 from gateway.breaker import BreakerConfig, CircuitBreaker
 from gateway.health import HealthMonitor
 from gateway.retry_budget import RetryBudget
-from gateway.router import Route, Router, Target
+from gateway.router import Router
+from gateway.snapshot import Route, Target
 from gateway.stats import BackendStats
 from policies.base import MIN_SAMPLES, RequestFacts
 from tests.fakes import CompleteHandler, FakeBackend, failing, ok_handler, reply, stream_of
@@ -66,7 +68,7 @@ def target(backend: FakeBackend, clock: Clock, breaker: BreakerConfig | None = N
 
 
 def router(clock: Clock, *, budget: RetryBudget | None = None, backoff_s: float = 0.0) -> Router:
-    return Router({}, budget=budget or RetryBudget(min_per_s=1000, clock=clock),
+    return Router(budget=budget or RetryBudget(min_per_s=1000, clock=clock),
                   backoff_initial_s=backoff_s, clock=clock)
 
 
@@ -84,7 +86,8 @@ def warm(t: Target, ttft_s: float = 0.05, n: int = MIN_SAMPLES) -> None:
     """Give a target enough completed samples for policies and hedging to trust its figures."""
     for _ in range(n):
         t.stats.started()
-        t.stats.finished(True, FACTS.prompt_tokens, 3, total_s=ttft_s, ttft_s=ttft_s)
+        t.stats.first_token(FACTS.prompt_tokens, ttft_s)
+        t.stats.finished(True, 3, total_s=ttft_s, ttft_s=ttft_s)
 
 
 async def settle(condition: Callable[[], bool]) -> None:
@@ -227,10 +230,11 @@ async def test_retry_budget_caps_the_extra_load_when_everything_fails() -> None:
         with pytest.raises(BackendUnavailable):
             await r.complete(route, request(), FACTS)
     total = first.calls + second.calls
-    # every request gets its first attempt; retries add at most ratio * n + min_per_s * window
-    assert total <= n + 0.2 * n + 1.0 * 10
-    assert total == 130  # and the budget is spent, not hoarded: 30 retries
-    assert first.calls >= n  # every request made its first attempt
+    # every request tries each candidate once (moving on is not a retry); going back to one that
+    # already failed is, and those add at most ratio * n + min_per_s * window
+    assert total <= 2 * n + 0.2 * n + 1.0 * 10
+    assert total == 230  # and the budget is spent, not hoarded: 30 retries
+    assert (first.calls, second.calls) == (130, 100)
     assert budget.available() == 0
 
 
@@ -356,7 +360,7 @@ async def test_a_stream_the_client_leaves_is_not_a_failure() -> None:
 # --- load shedding and nothing to try --------------------------------------------------------------
 
 
-async def test_load_shedding_skips_full_targets_then_refuses_with_429() -> None:
+async def test_load_shedding_skips_full_targets_then_refuses_with_503() -> None:
     clock = Clock()
     gate = asyncio.Event()
 
@@ -377,7 +381,7 @@ async def test_load_shedding_skips_full_targets_then_refuses_with_429() -> None:
 
     with pytest.raises(BackendOverloaded) as caught:
         await r.complete(route, request(), FACTS)
-    assert caught.value.status == 429
+    assert caught.value.status == 503
     assert caught.value.retry_after == 1.0
     assert (first.calls, second.calls) == (1, 1), "a saturated target was called anyway"
 
@@ -546,7 +550,7 @@ async def test_a_backend_failing_its_health_check_is_tried_last() -> None:
     sick = FakeBackend("sick", health=Health(False, "model not loaded"))
     fine = FakeBackend("fine")
     a, b = target(sick, clock, BreakerConfig(consecutive_failures=1)), target(fine, clock)
-    monitor = HealthMonitor([a, b], interval_s=0, timeout_s=1)
+    monitor = HealthMonitor(lambda: [a, b], interval_s=0, timeout_s=1)
     assert await monitor.check(a) is False
     assert await monitor.check(b) is True
     assert (sick.health_calls, fine.health_calls) == (1, 1)
@@ -558,3 +562,98 @@ async def test_a_backend_failing_its_health_check_is_tried_last() -> None:
     served = await r.complete(Route("m", (a, b)), request(), FACTS)
     assert served.target is b
     assert sick.calls == 0
+
+
+# --- busy is not broken; fallbacks are not retries; bugs are not the backend's ---------------------
+
+
+def busy() -> BackendOverloaded:
+    return BackendOverloaded("queue full", retry_after=2.0)
+
+
+@pytest.mark.parametrize("refusal", [busy, lambda: BackendOverloaded("rate limited", status=429)])
+async def test_a_busy_backend_hands_the_request_on_and_keeps_its_circuit_closed(
+    refusal: Callable[[], BackendOverloaded],
+) -> None:
+    clock = Clock()
+    full, spare = FakeBackend("full", failing(refusal)), FakeBackend("spare")
+    a, b = target(full, clock, BreakerConfig(consecutive_failures=1)), target(spare, clock)
+    route = Route("m", (a,), fallback=(b,))
+    r = router(clock, budget=RetryBudget(ratio=0, min_per_s=0, clock=clock))
+    for _ in range(20):
+        served = await r.complete(route, request(), FACTS)
+        assert served.target is b
+    assert full.calls == 20
+    assert a.breaker.state == "closed" and a.breaker.snapshot()["failures_in_window"] == 0
+    assert a.stats.error_rate == 0.0 and a.stats.in_flight == 0
+
+
+async def test_when_every_backend_is_busy_the_client_is_told_when_to_come_back() -> None:
+    clock = Clock()
+    one = FakeBackend("one", failing(busy))
+    other = FakeBackend("other", failing(lambda: BackendOverloaded("upstream 503")))  # no Retry-After
+    a, b = target(one, clock, BreakerConfig(consecutive_failures=1)), target(other, clock)
+    r = router(clock)
+    with pytest.raises(BackendOverloaded) as caught:
+        await r.complete(Route("m", (a, b), attempts=2), request(), FACTS)
+    assert caught.value.status == 503 and caught.value.retry_after == 1.0
+    with pytest.raises(BackendOverloaded) as caught:
+        await r.complete(Route("m", (b, a), attempts=2), request(), FACTS)
+    assert caught.value.retry_after == 2.0
+    assert (a.breaker.state, b.breaker.state) == ("closed", "closed")
+
+
+async def test_a_full_backend_is_skipped_without_taking_its_half_open_probe() -> None:
+    clock = Clock()
+    local = FakeBackend("local", failing(unavailable))
+    a = target(local, clock, BreakerConfig(consecutive_failures=1, cooldown_s=5, half_open_probes=1))
+    r = router(clock)
+    route = Route("m", (a,), attempts=1)
+    with pytest.raises(BackendUnavailable):
+        await r.complete(route, request(), FACTS)
+    clock.advance(5)
+    assert a.breaker.state == "half_open"
+    local.full = True  # its queue filled up meanwhile
+    with pytest.raises(BackendOverloaded):
+        await r.complete(route, request(), FACTS)
+    assert local.calls == 1, "a full backend was called"
+    assert a.breaker.snapshot()["probes_in_flight"] == 0
+    local.full, local.handler = False, ok_handler
+    assert (await r.complete(route, request(), FACTS)).target is a  # the probe slot was still free
+
+
+@pytest.mark.parametrize("primary_error", [unavailable, lambda: UpstreamHTTPError(500, {"message": "boom"}),
+                                           busy])
+async def test_fallbacks_are_not_charged_to_the_retry_budget(primary_error: Callable[[], Exception]) -> None:
+    clock = Clock()
+    failing_primary, healthy = FakeBackend("primary", failing(primary_error)), FakeBackend("fallback")
+    route = Route("m", (target(failing_primary, clock, NEVER_OPEN),), fallback=(target(healthy, clock),))
+    # an empty budget: not a single retry may be spent
+    r = router(clock, budget=RetryBudget(ratio=0, min_per_s=0, clock=clock))
+    results = await asyncio.gather(*(r.complete(route, request(), FACTS) for _ in range(200)),
+                                   return_exceptions=True)
+    lost = [x for x in results if isinstance(x, BaseException)]
+    assert not lost, f"{len(lost)} of 200 requests lost: {lost[0]!r}"
+    assert healthy.calls == 200
+
+
+class _Unserializable(Exception):
+    pass
+
+
+async def test_a_bug_of_the_gateway_is_a_500_and_never_opens_a_circuit() -> None:
+    clock = Clock()
+
+    async def broken(_: BackendRequest) -> BackendResponse:
+        raise _Unserializable("maximum recursion depth exceeded while encoding")
+
+    backend = FakeBackend("b", broken)
+    t = target(backend, clock, BreakerConfig(consecutive_failures=1))
+    r = router(clock)
+    for _ in range(3):
+        with pytest.raises(InterlockError) as caught:
+            await r.complete(Route("m", (t,)), request(), FACTS)
+        assert caught.value.status == 500 and caught.value.code == "internal_error"
+        assert "req-test" in caught.value.message
+    assert backend.calls == 3, "an internal error was retried"
+    assert t.breaker.state == "closed" and t.stats.error_rate == 0.0

@@ -6,8 +6,8 @@ import random
 
 import pytest
 
-from gateway.stats import BackendStats, cost_usd
-from policies.base import BackendView
+from gateway.stats import BackendStats
+from policies.base import BackendView, cost_usd
 
 
 class Clock:
@@ -28,7 +28,7 @@ def make(**kwargs: object) -> tuple[BackendStats, Clock]:
 
 def test_empty_stats() -> None:
     stats, _ = make()
-    view = stats.view(price_in=1, price_out=2, weight=1, capacity=None)
+    view = stats.view(price_in=1, price_out=2, capacity=None)
     assert view.samples == 0 and view.cold
     assert view.ttft_ms is None and view.ttft_p50_ms is None and view.ttft_p95_ms is None
     assert view.tpot_ms is None and view.ttft_base_ms is None and view.ttft_per_token_ms == 0
@@ -57,7 +57,7 @@ def test_quantiles_on_known_data() -> None:
     random.Random(7).shuffle(values)  # order must not matter
     for ms in values:
         stats.first_token(10, ms / 1000)
-    view = stats.view(0, 0, 1, None)
+    view = stats.view(0, 0, None)
     assert view.ttft_p50_ms == pytest.approx(50.5)
     assert view.ttft_p95_ms == pytest.approx(95.05)
 
@@ -66,11 +66,11 @@ def test_quantiles_cover_only_the_recent_window() -> None:
     stats, _ = make(window=10)
     for ms in range(1, 101):
         stats.first_token(10, ms / 1000)
-    view = stats.view(0, 0, 1, None)
+    view = stats.view(0, 0, None)
     assert view.ttft_p50_ms == pytest.approx(95.5)  # 91..100
     assert view.ttft_p95_ms == pytest.approx(99.55)
     stats.first_token(10, 1.0)  # the quantile cache must see new data
-    assert stats.view(0, 0, 1, None).ttft_p95_ms == pytest.approx(100 + 0.55 * 900)
+    assert stats.view(0, 0, None).ttft_p95_ms == pytest.approx(100 + 0.55 * 900)
 
 
 def test_ttft_fit_recovers_base_and_per_token() -> None:
@@ -82,7 +82,7 @@ def test_ttft_fit_recovers_base_and_per_token() -> None:
     base, per_token = stats.ttft_model()
     assert base == pytest.approx(50, abs=1e-3)
     assert per_token == pytest.approx(2, abs=1e-6)
-    view = stats.view(0, 0, 1, None)
+    view = stats.view(0, 0, None)
     assert view.predicted_ttft_ms(1000) == pytest.approx(2050, abs=0.01)
 
 
@@ -132,7 +132,7 @@ def test_ttft_fit_clamps_a_negative_base() -> None:
 def test_tpot_from_finished() -> None:
     stats, _ = make()
     stats.started()
-    stats.finished(True, prompt_tokens=10, completion_tokens=11, total_s=1.5, ttft_s=0.5)
+    stats.finished(True, completion_tokens=11, total_s=1.5, ttft_s=0.5)
     assert stats.tpot.ewma == pytest.approx(100)  # 1000 ms over 10 tokens after the first
     assert stats.latency.ewma == pytest.approx(1500)
 
@@ -153,7 +153,7 @@ def test_tpot_not_recorded(
 ) -> None:
     stats, _ = make()
     stats.started()
-    stats.finished(ok, prompt_tokens=10, completion_tokens=completion_tokens, total_s=total_s, ttft_s=ttft_s)
+    stats.finished(ok, completion_tokens=completion_tokens, total_s=total_s, ttft_s=ttft_s)
     assert stats.tpot.ewma is None
 
 
@@ -164,27 +164,13 @@ def test_failed_requests_do_not_feed_latency() -> None:
     assert stats.samples == 1
 
 
-def test_finished_records_ttft_when_first_token_was_not_called() -> None:
+def test_finished_never_records_ttft_first_token_does() -> None:
     stats, _ = make()
-    stats.started()
-    stats.finished(True, prompt_tokens=100, completion_tokens=5, total_s=0.9, ttft_s=0.25)
-    assert list(stats.ttft.recent) == [pytest.approx(250)]
-    assert stats.ttft_model()[0] == pytest.approx(250)
-
-
-def test_finished_does_not_record_ttft_twice() -> None:
-    stats, _ = make()
-    stats.started()
     stats.started()
     stats.first_token(100, 0.25)
-    stats.first_token(200, 0.40)
-    stats.finished(True, prompt_tokens=200, completion_tokens=5, total_s=0.9, ttft_s=0.40)
-    stats.finished(True, prompt_tokens=100, completion_tokens=5, total_s=0.9, ttft_s=0.25)
-    assert sorted(stats.ttft.recent) == [pytest.approx(250), pytest.approx(400)]
-    # a third request without first_token() still gets its TTFT recorded
-    stats.started()
-    stats.finished(True, prompt_tokens=100, completion_tokens=5, total_s=0.9, ttft_s=0.25)
-    assert len(stats.ttft.recent) == 3
+    stats.finished(True, completion_tokens=5, total_s=0.9, ttft_s=0.25)
+    assert list(stats.ttft.recent) == [pytest.approx(250)]
+    assert stats.ttft_model()[0] == pytest.approx(250)
 
 
 def test_error_rate_over_the_window() -> None:
@@ -226,9 +212,9 @@ def test_in_flight_accounting() -> None:
     stats.finished(True)
     stats.finished(False)
     assert stats.in_flight == 1
-    assert stats.view(0, 0, 1, None).in_flight == 1
-    assert stats.view(0, 0, 1, None, in_flight=7).in_flight == 7  # the backend's own load() wins
-    assert stats.view(0, 0, 1, None, in_flight=0).in_flight == 0  # 0 is a value, not "absent"
+    assert stats.view(0, 0, None).in_flight == 1
+    assert stats.view(0, 0, None, in_flight=7).in_flight == 7  # the backend's own load() wins
+    assert stats.view(0, 0, None, in_flight=0).in_flight == 0  # 0 is a value, not "absent"
     stats.finished(True)
     stats.finished(True)  # an unmatched finished() must not go negative
     assert stats.in_flight == 0
@@ -239,10 +225,10 @@ def test_view_fields() -> None:
     stats.started()
     stats.started()
     stats.first_token(100, 0.150)
-    stats.finished(True, prompt_tokens=100, completion_tokens=21, total_s=1.150, ttft_s=0.150)
+    stats.finished(True, completion_tokens=21, total_s=1.150, ttft_s=0.150)
     stats.finished(False)
     stats.started()
-    view = stats.view(price_in=0.5, price_out=1.5, weight=3.0, capacity=8)
+    view = stats.view(price_in=0.5, price_out=1.5, capacity=8)
     assert isinstance(view, BackendView)
     assert view.name == "b1"
     assert view.samples == 2
@@ -252,19 +238,19 @@ def test_view_fields() -> None:
     assert view.ttft_base_ms == pytest.approx(150) and view.ttft_per_token_ms == 0
     assert view.error_rate == pytest.approx(0.5)
     assert view.in_flight == 1 and view.capacity == 8
-    assert (view.input_per_mtok, view.output_per_mtok, view.weight) == (0.5, 1.5, 3.0)
-    assert view.cost_usd(1_000_000, 2_000_000) == pytest.approx(cost_usd(1_000_000, 2_000_000, 0.5, 1.5))
+    assert (view.input_per_mtok, view.output_per_mtok) == (0.5, 1.5)
+    assert view.cost_usd(1_000_000, 2_000_000) == pytest.approx(0.5 + 3.0)
 
 
 def test_cost_usd() -> None:
-    assert cost_usd(1000, 500, price_in=3.0, price_out=15.0) == pytest.approx(0.003 + 0.0075)
+    assert cost_usd(1000, 500, input_per_mtok=3.0, output_per_mtok=15.0) == pytest.approx(0.003 + 0.0075)
     assert cost_usd(0, 0, 3.0, 15.0) == 0
 
 
 def test_snapshot_is_rounded() -> None:
     stats, _ = make()
     stats.first_token(10, 0.1234567)
-    stats.finished(True, prompt_tokens=10, completion_tokens=4, total_s=0.4567891, ttft_s=0.1234567)
+    stats.finished(True, completion_tokens=4, total_s=0.4567891, ttft_s=0.1234567)
     snap = stats.snapshot()
     assert snap["name"] == "b1" and snap["samples"] == 1 and snap["error_rate"] == 0
     assert snap["ttft_ms"] == 123.46

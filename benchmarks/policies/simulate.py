@@ -64,9 +64,10 @@ from backends.base import BackendRequest, BackendResponse, Health, Load, Price, 
 from backends.errors import BackendUnavailable, InterlockError  # noqa: E402
 from gateway.breaker import CircuitBreaker  # noqa: E402
 from gateway.retry_budget import RetryBudget  # noqa: E402
-from gateway.router import Route, Router, Target  # noqa: E402
+from gateway.attempts import usage_from_tail  # noqa: E402
+from gateway.router import Router  # noqa: E402
+from gateway.snapshot import Route, Target  # noqa: E402
 from gateway.stats import BackendStats  # noqa: E402
-from gateway.streams import usage_from_tail  # noqa: E402
 from policies import POLICIES  # noqa: E402
 from policies.base import BackendView, Policy, PolicyContext, Ranked, RequestFacts  # noqa: E402
 
@@ -222,14 +223,19 @@ class FakeBackend:
         # As the llama.cpp backend reports it: in_flight is what holds a slot, queued waits for one.
         return Load(in_flight=self._active, queued=self._queued, capacity=self.profile.capacity)
 
+    def fatal(self) -> str | None:
+        return None
+
+    def describe(self) -> dict[str, object]:
+        return {}
+
     async def complete(self, request: BackendRequest) -> BackendResponse:
         # Not used by the simulation (it streams); served from the stream so the protocol is whole.
         chunks = await self.stream(request)
         tail = b""
         async for chunk in chunks:
             tail = (tail + chunk)[-4096:]
-        counts = usage_from_tail(tail) or (0, 0)
-        return BackendResponse(body=b"{}", usage=Usage(*counts))
+        return BackendResponse(body=b"{}", usage=usage_from_tail(tail) or Usage())
 
     async def stream(self, request: BackendRequest) -> AsyncIterator[bytes]:
         job = self._jobs[request.request_id]
@@ -426,7 +432,7 @@ async def run_policy(policy: str, jobs: Sequence[Job], outage: tuple[float, floa
                   ttft_slo_ms=args.slo_ms if policy == "slo" else None)
     # The router's backoff sleeps on the loop's own clock (real seconds in --time-scale mode),
     # so its bounds are converted; everything else reads the simulated clock.
-    router = Router({ROUTE: route}, budget=RetryBudget(clock=clock.now),
+    router = Router(budget=RetryBudget(clock=clock.now),
                     backoff_initial_s=BACKOFF_INITIAL_S * clock.real_per_sim,
                     backoff_max_s=BACKOFF_MAX_S * clock.real_per_sim,
                     rng=random.Random(f"router:{args.seed}"), clock=clock.now,
@@ -477,7 +483,7 @@ async def run_policy(policy: str, jobs: Sequence[Job], outage: tuple[float, floa
                 return
             out.ok = True
             # What the provider bills for the reply the client got; failed attempts bill nothing here.
-            out.cost_usd = opened.target.cost_usd(Usage(*counts))
+            out.cost_usd = opened.target.cost_usd(counts)
 
     started = time.perf_counter()
     try:

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Device: two vLLM 0.26.0 servers with Llama-3-8B's shape and random weights on :8001 and :8002,
 # for bench.py and sdk_checks.py. Run from the repo root after the recipe's install.sh
-# (../shared/recipes/gpu-vllm.md) has put vLLM in /tmp/site and SmolLM2 in /tmp/smollm2-hf.
+# (see README.md here; normally `pip install vllm==0.26.0`) has put vLLM in /tmp/site and SmolLM2 in /tmp/smollm2-hf.
 #
 # Each server runs in its own session (setsid) so that it outlives the call that started it;
 # its pid (= its process group, which holds vLLM's engine core too) goes to /tmp/vN.pid, its log

@@ -1,0 +1,411 @@
+"""Cache entries: what a good answer is, how it is recorded, and how it is replayed (pure: no I/O).
+
+An entry keeps an answer the way it came: a stream's SSE ``data:`` events with their original
+boundaries (the usage-only chunk kept apart, so it is replayed only to clients that asked for it),
+or a JSON body. Either can be served either way: ``as_json`` assembles a stream's deltas into one
+reply, ``as_sse`` cuts a JSON reply into chunks. Replayed usage reports every prompt token as
+cached (``prompt_tokens_details.cached_tokens``).
+
+Only good answers become entries: at least one choice, each finished with ``stop`` or
+``tool_calls`` (whose arguments parse as JSON), a stream's ``[DONE]`` seen with no error event
+before it, and nothing over the size cap. Everything else records ``None`` and says why through
+``on_skip`` (``"oversize"``, ``"cut"``, ``"error"``, ``"no_choices"``, ``"finish"``,
+``"tool_args"``, ``"garbage"``).
+
+SSE framing follows https://html.spec.whatwg.org/multipage/server-sent-events.html#event-stream-interpretation.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+FORMAT = 1
+DEFAULT_MAX_BYTES = 1024 * 1024
+GOOD_FINISH = frozenset({"stop", "tool_calls"})
+DONE = b"data: [DONE]\n\n"
+
+#: a JSON entry replayed as a stream: a piece holds at most this many words and characters, an
+#: approximation of "at most 16 tokens" (a word is ~1.3 tokens, a token ~4 characters of English)
+PIECE_WORDS = 12
+PIECE_CHARS = 48
+
+SkipHook = Callable[[str], None]
+
+
+@dataclass(frozen=True, slots=True)
+class CachedReply:
+    endpoint: str  # "chat" or "completions"
+    model: str
+    #: wall-clock time it was recorded, for ``Age``
+    created: float
+    #: a streamed answer: its ``data: {...}\n\n`` events in order, ``[DONE]`` and the usage chunk excluded
+    events: tuple[bytes, ...] | None = None
+    #: a streamed answer's usage-only chunk (its JSON), if the stream had one
+    usage_chunk: bytes | None = None
+    #: a JSON answer: the body as it came
+    body: bytes | None = None
+
+    @property
+    def size(self) -> int:
+        return sum(map(len, self.events or ())) + len(self.usage_chunk or b"") + len(self.body or b"")
+
+    def as_json(self) -> bytes:
+        """The reply as a JSON body, whichever way it was recorded."""
+        if self.body is not None:
+            reply = orjson.loads(self.body)
+        else:
+            chunks = [orjson.loads(e[6:]) for e in self.events or ()]  # e[6:]: after b"data: "
+            usage = orjson.loads(self.usage_chunk).get("usage") if self.usage_chunk else None
+            reply = _assemble(self.endpoint, chunks, usage)
+        if isinstance(reply.get("usage"), dict):
+            reply["usage"] = _cached_usage(reply["usage"])
+        return orjson.dumps(reply)
+
+    def as_sse(self, include_usage: bool) -> list[bytes]:
+        """The reply as SSE events, ``[DONE]`` last; the usage chunk only when ``include_usage``."""
+        if self.events is not None:
+            out = list(self.events)
+            if include_usage and self.usage_chunk:
+                chunk = orjson.loads(self.usage_chunk)
+                chunk["usage"] = _cached_usage(chunk["usage"])
+                out.append(_event(chunk))
+        else:
+            out = _split(self.endpoint, orjson.loads(self.body or b"{}"), include_usage)
+        out.append(DONE)
+        return out
+
+    def encode(self) -> bytes:
+        return orjson.dumps({
+            "f": FORMAT, "endpoint": self.endpoint, "model": self.model, "created": self.created,
+            "events": None if self.events is None else [e.decode() for e in self.events],
+            "usage_chunk": None if self.usage_chunk is None else self.usage_chunk.decode(),
+            "body": None if self.body is None else self.body.decode(),
+        })
+
+    @staticmethod
+    def decode(raw: bytes) -> CachedReply | None:
+        """The entry ``encode`` wrote, or None for anything else (another format, garbage)."""
+        try:
+            d = orjson.loads(raw)
+            if d["f"] != FORMAT or d["endpoint"] not in ("chat", "completions"):
+                return None
+            events = d["events"]
+            reply = CachedReply(
+                endpoint=d["endpoint"], model=str(d["model"]), created=float(d["created"]),
+                events=None if events is None else tuple(e.encode() for e in events),
+                usage_chunk=None if d["usage_chunk"] is None else d["usage_chunk"].encode(),
+                body=None if d["body"] is None else d["body"].encode(),
+            )
+        except Exception:  # garbage in Redis is a miss, never an error
+            return None
+        return reply if (reply.events is None) != (reply.body is None) else None
+
+
+# --- recording ---------------------------------------------------------------------------------
+
+
+class StreamRecorder:
+    """Watches the relayed SSE bytes of one answer (split anywhere) and makes an entry of them.
+
+    ``feed`` only buffers and cuts events apart; the JSON is parsed once, in ``result``, after
+    the client has its last byte. Past ``max_bytes`` it stops keeping anything.
+    """
+
+    def __init__(self, endpoint: str, max_bytes: int = DEFAULT_MAX_BYTES, on_skip: SkipHook | None = None):
+        self.endpoint = endpoint
+        self.max_bytes = max_bytes
+        self._on_skip = on_skip
+        self._buf = bytearray()
+        self._cr = False  # the last chunk ended in "\r"
+        self._size = 0
+        self._payloads: list[bytes] = []
+        self._done = False
+        self._fault: str | None = None
+
+    def feed(self, chunk: bytes) -> None:
+        if self._fault is not None or self._done:
+            return
+        self._size += len(chunk)
+        if self._size > self.max_bytes:
+            self._fail("oversize")
+            return
+        # "\r\n" split across two chunks: the "\r" already ended the line, so drop the "\n"
+        data = chunk[1:] if self._cr and chunk.startswith(b"\n") else chunk
+        self._cr = data.endswith(b"\r")
+        self._buf += data.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+        while not self._done and self._fault is None:
+            end = self._buf.find(b"\n\n")
+            if end < 0:
+                break
+            block = bytes(self._buf[:end])
+            del self._buf[: end + 2]
+            self._block(block)
+
+    def result(self, now: float | None = None) -> CachedReply | None:
+        """The entry, or None (and ``on_skip`` told why) if this was not a good, whole answer."""
+        if self._fault is None and not self._done:
+            self._fail("cut")
+        if self._fault is not None:
+            return None
+        try:
+            chunks = [orjson.loads(p) for p in self._payloads]
+        except orjson.JSONDecodeError:
+            return self._skip("garbage")
+        events: list[bytes] = []
+        usage_chunk: bytes | None = None
+        body_chunks: list[dict[str, Any]] = []
+        for payload, chunk in zip(self._payloads, chunks, strict=True):
+            if not isinstance(chunk, dict):
+                return self._skip("garbage")
+            if "error" in chunk:
+                return self._skip("error")
+            if not chunk.get("choices") and isinstance(chunk.get("usage"), dict):
+                usage_chunk = payload  # the usage-only chunk: replayed only on request
+                continue
+            events.append(b"data: " + payload + b"\n\n")
+            body_chunks.append(chunk)
+        try:
+            assembled = _assemble(self.endpoint, body_chunks, None)
+            reason = _fault_of(self.endpoint, assembled)
+        except (TypeError, ValueError, AttributeError):  # well-formed JSON of the wrong shape
+            reason = "garbage"
+        if reason is not None:
+            return self._skip(reason)
+        return CachedReply(endpoint=self.endpoint, model=str(assembled.get("model", "")),
+                           created=time.time() if now is None else now,
+                           events=tuple(events), usage_chunk=usage_chunk)
+
+    def _block(self, block: bytes) -> None:
+        data: list[bytes] = []
+        kind = b""
+        for line in block.split(b"\n"):
+            if not line or line.startswith(b":"):
+                continue  # a comment (keep-alive)
+            name, _, value = line.partition(b":")
+            value = value[1:] if value.startswith(b" ") else value
+            if name == b"data":
+                data.append(value)
+            elif name == b"event":
+                kind = value
+        if kind == b"error":
+            self._fail("error")
+        elif data:
+            payload = b"\n".join(data)
+            if payload.strip() == b"[DONE]":
+                self._done = True
+            else:
+                self._payloads.append(payload)
+
+    def _fail(self, reason: str) -> None:
+        self._fault = reason
+        self._payloads.clear()
+        self._buf.clear()
+        if self._on_skip is not None:
+            self._on_skip(reason)
+
+    def _skip(self, reason: str) -> None:
+        self._fail(reason)
+        return None
+
+
+def reply_from_json(endpoint: str, body: bytes, max_bytes: int = DEFAULT_MAX_BYTES,
+                    on_skip: SkipHook | None = None, now: float | None = None) -> CachedReply | None:
+    """An entry of a complete JSON answer (a 200's body), or None if it is not a good one."""
+    def skip(reason: str) -> None:
+        if on_skip is not None:
+            on_skip(reason)
+
+    if len(body) > max_bytes:
+        return skip("oversize")
+    try:
+        reply = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return skip("garbage")
+    if not isinstance(reply, dict) or "error" in reply:
+        return skip("error" if isinstance(reply, dict) else "garbage")
+    try:
+        reason = _fault_of(endpoint, reply)
+    except (TypeError, ValueError, AttributeError):
+        reason = "garbage"
+    if reason is not None:
+        return skip(reason)
+    return CachedReply(endpoint=endpoint, model=str(reply.get("model", "")),
+                       created=time.time() if now is None else now, body=body)
+
+
+def _fault_of(endpoint: str, reply: dict[str, Any]) -> str | None:
+    """Why a (possibly assembled) reply must not be cached, or None if it may."""
+    choices = reply.get("choices")
+    if not isinstance(choices, list) or not choices:
+        return "no_choices"
+    for choice in choices:
+        if not isinstance(choice, dict) or choice.get("finish_reason") not in GOOD_FINISH:
+            return "finish"
+        message = choice.get("message") if endpoint == "chat" else None
+        for call in (message or {}).get("tool_calls") or ():
+            try:
+                orjson.loads(call["function"]["arguments"])
+            except (orjson.JSONDecodeError, KeyError, TypeError):
+                return "tool_args"
+    return None
+
+
+# --- assembling a stream into JSON ---------------------------------------------------------------
+
+
+def _assemble(endpoint: str, chunks: list[dict[str, Any]], usage: dict[str, Any] | None) -> dict[str, Any]:
+    """Stream chunks folded into the JSON reply they stand for (as the openai SDK accumulates them)."""
+    head: dict[str, Any] = {}
+    states: dict[int, dict[str, Any]] = {}
+    for chunk in chunks:
+        for field in ("id", "created", "model", "system_fingerprint"):
+            if field not in head and chunk.get(field) is not None:
+                head[field] = chunk[field]
+        if isinstance(chunk.get("usage"), dict):
+            usage = chunk["usage"]
+        for choice in chunk.get("choices") or ():
+            if not isinstance(choice, dict):
+                continue
+            st = states.setdefault(int(choice.get("index") or 0), {
+                "text": [], "refusal": [], "tools": {}, "finish": None, "logprobs": None})
+            if choice.get("finish_reason") is not None:
+                st["finish"] = choice["finish_reason"]
+            if isinstance(logprobs := choice.get("logprobs"), dict):
+                _merge_logprobs(st, logprobs)
+            delta = choice.get("delta") if endpoint == "chat" else {"content": choice.get("text")}
+            if delta is None:
+                continue
+            if not isinstance(delta, dict):
+                raise TypeError("a delta that is not an object")
+            if isinstance(delta.get("content"), str):
+                st["text"].append(delta["content"])
+            if isinstance(delta.get("refusal"), str):
+                st["refusal"].append(delta["refusal"])
+            for call in delta.get("tool_calls") or ():
+                slot = st["tools"].setdefault(int(call.get("index") or 0), {
+                    "id": None, "type": "function", "name": [], "arguments": []})
+                if call.get("id"):
+                    slot["id"] = call["id"]
+                function = call.get("function") or {}
+                if isinstance(function.get("name"), str):
+                    slot["name"].append(function["name"])
+                if isinstance(function.get("arguments"), str):
+                    slot["arguments"].append(function["arguments"])
+    chat = endpoint == "chat"
+    reply: dict[str, Any] = {"id": head.get("id", ""),
+                             "object": "chat.completion" if chat else "text_completion",
+                             "created": head.get("created", 0), "model": head.get("model", "")}
+    if "system_fingerprint" in head:
+        reply["system_fingerprint"] = head["system_fingerprint"]
+    reply["choices"] = [_choice(chat, i, states[i]) for i in sorted(states)]
+    if usage is not None:
+        reply["usage"] = usage
+    return reply
+
+
+def _merge_logprobs(st: dict[str, Any], logprobs: dict[str, Any]) -> None:
+    if st["logprobs"] is None:
+        st["logprobs"] = {k: list(v) if isinstance(v, list) else v for k, v in logprobs.items()}
+        return
+    for k, v in logprobs.items():
+        if isinstance(v, list) and isinstance(st["logprobs"].get(k), list):
+            st["logprobs"][k].extend(v)
+
+
+def _choice(chat: bool, index: int, st: dict[str, Any]) -> dict[str, Any]:
+    text = "".join(st["text"])
+    if not chat:
+        return {"index": index, "text": text, "logprobs": st["logprobs"], "finish_reason": st["finish"]}
+    tools = [{"id": t["id"] or f"call_{index}_{j}", "type": t["type"],
+              "function": {"name": "".join(t["name"]), "arguments": "".join(t["arguments"])}}
+             for j, t in sorted(st["tools"].items())]
+    message: dict[str, Any] = {"role": "assistant", "content": text if text or not tools else None}
+    if st["refusal"]:
+        message["refusal"] = "".join(st["refusal"])
+    if tools:
+        message["tool_calls"] = tools
+    return {"index": index, "message": message, "logprobs": st["logprobs"], "finish_reason": st["finish"]}
+
+
+# --- cutting JSON into a stream --------------------------------------------------------------------
+
+_WORD = re.compile(r"\s*\S+|\s+")
+
+
+def split_text(text: str, max_words: int = PIECE_WORDS, max_chars: int = PIECE_CHARS) -> list[str]:
+    """``text`` in pieces of at most ``max_words`` words and ``max_chars`` characters; joined, the same."""
+    pieces: list[str] = []
+    current, words, length = [], 0, 0
+    for match in _WORD.finditer(text):
+        word = match.group()
+        if current and (words >= max_words or length + len(word) > max_chars):
+            pieces.append("".join(current))
+            current, words, length = [], 0, 0
+        while len(word) > max_chars:
+            pieces.append(word[:max_chars])
+            word = word[max_chars:]
+        if word:
+            current.append(word)
+            words, length = words + 1, length + len(word)
+    if current:
+        pieces.append("".join(current))
+    return pieces
+
+
+def _event(chunk: dict[str, Any]) -> bytes:
+    return b"data: " + orjson.dumps(chunk) + b"\n\n"
+
+
+def _split(endpoint: str, reply: dict[str, Any], include_usage: bool) -> list[bytes]:
+    chat = endpoint == "chat"
+    head = {"id": reply.get("id", ""), "object": "chat.completion.chunk" if chat else "text_completion",
+            "created": reply.get("created", 0), "model": reply.get("model", "")}
+    if chat and reply.get("system_fingerprint") is not None:
+        head["system_fingerprint"] = reply["system_fingerprint"]
+    out: list[bytes] = []
+    for choice in reply.get("choices") or ():
+        index = choice.get("index", 0)
+
+        def emit(delta: dict[str, Any], finish: str | None = None, logprobs: Any = None,
+                 index: int = index) -> None:
+            if chat:
+                body = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
+            else:
+                body = {"index": index, "text": delta.get("content", ""), "logprobs": logprobs,
+                        "finish_reason": finish}
+            out.append(_event({**head, "choices": [body]}))
+
+        message = (choice.get("message") or {}) if chat else {"content": choice.get("text")}
+        if chat:
+            emit({"role": "assistant", "content": ""})
+        for piece in split_text(message.get("content") or ""):
+            emit({"content": piece})
+        for piece in split_text(message.get("refusal") or ""):
+            emit({"refusal": piece})
+        for j, call in enumerate(message.get("tool_calls") or ()):
+            function = call.get("function") or {}
+            emit({"tool_calls": [{"index": j, "id": call.get("id"), "type": call.get("type", "function"),
+                                  "function": {"name": function.get("name", ""), "arguments": ""}}]})
+            for piece in split_text(function.get("arguments") or "", max_words=PIECE_CHARS):
+                emit({"tool_calls": [{"index": j, "function": {"arguments": piece}}]})
+        emit({}, choice.get("finish_reason"), choice.get("logprobs"))
+    if include_usage and isinstance(reply.get("usage"), dict):
+        out.append(_event({**head, "choices": [], "usage": _cached_usage(reply["usage"])}))
+    return out
+
+
+def _cached_usage(usage: dict[str, Any]) -> dict[str, Any]:
+    """Usage as a cache hit reports it: every prompt token came from the cache."""
+    out = dict(usage)
+    prompt = out.get("prompt_tokens")
+    if isinstance(prompt, int):
+        details = out.get("prompt_tokens_details")
+        details = details if isinstance(details, dict) else {}
+        out["prompt_tokens_details"] = {**details, "cached_tokens": prompt}
+    return out

@@ -1,0 +1,89 @@
+"""Serving one inference request, with no HTTP in sight.
+
+The edge (``gateway.inference``) reads, parses and hands over a ``ClientRequest``; ``Serving``
+answers it with a complete reply (``Served``) or an opened stream (``Opened``), and the edge
+writes that out as JSON or SSE. In between, in this order: the snapshot in force (read once,
+kept for the whole request), the route the model names, the key's model allowlist, the facts
+policies rank by, then the router. The response cache and the admission limits sit here too,
+before the router: a hit or a refusal never routes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from backends.base import BackendRequest, Endpoint
+from backends.errors import InvalidRequest
+from gateway.config import ClientKey
+from gateway.errors import PermissionDenied
+from gateway.router import Opened, Router, Served
+from gateway.snapshot import Route, may_use
+from gateway.state import Gateway
+from policies.base import RequestFacts
+
+#: a rough tokens-per-byte for JSON bodies, good enough to rank backends by prompt size
+BYTES_PER_TOKEN = 4
+#: the reply budget assumed for ranking when a request sets no max_tokens
+DEFAULT_MAX_TOKENS = 256
+
+
+@dataclass(slots=True)
+class ClientRequest:
+    """A request as the edge parsed it: the validated body and the few headers that matter."""
+
+    endpoint: Endpoint
+    #: the client's JSON object, validated by ``gateway.protocol``
+    body: dict[str, Any]
+    #: the body's size in bytes (the prompt-size estimate comes from it)
+    size: int
+    request_id: str
+    #: the client key that authenticated it; None when no keys are configured
+    key: ClientKey | None = None
+    #: ``x-interlock-max-ttft-ms``: this request's first-token budget, overriding the route's SLO
+    max_ttft_ms: str | None = None
+    #: ``x-interlock-session``: a conversation key pools may keep together
+    session: str | None = None
+
+
+class Serving:
+    def __init__(self, gateway: Gateway) -> None:
+        self._gateway = gateway
+
+    @property
+    def router(self) -> Router:
+        return self._gateway.router
+
+    async def serve(self, request: ClientRequest) -> Served | Opened:
+        snapshot = self._gateway.snapshot
+        model: str = request.body["model"]
+        route = snapshot.route(model)
+        if not may_use(request.key, model):
+            raise PermissionDenied(f"This API key may not use the model `{model}`.", param="model")
+        facts = request_facts(request, route)
+        upstream = BackendRequest(
+            endpoint=request.endpoint,
+            body=request.body,
+            request_id=request.request_id,
+            stream=bool(request.body.get("stream")) and request.endpoint != "embeddings",
+            session=request.session,
+        )
+        if upstream.stream:
+            return await self.router.stream(route, upstream, facts)
+        return await self.router.complete(route, upstream, facts)
+
+
+def request_facts(request: ClientRequest, route: Route) -> RequestFacts:
+    body = request.body
+    max_tokens = body.get("max_completion_tokens") or body.get("max_tokens") or DEFAULT_MAX_TOKENS
+    budget = route.ttft_slo_ms
+    if request.max_ttft_ms is not None:
+        try:
+            budget = float(request.max_ttft_ms)
+        except ValueError:
+            budget = -1.0
+        if not 0 < budget < 3_600_000:
+            raise InvalidRequest("x-interlock-max-ttft-ms must be a positive number of milliseconds",
+                                 param="x-interlock-max-ttft-ms")
+    return RequestFacts(prompt_tokens=request.size // BYTES_PER_TOKEN, max_tokens=int(max_tokens),
+                        ttft_budget_ms=budget)
