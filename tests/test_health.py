@@ -79,3 +79,27 @@ async def test_readiness_answers_from_state_without_calling_any_backend() -> Non
         assert monitor.readiness(routes) == (True, {"m": "b: loading model", "n": "ready"})
     assert t.backend.health_calls + other.backend.health_calls == calls  # type: ignore[attr-defined]
     assert t.breaker.state == "closed"
+
+
+async def test_liveness_fails_when_an_in_process_engine_died_and_says_why() -> None:
+    import httpx
+
+    from gateway.app import build_app
+    from gateway.config import parse_config
+    from gateway.router import Router
+    from gateway.snapshot import build_snapshot
+    from gateway.state import Gateway
+
+    config = parse_config({"backends": {"b": {"kind": "openai", "base_url": "http://127.0.0.1:9/v1"}},
+                           "models": {"m": {"targets": ["b"]}}})
+    backend = FakeBackend("b")
+    snapshot = build_snapshot(config, {"b": backend})
+    gateway = Gateway(snapshot=snapshot, router=Router(),
+                      health=HealthMonitor(lambda: snapshot.targets.values(), interval_s=0, timeout_s=1))
+    app = build_app(gateway, max_body_bytes=1 << 20)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gw") as client:
+        assert (await client.get("/health/live")).status_code == 200
+        backend.fatal_reason = "engine thread died: RuntimeError('boom')"
+        response = await client.get("/health/live")
+        assert response.status_code == 503
+        assert response.json() == {"status": "dead", "backends": {"b": "engine thread died: RuntimeError('boom')"}}
