@@ -4,6 +4,7 @@
     open ──(cool-down elapsed; noticed lazily by allow()/state)──▶ half_open
     half_open ──(successes_to_close probe successes)──▶ closed (window cleared)
     half_open ──(any failure)──▶ open, with the cool-down doubled (capped)
+    open ──(probe_early(): every candidate of a route is open)──▶ half_open at once
 
 No I/O and no tasks: time comes from an injected monotonic clock, so every
 transition is a table test. It is meant for one event loop (no locks). Only
@@ -125,6 +126,16 @@ class CircuitBreaker:
             return False
         self._probes += 1
         return True
+
+    def probe_early(self) -> bool:
+        """Admit a probe now although the cool-down has not ended, within ``half_open_probes``
+        probes at once (the circuit turns half-open early). For a route whose every candidate
+        is open: a backend that flaps is found up by the next request, not after a cool-down
+        that may have doubled to minutes, and the trickle stays bounded by the probe slots."""
+        if self.state == "open":
+            self._open_until = self._clock()
+            self._maybe_half_open()
+        return self.allow()
 
     def snapshot(self) -> dict[str, object]:
         state = self.state

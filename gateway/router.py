@@ -241,6 +241,17 @@ class Router:
                 break
         if last is not None:
             raise _told_when(last)
+        if skipped_open and not (skipped_full or skipped_limited):
+            # Every candidate's circuit is open: rather than refuse everything until a cool-down
+            # ends, the one that reopens soonest takes a probe now, within its probe slots (a
+            # bounded trickle, as Envoy's panic threshold routes to unhealthy hosts).
+            target = min(skipped_open, key=lambda t: t.breaker.retry_in())
+            if target.breaker.probe_early():
+                race = await self._one(target, call, request.request_id)
+                if race.winner is not None:
+                    return race.winner, race.result, "every circuit open: probe"  # type: ignore[return-value]
+                assert race.error is not None
+                raise race.error
         raise self._nothing_to_try(route, skipped_open, skipped_limited, skipped_full)
 
     async def _one(self, target: Target, call: Callable[[Target], Awaitable[T]], request_id: str) -> _Race[T]:

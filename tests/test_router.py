@@ -395,9 +395,9 @@ async def test_load_shedding_skips_full_targets_then_refuses_with_503() -> None:
     assert (a.stats.error_rate, b.stats.error_rate) == (0.0, 0.0)
 
 
-async def test_every_circuit_open_is_a_503_with_the_shortest_wait() -> None:
+async def test_every_circuit_open_probes_the_soonest_within_its_slots_and_refuses_the_rest() -> None:
     clock = Clock()
-    config = BreakerConfig(consecutive_failures=1, cooldown_s=10)
+    config = BreakerConfig(consecutive_failures=1, cooldown_s=10, half_open_probes=1)
     first, second = FakeBackend("a", failing(unavailable)), FakeBackend("b", failing(unavailable))
     a, b = target(first, clock, config), target(second, clock, config)
     route = Route("m", (a, b), attempts=1)
@@ -409,15 +409,30 @@ async def test_every_circuit_open_is_a_503_with_the_shortest_wait() -> None:
         await r.complete(route, request(), FACTS)  # a skipped; b opens at t=3
     assert (a.breaker.state, b.breaker.state) == ("open", "open")
     clock.advance(1)
+
+    # every candidate open: a, which reopens soonest, takes a probe now rather than in 6 s
+    gate = asyncio.Event()
+
+    async def held(_: BackendRequest) -> BackendResponse:
+        await gate.wait()
+        return reply("a is back")
+
+    first.handler = held
+    probe = asyncio.create_task(r.complete(route, request(), FACTS))
+    await settle(lambda: first.in_flight == 1)
+    assert a.breaker.state == "half_open"
+    # its one probe slot is taken: the rest are refused at once, told the shortest wait (a's
+    # probe may end any moment: the floor of 1 s)
     with pytest.raises(BackendUnavailable) as caught:
         await r.complete(route, request(), FACTS)
-    assert caught.value.status == 503
-    assert caught.value.retry_after == pytest.approx(6.0)  # a: 10 - 4; b would be 9
-    assert "circuits open" in caught.value.message
-    assert (first.calls, second.calls) == (1, 1)
+    assert caught.value.status == 503 and "circuits open" in caught.value.message
+    assert caught.value.retry_after == 1.0
     with pytest.raises(BackendUnavailable):  # streams are refused the same way, without a call
         await r.stream(route, request(stream=True), FACTS)
-    assert (first.stream_calls, second.stream_calls) == (0, 0)
+    assert (first.calls, second.calls, first.stream_calls, second.stream_calls) == (2, 1, 0, 0)
+    gate.set()
+    served = await probe
+    assert served.target is a and served.reason == "every circuit open: probe"
 
 
 # --- hedging ---------------------------------------------------------------------------------------
