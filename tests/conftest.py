@@ -95,3 +95,17 @@ def llama_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     yield url + "/v1"
     proc.terminate()
     proc.wait(10)
+
+
+#: what a test module uses to talk to real sockets, processes or the real model
+_REAL_COMPONENTS = ("run_gateway", "serve_app", "FakeUpstream", "ChaosUpstream", "ClosingUpstream", "VllmSim",
+                    "OllamaSim", "smollm2_gguf", "subprocess", "redis", "RedisServers")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Every test of a module that starts servers, processes or the model is ``slow``, so the pure
+    ones run alone in seconds: ``pytest -m 'not slow'``."""
+    for item in items:
+        module = getattr(item, "module", None)
+        if module is not None and any(hasattr(module, name) for name in _REAL_COMPONENTS):
+            item.add_marker(pytest.mark.slow)

@@ -35,6 +35,19 @@ from backends.base import BackendRequest, BackendResponse, Health, Load, Usage
 UPSTREAM_KEY = "sk-upstream-secret-0123456789"
 
 
+class Clock:
+    """A monotonic clock that moves only when a test says so (breakers, stats, budgets take one)."""
+
+    def __init__(self, now: float = 1000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -18,17 +18,7 @@ from backends.errors import (
     UpstreamHTTPError,
 )
 from gateway.breaker import MAX_RETRY_AFTER_S, BreakerConfig, CircuitBreaker, counts_as_failure
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
+from tests.fakes import Clock
 
 
 def make(**overrides: object) -> tuple[CircuitBreaker, Clock, list[tuple[str, str, str]]]:

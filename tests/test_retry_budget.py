@@ -7,17 +7,7 @@ from bisect import bisect_right
 import pytest
 
 from gateway.retry_budget import RetryBudget
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
+from tests.fakes import Clock
 
 
 def make(**kwargs: float) -> tuple[RetryBudget, Clock]:

@@ -30,23 +30,12 @@ from gateway.router import Router
 from gateway.snapshot import Route, Target
 from gateway.stats import BackendStats
 from policies.base import MIN_SAMPLES, RequestFacts
-from tests.fakes import CompleteHandler, FakeBackend, failing, ok_handler, reply, stream_of
+from tests.fakes import Clock, CompleteHandler, FakeBackend, failing, ok_handler, reply, stream_of
 
 FACTS = RequestFacts(prompt_tokens=10, max_tokens=16)
 #: breakers that never open: for tests about retries, not circuits
 NEVER_OPEN = BreakerConfig(window=1000, min_calls=1000, consecutive_failures=1000)
 Transition = tuple[str, str, str]
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
 
 
 def request(stream: bool = False) -> BackendRequest:

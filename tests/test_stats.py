@@ -8,21 +8,11 @@ import pytest
 
 from gateway.stats import BackendStats
 from policies.base import BackendView, cost_usd
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 500.0
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
+from tests.fakes import Clock
 
 
 def make(**kwargs: object) -> tuple[BackendStats, Clock]:
-    clock = Clock()
+    clock = Clock(500.0)
     return BackendStats("b1", clock=clock, **kwargs), clock  # type: ignore[arg-type]
 
 
