@@ -192,7 +192,7 @@ class ResponseCache:
         self.counters[f"skipped_{reason}"] += 1
 
     def recorder(self, endpoint: str, config: CacheConfig) -> StreamRecorder:
-        return StreamRecorder(endpoint, config.max_entry_bytes, on_skip=self._skipped)
+        return StreamRecorder(endpoint, config.max_entry_bytes, on_skip=self._skipped, clock=self._clock)
 
     def reply_from_json(self, endpoint: str, body: bytes, config: CacheConfig) -> CachedReply | None:
         return _reply_from_json(endpoint, body, config.max_entry_bytes, on_skip=self._skipped,
@@ -215,7 +215,7 @@ class ResponseCache:
                 self._remember(key, held, len(raw or b""))
                 if best is None or remote.fresh or remote.age_s < best.age_s:
                     best = remote
-        self.counters["hit" if best and best.fresh else "stale_found" if best else "miss"] += 1
+        self.counters["hit" if best and best.fresh else "stale" if best else "miss"] += 1
         return best
 
     async def store(self, key: str, reply: CachedReply, config: CacheConfig) -> None:

@@ -117,16 +117,14 @@ class StreamRecorder:
     the client has its last byte. Past ``max_bytes`` it stops keeping anything.
     """
 
-    def __init__(self, endpoint: str, max_bytes: int = DEFAULT_MAX_BYTES, on_skip: SkipHook | None = None):
-        self.endpoint = endpoint
-        self.max_bytes = max_bytes
-        self._on_skip = on_skip
+    def __init__(self, endpoint: str, max_bytes: int = DEFAULT_MAX_BYTES, on_skip: SkipHook | None = None,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.endpoint, self.max_bytes, self._on_skip, self._clock = endpoint, max_bytes, on_skip, clock
         self._buf = bytearray()
         self._cr = False  # the last chunk ended in "\r"
-        self._size = 0
-        self._payloads: list[bytes] = []
-        self._done = False
+        self._size, self._done = 0, False
         self._fault: str | None = None
+        self._payloads: list[bytes] = []
 
     def feed(self, chunk: bytes) -> None:
         if self._fault is not None or self._done:
@@ -156,19 +154,20 @@ class StreamRecorder:
         try:
             chunks = [orjson.loads(p) for p in self._payloads]
         except orjson.JSONDecodeError:
-            return self._skip("garbage")
+            return self._fail("garbage")
         events: list[bytes] = []
         usage_chunk: bytes | None = None
         body_chunks: list[dict[str, Any]] = []
         for payload, chunk in zip(self._payloads, chunks, strict=True):
             if not isinstance(chunk, dict):
-                return self._skip("garbage")
+                return self._fail("garbage")
             if "error" in chunk:
-                return self._skip("error")
+                return self._fail("error")
             if not chunk.get("choices") and isinstance(chunk.get("usage"), dict):
                 usage_chunk = payload  # the usage-only chunk: replayed only on request
                 continue
-            events.append(b"data: " + payload + b"\n\n")
+            # one line per event on replay, even if the upstream spread its JSON over several
+            events.append(_event(chunk) if b"\n" in payload else b"data: " + payload + b"\n\n")
             body_chunks.append(chunk)
         try:
             assembled = _assemble(self.endpoint, body_chunks, None)
@@ -176,9 +175,9 @@ class StreamRecorder:
         except (TypeError, ValueError, AttributeError):  # well-formed JSON of the wrong shape
             reason = "garbage"
         if reason is not None:
-            return self._skip(reason)
+            return self._fail(reason)
         return CachedReply(endpoint=self.endpoint, model=str(assembled.get("model", "")),
-                           created=time.time() if now is None else now,
+                           created=self._clock() if now is None else now,
                            events=tuple(events), usage_chunk=usage_chunk)
 
     def _block(self, block: bytes) -> None:
@@ -208,10 +207,6 @@ class StreamRecorder:
         self._buf.clear()
         if self._on_skip is not None:
             self._on_skip(reason)
-
-    def _skip(self, reason: str) -> None:
-        self._fail(reason)
-        return None
 
 
 def reply_from_json(endpoint: str, body: bytes, max_bytes: int = DEFAULT_MAX_BYTES,

@@ -263,3 +263,11 @@ def test_wrong_shapes_are_garbage_not_errors() -> None:
         skips: list[str] = []
         assert record(events, skips=skips) is None and len(skips) == 1
     assert reply_from_json("chat", b'{"choices": [{"finish_reason": "stop", "message": "x"}]}') is None
+
+
+def test_json_spread_over_data_lines_replays_as_one_line() -> None:
+    spread = [e.replace(b'{"index"', b'\ndata: {"index"') for e in chat_stream()]
+    assert spread != chat_stream()
+    entry = record(spread, splits=20)
+    assert entry is not None and entry.as_json() == record(chat_stream()).as_json()
+    assert all(e.count(b"\n") == 2 for e in entry.as_sse(include_usage=True))

@@ -19,6 +19,7 @@ from gateway.cache import CacheConfig, CacheSection, Flight, ResponseCache
 from gateway.cache_entry import CachedReply, reply_from_json
 from gateway.cache_key import cache_key, lock_key, tenant_tag
 from gateway.cache_store import MemoryLRU
+from gateway.config import ConfigError, parse_config
 from tests.fakes import free_port
 from tests.redis_servers import REDIS_SERVER, RedisServer
 
@@ -115,6 +116,25 @@ def test_route_config_merges_over_the_default() -> None:
     assert cache.config_for(None) is None
     assert cache.config_for(CacheConfig.model_validate(True)) == CacheConfig(ttl_s=30, stale_if_error_s=60)
     assert cache.config_for(CacheConfig(ttl_s=5)) == CacheConfig(ttl_s=5, stale_if_error_s=60)
+
+
+def test_the_routing_yaml_cache_sections() -> None:
+    base = {"backends": {"b": {"kind": "openai", "base_url": "http://127.0.0.1:1/v1"}}}
+    loaded = parse_config({**base, "cache": {"default": {"ttl_s": 30}, "memory_bytes": 1024},
+                           "models": {"on": {"targets": ["b"], "cache": True},
+                                      "set": {"targets": ["b"], "cache": {"stale_if_error_s": 9}},
+                                      "off": {"targets": ["b"]}}}, env={})
+    assert loaded.cache.memory_bytes == 1024 and loaded.models["off"].cache is None
+    cache = ResponseCache(loaded.cache)
+    assert cache.config_for(loaded.models["on"].cache) == CacheConfig(ttl_s=30)
+    assert cache.config_for(loaded.models["set"].cache) == CacheConfig(ttl_s=30, stale_if_error_s=9)
+    assert parse_config({**base, "models": {"m": {"targets": ["b"]}}}, env={}).cache == CacheSection()
+    with pytest.raises(ConfigError) as caught:
+        parse_config({**base, "cache": {"memory": 1},
+                      "models": {"m": {"targets": ["b"], "cache": {"ttl": 1}},
+                                 "n": {"targets": ["b"], "cache": False}}}, env={})
+    paths = {path for path, _ in caught.value.problems}
+    assert paths == {"cache.memory", "models.m.cache.ttl", "models.n.cache"}
 
 
 # --- Redis ---------------------------------------------------------------------------------------
@@ -344,13 +364,17 @@ async def test_a_cancelled_joiner_does_not_strand_its_followers(tenant: str) -> 
     await b.start()
     try:
         held = await a.join(key_of(tenant), CFG)
+        assert held.leader and held._token, a.status()  # it holds the Redis lock
         following = asyncio.create_task(b.join(key_of(tenant), CFG))  # b's leader polls a's lock
         await eventually(lambda: key_of(tenant) in b._flights)
         waiting = asyncio.create_task(b.join(key_of(tenant), CFG))  # and this one waits on it
         await eventually(lambda: b._flights[key_of(tenant)].followers > 0)
+        assert not following.done(), following.result()
         following.cancel()  # its client left
         started = time.monotonic()
-        flight = await waiting
+        done, _ = await asyncio.wait([waiting], timeout=10)
+        assert done, f"still waiting; following: {following}, flights: {b._flights}, {b.counters}"
+        flight = waiting.result()
         assert flight.entry is None and time.monotonic() - started < 5  # not follower_wait_s
         assert not b._flights
         await held.done()
