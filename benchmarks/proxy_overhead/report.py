@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+import re
 import shlex
 import statistics
 import subprocess
@@ -33,6 +34,38 @@ class WrkResult:
     @property
     def errors(self) -> int:
         return self.non_2xx + sum(self.socket_errors.values())
+
+
+_UNIT_MS = {"us": 1e-3, "ms": 1.0, "s": 1e3, "m": 60e3, "h": 3600e3}
+
+
+def _latency_ms(output: str, percentile: str) -> float:
+    match = re.search(rf"^\s*{percentile}%\s+([\d.]+)(us|ms|s|m|h)\s*$", output, re.MULTILINE)
+    if match is None:
+        raise ValueError(f"no {percentile}% latency line in wrk's output:\n{output}")
+    return float(match.group(1)) * _UNIT_MS[match.group(2)]
+
+
+def parse_wrk(output: str) -> WrkResult:
+    rps = re.search(r"^Requests/sec:\s+([\d.]+)", output, re.MULTILINE)
+    total = re.search(r"^\s*(\d+) requests in ", output, re.MULTILINE)
+    if rps is None or total is None:
+        raise ValueError(f"cannot parse wrk's output:\n{output}")
+    non_2xx = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", output)
+    sock = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", output)
+    socket_errors = dict(zip(("connect", "read", "write", "timeout"),
+                             (int(g) for g in sock.groups()) if sock else (0, 0, 0, 0), strict=True))
+    return WrkResult(
+        rps=float(rps.group(1)),
+        p50_ms=_latency_ms(output, "50"),
+        p99_ms=_latency_ms(output, "99"),
+        requests=int(total.group(1)),
+        non_2xx=int(non_2xx.group(1)) if non_2xx else 0,
+        socket_errors=socket_errors,
+        output=output,
+    )
+
+
 
 
 @dataclass
@@ -98,8 +131,9 @@ def medians_table(samples: Samples, workloads: Sequence[str], connections: Seque
     for w in workloads:
         for n in connections:
             for server in servers:
-                def med(value: Callable[[Sample], float | None], _s: str = server) -> float | None:
-                    return samples.median(w, n, _s, value)
+                def med(value: Callable[[Sample], float | None], w: str = w, n: int = n,
+                        server: str = server) -> float | None:
+                    return samples.median(w, n, server, value)
 
                 rps = med(lambda s: s.result.rps)
                 cpu = med(lambda s: s.cpu_us)
@@ -119,7 +153,8 @@ def ratio_table(samples: Samples, workloads: Sequence[str], connections: Sequenc
     body = []
     for w in workloads:
         for n in connections:
-            def med(server: str, value: Callable[[Sample], float | None]) -> float:
+            def med(server: str, value: Callable[[Sample], float | None], w: str = w,
+                    n: int = n) -> float:
                 return samples.median(w, n, server, value) or 0.0
 
             base, gw, thin = (med(s, lambda s: s.result.rps) for s in ("baseline", "gateway", "thin"))
@@ -143,7 +178,7 @@ def rss_line(name: str, before: dict[str, int], after: dict[str, int]) -> str:
 def noise_line(samples: Samples) -> str:
     """How much of each core other processes took over the measured runs."""
     parts = []
-    for label, values in (("CPU 0 (the servers')", [s.stolen for s in samples.runs if s.stolen is not None]),
+    for label, values in (("CPU 0 (the relays')", [s.stolen for s in samples.runs if s.stolen is not None]),
                           ("CPU 1 (nginx and wrk)", [s.load_stolen for s in samples.runs])):
         if values:
             parts.append(f"{label}: median {statistics.median(values):.0%}, max {max(values):.0%}")
@@ -197,6 +232,29 @@ def scrub(text: str, names: dict[Path, str]) -> str:
     return text
 
 
+def report_text(samples: Samples, workloads: Sequence[str], connections: Sequence[int],
+                servers: Sequence[str], rounds: int, rss: dict[str, tuple[dict[str, int], dict[str, int]]],
+                loaded: dict[str, int]) -> str:
+    """The tables and the notes under them, as printed and as results.md holds them."""
+    parts = [f"## Medians over {rounds} round(s)", medians_table(samples, workloads, connections, servers),
+             "CPU/req: the server process's CPU time per request. CPU 0 / CPU 1 others: the share of "
+             "that core other processes (other people's work on a shared machine) used during the run; "
+             "CPU 0 holds the relay measured, the bottleneck, so there it is time the relay lost; on "
+             "CPU 1 it is mostly time nginx and wrk left idle."]
+    if "baseline" in servers:
+        parts += ["## Gateway / baseline",
+                  "req/s (streams/s for stream) and CPU time per request, medians; `per round`: each "
+                  "round's gateway req/s over that round's baseline req/s.",
+                  ratio_table(samples, workloads, connections)]
+    parts += [rss_line(name, before, after) for name, (before, after) in rss.items()]
+    parts += [noise_line(samples),
+              "Code loaded, checked by run_checkout.py at start and from its record at exit: "
+              + "; ".join(f"{name}: {n} modules of {'/'.join(PACKAGES)}, all from "
+                          f"{'BASELINE' if name == 'baseline' else 'this checkout'}"
+                          for name, n in loaded.items())]
+    return "\n\n".join(parts)
+
+
 @dataclass
 class Facts:
     """What results.md says about the run besides the tables."""
@@ -213,7 +271,7 @@ class Facts:
     baseline_commit: str
 
 
-def render(facts: Facts, tables: str, notes: str) -> str:
+def render(facts: Facts, text: str) -> str:
     now = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
     lines = [
         "# Proxy overhead",
@@ -239,16 +297,13 @@ def render(facts: Facts, tables: str, notes: str) -> str:
     lines += [f"- {name}: `{cmd}`" for name, cmd in facts.servers.items()]
     lines += [f"- load ({w}): `{cmd}`" for w, cmd in facts.loads.items()]
     lines += [
-        f"- {facts.rounds} rounds of every server, order reversed every other round, for "
+        f"- {facts.rounds} round(s) of every server, order reversed every other round, for "
         f"{'/'.join(facts.workloads)} at {','.join(map(str, facts.connections))} connection(s); "
         f"each run after a {facts.warmup}s warm-up run; the tables are medians over the rounds; "
         "nginx and wrk on CPU 1, thin, baseline and gateway on CPU 0 (one at a time under load)",
         f"- versions: {tool_version(['wrk', '-v'])}; {tool_version(['nginx', '-v'])}; "
         f"Python {sys.version.split()[0]}",
         "",
-        tables,
-        "",
-        notes,
-        "",
+        text,
     ]
     return "\n".join(lines)

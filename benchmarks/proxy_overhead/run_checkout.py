@@ -18,7 +18,11 @@ from __future__ import annotations
 import atexit
 import importlib
 import json
+import os
+import shlex
+import signal
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 PACKAGES = ("gateway", "backends", "policies")
@@ -34,6 +38,54 @@ def loaded_files() -> dict[str, list[str]]:
     return out
 
 
+@dataclass
+class Launch:
+    """How the benchmark starts one gateway: ``argv`` in ``checkout`` with ``env``."""
+
+    name: str
+    checkout: Path
+    argv: list[str]
+    env: dict[str, str]
+    port: int
+    #: where this script, run by ``argv``, writes the files of the modules it loaded
+    record: Path
+
+    def shown(self) -> str:
+        env = " ".join(f"{k}={self.env[k]}" for k in ("PYTHONPATH", "INTERLOCK_SHUTDOWN_DELAY_S"))
+        return f"cd {self.checkout} && {env} {shlex.join(self.argv)}"
+
+
+def launch(name: str, checkout: Path, python: Path, cpu: str, config: Path, port: int,
+           work: Path) -> Launch:
+    """``interlock serve`` from ``checkout`` by ``python`` through this script, pinned to ``cpu``,
+    with ``checkout`` as cwd and first on PYTHONPATH, and no 503 period on SIGTERM."""
+    record = work / f"{name}-modules.json"
+    argv = ["taskset", "-c", cpu, str(python), str(Path(__file__).resolve()), str(checkout), str(record),
+            "serve", "--config", str(config), "--port", str(port), "--log-level", "warning"]
+    path = os.pathsep.join(filter(None, [str(checkout), os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, "PYTHONPATH": path, "INTERLOCK_SHUTDOWN_DELAY_S": "0"}
+    return Launch(name, checkout, argv, env, port, record)
+
+
+def check_loaded(record: Path, checkout: Path) -> int:
+    """For the benchmark, after the process exited: the number of modules of PACKAGES in RECORD,
+    which must all have come from ``checkout``; ValueError when one did not, or there is no record."""
+    try:
+        loaded: dict[str, list[str]] = json.loads(record.read_text())
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"no record of the modules it loaded ({exc})") from None
+    stray = {name: files for name, files in loaded.items()
+             if not files or not all(Path(f).resolve().is_relative_to(checkout / name.partition(".")[0])
+                                     for f in files)}
+    if stray or not {*PACKAGES} <= loaded.keys():
+        raise ValueError(f"it did not run {checkout}'s code only: {stray or sorted(loaded)}")
+    return len(loaded)
+
+
+def _exit(signum: int, _frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
 def main() -> None:
     checkout, record, args = Path(sys.argv[1]).resolve(), Path(sys.argv[2]), sys.argv[3:]
     sys.meta_path[:] = [f for f in sys.meta_path
@@ -41,6 +93,9 @@ def main() -> None:
     # In place of this script's directory, whose modules are the benchmark's, not the gateway's.
     sys.path[0] = str(checkout)
     atexit.register(lambda: record.write_text(json.dumps(loaded_files(), indent=1)))
+    # uvicorn re-raises SIGTERM after its graceful shutdown, with the handler it found in place:
+    # this one, so that the process exits through SystemExit and atexit, not the default action.
+    signal.signal(signal.SIGTERM, _exit)
     for name in PACKAGES:
         file = Path(importlib.import_module(name).__file__ or "").resolve()
         if not file.is_relative_to(checkout / name):
