@@ -32,6 +32,7 @@ from asyncio import TimerHandle
 from dataclasses import dataclass
 from typing import Any
 
+from uvicorn.protocols.http.flow_control import HIGH_WATER_LIMIT
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
 from gateway.errors import HeadersTooLarge, InterlockError, error_body, error_headers
@@ -143,10 +144,19 @@ class EdgeProtocol(HttpToolsProtocol):
         super().on_headers_complete()
 
     def on_body(self, body: bytes) -> None:
-        if not self._refused:
-            self._body_bytes += len(body)
-            self._body_last = self.loop.time()
-            super().on_body(body)
+        if self._refused:
+            return
+        self._body_bytes += len(body)
+        self._body_last = self.loop.time()
+        cycle = self.cycle
+        if cycle.response_complete or (self.parser.should_upgrade() and self._should_upgrade()):
+            return
+        cycle.body += body
+        # uvicorn's on_body, except that the app is woken when the body is complete or a buffer's
+        # worth is in, not per chunk: a body trickled a byte at a time cost a task switch a byte
+        if len(cycle.body) > HIGH_WATER_LIMIT:
+            self.flow.pause_reading()
+            cycle.message_event.set()
 
     def on_message_complete(self) -> None:
         if self._refused:

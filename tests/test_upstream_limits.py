@@ -129,7 +129,8 @@ def peak_rss_growth() -> Iterator[list[int]]:
 
 
 @pytest.mark.parametrize("model", ["huge", "bomb"])
-def test_an_oversized_reply_is_a_502_naming_the_limit_and_memory_stays_bounded(gateway: str, model: str) -> None:
+def test_an_oversized_reply_is_a_502_naming_the_limit_and_memory_stays_bounded(gateway: str,
+                                                                              model: str) -> None:
     with peak_rss_growth() as growth:
         response = httpx.post(gateway + "/v1/chat/completions", json={**CHAT, "model": model}, timeout=60)
     assert response.status_code == 502, response.text[:300]
@@ -146,7 +147,8 @@ def test_a_compressed_reply_under_the_cap_is_served(gateway: str) -> None:
 
 
 def test_an_oversized_reply_counts_as_the_backends_failure_and_the_route_falls_back(gateway: str) -> None:
-    response = httpx.post(gateway + "/v1/chat/completions", json={**CHAT, "model": "huge-then-ok"}, timeout=60)
+    body = {**CHAT, "model": "huge-then-ok"}
+    response = httpx.post(gateway + "/v1/chat/completions", json=body, timeout=60)
     assert response.status_code == 200
     assert response.headers["x-interlock-backend"] == "ok"
 

@@ -142,7 +142,8 @@ def test_error_events_are_redacted_wherever_the_chunks_split() -> None:
 
 
 def test_a_stream_without_error_events_passes_byte_for_byte_in_its_chunks() -> None:
-    stream = b"".join(chunk("m", {"content": f"piece {i} sk-Secret"}) for i in range(20)) + b"data: [DONE]\n\n"
+    stream = b"".join(chunk("m", {"content": f"piece {i} sk-Secret"}) for i in range(20))
+    stream += b"data: [DONE]\n\n"
     for size in (1, 7, 100, len(stream)):
         pieces = [stream[i:i + size] for i in range(0, len(stream), size)]
         events = ErrorEvents(lambda error: error)
