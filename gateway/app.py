@@ -33,6 +33,7 @@ from gateway.errors import (
 )
 from gateway.inference import HotPaths, Inference
 from gateway.middleware import CLIENT_KEY, BodyLimit, ClientAuth, RequestContext
+from gateway.reload import ConfigHashHeader, Reloader, admin_config, admin_reload
 from gateway.serving import Serving
 from gateway.snapshot import may_use
 from gateway.state import Gateway
@@ -111,6 +112,7 @@ def build_app(
     *,
     max_body_bytes: int,
     lifespan: Callable[[Starlette], AsyncIterator[None]] | None = None,
+    reloader: Reloader | None = None,
 ) -> GatewayApp:
     list_models, get_model = _models(gateway)
     live, ready = _health(gateway)
@@ -128,13 +130,16 @@ def build_app(
         HttpRoute("/health/ready", ready, methods=["GET"]),
         HttpRoute("/admin/routes", admin_routes(gateway), methods=["GET"]),
     ]
+    if reloader is not None:
+        routes += [HttpRoute("/admin/reload", admin_reload(reloader), methods=["POST"]),
+                   HttpRoute("/admin/config", admin_config(reloader), methods=["GET"])]
     rest = Starlette(
         routes=routes,
         exception_handlers={HTTPException: _http_error, InterlockError: _interlock_error},
         lifespan=asynccontextmanager(lifespan) if lifespan else None,
     )
     # Plain ASGI layers, outermost first: request id (and last-resort 500), client keys, body limit.
-    asgi: ASGIApp = HotPaths(hot, rest)
+    asgi: ASGIApp = HotPaths(hot, ConfigHashHeader(rest, gateway))
     asgi = BodyLimit(asgi, max_bytes=max_body_bytes)
     asgi = ClientAuth(asgi, keys=lambda: gateway.snapshot.keys)
     asgi = RequestContext(asgi)

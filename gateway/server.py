@@ -10,6 +10,7 @@ import asyncio
 import importlib
 import ipaddress
 import logging
+import signal
 import socket
 import time
 from collections.abc import AsyncIterator
@@ -25,6 +26,7 @@ from gateway.app import GatewayApp, build_app
 from gateway.config import BACKEND_KINDS, LoadedConfig
 from gateway.health import HealthMonitor
 from gateway.http_server import EdgeLimits, edge_protocol
+from gateway.reload import Reloader
 from gateway.retry_budget import RetryBudget
 from gateway.router import Router
 from gateway.settings import Settings
@@ -67,20 +69,30 @@ def create_app(config: LoadedConfig, settings: Settings, server: uvicorn.Server 
     """The ASGI app; its lifespan opens the HTTP client and starts every backend in the background
     (the port answers liveness while models load; readiness waits for them)."""
     http = HttpClient(max_reply_bytes=settings.max_reply_bytes)
-    gateway = build_gateway(config, Resources(http=http))
+    resources = Resources(http=http)
+    gateway = build_gateway(config, resources)
+    reloader = Reloader(gateway, settings.config, resources, drain_s=settings.reload_drain_s)
+    sighup = isinstance(server, GatewayServer) and server.reload_on_sighup
 
     async def lifespan(_: Starlette) -> AsyncIterator[None]:
         await http.start()
         starting = asyncio.create_task(_start_backends(gateway, server))
+        if settings.reload_watch is not False:
+            reloader.start_watching()  # a no-op without a routing file
+        if sighup:
+            asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, reloader.trigger, "SIGHUP")
         try:
             yield
         finally:
             gateway.draining = True
             starting.cancel()
+            if sighup:
+                asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
+            await reloader.aclose()
             await asyncio.gather(*(b.close() for b in gateway.backends.values()), return_exceptions=True)
             await http.close()
 
-    return build_app(gateway, max_body_bytes=settings.max_body_bytes, lifespan=lifespan)
+    return build_app(gateway, max_body_bytes=settings.max_body_bytes, lifespan=lifespan, reloader=reloader)
 
 
 async def _start_backends(gateway: Gateway, server: uvicorn.Server | None) -> None:
@@ -113,6 +125,8 @@ class GatewayServer(uvicorn.Server):
 
     gateway: Gateway | None = None
     shutdown_delay_s: float = 0.0
+    #: reload the routing file on SIGHUP: ``serve`` sets it (a server in a thread cannot take signals)
+    reload_on_sighup: bool = False
     _stop_at: float | None = None
     _pending_signal: int | None = None
 
@@ -202,6 +216,7 @@ def serve(config: LoadedConfig, settings: Settings) -> int:
     check_bind(config, settings)
     uv_config = uvicorn_config(settings)
     server = gateway_server(uv_config, settings)
+    server.reload_on_sighup = True
     app = create_app(config, settings, server)
     server.gateway = app.gateway
     uv_config.app = app

@@ -17,6 +17,10 @@ class Settings(BaseSettings):
 
     #: the routing YAML; unset means the embedded default (in-process SmolLM2)
     config: str | None = None
+    #: reload the routing file when its content changes (polled each second); unset: on with a file
+    reload_watch: bool | None = None
+    #: after a reload, a removed or replaced backend is closed once idle, or after this long
+    reload_drain_s: float = Field(default=30.0, ge=0)
     host: str = "127.0.0.1"
     port: int = Field(default=8080, ge=0, le=65535)
     log_level: Literal["debug", "info", "warning", "error"] = "info"

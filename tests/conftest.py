@@ -15,7 +15,7 @@ import httpx
 import pytest
 import uvicorn
 
-from gateway.config import LoadedConfig, parse_config
+from gateway.config import LoadedConfig, load_config, parse_config
 from gateway.server import create_app, gateway_server, uvicorn_config
 from gateway.settings import Settings
 from tests.fakes import free_port
@@ -28,8 +28,12 @@ def smollm2_gguf() -> str:
 
 
 @contextmanager
-def run_gateway(config: dict[str, Any] | LoadedConfig, **settings: Any) -> Iterator[str]:
-    """The real app under uvicorn on a loopback port, in a thread; yields its base URL."""
+def run_gateway(config: dict[str, Any] | LoadedConfig | Path, **settings: Any) -> Iterator[str]:
+    """The real app under uvicorn on a loopback port, in a thread; yields its base URL. A ``Path`` is
+    loaded as ``serve`` loads it, and is the file the gateway reloads."""
+    if isinstance(config, Path):
+        settings.setdefault("config", str(config))
+        config = load_config(config)
     loaded = config if isinstance(config, LoadedConfig) else parse_config(config, "<test>")
     port = free_port()
     cfg = Settings(port=port, **{"shutdown_delay_s": 0, **settings})
