@@ -1,9 +1,10 @@
 """Plumbing shared by every backend that speaks HTTP to an OpenAI-compatible server.
 
 One ``aiohttp.ClientSession`` per process: aiohttp is the hot path's client (a thin relay
-built on it served ~9x the requests per second of the same relay on httpx.AsyncClient). ``OpenAICompatibleUpstream`` sends one
-request and either returns the whole body or relays SSE bytes as they arrive,
-mapping aiohttp's failures into ``backends.errors`` right here.
+built on it served ~9x the requests per second of the same relay on httpx.AsyncClient).
+``OpenAICompatibleUpstream`` sends one request and either returns the whole body or relays
+SSE bytes as they arrive, mapping aiohttp's failures into ``backends.errors`` right here; its
+``send``, ``unavailable``, ``error_dict`` and ``retry_after_s`` serve Ollama's native API too.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from urllib.parse import urlsplit
 
 import aiohttp
 import orjson
+from pydantic import BaseModel, ConfigDict, Field
 from yarl import URL
 
 from backends.base import Health, Usage
@@ -84,6 +86,24 @@ class Timeouts:
     total: float
     #: the longest gap between two chunks of a stream after its first
     idle: float = 30.0
+
+
+class TimeoutsConfig(BaseModel):
+    """A backend's ``timeouts:`` in the routing YAML, for every HTTP kind (openai, vllm, ollama)."""
+
+
+    model_config = ConfigDict(extra="forbid")
+    connect: float = Field(default=5.0, gt=0)
+    #: until the first token: response headers for JSON replies, the first SSE bytes for streams
+    first_token: float = Field(default=60.0, gt=0)
+    total: float = Field(default=600.0, gt=0)
+    #: the longest a stream may go without a byte once its first arrived: a stalled upstream
+    #: ends the stream with an error event instead of holding the client until ``total``
+    idle: float = Field(default=30.0, gt=0)
+
+    def build(self) -> Timeouts:
+        return Timeouts(connect=self.connect, first_token=self.first_token, total=self.total,
+                        idle=self.idle)
 
 
 class IdleWatch:
@@ -172,7 +192,7 @@ class OpenAICompatibleUpstream:
             url = self._urls[path] = URL(self.base_url + path)
         return url
 
-    async def _send(self, path: str, payload: bytes, request_id: str) -> aiohttp.ClientResponse:
+    async def send(self, path: str, payload: bytes, request_id: str) -> aiohttp.ClientResponse:
         """POST and wait for the status line, retrying once on a keep-alive the server had closed."""
         headers = dict(self.headers)
         # Not ``x-request-id``: some servers (llama-cpp-python's) reject any value but a UUID there.
@@ -191,13 +211,13 @@ class OpenAICompatibleUpstream:
                 if attempt == 1 and stale and not isinstance(exc, aiohttp.ClientConnectorError):
                     log.debug("retrying %s after a stale connection: %s", url, exc)
                     continue
-                raise self._unavailable(exc) from None
+                raise self.unavailable(exc) from None
             except TimeoutError:
                 raise BackendTimeout(
                     f"upstream did not answer within {self.timeouts.first_token:g}s"
                 ) from None
             except aiohttp.ClientError as exc:
-                raise self._unavailable(exc) from None
+                raise self.unavailable(exc) from None
         raise AssertionError("unreachable")
 
     async def probe(self, path: str) -> Health:
@@ -213,9 +233,9 @@ class OpenAICompatibleUpstream:
         except TimeoutError:
             return Health(False, "health check timed out")
         except aiohttp.ClientError as exc:
-            return Health(False, self._unavailable(exc).message)
+            return Health(False, self.unavailable(exc).message)
 
-    def _unavailable(self, exc: BaseException) -> BackendUnavailable:
+    def unavailable(self, exc: BaseException) -> BackendUnavailable:
         if isinstance(exc, aiohttp.ClientConnectorError):
             return BackendUnavailable("cannot connect to the upstream")
         if isinstance(exc, aiohttp.ServerDisconnectedError):
@@ -223,7 +243,7 @@ class OpenAICompatibleUpstream:
         return BackendUnavailable(f"upstream connection failed ({type(exc).__name__})")
 
     async def complete(self, path: str, body: dict[str, Any], request_id: str) -> tuple[bytes, Usage | None]:
-        response = await self._send(path, orjson.dumps(body), request_id)
+        response = await self.send(path, orjson.dumps(body), request_id)
         try:
             if response.status >= 400:
                 raise await self._error(response, path)
@@ -232,14 +252,14 @@ class OpenAICompatibleUpstream:
             except TimeoutError:
                 raise BackendTimeout(f"upstream did not finish within {self.timeouts.total:g}s") from None
             except aiohttp.ClientError as exc:
-                raise self._unavailable(exc) from None
+                raise self.unavailable(exc) from None
             return data, usage_of(data)
         finally:
             response.release()
 
     async def stream(self, path: str, body: dict[str, Any], request_id: str) -> AsyncIterator[bytes]:
         """Open an SSE stream; returns once the first bytes are in hand (all earlier failures raise)."""
-        response = await self._send(path, orjson.dumps(body), request_id)
+        response = await self.send(path, orjson.dumps(body), request_id)
         try:
             if response.status >= 400:
                 raise await self._error(response, path)
@@ -258,7 +278,7 @@ class OpenAICompatibleUpstream:
             ) from None
         except aiohttp.ClientError as exc:
             response.close()
-            raise self._unavailable(exc) from None
+            raise self.unavailable(exc) from None
         except BaseException:
             response.close()
             raise
@@ -298,7 +318,7 @@ class OpenAICompatibleUpstream:
         except TimeoutError:
             raise BackendTimeout("the upstream stream went past its total time limit") from None
         except aiohttp.ClientError as exc:
-            raise self._unavailable(exc) from None
+            raise self.unavailable(exc) from None
         finally:
             watch.close()
             # Closing (not releasing) drops the connection, so an upstream that is still
@@ -312,9 +332,9 @@ class OpenAICompatibleUpstream:
             raw = await response.content.read(_MAX_ERROR_BODY)
         except (aiohttp.ClientError, TimeoutError):
             raw = b""
-        retry_after = _retry_after(response.headers.get("retry-after"))
+        retry_after = retry_after_s(response.headers.get("retry-after"))
         status = response.status
-        error = self._sanitize(_error_dict(raw, status))
+        error = self._sanitize(error_dict(raw, status))
         if status == 404 and path == "/embeddings" and error.get("message") == "Not Found":
             return UnsupportedEndpoint("this model does not serve embeddings", param="model")
         if status in (401, 403):
@@ -342,7 +362,7 @@ class OpenAICompatibleUpstream:
         }
 
 
-def _error_dict(raw: bytes, status: int) -> dict[str, Any]:
+def error_dict(raw: bytes, status: int) -> dict[str, Any]:
     try:
         data = orjson.loads(raw)
     except orjson.JSONDecodeError:
@@ -360,7 +380,7 @@ def _error_dict(raw: bytes, status: int) -> dict[str, Any]:
     return {"message": f"upstream returned HTTP {status}"}
 
 
-def _retry_after(value: str | None) -> float | None:
+def retry_after_s(value: str | None) -> float | None:
     if not value:
         return None
     try:

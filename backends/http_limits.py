@@ -39,8 +39,10 @@ class ReplyTooLarge(BackendUnavailable):
 async def read_capped(response: aiohttp.ClientResponse, limit: int) -> bytes:
     """The whole (decompressed) body, or ``ReplyTooLarge`` once more than ``limit`` bytes came."""
     length = response.content_length
-    if length is not None and length > limit and not response.headers.get("content-encoding"):
-        raise _too_large(limit)
+    if length is not None and not response.headers.get("content-encoding"):
+        if length > limit:
+            raise _too_large(limit)
+        return await response.read()  # the usual reply: its size is known and within the cap
     parts: list[bytes] = []
     size = 0
     async for chunk in response.content.iter_chunked(_READ_CHUNK):

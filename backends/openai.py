@@ -6,7 +6,7 @@ from collections.abc import AsyncIterator
 from typing import Literal
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator
 
 from backends.base import (
     ENDPOINT_PATHS,
@@ -17,22 +17,7 @@ from backends.base import (
     Load,
     Resources,
 )
-from backends.http import OpenAICompatibleUpstream, Timeouts, http_base_url
-
-
-class TimeoutsConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    connect: float = Field(default=5.0, gt=0)
-    #: until the first token: response headers for JSON replies, the first SSE bytes for streams
-    first_token: float = Field(default=60.0, gt=0)
-    total: float = Field(default=600.0, gt=0)
-    #: the longest a stream may go without a byte once its first arrived: a stalled upstream
-    #: ends the stream with an error event instead of holding the client until ``total``
-    idle: float = Field(default=30.0, gt=0)
-
-    def build(self) -> Timeouts:
-        return Timeouts(connect=self.connect, first_token=self.first_token, total=self.total,
-                        idle=self.idle)
+from backends.http import OpenAICompatibleUpstream, TimeoutsConfig, http_base_url
 
 
 class OpenAIConfig(BackendConfig):

@@ -21,6 +21,7 @@ from starlette.routing import Route as HttpRoute
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from backends.errors import InterlockError
+from gateway.access_log import AccessLog
 from gateway.admin import admin_routes
 from gateway.errors import (
     MethodNotAllowed,
@@ -32,6 +33,7 @@ from gateway.errors import (
     error_headers,
 )
 from gateway.inference import HotPaths, Inference
+from gateway.metrics import Metrics
 from gateway.middleware import CLIENT_KEY, BodyLimit, ClientAuth, RequestContext
 from gateway.reload import ConfigHashHeader, Reloader, admin_config, admin_reload
 from gateway.serving import Serving
@@ -82,7 +84,11 @@ def _health(gateway: Gateway) -> tuple[Callable[[Request], Awaitable[Response]],
         if gateway.draining:
             return _json({"status": "shutting down"}, 503)
         ok, models = gateway.health.readiness(gateway.snapshot.routes)
-        return _json({"status": "ready" if ok else "not ready", "models": models}, 200 if ok else 503)
+        body: dict[str, object] = {"status": "ready" if ok else "not ready", "models": models}
+        if gateway.cache is not None:
+            # Redis is an optimisation: a degraded cache is said, never a reason to be unready
+            body["cache"] = gateway.cache.status()
+        return _json(body, 200 if ok else 503)
 
     return live, ready
 
@@ -113,6 +119,8 @@ def build_app(
     max_body_bytes: int,
     lifespan: Callable[[Starlette], AsyncIterator[None]] | None = None,
     reloader: Reloader | None = None,
+    metrics: bool = True,
+    access_log: AccessLog | None = None,
 ) -> GatewayApp:
     list_models, get_model = _models(gateway)
     live, ready = _health(gateway)
@@ -120,6 +128,10 @@ def build_app(
     hot = {("POST", path): Inference(serving, endpoint)
            for path, endpoint in (("/v1/chat/completions", "chat"), ("/v1/completions", "completions"),
                                   ("/v1/embeddings", "embeddings"))}
+    observed = Metrics(gateway, access_log, reloader=reloader) if metrics else None
+    if observed is not None:
+        gateway.router.listeners.append(observed)
+        hot = {key: observed.observe(app) for key, app in hot.items()}
     routes = [
         # The inference paths are served by ``hot`` before Starlette sees them; these entries
         # only make Starlette answer other methods on them with 405 rather than 404.
@@ -130,6 +142,10 @@ def build_app(
         HttpRoute("/health/ready", ready, methods=["GET"]),
         HttpRoute("/admin/routes", admin_routes(gateway), methods=["GET"]),
     ]
+    if observed is not None:
+        # /admin/'s rule: an admin key when keys are configured, else loopback clients only
+        scrape = observed.endpoint(lambda: gateway.snapshot.keys)
+        routes.append(HttpRoute("/metrics", scrape, methods=["GET"]))
     if reloader is not None:
         routes += [HttpRoute("/admin/reload", admin_reload(reloader), methods=["POST"]),
                    HttpRoute("/admin/config", admin_config(reloader), methods=["GET"])]

@@ -52,7 +52,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if any(getattr(b, "kind", None) == "llamacpp" for b in config.backends.values()):
         # libllama must be loaded before aiohttp's native modules: on CUDA builds, the other order
         # segfaults inside llama_model_load_from_file (seen on an H100 with llama-cpp-python 0.3.36).
-        import backends.llamacpp_engine  # noqa: F401
+        import backends.llamacpp.engine  # noqa: F401
 
     from gateway.server import UnsafeBind, serve  # uvicorn and aiohttp load only to serve
 

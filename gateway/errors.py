@@ -93,6 +93,14 @@ class ShuttingDown(InterlockError):
         super().__init__(message)
 
 
+class NotCached(InterlockError):
+    """``Cache-Control: only-if-cached`` and no entry (RFC 9111 §5.2.1.7 answers 504)."""
+
+    status = 504
+    type = "invalid_request_error"
+    code = "not_cached"
+
+
 def error_body(exc: InterlockError) -> bytes:
     return orjson.dumps({"error": exc.to_dict()})
 

@@ -96,6 +96,8 @@ class EdgeProtocol(HttpToolsProtocol):
         self._head_begun = False
         self._served = 0
         self._timer: TimerHandle | None = None
+        #: bytes of the data_received call being parsed
+        self._chunk = 0
 
     def connection_made(self, transport: Any) -> None:
         super().connection_made(transport)
@@ -116,6 +118,7 @@ class EdgeProtocol(HttpToolsProtocol):
             return
         counting = not self._in_body
         self._head_ended = False
+        self._chunk = len(data)
         super().data_received(data)
         if counting and not self._head_ended and not self._in_body and not self._refused:
             self._head_bytes += len(data)
@@ -130,11 +133,13 @@ class EdgeProtocol(HttpToolsProtocol):
         if self._refused:
             return
         self._head_ended = True
-        size = (_REQUEST_LINE_EXTRA + len(self.url)
-                + sum(len(name) + len(value) + _PER_HEADER_EXTRA for name, value in self.headers))
-        if max(size, self._head_bytes) > self.limits.max_head_bytes:
-            self._refuse_head()
-            return
+        # the head is within what has arrived: only when that passes the cap is it measured
+        if self._head_bytes + self._chunk > self.limits.max_head_bytes:
+            size = (_REQUEST_LINE_EXTRA + len(self.url)
+                    + sum(len(name) + len(value) + _PER_HEADER_EXTRA for name, value in self.headers))
+            if max(size, self._head_bytes) > self.limits.max_head_bytes:
+                self._refuse_head()
+                return
         self._head_bytes = 0
         self._in_body = True
         self._head_begun = False

@@ -19,6 +19,7 @@ from starlette.types import Receive, Scope, Send
 
 from backends.base import Endpoint
 from backends.errors import InterlockError
+from gateway.cache_step import Replayed
 from gateway.errors import sse_error_event
 from gateway.middleware import CLIENT_KEY, REQUEST_ID_KEY, send_error
 from gateway.protocol import parse_body
@@ -33,6 +34,8 @@ T = TypeVar("T")
 
 _SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
 _JSON = (b"content-type", b"application/json")
+#: the parsed ``ClientRequest``, left in the scope for ``gateway.metrics`` (model, stream)
+CLIENT_REQUEST_KEY = "interlock.client_request"
 
 
 class ClientGone(Exception):
@@ -53,22 +56,31 @@ class Inference:
             raw = await _read_body(receive)
             request = ClientRequest(endpoint=self.endpoint, body=parse_body(self.endpoint, raw),
                                     size=len(raw), request_id=request_id, key=scope.get(CLIENT_KEY))
+            scope[CLIENT_REQUEST_KEY] = request
             for name, value in scope["headers"]:
                 if name == b"x-interlock-max-ttft-ms":
                     request.max_ttft_ms = value.decode("latin-1")
                 elif name == b"x-interlock-session":
                     request.session = value.decode("latin-1")
+                elif name == b"cache-control":
+                    request.cache_control = value.decode("latin-1")
             reply = await _unless_client_leaves(self.serving.serve(request), receive)
         except ClientGone:
             return
         except InterlockError as exc:
             await send_error(send, exc)
             return
+        if isinstance(reply, Replayed):
+            await _replay(reply, scope, receive, send)
+            return
         if isinstance(reply, Opened):
+            headers = {**_SSE_HEADERS, **route_headers(reply.target, reply.reason)}
+            if reply.cache is not None:
+                headers["x-interlock-cache"] = reply.cache
             response = StreamingResponse(
                 relay(reply.first, until_shutdown(reply.rest), request_id),
                 media_type="text/event-stream",
-                headers={**_SSE_HEADERS, **route_headers(reply.target, reply.reason)},
+                headers=headers,
             )
             await response(scope, receive, send)
             return
@@ -76,8 +88,35 @@ class Inference:
         out = [_JSON, *((k.encode(), v.encode()) for k, v in route_headers(target, reply.reason).items())]
         if usage is not None:
             out.append((b"x-interlock-cost-usd", f"{target.cost_usd(usage):.8f}".encode()))
+        if reply.cache is not None:
+            out.append((b"x-interlock-cache", reply.cache.encode()))
         await send({"type": "http.response.start", "status": 200, "headers": out})
         await send({"type": "http.response.body", "body": reply.reply.body})
+
+
+async def _replay(reply: Replayed, scope: Scope, receive: Receive, send: Send) -> None:
+    """An answer from the response cache: no backend, no cost, its age."""
+    headers = {"x-interlock-cache": reply.cache, "age": str(int(reply.age_s)), "x-interlock-backend": "cache",
+               "x-interlock-cost-usd": "0.00000000"}
+    if reply.body is not None:
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [_JSON, *((k.encode(), v.encode()) for k, v in headers.items())]})
+        await send({"type": "http.response.body", "body": reply.body})
+        return
+    assert reply.events is not None
+    response = StreamingResponse(_events(reply.events), media_type="text/event-stream",
+                                 headers={**_SSE_HEADERS, **headers})
+    await response(scope, receive, send)
+
+
+async def _events(events: list[bytes]) -> AsyncIterator[bytes]:
+    for event in events:
+        yield event
+
+
+#: a request answered sooner than this is not watched for its client leaving: a watcher task per
+#: request costs more than the whole of a fast request's wait, and a reply so quick is cheap anyway
+WATCH_AFTER_S = 0.02
 
 
 async def _unless_client_leaves(work: Awaitable[T], receive: Receive) -> T:
@@ -86,7 +125,9 @@ async def _unless_client_leaves(work: Awaitable[T], receive: Receive) -> T:
     the server has for us is the disconnect."""
     task = asyncio.current_task()
     assert task is not None
+    loop = asyncio.get_running_loop()
     gone = False
+    watcher: asyncio.Task[None] | None = None
 
     async def watch() -> None:
         nonlocal gone
@@ -95,7 +136,11 @@ async def _unless_client_leaves(work: Awaitable[T], receive: Receive) -> T:
         gone = True
         task.cancel()
 
-    watcher = asyncio.ensure_future(watch())
+    def start_watching() -> None:
+        nonlocal watcher
+        watcher = loop.create_task(watch())
+
+    timer = loop.call_later(WATCH_AFTER_S, start_watching)
     try:
         return await work
     except asyncio.CancelledError:
@@ -104,7 +149,9 @@ async def _unless_client_leaves(work: Awaitable[T], receive: Receive) -> T:
         task.uncancel()
         raise ClientGone from None
     finally:
-        watcher.cancel()
+        timer.cancel()
+        if watcher is not None:
+            watcher.cancel()
 
 
 async def _read_body(receive: Receive) -> bytes:

@@ -59,6 +59,8 @@ class Served:
     target: Target
     reply: BackendResponse
     reason: str
+    #: what the response cache did (``x-interlock-cache``); None: the route does not cache
+    cache: str | None = None
 
 
 @dataclass(slots=True)
@@ -69,6 +71,7 @@ class Opened:
     first: bytes
     rest: AsyncIterator[bytes]
     reason: str
+    cache: str | None = None
 
 
 @dataclass(slots=True)

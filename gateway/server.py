@@ -22,7 +22,9 @@ from starlette.applications import Starlette
 
 from backends.base import Backend, Resources
 from backends.http import HttpClient
+from gateway.access_log import access_log_from
 from gateway.app import GatewayApp, build_app
+from gateway.cache import ResponseCache
 from gateway.config import BACKEND_KINDS, LoadedConfig
 from gateway.health import HealthMonitor
 from gateway.http_server import EdgeLimits, edge_protocol
@@ -73,9 +75,14 @@ def create_app(config: LoadedConfig, settings: Settings, server: uvicorn.Server 
     gateway = build_gateway(config, resources)
     reloader = Reloader(gateway, settings.config, resources, drain_s=settings.reload_drain_s)
     sighup = isinstance(server, GatewayServer) and server.reload_on_sighup
+    gateway.cache = ResponseCache(config.cache, settings.redis_url)
+    access_log = access_log_from(settings.access_log)
 
     async def lifespan(_: Starlette) -> AsyncIterator[None]:
         await http.start()
+        if access_log is not None:
+            access_log.start()
+        await gateway.cache.start()  # type: ignore[union-attr]  # set just above
         starting = asyncio.create_task(_start_backends(gateway, server))
         if settings.reload_watch is not False:
             reloader.start_watching()  # a no-op without a routing file
@@ -90,9 +97,13 @@ def create_app(config: LoadedConfig, settings: Settings, server: uvicorn.Server 
                 asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
             await reloader.aclose()
             await asyncio.gather(*(b.close() for b in gateway.backends.values()), return_exceptions=True)
+            await gateway.cache.close()  # type: ignore[union-attr]
             await http.close()
+            if access_log is not None:
+                access_log.stop()  # after the last request: what is queued gets written
 
-    return build_app(gateway, max_body_bytes=settings.max_body_bytes, lifespan=lifespan, reloader=reloader)
+    return build_app(gateway, max_body_bytes=settings.max_body_bytes, lifespan=lifespan, reloader=reloader,
+                     metrics=settings.metrics, access_log=access_log)
 
 
 async def _start_backends(gateway: Gateway, server: uvicorn.Server | None) -> None:

@@ -4,8 +4,8 @@ The edge (``gateway.inference``) reads, parses and hands over a ``ClientRequest`
 answers it with a complete reply (``Served``) or an opened stream (``Opened``), and the edge
 writes that out as JSON or SSE. In between, in this order: the snapshot in force (read once,
 kept for the whole request), the route the model names, the key's model allowlist, the facts
-policies rank by, then the router. The response cache and the admission limits sit here too,
-before the router: a hit or a refusal never routes.
+policies rank by, the response cache (``gateway.cache_step``: a hit never routes), then the
+router. Admission limits will sit here too, before the router.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from typing import Any
 
 from backends.base import BackendRequest, Endpoint
 from backends.errors import InvalidRequest
+from gateway.cache_step import CacheStep, Replayed
 from gateway.config import ClientKey
 from gateway.errors import PermissionDenied
 from gateway.router import Opened, Router, Served
@@ -44,17 +45,20 @@ class ClientRequest:
     max_ttft_ms: str | None = None
     #: ``x-interlock-session``: a conversation key pools may keep together
     session: str | None = None
+    #: ``Cache-Control``: the client's say over the response cache
+    cache_control: str | None = None
 
 
 class Serving:
     def __init__(self, gateway: Gateway) -> None:
         self._gateway = gateway
+        self._cache = CacheStep(gateway.cache) if gateway.cache is not None else None
 
     @property
     def router(self) -> Router:
         return self._gateway.router
 
-    async def serve(self, request: ClientRequest) -> Served | Opened:
+    async def serve(self, request: ClientRequest) -> Served | Opened | Replayed:
         snapshot = self._gateway.snapshot
         model: str = request.body["model"]
         route = snapshot.route(model)
@@ -68,9 +72,18 @@ class Serving:
             stream=bool(request.body.get("stream")) and request.endpoint != "embeddings",
             session=request.session,
         )
-        if upstream.stream:
-            return await self.router.stream(route, upstream, facts)
-        return await self.router.complete(route, upstream, facts)
+        router = self.router
+
+        async def call() -> Served | Opened:
+            if upstream.stream:
+                return await router.stream(route, upstream, facts)
+            return await router.complete(route, upstream, facts)
+
+        if route.cache is not None and self._cache is not None:
+            tenant = request.key.name if request.key else None
+            return await self._cache.serve(route, request.endpoint, request.body, tenant,
+                                           request.cache_control, call)
+        return await call()
 
 
 def request_facts(request: ClientRequest, route: Route) -> RequestFacts:

@@ -49,3 +49,7 @@ class Settings(BaseSettings):
     max_connections: int = Field(default=10_000, ge=1)
     #: a non-streamed upstream reply, counted after decompression; larger ones fail as 502
     max_reply_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)
+    #: ``GET /metrics`` and the per-request observation behind it
+    metrics: bool = True
+    #: one JSON line per inference request: ``off``, ``stderr`` or a file path
+    access_log: str = Field(default="off", min_length=1)

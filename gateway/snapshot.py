@@ -22,6 +22,7 @@ import orjson
 from backends.base import Backend, Price, Usage
 from backends.errors import InterlockError
 from gateway.breaker import CircuitBreaker
+from gateway.cache import CacheConfig
 from gateway.config import ClientKey, LoadedConfig
 from gateway.errors import ModelNotFound
 from gateway.stats import BackendStats
@@ -72,6 +73,8 @@ class Route:
     ttft_slo_ms: float | None = None
     attempts: int = 3
     hedge: bool = False
+    #: the route's ``cache:`` as written (None: its answers are not cached)
+    cache: CacheConfig | None = None
 
     def candidates(self) -> tuple[Target, ...]:
         return self.targets + self.fallback
@@ -157,6 +160,7 @@ def build_snapshot(config: LoadedConfig, backends: Mapping[str, Backend],
             ttft_slo_ms=route.slo.ttft_ms if route.slo else None,
             attempts=route.attempts or resilience.retry.attempts,
             hedge=route.hedge,
+            cache=route.cache,
         )
         for model, route in config.models.items()
     }

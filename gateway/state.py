@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from backends.base import Backend
+from gateway.cache import ResponseCache
 from gateway.health import HealthMonitor
 from gateway.router import Router
 from gateway.snapshot import Snapshot
@@ -22,6 +23,8 @@ class Gateway:
     snapshot: Snapshot
     router: Router
     health: HealthMonitor
+    #: the response cache (in-process, and Redis when configured); None: no route caches
+    cache: ResponseCache | None = None
     started_at: int = field(default_factory=lambda: int(time.time()))
     #: set when start-up of a backend failed; the server exits with it
     fatal: BaseException | None = None

@@ -353,8 +353,8 @@ def test_a_reused_prefix_does_not_change_the_greedy_reply(client: openai.OpenAI)
 
 
 def _engine(**kw: Any) -> Any:
-    from backends.llamacpp_engine import Engine
-    from backends.llamacpp_model import Model
+    from backends.llamacpp.engine import Engine
+    from backends.llamacpp.model import Model
 
     return Engine(Model(smollm2_gguf(), n_gpu_layers=0),
                   **{"n_ctx": 1024, "n_threads": 2, "n_batch": 16, "parallel": 2, "max_queue": 4,
@@ -363,7 +363,7 @@ def _engine(**kw: Any) -> Any:
 
 def _run(engine: Any, tokens: list[int], max_tokens: int = 16, cancel_after: int = 0) -> tuple[str, Any]:
     """Greedy reply to ``tokens`` and its Job; ``cancel_after``: hang up after that many deltas."""
-    from backends.llamacpp_engine import Finished, Sampling
+    from backends.llamacpp.engine import Finished, Sampling
 
     async def go() -> tuple[str, Any]:
         queue: asyncio.Queue[Any] = asyncio.Queue()
@@ -443,7 +443,7 @@ def test_the_engine_reuses_a_shared_prefix_and_counts_it() -> None:
 
 @pytest.mark.parametrize("kv_unified", [False, True], ids=["kv-streams", "kv-unified"])
 def test_a_prefix_another_sequence_holds_is_copied_not_prefilled(kv_unified: bool) -> None:
-    from backends.llamacpp_engine import Finished, Sampling
+    from backends.llamacpp.engine import Finished, Sampling
 
     engine = _engine(kv_unified=kv_unified)
     fresh = _engine(kv_unified=kv_unified)
@@ -485,7 +485,7 @@ def test_a_prefix_another_sequence_holds_is_copied_not_prefilled(kv_unified: boo
 
 @pytest.mark.parametrize("wait_ms", [0, 5000])
 def test_a_follow_up_sent_as_a_reply_ends_is_read_in_the_next_step(wait_ms: int) -> None:
-    from backends.llamacpp_engine import Finished, Sampling
+    from backends.llamacpp.engine import Finished, Sampling
 
     engine = _engine(follow_up_wait_ms=wait_ms)
     try:

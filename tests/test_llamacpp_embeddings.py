@@ -168,8 +168,8 @@ def test_a_model_with_no_kv_cache_and_no_pooling_fails_start_up_clearly(tmp_path
 async def test_the_queue_is_bounded_and_counts_a_request_until_the_worker_lets_it_go(tiny_bert: Path) -> None:
     import threading
 
-    from backends.llamacpp_embed import EmbeddingEngine, QueueFull
-    from backends.llamacpp_model import Model
+    from backends.llamacpp.embed import EmbeddingEngine, QueueFull
+    from backends.llamacpp.model import Model
 
     engine = EmbeddingEngine(Model(str(tiny_bert), n_gpu_layers=0), n_ctx=512, n_threads=1, n_batch=64,
                              parallel=2, max_queue=1)

@@ -7,7 +7,7 @@ from collections import Counter
 
 import numpy as np
 
-from backends.llamacpp_sampling import Sampling, TokenSampler, sample_rows
+from backends.llamacpp.sampling import Sampling, TokenSampler, sample_rows
 
 
 def rows(*logits: list[float]) -> np.ndarray:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from backends.llamacpp_seqs import COPY_MIN_GAIN, RUN_COST_TOKENS, SeqPlan, SeqTable
+from backends.llamacpp.seqs import COPY_MIN_GAIN, RUN_COST_TOKENS, SeqPlan, SeqTable
 
 SYSTEM = list(range(100, 130))  # a 30-token system prompt
 NOTHING: dict[int, list[int]] = {}

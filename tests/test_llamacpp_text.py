@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from backends.llamacpp_text import ReplyText, stop_prefix_len
+from backends.llamacpp.text import ReplyText, stop_prefix_len
 
 
 def feed(text: ReplyText, pieces: list[bytes]) -> tuple[list[str], bool]:

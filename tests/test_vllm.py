@@ -25,7 +25,7 @@ from openai.types.chat import ChatCompletionMessageParam
 from backends.base import BackendRequest, Resources
 from backends.errors import InvalidRequest
 from backends.vllm import VllmBackend, VllmConfig, endpoint_root
-from backends.vllm_metrics import MetricsSnapshot, PrefixRate, parse_metrics
+from backends.vllm.metrics import MetricsSnapshot, PrefixRate, parse_metrics
 from gateway.app import Gateway
 from gateway.config import ConfigError, parse_config
 from gateway.server import create_app

@@ -21,7 +21,7 @@ from backends.base import BackendRequest, Resources
 from backends.errors import BackendUnavailable, InterlockError
 from backends.http import HttpClient
 from backends.vllm import VllmBackend, VllmConfig
-from backends.vllm_affinity import PrefixIndex, block_keys, render_prompt
+from backends.vllm.affinity import PrefixIndex, block_keys, render_prompt
 from tests.fakes import free_port
 from tests.vllm_sim import VllmSim
 

@@ -163,7 +163,7 @@ def gateways(configs: dict[str, dict[str, Any]], log_dir: Path | None = None) ->
 
 def prefix_counters(endpoint: str) -> tuple[float, float] | None:
     """(prefix-cache queries, hits) in tokens, summed over the server's engines; None if unreadable."""
-    from backends.vllm_metrics import parse_metrics  # the pool's own parser: one reading of the page
+    from backends.vllm.metrics import parse_metrics  # the pool's own parser: one reading of the page
 
     status, body = http_get(endpoint + "/metrics", timeout=5)
     if status != 200:

@@ -5,11 +5,11 @@ against Ollama's source); the section numbers (§) count that document's endpoin
 
 How an OpenAI request becomes an Ollama one and back (chat → ``/api/chat``, completions →
 ``/api/generate``, embeddings → ``/api/embed``, options, reply shapes) and which parameters are
-refused is ``backends.ollama_translate`` (pure translation); this module is the backend around it.
+refused is ``backends.ollama.translate`` (pure translation); this module is the backend around it.
 
 What follows the reference
     * streams (§1, §6): NDJSON relayed as SSE line by line as it arrives
-      (``backends.ollama_stream``); closing the iterator closes the connection, which is how
+      (``backends.ollama.stream``); closing the iterator closes the connection, which is how
       Ollama learns the client left (it then stops generating).
     * errors (§6, body ``{"error": "<msg>"}``): 404 ``model ... not found`` (both wordings) →
       ``ModelNotPulled``; 400 → ``InvalidRequest`` (``does not support chat|generate|embed`` →
@@ -44,7 +44,7 @@ what the openai SDK raises as ``NotFoundError``, which clients already treat as 
 its ``code`` (``model_not_pulled``) and message tell it apart from the gateway's own unknown-model
 404 (``model_not_found``).
 
-Not supported: see ``backends.ollama_translate`` (each refusal is a 400 naming the parameter).
+Not supported: see ``backends.ollama.translate`` (each refusal is a 400 naming the parameter).
 Not used: Ollama's ``/v1`` OpenAI layer (for that, use ``kind: openai``).
 """
 
@@ -72,10 +72,17 @@ from backends.errors import (
     UnsupportedEndpoint,
     UpstreamHTTPError,
 )
-from backends.http import OpenAICompatibleUpstream, Timeouts, _error_dict, _retry_after, http_base_url
+from backends.http import (
+    OpenAICompatibleUpstream,
+    Timeouts,
+    TimeoutsConfig,
+    error_dict,
+    http_base_url,
+    retry_after_s,
+)
 from backends.http_limits import read_capped
-from backends.ollama_stream import NdjsonRelay
-from backends.ollama_translate import (
+from backends.ollama.stream import NdjsonRelay
+from backends.ollama.translate import (
     Shape,
     client_model,
     embeddings_reply,
@@ -84,7 +91,6 @@ from backends.ollama_translate import (
     reply_usage,
     request_payload,
 )
-from backends.openai import TimeoutsConfig
 
 log = logging.getLogger("interlock.backends.ollama")
 
@@ -251,7 +257,7 @@ class OllamaBackend:
             self._in_flight -= 1
             raise
         relay = NdjsonRelay(response, shape, idle=self.config.timeouts.idle,
-                            parse=self._parse, unavailable=self._upstream._unavailable,
+                            parse=self._parse, unavailable=self._upstream.unavailable,
                             on_done=lambda data: self._log_timings(request.request_id, data),
                             on_end=self._stream_ended)
         try:
@@ -279,7 +285,7 @@ class OllamaBackend:
     async def _post(self, upstream: OpenAICompatibleUpstream, path: str, payload: dict[str, Any],
                     request_id: str, *, stream: bool) -> aiohttp.ClientResponse:
         """POST and return the response once its status is known good; every failure is mapped."""
-        response = await upstream._send(path, orjson.dumps(payload), request_id)
+        response = await upstream.send(path, orjson.dumps(payload), request_id)
         if response.status >= 400:
             try:
                 raise await self._error(response, path)
@@ -301,7 +307,7 @@ class OllamaBackend:
         except TimeoutError:
             raise BackendTimeout(f"ollama did not finish within {upstream.timeouts.total:g}s") from None
         except aiohttp.ClientError as exc:
-            raise upstream._unavailable(exc) from None
+            raise upstream.unavailable(exc) from None
         finally:
             response.release()
         return self._parse(raw)
@@ -327,8 +333,8 @@ class OllamaBackend:
         except (aiohttp.ClientError, TimeoutError):
             raw = b""
         status = response.status
-        message = self._redact(str(_error_dict(raw, status).get("message") or f"HTTP {status}"))
-        retry_after = _retry_after(response.headers.get("retry-after"))
+        message = self._redact(str(error_dict(raw, status).get("message") or f"HTTP {status}"))
+        retry_after = retry_after_s(response.headers.get("retry-after"))
         if status == 404 and _NOT_FOUND.match(message):
             model = self.config.model
             return ModelNotPulled(f"the model {model} is not pulled on the Ollama server of backend "

@@ -1,7 +1,7 @@
 """Embeddings from an embedding GGUF (BERT, nomic-embed, bge, ...), in process.
 
 ``answer`` serves one ``/v1/embeddings`` request (OpenAI's shapes, from
-``backends.llamacpp_chat``); ``EmbeddingEngine`` computes the vectors.
+``backends.llamacpp.chat``); ``EmbeddingEngine`` computes the vectors.
 
 One context created with ``embeddings`` on and the model's own pooling (mean, CLS or
 last token, from the GGUF). A request's inputs are packed into as few ``llama_decode``
@@ -28,8 +28,8 @@ import numpy as np
 from backends.base import BackendResponse, Usage
 from backends.cpus import available_cpus
 from backends.errors import BackendOverloaded, BackendUnavailable, ContextLengthExceeded, InvalidRequest
-from backends.llamacpp_chat import embedding_inputs, embeddings_body, tokenize_sized
-from backends.llamacpp_model import FLASH_ATTN, Model
+from backends.llamacpp.chat import embedding_inputs, embeddings_body, tokenize_sized
+from backends.llamacpp.model import FLASH_ATTN, Model
 
 _POOLING = {C.LLAMA_POOLING_TYPE_MEAN: "mean", C.LLAMA_POOLING_TYPE_CLS: "cls",
             C.LLAMA_POOLING_TYPE_LAST: "last"}

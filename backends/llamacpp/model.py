@@ -1,7 +1,7 @@
 """A GGUF model loaded once through llama.cpp: weights, vocabulary and metadata.
 
-Both engines take one: ``backends.llamacpp_engine`` (generative models, continuous
-batching) and ``backends.llamacpp_embed`` (embedding models). ``embedding`` tells them apart
+Both engines take one: ``backends.llamacpp.engine`` (generative models, continuous
+batching) and ``backends.llamacpp.embed`` (embedding models). ``embedding`` tells them apart
 from the GGUF itself: an embedding model declares how it pools its token vectors
 (``<arch>.pooling_type``: mean, CLS, last, rank), a generative one does not.
 """

@@ -17,10 +17,10 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from urllib.parse import urlsplit
 
 from backends.http import HttpClient, OpenAICompatibleUpstream, Timeouts
-from backends.vllm_affinity import PrefixIndex
-from backends.vllm_config import VllmConfig, split_host_port
-from backends.vllm_endpoint import Endpoint, public_url
-from backends.vllm_metrics import MetricsSnapshot
+from backends.vllm.affinity import PrefixIndex
+from backends.vllm.config import VllmConfig, split_host_port
+from backends.vllm.endpoint import Endpoint, public_url
+from backends.vllm.metrics import MetricsSnapshot
 
 log = logging.getLogger("interlock.backends.vllm")
 

@@ -3,8 +3,8 @@
 Pure translation, no I/O: ``backends.ollama`` (the backend: config, HTTP, errors, health, loading,
 stream transport) builds the Ollama payload with ``request_payload`` / ``embed_payload`` and turns
 Ollama's replies back into OpenAI bodies with ``Shape`` and ``embeddings_reply``. Written from
-Ollama's API reference (https://github.com/ollama/ollama/blob/main/docs/api.md); the section numbers (§) count that document's
-endpoint sections in order (generate, chat, ..., embed).
+Ollama's API reference (https://github.com/ollama/ollama/blob/main/docs/api.md); the section
+numbers (§) count that document's endpoint sections in order (generate, chat, ..., embed).
 
 What follows the reference
     * chat → ``POST /api/chat`` (§1): roles (``developer`` → ``system``, legacy ``function`` →

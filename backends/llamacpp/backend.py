@@ -1,9 +1,9 @@
 """The in-process llama.cpp backend (``kind: llamacpp``).
 
 Construction only validates and remembers the config; ``start()`` loads the GGUF
-once, in a worker thread (``backends.llamacpp_model``), and starts the batching engine
-(``backends.llamacpp_engine``), or, for an embedding model (one whose GGUF declares a
-pooling), the embedding engine (``backends.llamacpp_embed``), which serves
+once, in a worker thread (``backends.llamacpp.model``), and starts the batching engine
+(``backends.llamacpp.engine``), or, for an embedding model (one whose GGUF declares a
+pooling), the embedding engine (``backends.llamacpp.embed``), which serves
 ``/v1/embeddings`` only. Requests are rendered and tokenized on the event
 loop, so errors known up front (prompt too long, queue full, unsupported options)
 raise before ``stream()`` returns and the router can still fall back.
@@ -34,13 +34,13 @@ from backends.errors import (
     InvalidRequest,
     UnsupportedEndpoint,
 )
-from backends.llamacpp_chat import make_chat_renderer, tokenize_sized
-from backends.llamacpp_options import sampling_of
+from backends.llamacpp.chat import make_chat_renderer, tokenize_sized
+from backends.llamacpp.options import sampling_of
 from backends.openai_frames import ReplyFrames
 
 if TYPE_CHECKING:
-    from backends.llamacpp_embed import EmbeddingEngine
-    from backends.llamacpp_engine import Engine, Job
+    from backends.llamacpp.embed import EmbeddingEngine
+    from backends.llamacpp.engine import Engine, Job
 
 log = logging.getLogger("interlock.backends.llamacpp")
 
@@ -85,7 +85,7 @@ class LlamaCppConfig(BackendConfig):
     #: it changes numerics slightly, so greedy output matches a ``Llama`` built with the same choice
     flash_attn: Literal["auto", "on", "off"] = "auto"
     #: one KV stream shared by all sequences; None: on when layers are offloaded to a GPU. Off,
-    #: greedy replies do not depend on what else runs (see backends/llamacpp_engine.py)
+    #: greedy replies do not depend on what else runs (see backends/llamacpp/engine.py)
     kv_unified: bool | None = None
     #: Jinja2 chat template; None: the GGUF's ``tokenizer.chat_template``
     chat_template: str | None = None
@@ -125,8 +125,8 @@ class LlamaCppBackend:
         self.model_id = os.path.basename(self.model_path).removesuffix(".gguf")
         self._engine: Engine | None = None  # a generative model's
         self._embedder: EmbeddingEngine | None = None  # an embedding model's
-        self._mod: Any = None  # backends.llamacpp_engine, once start() imported it
-        self._embed_mod: Any = None  # backends.llamacpp_embed, likewise
+        self._mod: Any = None  # backends.llamacpp.engine, once start() imported it
+        self._embed_mod: Any = None  # backends.llamacpp.embed, likewise
         self._render: Callable[[list[Any]], list[tuple[str, bool]]] | None = None
         self._state = "not started"
 
@@ -154,8 +154,9 @@ class LlamaCppBackend:
 
     def _load(self) -> None:
         # These load libllama: only here, never at import.
-        from backends import llamacpp_embed, llamacpp_engine
-        from backends.llamacpp_model import Model
+        from backends.llamacpp import embed as llamacpp_embed
+        from backends.llamacpp import engine as llamacpp_engine
+        from backends.llamacpp.model import Model
 
         c = self.config
         model = Model(self.model_path, n_gpu_layers=c.n_gpu_layers)

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 from backends.errors import InvalidRequest
 
 if TYPE_CHECKING:
-    from backends.llamacpp_sampling import Sampling
+    from backends.llamacpp.sampling import Sampling
 
 #: (field, is_a_request_we_cannot_honour, what) for options that change the reply
 UNSUPPORTED: list[tuple[str, Callable[[Any], bool], str]] = [
@@ -28,8 +28,8 @@ UNSUPPORTED: list[tuple[str, Callable[[Any], bool], str]] = [
 
 def sampling_of(body: dict[str, Any], endpoint: str) -> Sampling:
     """The ``Sampling`` of a request body; raises ``InvalidRequest`` naming the field."""
-    # Imported here: backends.llamacpp_sampling imports numpy, which must load after llama_cpp.
-    from backends.llamacpp_sampling import Sampling
+    # Imported here: backends.llamacpp.sampling imports numpy, which must load after llama_cpp.
+    from backends.llamacpp.sampling import Sampling
 
     for key, bad, why in UNSUPPORTED:
         value = body.get(key)

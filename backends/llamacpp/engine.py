@@ -3,7 +3,7 @@
 The engine thread owns the model and the context. Each step it builds one batch
 holding the next token of every generating sequence plus prefill chunks of newly
 admitted prompts, runs a single ``llama_decode``, and samples every sequence from
-that step's logits at once (``backends.llamacpp_sampling``). Requests join between
+that step's logits at once (``backends.llamacpp.sampling``). Requests join between
 steps; a finished or cancelled sequence keeps its KV cells and its seq id goes back
 to the free list.
 
@@ -21,8 +21,8 @@ the engine therefore waits up to ``follow_up_wait_ms`` for one (any arrival ends
 
 Prefix reuse: a free sequence keeps its KV cells, and a new request takes the one
 sharing the longest prefix with its prompt, or has a longer prefix another sequence holds
-copied (``llama_memory_seq_cp``); only the rest is prefilled (``backends.llamacpp_seqs``
-chooses, ``backends.llamacpp_kv`` does it). At least one prompt token is always decoded,
+copied (``llama_memory_seq_cp``); only the rest is prefilled (``backends.llamacpp.seqs``
+chooses, ``backends.llamacpp.kv`` does it). At least one prompt token is always decoded,
 for its logits. A failed decode clears the KV.
 
 Context sharing: the context has ``n_ctx`` KV cells and ``n_seq_max = parallel``,
@@ -58,10 +58,10 @@ import llama_cpp.llama_cpp as C
 import numpy as np
 
 from backends.cpus import available_cpus
-from backends.llamacpp_kv import KvCells
-from backends.llamacpp_model import FLASH_ATTN, Model
-from backends.llamacpp_sampling import Sampling, TokenSampler, sample_rows
-from backends.llamacpp_text import ReplyText
+from backends.llamacpp.kv import KvCells
+from backends.llamacpp.model import FLASH_ATTN, Model
+from backends.llamacpp.sampling import Sampling, TokenSampler, sample_rows
+from backends.llamacpp.text import ReplyText
 
 log = logging.getLogger("interlock.backends.llamacpp")
 

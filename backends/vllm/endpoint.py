@@ -15,8 +15,8 @@ from urllib.parse import urlsplit, urlunsplit
 import aiohttp
 
 from backends.http import OpenAICompatibleUpstream
-from backends.vllm_affinity import PrefixIndex
-from backends.vllm_metrics import MetricsSnapshot, PrefixRate, parse_metrics
+from backends.vllm.affinity import PrefixIndex
+from backends.vllm.metrics import MetricsSnapshot, PrefixRate, parse_metrics
 
 
 def public_url(root: str) -> str:

@@ -16,7 +16,7 @@ Each request goes to one endpoint of the pool, chosen per ``routing``:
                   average of this pool's own requests (512 to start)
 
 Prompt lengths are estimated (characters / 4, no tokenizer); the rule itself is
-``backends.vllm_affinity.choose``, a pure function of per-endpoint snapshots.
+``backends.vllm.affinity.choose``, a pure function of per-endpoint snapshots.
 
 Prefix affinity comes first: the endpoints holding the longest cached prefix of this prompt
 take it unless their ``queued`` exceeds the least-queued endpoint's by more than
@@ -37,8 +37,8 @@ connection errors or 5xx; a scheduled health check that passes brings it back. A
 that fails on an endpoint with a connection error or a 5xx is retried on another one (at
 most once per healthy endpoint); a stream only if nothing had come yet. With no healthy
 endpoint the pool raises ``BackendUnavailable``, so the router falls back. Who is in the pool
-(static list or DNS), the health checks and the scrapes are ``backends.vllm_members``; the
-settings are ``backends.vllm_config``.
+(static list or DNS), the health checks and the scrapes are ``backends.vllm.members``; the
+settings are ``backends.vllm.config``.
 
 vLLM's errors come back in OpenAI's shapes: an over-long prompt or ``max_tokens`` is a 400
 ``context_length_exceeded`` with vLLM's numbers; its other 400s keep their message; a model
@@ -68,7 +68,7 @@ from backends.errors import (
     UpstreamHTTPError,
 )
 from backends.http import Timeouts
-from backends.vllm_affinity import (
+from backends.vllm.affinity import (
     CHARS_PER_TOKEN,
     Ask,
     Candidate,
@@ -77,9 +77,9 @@ from backends.vllm_affinity import (
     prompt_tokens,
     render_prompt,
 )
-from backends.vllm_config import VllmConfig, endpoint_root, split_host_port
-from backends.vllm_endpoint import Endpoint, Ticket
-from backends.vllm_members import Members
+from backends.vllm.config import VllmConfig, endpoint_root, split_host_port
+from backends.vllm.endpoint import Endpoint, Ticket
+from backends.vllm.members import Members
 
 #: the reply length assumed when a request sets no max_tokens (as the gateway's ranking does)
 DEFAULT_MAX_TOKENS = 256
@@ -140,7 +140,7 @@ class VllmBackend:
 
     @property
     def members(self) -> Members:
-        """The endpoints, their health and their scrapes (``backends.vllm_members``)."""
+        """The endpoints, their health and their scrapes (``backends.vllm.members``)."""
         return self._members
 
     async def start(self) -> None:

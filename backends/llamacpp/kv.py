@@ -1,6 +1,6 @@
 """The KV cells of a generating llama.cpp context, sequence by sequence.
 
-``backends.llamacpp_seqs`` decides, without touching llama.cpp, which free sequence a prompt
+``backends.llamacpp.seqs`` decides, without touching llama.cpp, which free sequence a prompt
 takes and which prefix it reuses; ``KvCells`` carries that out on the context's memory (drop
 what does not match, copy a longer prefix from another sequence) and takes back what a
 finished sequence leaves. The engine thread alone calls it.
@@ -14,7 +14,7 @@ from typing import Any
 
 import llama_cpp.llama_cpp as C
 
-from backends.llamacpp_seqs import SeqTable
+from backends.llamacpp.seqs import SeqTable
 
 log = logging.getLogger("interlock.backends.llamacpp")
 

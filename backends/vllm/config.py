@@ -8,8 +8,8 @@ from urllib.parse import urlsplit, urlunsplit
 from pydantic import Field, SecretStr, field_validator, model_validator
 
 from backends.base import BackendConfig
-from backends.openai import TimeoutsConfig
-from backends.vllm_affinity import Routing
+from backends.http import TimeoutsConfig
+from backends.vllm.affinity import Routing
 
 
 class VllmConfig(BackendConfig):
