@@ -358,7 +358,8 @@ async def test_in_process_followers_wait_at_most_follower_wait_s() -> None:
 
 
 async def test_a_cancelled_joiner_does_not_strand_its_followers(tenant: str) -> None:
-    section = CacheSection(redis_timeout_ms=500)
+    # a wide timeout: on a loaded machine a lock call over the default would make b lead at once
+    section = CacheSection(redis_timeout_ms=5000)
     a, b = ResponseCache(section, SHARED), ResponseCache(section, SHARED)
     await a.start()
     await b.start()
