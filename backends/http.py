@@ -24,10 +24,10 @@ from yarl import URL
 
 from backends.base import Health, Usage
 from backends.errors import (
-    BackendError,
     BackendOverloaded,
     BackendTimeout,
     BackendUnavailable,
+    InterlockError,
     UnsupportedEndpoint,
     UpstreamHTTPError,
 )
@@ -327,7 +327,7 @@ class OpenAICompatibleUpstream:
         if _DONE not in tail:
             raise BackendUnavailable("the upstream ended the stream before it finished")
 
-    async def _error(self, response: aiohttp.ClientResponse, path: str) -> BackendError:
+    async def _error(self, response: aiohttp.ClientResponse, path: str) -> InterlockError:
         try:
             raw = await response.content.read(_MAX_ERROR_BODY)
         except (aiohttp.ClientError, TimeoutError):

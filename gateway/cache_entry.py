@@ -154,15 +154,18 @@ class StreamRecorder:
         try:
             chunks = [orjson.loads(p) for p in self._payloads]
         except orjson.JSONDecodeError:
-            return self._fail("garbage")
+            self._fail("garbage")
+            return None
         events: list[bytes] = []
         usage_chunk: bytes | None = None
         body_chunks: list[dict[str, Any]] = []
         for payload, chunk in zip(self._payloads, chunks, strict=True):
             if not isinstance(chunk, dict):
-                return self._fail("garbage")
+                self._fail("garbage")
+                return None
             if "error" in chunk:
-                return self._fail("error")
+                self._fail("error")
+                return None
             if not chunk.get("choices") and isinstance(chunk.get("usage"), dict):
                 usage_chunk = payload  # the usage-only chunk: replayed only on request
                 continue
@@ -175,7 +178,8 @@ class StreamRecorder:
         except (TypeError, ValueError, AttributeError):  # well-formed JSON of the wrong shape
             reason = "garbage"
         if reason is not None:
-            return self._fail(reason)
+            self._fail(reason)
+            return None
         return CachedReply(endpoint=self.endpoint, model=str(assembled.get("model", "")),
                            created=self._clock() if now is None else now,
                            events=tuple(events), usage_chunk=usage_chunk)
@@ -217,19 +221,23 @@ def reply_from_json(endpoint: str, body: bytes, max_bytes: int = DEFAULT_MAX_BYT
             on_skip(reason)
 
     if len(body) > max_bytes:
-        return skip("oversize")
+        skip("oversize")
+        return None
     try:
         reply = orjson.loads(body)
     except orjson.JSONDecodeError:
-        return skip("garbage")
+        skip("garbage")
+        return None
     if not isinstance(reply, dict) or "error" in reply:
-        return skip("error" if isinstance(reply, dict) else "garbage")
+        skip("error" if isinstance(reply, dict) else "garbage")
+        return None
     try:
         reason = _fault_of(endpoint, reply)
     except (TypeError, ValueError, AttributeError):
         reason = "garbage"
     if reason is not None:
-        return skip(reason)
+        skip(reason)
+        return None
     return CachedReply(endpoint=endpoint, model=str(reply.get("model", "")),
                        created=time.time() if now is None else now, body=body)
 
@@ -336,7 +344,8 @@ _WORD = re.compile(r"\s*\S+|\s+")
 def split_text(text: str, max_words: int = PIECE_WORDS, max_chars: int = PIECE_CHARS) -> list[str]:
     """``text`` in pieces of at most ``max_words`` words and ``max_chars`` characters; joined, the same."""
     pieces: list[str] = []
-    current, words, length = [], 0, 0
+    current: list[str] = []
+    words = length = 0
     for match in _WORD.finditer(text):
         word = match.group()
         if current and (words >= max_words or length + len(word) > max_chars):

@@ -335,7 +335,7 @@ class Router:
                                         "is rate limiting; retry later", status=429,
                                         retry_after=max(1.0, soonest.limited_until - self._clock()))
             if said is not None:
-                refusal.type, refusal.code, refusal.param = said.type, said.code, said.param
+                refusal.type, refusal.code, refusal.param = said.type, said.code, said.param  # type: ignore[assignment]
             return refusal
         if skipped_open and not skipped_full:
             wait = min(t.breaker.retry_in() for t in skipped_open)

@@ -627,7 +627,7 @@ async def test_a_full_backend_is_skipped_without_taking_its_half_open_probe() ->
 
 
 @pytest.mark.parametrize("primary_error", [unavailable, lambda: UpstreamHTTPError(500, {"message": "boom"}),
-                                           busy])
+                                           busy, lambda: BackendOverloaded("slow down", status=429)])
 async def test_fallbacks_are_not_charged_to_the_retry_budget(primary_error: Callable[[], Exception]) -> None:
     clock = Clock()
     failing_primary, healthy = FakeBackend("primary", failing(primary_error)), FakeBackend("fallback")

@@ -41,8 +41,9 @@ def make_chat_renderer(template: str, bos_token: str,
         plain = [_plain_message(m) for m in messages]
         marked = [{**m, "content": f"{mark}x{i}x" if m["content"] else ""} for i, m in enumerate(plain)]
         try:
-            want = formatter(messages=plain).prompt
-            pieces = sentinel.split(formatter(messages=marked).prompt)
+            # the formatter's messages are typed as the OpenAI TypedDicts; these are plain dicts of them
+            want = formatter(messages=plain).prompt  # type: ignore[arg-type]
+            pieces = sentinel.split(formatter(messages=marked).prompt)  # type: ignore[arg-type]
         except InvalidRequest:
             raise
         except Exception as exc:  # templates raise_exception() on role orders they refuse

@@ -187,7 +187,7 @@ def _messages(messages: Any) -> list[dict[str, Any]]:
             raise InvalidRequest("each message must be an object", param=where)
         role = message.get("role")
         text, images = _content(message.get("content"), where)
-        entry: dict[str, Any] = {"role": {"developer": "system", "function": "tool"}.get(role, role),
+        entry: dict[str, Any] = {"role": {"developer": "system", "function": "tool"}.get(str(role), role),
                                  "content": text}
         if images:
             entry["images"] = images

@@ -86,7 +86,7 @@ class Members:
     def _add(self, root: str) -> Endpoint:
         netloc = urlsplit(root).netloc
         upstream = OpenAICompatibleUpstream(
-            http=self._http, base_url=root + "/v1", headers=self._headers, timeouts=self._timeouts,
+            http=self._http, base_url=root + "/v1", headers=dict(self._headers), timeouts=self._timeouts,
             secrets=tuple(s for s in (self._secret, root, netloc, self.config.dns) if s),
         )
         endpoint = Endpoint(root, upstream, PrefixIndex(self.config.prefix_ttl_s,
