@@ -72,18 +72,20 @@ class Serving:
             stream=bool(request.body.get("stream")) and request.endpoint != "embeddings",
             session=request.session,
         )
-        router = self.router
+        router = self._gateway.router
+        if route.cache is None or self._cache is None:
+            if upstream.stream:
+                return await router.stream(route, upstream, facts)
+            return await router.complete(route, upstream, facts)
 
         async def call() -> Served | Opened:
             if upstream.stream:
                 return await router.stream(route, upstream, facts)
             return await router.complete(route, upstream, facts)
 
-        if route.cache is not None and self._cache is not None:
-            tenant = request.key.name if request.key else None
-            return await self._cache.serve(route, request.endpoint, request.body, tenant,
-                                           request.cache_control, call)
-        return await call()
+        tenant = request.key.name if request.key else None
+        return await self._cache.serve(route, request.endpoint, request.body, tenant, request.cache_control,
+                                       call)
 
 
 def request_facts(request: ClientRequest, route: Route) -> RequestFacts:

@@ -44,10 +44,11 @@ class Target:
     #: an upstream 429 said when to come back: skipped until then (monotonic), circuit untouched
     limited_until: float = 0.0
     limited_by: InterlockError | None = None
+    #: the backend's name (a plain attribute: it is read several times per request)
+    name: str = field(init=False)
 
-    @property
-    def name(self) -> str:
-        return self.backend.name
+    def __post_init__(self) -> None:
+        self.name = self.backend.name
 
     def full(self) -> bool:
         """At its in-flight cap, or its own queue is full: a call now would only be refused."""

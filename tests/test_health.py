@@ -66,7 +66,7 @@ async def test_a_passing_check_never_closes_a_circuit_that_requests_opened() -> 
 
 async def test_readiness_answers_from_state_without_calling_any_backend() -> None:
     t, other = target(Health(False, "loading model")), target(Health(True))
-    other.backend.name = "o"  # type: ignore[misc]
+    other.backend.name = other.name = "o"  # type: ignore[misc]
     monitor = HealthMonitor(lambda: [t, other], interval_s=1, timeout_s=1)
     routes = {"m": Route("m", (t,)), "n": Route("n", (other,))}
     assert monitor.readiness(routes) == (False, {"m": "b: starting", "n": "o: starting"})
