@@ -573,3 +573,36 @@ async def _uvicorn_headers(_: web.Request, response: web.StreamResponse) -> None
     response.headers["Server"] = "uvicorn"
     if response.status < 500:
         response.headers["Vary"] = "Origin"
+
+
+def main(argv: list[str] | None = None) -> None:
+    """One simulator in the foreground until SIGTERM or SIGINT, as a process of its own (what
+    ``benchmarks/vllm_pool/local_smoke.py`` starts in place of a vLLM server)::
+
+        python -m tests.vllm_sim --port 8001 [--model llama8b] [--pid-file /tmp/v1.pid]
+    """
+    import argparse
+    import signal
+
+    p = argparse.ArgumentParser(prog="python -m tests.vllm_sim", description=main.__doc__)
+    p.add_argument("--port", type=int, required=True)
+    p.add_argument("--model", default=VllmSim.model)
+    p.add_argument("--max-model-len", type=int, default=VllmSim.max_model_len)
+    p.add_argument("--max-num-seqs", type=int, default=VllmSim.max_num_seqs)
+    p.add_argument("--prefill-s-per-char", type=float, default=VllmSim.prefill_s_per_char)
+    p.add_argument("--decode-s-per-token", type=float, default=VllmSim.decode_s_per_token)
+    p.add_argument("--pid-file", type=Path, help="where to write this process's pid once it listens")
+    args = p.parse_args(argv)
+    # blocked before the server's thread starts (it inherits the mask), so only sigwait sees them
+    stop = {signal.SIGTERM, signal.SIGINT}
+    signal.pthread_sigmask(signal.SIG_BLOCK, stop)
+    with VllmSim(model=args.model, port=args.port, max_model_len=args.max_model_len,
+                 max_num_seqs=args.max_num_seqs, prefill_s_per_char=args.prefill_s_per_char,
+                 decode_s_per_token=args.decode_s_per_token):
+        if args.pid_file:
+            args.pid_file.write_text(str(os.getpid()), encoding="utf-8")
+        signal.sigwait(stop)
+
+
+if __name__ == "__main__":
+    main()

@@ -22,7 +22,6 @@ import argparse
 import asyncio
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -37,14 +36,12 @@ except ImportError:
     pass
 import aiohttp
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root
+
+from benchmarks.common import SseStream, free_port, percentile
+
 SUBJECTS = ["the sea", "a lighthouse", "a dragon", "Mars", "a library", "a clockmaker", "winter", "a city",
             "a river", "a fox", "the moon", "a violin", "a desert", "a robot", "a garden", "a storm"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 SAMPLING = {"greedy": {"temperature": 0}, "sampled": {"temperature": 0.7, "top_p": 0.9}}
@@ -87,13 +84,9 @@ async def one(session: aiohttp.ClientSession, url: str, prompt: str,
             "stream": True, **sampling}
     started = time.perf_counter()
     ttft, tokens, finished = -1.0, 0, False
+    stream = SseStream()
     async with session.post(url, json=body) as response:
-        async for line in response.content:
-            if not line.startswith(b"data: "):
-                continue
-            if line.startswith(b"data: [DONE]"):
-                return ttft, tokens, finished
-            event = json.loads(line[6:])
+        async for event in stream.events(response.content):
             if "error" in event:
                 return ttft, tokens, False
             for choice in event.get("choices", []):
@@ -103,7 +96,7 @@ async def one(session: aiohttp.ClientSession, url: str, prompt: str,
                         ttft = time.perf_counter() - started
                 if choice.get("finish_reason"):
                     finished = True
-    return ttft, tokens, False
+    return ttft, tokens, finished and stream.done
 
 
 async def load(port: int, users: int, rounds: int, max_tokens: int,
@@ -123,7 +116,7 @@ async def load(port: int, users: int, rounds: int, max_tokens: int,
     ttfts = sorted(t for t, _, _ in results if t >= 0)
     tokens = sum(n for _, n, _ in results)
     return {"tok_s": tokens / wall, "ttft_p50": 1000 * statistics.median(ttfts),
-            "ttft_p95": 1000 * ttfts[int(0.95 * (len(ttfts) - 1))],
+            "ttft_p95": 1000 * (percentile(ttfts, 0.95, method="nearest") or 0.0),
             "dropped": sum(not ok for *_, ok in results),
             "requests": len(results), "tokens": tokens, "wall": wall}
 

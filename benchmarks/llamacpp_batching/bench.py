@@ -45,7 +45,6 @@ import itertools
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -55,8 +54,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root, for benchmarks.common
+
 from bench_cpu import CpuMeter, wait_quiet
 from bench_report import Request, Run, ms, report
+
+from benchmarks.common import SseStream, free_port
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
@@ -125,7 +128,7 @@ async def stream_one(session: Any, url: str, model: str, user: int, round_: int,
         **extra,
     }
     finish: str | None = None
-    done = False
+    stream = SseStream()
     started = time.perf_counter()
     try:
         async with asyncio.timeout(STREAM_TIMEOUT_S):
@@ -133,17 +136,7 @@ async def stream_one(session: Any, url: str, model: str, user: int, round_: int,
                 if resp.status != 200:
                     req.error = f"HTTP {resp.status}: {(await resp.text())[:200]}"
                     return req
-                async for raw in resp.content:  # aiohttp splits the body on b"\n"
-                    line = raw.strip()
-                    if not line.startswith(b"data:"):
-                        continue  # blank separators, ": ping" comments, event: lines
-                    if req.ttfb is None:
-                        req.ttfb = time.perf_counter() - started
-                    data = line[5:].strip()
-                    if data == b"[DONE]":
-                        done = True
-                        break
-                    chunk = json.loads(data)
+                async for chunk in stream.events(resp.content):
                     if "error" in chunk:
                         req.error = str(chunk["error"])[:200]
                         break
@@ -159,9 +152,11 @@ async def stream_one(session: Any, url: str, model: str, user: int, round_: int,
     except (aiohttp.ClientError, json.JSONDecodeError) as exc:
         req.error = f"{type(exc).__name__}: {exc}"[:200]
     req.total = time.perf_counter() - started
-    req.ok = done and finish is not None and not req.error
+    if stream.first_data_at is not None:  # the first data: line of any kind
+        req.ttfb = stream.first_data_at - started
+    req.ok = stream.done and finish is not None and not req.error
     if not req.ok and not req.error:
-        req.error = "stream ended without " + ("finish_reason" if done else "[DONE]")
+        req.error = "stream ended without " + ("finish_reason" if stream.done else "[DONE]")
     return req
 
 
@@ -195,12 +190,6 @@ async def load(url: str, model: str, server: str, users: int, rounds: int, max_t
 
 
 # ---- servers -----------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass(slots=True)

@@ -11,6 +11,8 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from benchmarks.common import process_cpu  # bench.py puts the repository root on sys.path
+
 TICK = os.sysconf("SC_CLK_TCK")
 
 
@@ -19,15 +21,6 @@ def machine_busy() -> float:
     f = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
     user, nice, system, _idle, _iowait, irq, softirq, steal = f
     return (user + nice + system + irq + softirq + steal) / TICK
-
-
-def process_cpu(pid: int) -> float:
-    """Seconds of CPU one process (all its threads) used; 0 once it is gone."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / TICK  # utime, stime
 
 
 class CpuMeter:

@@ -7,19 +7,17 @@ import argparse
 import contextlib
 import datetime as dt
 import json
-import math
 import os
 import platform
 import shlex
 import statistics
-import subprocess
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parent.parent.parent
+from benchmarks.common import git_commit, percentile  # bench.py puts the repository root on sys.path
 
+REPO = Path(__file__).resolve().parent.parent.parent
 
 
 @dataclass(slots=True)
@@ -80,23 +78,17 @@ class Run:
 
     def ttft(self, q: float, *, after_round_1: bool = False) -> float | None:
         return percentile([r.ttft for r in self.requests
-                           if r.ttft is not None and (r.round_ > 0 or not after_round_1)], q)
+                           if r.ttft is not None and (r.round_ > 0 or not after_round_1)], q,
+                          method="nearest")
 
     def ttfb(self, q: float) -> float | None:
-        return percentile([r.ttfb for r in self.requests if r.ttfb is not None], q)
+        return percentile([r.ttfb for r in self.requests if r.ttfb is not None], q, method="nearest")
 
 
 def _extra_note(extra: dict[str, Any]) -> str:
     """What --extra-body changes in every request, for the workload line."""
     return f" (overridden for the servers by {json.dumps(extra)})" if extra else ""
 
-
-def percentile(values: Sequence[float], q: float) -> float | None:
-    """Nearest-rank percentile: with 24 samples p95 is the 23rd, an actually observed value."""
-    if not values:
-        return None
-    ordered = sorted(values)
-    return ordered[max(0, math.ceil(q * len(ordered)) - 1)]
 
 
 
@@ -243,17 +235,6 @@ def verdicts(rows: list[Summary], users: int) -> list[str]:
     return lines
 
 
-def git_commit() -> str:
-    try:
-        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
-                             text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
-                               capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return sha + (" (with uncommitted changes)" if dirty else "")
-
-
 def cpu_name() -> str:
     with contextlib.suppress(OSError):
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -271,7 +252,7 @@ def report(runs: list[Run], raws: list[list[dict[str, float]]], args: argparse.N
         f"- date: {now}",
         f"- machine: nproc {os.cpu_count()}, {cpu_name()}",
         f"- command: `{shlex.join(argv)}`",
-        f"- git commit: {git_commit()}",
+        f"- git commit: {git_commit(short=True)}",
         f"- workload: SmolLM2-135M-Instruct Q4_1, streamed chat, max_tokens {args.max_tokens}, "
         f"temperature 0{_extra_note(args.extra_body)}, {args.threads} threads per server, n_ctx {n_ctx}, "
         f"parallel {parallel} "

@@ -45,7 +45,6 @@ import math
 import random
 import selectors
 import shlex
-import subprocess
 import sys
 import time
 from collections import Counter
@@ -62,9 +61,10 @@ sys.path.insert(0, str(REPO))
 
 from backends.base import BackendRequest, BackendResponse, Health, Load, Price, Usage  # noqa: E402
 from backends.errors import BackendUnavailable, InterlockError  # noqa: E402
+from benchmarks.common import git_commit, percentile  # noqa: E402
+from gateway.attempts import usage_from_tail  # noqa: E402
 from gateway.breaker import CircuitBreaker  # noqa: E402
 from gateway.retry_budget import RetryBudget  # noqa: E402
-from gateway.attempts import usage_from_tail  # noqa: E402
 from gateway.router import Router  # noqa: E402
 from gateway.snapshot import Route, Target  # noqa: E402
 from gateway.stats import BackendStats  # noqa: E402
@@ -531,17 +531,6 @@ def run_all(args: argparse.Namespace) -> tuple[list[PolicyRun], tuple[float, flo
 # --- figures --------------------------------------------------------------------------------------
 
 
-def percentile(values: Sequence[float], q: float) -> float | None:
-    """Linear interpolation between closest ranks (numpy's default)."""
-    if not values:
-        return None
-    ordered = sorted(values)
-    pos = (len(ordered) - 1) * q
-    lo = int(pos)
-    hi = min(lo + 1, len(ordered) - 1)
-    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
-
-
 @dataclass(frozen=True, slots=True)
 class Row:
     policy: str
@@ -676,17 +665,6 @@ def interpretation(rows: Sequence[Row], runs: Sequence[PolicyRun], slo_ms: float
 
 
 # --- output ---------------------------------------------------------------------------------------
-
-
-def git_commit() -> str:
-    try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True,
-                             check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
-                               capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown (not a git checkout)"
-    return f"{sha} (with uncommitted changes)" if dirty else sha
 
 
 def pool_table() -> str:

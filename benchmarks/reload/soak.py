@@ -38,9 +38,10 @@ import yaml
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
+from benchmarks.common import SseStream, free_port  # noqa: E402
 from gateway.config import ConfigError, load_config  # noqa: E402
-from tests.fakes import free_port, openai_backend  # noqa: E402
 
+#: the test fake, run as a process of its own (benchmarks do not import from tests/)
 UPSTREAM = """
 import threading
 from tests.fakes import FakeUpstream
@@ -52,7 +53,9 @@ MODELS = ("chat", "chat2", "chat3")
 
 def configs(upstream: str) -> tuple[dict[str, Any], dict[str, Any]]:
     def long(total: float = 120) -> dict[str, object]:
-        return openai_backend(upstream, "long", api_key=None, first_token=30, total=total)
+        """A ``kind: openai`` backend on the fake's ``long`` model (42 chunks over ~2 s)."""
+        return {"kind": "openai", "base_url": upstream, "model": "long",
+                "timeouts": {"connect": 1.0, "first_token": 30, "total": total}}
 
     common = {"resilience": {"health_check": {"interval_s": 0}}}
     a = {"backends": {"kept": long(), "only_a": long(), "changed": long(120)},
@@ -150,18 +153,21 @@ async def streamer(http: aiohttp.ClientSession, url: str, n: int, stop_at: float
                 if response.status != 200:
                     tally.other_status += 1
                     continue
-                lines = [line.strip() async for line in response.content if line.strip()]
-        except aiohttp.ClientError as exc:
+                stream = SseStream()
+                events = [event async for event in stream.events(response.content)]
+        except (aiohttp.ClientError, json.JSONDecodeError) as exc:
             tally.truncation(type(exc).__name__)
             continue
-        errors = [line for line in lines if b'"error"' in line]
+        errors = [event["error"] for event in events if "error" in event]
         if errors:
-            tally.truncation(json.loads(errors[0].removeprefix(b"data: "))["error"].get("code") or "error")
-        elif not lines or lines[-1] != b"data: [DONE]":
+            tally.truncation(errors[0].get("code") or "error")
+        elif not stream.done:
             tally.truncation("no [DONE]")
         else:
             tally.whole += 1
-            tally.other_length += sum(b" more" in line for line in lines) != 40
+            mores = sum((choice.get("delta") or {}).get("content") == " more"
+                        for event in events for choice in event.get("choices") or ())
+            tally.other_length += mores != 40
 
 
 async def operator(http: aiohttp.ClientSession, url: str, path: Path, good: tuple[dict[str, Any], ...],

@@ -18,8 +18,6 @@ import argparse
 import asyncio
 import datetime as dt
 import logging
-import socket
-import subprocess
 import sys
 import threading
 import time
@@ -34,6 +32,7 @@ from aiohttp import web
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parents[1]))
 
+from benchmarks.common import free_port, git_commit  # noqa: E402
 from gateway.config import parse_config  # noqa: E402
 from gateway.server import create_app  # noqa: E402
 from gateway.settings import Settings  # noqa: E402
@@ -43,12 +42,6 @@ REPLY = orjson.dumps({
     "choices": [{"index": 0, "message": {"role": "assistant", "content": "ok"}, "finish_reason": "stop"}],
     "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
 })
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class Upstream:
@@ -141,8 +134,7 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.ERROR)
     rows = [scenario(fallback, args.seconds, args.concurrency) for fallback in (False, True)]
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                            cwd=HERE).stdout.strip()
+    commit = git_commit(short=True)
     lines = [
         "# A flapping backend (1 s up, 1 s down: HTTP 500), default breaker and retries",
         "",
@@ -151,14 +143,16 @@ def main() -> None:
         f"- command: `.venv/bin/python benchmarks/resilience/flapping.py --seconds {args.seconds:g} "
         f"--concurrency {args.concurrency}`",
         "",
-        "| scenario | requests | served by the flapping backend | served by the fallback | refused or failed |",
+        "| scenario | requests | served by the flapping backend | served by the fallback "
+        "| refused or failed |",
         "|---|---:|---:|---:|---:|",
     ]
     for name, seen in rows:
         total = sum(seen.values())
         flap, spare = seen["served by flapping"], seen["served by spare"]
         failed = total - flap - spare
-        lines.append(f"| {name} | {total:,} | {flap / total:.1%} | {spare / total:.1%} | {failed / total:.1%} |")
+        lines.append(f"| {name} | {total:,} | {flap / total:.1%} | {spare / total:.1%} "
+                     f"| {failed / total:.1%} |")
     lines += ["", "Failures by status: " + "; ".join(
         f"{name}: " + ", ".join(f"{k} {v:,}" for k, v in sorted(seen.items()) if k.startswith("HTTP"))
         for name, seen in rows)]

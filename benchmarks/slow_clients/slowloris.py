@@ -40,6 +40,10 @@ import uvloop
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
+sys.path.insert(0, str(REPO))
+
+from benchmarks.common import free_port, percentile, process_cpu  # noqa: E402
+
 PY = sys.executable
 
 #: what each kind sends first, and then once a second until the gateway closes it
@@ -57,12 +61,6 @@ REPLY = json.dumps({
     "usage": {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8},
 }).encode()
 CHAT = json.dumps({"model": "m", "messages": [{"role": "user", "content": "Say hello."}]}).encode()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def cpu_list(spec: str) -> set[int]:
@@ -231,16 +229,10 @@ class Phase:
     wall_s: float = 0.0
 
 
-def percentile(values: list[float], q: float) -> float:
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
-
-
-def cpu_s(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+def pct(values: list[float], q: float) -> float:
+    """The nearest-rank percentile, NaN for a phase with no healthy replies."""
+    value = percentile(values, q, method="nearest")
+    return float("nan") if value is None else value
 
 
 def rss_mib(pid: int) -> float:
@@ -338,7 +330,7 @@ def run_phases(args: argparse.Namespace, url: str, port: int, gateway_pid: int) 
         healthy = subprocess.Popen([PY, __file__, "--healthy", url, "--rate", str(args.rate)],
                                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, cwd=REPO)
         assert healthy.stdout is not None and healthy.stdout.readline() == b"ready\n"
-        started, cpu = time.monotonic(), cpu_s(gateway_pid)
+        started, cpu = time.monotonic(), process_cpu(gateway_pid)
         slow: list[Slow] = []
         peak = rss_mib(gateway_pid)
         if kinds:
@@ -351,7 +343,7 @@ def run_phases(args: argparse.Namespace, url: str, port: int, gateway_pid: int) 
             time.sleep(args.baseline_s)
         out, _ = healthy.communicate(b"stop\n", timeout=60)
         result = json.loads(out.splitlines()[-1])
-        cpu, wall = cpu_s(gateway_pid) - cpu, time.monotonic() - started
+        cpu, wall = process_cpu(gateway_pid) - cpu, time.monotonic() - started
         if kinds:
             phases.append(Phase(name, result["latencies"], result["failures"], slow, peak, cpu, wall))
         else:
@@ -385,7 +377,7 @@ async def watched(work: Coroutine[Any, Any, list[Slow]], pid: int) -> tuple[list
 
 def report(args: argparse.Namespace, phases: list[Phase]) -> str:
     base = phases[0]
-    base_p99 = percentile(base.latencies, 0.99)
+    base_p99 = pct(base.latencies, 0.99)
     lines = [
         f"N = {args.n} slow connections per kind, opened at {args.ramp:g} a second; deadlines: head "
         f"{args.header_timeout:g} s, body "
@@ -401,9 +393,9 @@ def report(args: argparse.Namespace, phases: list[Phase]) -> str:
     ]
     for ph in phases:
         ok, failed = len(ph.latencies), sum(ph.failures.values())
-        p99 = percentile(ph.latencies, 0.99)
+        p99 = pct(ph.latencies, 0.99)
         row = [ph.name, str(ok), str(failed) + (f" {ph.failures}" if failed else ""),
-               f"{100 * ok / max(1, ok + failed):.2f}%", f"{percentile(ph.latencies, 0.5):.1f}",
+               f"{100 * ok / max(1, ok + failed):.2f}%", f"{pct(ph.latencies, 0.5):.1f}",
                f"{p99:.1f}", f"{p99 / base_p99:.2f}x"]
         if ph.slow:
             deadline = max(args.header_timeout, args.body_timeout)

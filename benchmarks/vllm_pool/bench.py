@@ -49,7 +49,6 @@ import json
 import os
 import random
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Sequence
@@ -58,6 +57,8 @@ from typing import Any
 
 import aiohttp
 import poolkit
+
+from benchmarks.common import SseStream, git_commit, percentile  # importable: poolkit adds the root
 
 RULES = ("round_robin", "least_in_flight", "conversation_hash", "auto")
 UNIQUE_RULES = ("least_in_flight", "auto")
@@ -130,17 +131,6 @@ class RunResult:
     first_error: str = ""
 
 
-def percentile(values: Sequence[float], q: float) -> float | None:
-    """Linear interpolation between closest ranks (numpy's default); None for no values."""
-    if not values:
-        return None
-    ordered = sorted(values)
-    position = (len(ordered) - 1) * q
-    low = int(position)
-    high = min(low + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
-
-
 async def stream_chat(session: aiohttp.ClientSession, url: str, body: dict[str, Any],
                       headers: dict[str, str]) -> Sample:
     sample = Sample()
@@ -148,21 +138,13 @@ async def stream_chat(session: aiohttp.ClientSession, url: str, body: dict[str, 
     chunks = 0
     usage_tokens: int | None = None
     parts: list[str] = []
-    done = False
+    stream = SseStream()
     try:
         async with session.post(url + "/v1/chat/completions", json=body, headers=headers) as response:
             if response.status != 200:
                 sample.error = f"HTTP {response.status}: {(await response.text())[:200]}"
                 return sample
-            async for raw in response.content:
-                line = raw.strip()
-                if not line.startswith(b"data:"):
-                    continue
-                data = line[5:].strip()
-                if data == b"[DONE]":
-                    done = True
-                    break
-                event = json.loads(data)
+            async for event in stream.events(response.content):
                 if "error" in event:
                     sample.error = f"stream error: {json.dumps(event['error'])[:200]}"
                     return sample
@@ -180,7 +162,7 @@ async def stream_chat(session: aiohttp.ClientSession, url: str, body: dict[str, 
     except (aiohttp.ClientError, TimeoutError, json.JSONDecodeError) as exc:
         sample.error = f"{type(exc).__name__}: {exc}"[:200]
         return sample
-    if not done:
+    if not stream.done:
         sample.error = "the stream ended without data: [DONE]"
     sample.tokens = usage_tokens if usage_tokens is not None else chunks
     sample.text = "".join(parts)
@@ -390,15 +372,9 @@ def verdicts(results: list[RunResult]) -> list[str]:
 
 
 def report(results: list[RunResult], args: argparse.Namespace, endpoints: list[str], note: str) -> str:
-    commit = ""
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=poolkit.REPO,
-                                capture_output=True, text=True, timeout=5).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        pass
+    now = f"{dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC"
     lines = [
-        f"# vLLM pool routing ({dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC"
-        + (f", commit {commit}" if commit else "") + ")",
+        f"# vLLM pool routing ({now}, commit {git_commit(short=True)})",
         "",
         f"Endpoints {', '.join(endpoints)}, model `{args.model}`; streamed chat, "
         f"max_tokens {args.max_tokens}, temperature 0, ignore_eos. Command: `{' '.join(sys.argv)}`.",

@@ -2,20 +2,21 @@
 
     PYTHONPATH=. .venv/bin/python benchmarks/vllm_pool/local_smoke.py
 
-It stands in for start_servers.sh: two ``tests.vllm_sim.VllmSim`` servers serving ``llama8b``
-(8,192-token context, 64 sequences), each in its own process and session with its pid in a
-file, as the real ones are, so that the kill test's SIGKILL to a process group is the real
-thing. Then, as on the device: bench.py (``--quick``, 2 runs so the medians and the
-interleaving are exercised, ``$OUT`` set to a temporary folder to exercise the files), then
-sdk_checks.py with the kill test on the second server (last, since it takes that server away).
-The simulators' figures are made up: the numbers say the scripts work, not how routing fares.
+It stands in for start_servers.sh: two simulated vLLM servers serving ``llama8b`` (8,192-token
+context, 64 sequences), each ``python -m tests.vllm_sim`` in its own process and session with its
+pid in a file, as the real ones are, so that the kill test's SIGKILL to a process group is the
+real thing. The simulator is a test fake, kept honest by the fixture checks in tests/test_vllm.py;
+it runs here as a process, so nothing in benchmarks/ imports from tests/. Then, as on the device:
+bench.py (``--quick``, 2 runs so the medians and the interleaving are exercised, ``$OUT`` set to a
+temporary folder to exercise the files), then sdk_checks.py with the kill test on the second
+server (last, since it takes that server away). The simulators' figures are made up: the numbers
+say the scripts work, not how routing fares.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import signal
 import subprocess
 import sys
 import tempfile
@@ -24,23 +25,20 @@ from pathlib import Path
 
 import poolkit
 
+from benchmarks.common import free_port  # importable: poolkit adds the root
+
 #: slower than the simulator's defaults (0.02 ms and 1 ms), so that prefill matters and the kill
 #: test's requests (128 tokens) are still running when the server dies
 PREFILL_S_PER_CHAR = 0.0001
 DECODE_S_PER_TOKEN = 0.01
 
 
-def serve_sim(port: int, pid_file: str) -> None:
-    """One simulated server, until killed (the ``sim`` subcommand)."""
-    from tests.vllm_sim import VllmSim
-
-    # blocked before the server's thread starts (it inherits the mask), so only sigwait sees them
-    stop = {signal.SIGTERM, signal.SIGINT}
-    signal.pthread_sigmask(signal.SIG_BLOCK, stop)
-    Path(pid_file).write_text(str(os.getpid()), encoding="utf-8")
-    with VllmSim(model="llama8b", port=port, max_model_len=8192, max_num_seqs=64,
-                 prefill_s_per_char=PREFILL_S_PER_CHAR, decode_s_per_token=DECODE_S_PER_TOKEN):
-        signal.sigwait(stop)
+def sim_argv(port: int, pid_file: Path) -> list[str]:
+    """One simulated server, until SIGTERM."""
+    return [sys.executable, "-m", "tests.vllm_sim", "--port", str(port), "--pid-file", str(pid_file),
+            "--model", "llama8b", "--max-model-len", "8192", "--max-num-seqs", "64",
+            "--prefill-s-per-char", str(PREFILL_S_PER_CHAR),
+            "--decode-s-per-token", str(DECODE_S_PER_TOKEN)]
 
 
 def wait_healthy(url: str, proc: subprocess.Popen[bytes], timeout: float = 30) -> None:
@@ -61,15 +59,7 @@ def step(title: str, argv: list[str], env: dict[str, str]) -> int:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
-    sub = p.add_subparsers(dest="command")
-    sim = sub.add_parser("sim", help="(internal) run one simulated server")
-    sim.add_argument("--port", type=int, required=True)
-    sim.add_argument("--pid-file", required=True)
-    args = p.parse_args()
-    if args.command == "sim":
-        serve_sim(args.port, args.pid_file)
-        return
-
+    p.parse_args()
     work = Path(tempfile.mkdtemp(prefix="vllm-pool-smoke-"))
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(x for x in (str(poolkit.REPO), env.get("PYTHONPATH", "")) if x)
@@ -78,10 +68,10 @@ def main() -> None:
     codes: dict[str, int] = {}
     try:
         for n in (1, 2):
-            port, pid_file = poolkit.free_port(), work / f"v{n}.pid"
+            port, pid_file = free_port(), work / f"v{n}.pid"
             with open(work / f"v{n}.log", "wb") as log:
-                proc = subprocess.Popen([sys.executable, __file__, "sim", "--port", str(port), "--pid-file",
-                                         str(pid_file)], env=env, stdout=log, stderr=subprocess.STDOUT,
+                proc = subprocess.Popen(sim_argv(port, pid_file), cwd=poolkit.REPO, env=env, stdout=log,
+                                        stderr=subprocess.STDOUT,
                                         start_new_session=True)  # its own group, as setsid gives vLLM
             url = f"http://127.0.0.1:{port}"
             wait_healthy(url, proc)

@@ -12,7 +12,6 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -32,12 +31,7 @@ READY_TIMEOUT_S = 60.0
 if str(REPO) not in sys.path:  # the scripts run by path; the gateway's packages live at the repo root
     sys.path.append(str(REPO))
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
+from benchmarks.common import free_port  # noqa: E402
 
 
 def out_dir() -> Path | None:
