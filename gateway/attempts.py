@@ -176,7 +176,7 @@ class AttemptStream:
         if not self._open:
             raise StopAsyncIteration
         try:
-            chunk = await anext(self._chunks)  # type: ignore[call-overload]
+            chunk = await anext(self._chunks)
         except StopAsyncIteration:
             await self._close()
             usage = usage_from_tail(self._tail)

@@ -121,7 +121,7 @@ class _Recording:
 
     async def __anext__(self) -> bytes:
         try:
-            chunk = await anext(self._rest)  # type: ignore[call-overload]
+            chunk = await anext(self._rest)
         except StopAsyncIteration:
             try:
                 entry = self._recorder.result()

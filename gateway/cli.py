@@ -9,6 +9,7 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from pydantic import ValidationError
 
@@ -136,7 +137,7 @@ def cmd_routes(args: argparse.Namespace) -> int:
     return 0
 
 
-def render_routes(report: dict) -> str:  # type: ignore[type-arg]
+def render_routes(report: dict[str, Any]) -> str:
     facts = report["request"]
     lines = [f"ranking for a request of {facts['prompt_tokens']} prompt tokens, "
              f"max_tokens {facts['max_tokens']}" +

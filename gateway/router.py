@@ -153,7 +153,7 @@ class Router:
             try:
                 chunks = await target.backend.stream(request)
                 try:
-                    first = await anext(chunks)  # type: ignore[call-overload]
+                    first = await anext(chunks)
                 except StopAsyncIteration:
                     raise BackendUnavailable(f"backend {target.name!r} sent an empty stream") from None
                 except BaseException:

@@ -86,7 +86,7 @@ class _Guarded:
         self._task = asyncio.current_task()
         cutoff._waiting.add(self)
         try:
-            return await anext(self._chunks)  # type: ignore[call-overload, no-any-return]
+            return await anext(self._chunks)
         except asyncio.CancelledError:
             # only our own cancel becomes the error event; anyone else's (the client left,
             # uvicorn gave up) stays a cancel
