@@ -215,3 +215,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser().parse_args(argv)
     os.environ.setdefault("PYTHONFAULTHANDLER", "1")
     sys.exit(args.func(args))
+
+
+if __name__ == "__main__":
+    main()
