@@ -115,7 +115,8 @@ def test_a_gateway_on_a_redis_cluster(tmp_path: Path) -> None:
                                                                          temperature=0)
                 again = client.chat.completions.with_raw_response.create(model="m", messages=messages,
                                                                          temperature=0)
-                assert (first.headers["x-interlock-cache"], again.headers["x-interlock-cache"]) == ("miss", "hit")
+                seen = (first.headers["x-interlock-cache"], again.headers["x-interlock-cache"])
+                assert seen == ("miss", "hit")
             ready = httpx.get(gateway + "/health/ready", timeout=5).json()
             assert ready["cache"] == "ok", ready  # no CROSSSLOT or any other Redis error on the way
     finally:
