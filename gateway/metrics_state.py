@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from bisect import bisect_left
 from collections import defaultdict
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
@@ -31,18 +31,26 @@ BREAKER_STATES = {"closed": 0, "half_open": 1, "open": 2}
 
 
 class CounterFamily:
-    """``name`` (exported as ``name_total``) by label values; ``values[labels] += n`` counts."""
+    """``name`` (exported as ``name_total``) by label values: ``values[labels] += n`` counts, or
+    ``source`` yields (labels, value) pairs at scrape time from figures kept elsewhere."""
 
-    def __init__(self, name: str, documentation: str, labels: Sequence[str]) -> None:
+    def __init__(
+        self,
+        name: str,
+        documentation: str,
+        labels: Sequence[str],
+        source: Callable[[], Iterable[tuple[tuple[str, ...], float]]] | None = None,
+    ) -> None:
         self.name, self.documentation, self.labels = name, documentation, list(labels)
         self.values: defaultdict[tuple[str, ...], float] = defaultdict(float)
+        self._source = source
 
     def inc(self, labels: tuple[str, ...], amount: float = 1.0) -> None:
         self.values[labels] += amount
 
     def collect(self) -> Metric:
         family = CounterMetricFamily(self.name, self.documentation, labels=self.labels)
-        for labels, value in self.values.items():
+        for labels, value in self._source() if self._source is not None else self.values.items():
             family.add_metric(labels, value)
         return family
 
@@ -61,10 +69,15 @@ class Histogram:
         self.counts[bisect_left(self.bounds, value)] += 1
         self.sum += value
 
+    @property
+    def count(self) -> int:
+        return sum(self.counts)
+
 
 class HistogramFamily:
-    def __init__(self, name: str, documentation: str, labels: Sequence[str],
-                 buckets: tuple[float, ...]) -> None:
+    def __init__(
+        self, name: str, documentation: str, labels: Sequence[str], buckets: tuple[float, ...]
+    ) -> None:
         self.name, self.documentation, self.labels, self.buckets = name, documentation, list(labels), buckets
         self._les = [floatToGoString(b) for b in buckets] + ["+Inf"]
         self.children: dict[tuple[str, ...], Histogram] = {}
@@ -113,12 +126,17 @@ class StateCollector:
 
     def collect(self) -> Iterator[Metric]:
         snapshot = self._gateway.snapshot
-        breaker = GaugeMetricFamily("interlock_breaker_state", "Circuit breaker: 0 closed, 1 half_open, "
-                                    "2 open", labels=["backend"])
-        in_flight = GaugeMetricFamily("interlock_backend_in_flight", "Requests in flight to the backend",
-                                      labels=["backend"])
-        queued = GaugeMetricFamily("interlock_backend_queued", "Requests waiting in the backend's own "
-                                   "queue (in-process models, a pool's servers)", labels=["backend"])
+        breaker = GaugeMetricFamily(
+            "interlock_breaker_state", "Circuit breaker: 0 closed, 1 half_open, 2 open", labels=["backend"]
+        )
+        in_flight = GaugeMetricFamily(
+            "interlock_backend_in_flight", "Requests in flight to the backend", labels=["backend"]
+        )
+        queued = GaugeMetricFamily(
+            "interlock_backend_queued",
+            "Requests waiting in the backend's own queue (in-process models, a pool's servers)",
+            labels=["backend"],
+        )
         pool = _PoolFamilies()
         for name, target in snapshot.targets.items():
             breaker.add_metric([name], BREAKER_STATES[target.breaker.state])
@@ -129,31 +147,41 @@ class StateCollector:
             if isinstance(endpoints, list):
                 pool.add(name, endpoints)
         yield from (breaker, in_flight, queued, *pool.families())
-        info = GaugeMetricFamily("interlock_config_info", "The routing config in force (its hash)",
-                                 labels=["hash"])
+        info = GaugeMetricFamily(
+            "interlock_config_info", "The routing config in force (its hash)", labels=["hash"]
+        )
         info.add_metric([snapshot.hash], 1)
         yield info
-        yield GaugeMetricFamily("interlock_config_loaded_timestamp_seconds", "When the config in force "
-                                "was loaded", value=snapshot.loaded_at)
+        yield GaugeMetricFamily(
+            "interlock_config_loaded_timestamp_seconds",
+            "When the config in force was loaded",
+            value=snapshot.loaded_at,
+        )
         reloader = self.reloader or getattr(self._gateway, "reloader", None)
         results = getattr(reloader, "results", None)
         if results is not None:
-            reloads = CounterMetricFamily("interlock_config_reloads", "Config reloads by result",
-                                          labels=["result"])
+            reloads = CounterMetricFamily(
+                "interlock_config_reloads", "Config reloads by result", labels=["result"]
+            )
             for result, count in sorted(results.items()):
                 reloads.add_metric([str(result)], count)
             yield reloads
         if self._access is not None:
-            yield CounterMetricFamily("interlock_access_log_dropped", "Access log lines dropped "
-                                      "because the writer fell behind", value=self._access.dropped)
+            yield CounterMetricFamily(
+                "interlock_access_log_dropped",
+                "Access log lines dropped because the writer fell behind",
+                value=self._access.dropped,
+            )
 
 
 #: a pool endpoint's row (``describe()["endpoints"]``) → its gauge
 _POOL_GAUGES = {
     "healthy": ("interlock_vllm_endpoint_healthy", "1 while the endpoint is in rotation"),
     "in_flight": ("interlock_vllm_endpoint_in_flight", "Requests in flight to the endpoint"),
-    "outstanding_tokens": ("interlock_vllm_endpoint_outstanding_tokens", "Tokens of prefill and decode "
-                           "the gateway has sent it and not seen finish"),
+    "outstanding_tokens": (
+        "interlock_vllm_endpoint_outstanding_tokens",
+        "Tokens of prefill and decode the gateway has sent it and not seen finish",
+    ),
     "running": ("interlock_vllm_endpoint_running", "vLLM's num_requests_running, as last scraped"),
     "waiting": ("interlock_vllm_endpoint_waiting", "vLLM's num_requests_waiting, as last scraped"),
     "kv_cache_usage": ("interlock_vllm_endpoint_kv_cache_usage_ratio", "vLLM's KV cache usage, 0-1"),
@@ -165,10 +193,12 @@ _POOL_GAUGES = {
 class _PoolFamilies:
     def __init__(self) -> None:
         labels = ["backend", "endpoint"]
-        self._gauges = {field: GaugeMetricFamily(name, doc, labels=labels)
-                        for field, (name, doc) in _POOL_GAUGES.items()}
-        self._served = CounterMetricFamily("interlock_vllm_endpoint_served", "Requests the endpoint "
-                                           "answered", labels=labels)
+        self._gauges = {
+            field: GaugeMetricFamily(name, doc, labels=labels) for field, (name, doc) in _POOL_GAUGES.items()
+        }
+        self._served = CounterMetricFamily(
+            "interlock_vllm_endpoint_served", "Requests the endpoint answered", labels=labels
+        )
         self._any = False
 
     def add(self, backend: str, rows: list[Any]) -> None:
