@@ -12,8 +12,10 @@ from pathlib import Path
 CGROUP_ROOT = "/sys/fs/cgroup"
 
 
-def available_cpus(cgroup_root: str | os.PathLike[str] = CGROUP_ROOT,
-                   proc_cgroup: str | os.PathLike[str] = "/proc/self/cgroup") -> int:
+def available_cpus(
+    cgroup_root: str | os.PathLike[str] = CGROUP_ROOT,
+    proc_cgroup: str | os.PathLike[str] = "/proc/self/cgroup",
+) -> int:
     """The CPUs this process can keep busy: affinity, cgroup v2 ``cpu.max`` or v1 CFS quota; >= 1."""
     counts = [_affinity()]
     quota = cgroup_quota(Path(cgroup_root), Path(proc_cgroup))

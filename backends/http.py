@@ -91,7 +91,6 @@ class Timeouts:
 class TimeoutsConfig(BaseModel):
     """A backend's ``timeouts:`` in the routing YAML, for every HTTP kind (openai, vllm, ollama)."""
 
-
     model_config = ConfigDict(extra="forbid")
     connect: float = Field(default=5.0, gt=0)
     #: until the first token: response headers for JSON replies, the first SSE bytes for streams
@@ -102,8 +101,7 @@ class TimeoutsConfig(BaseModel):
     idle: float = Field(default=30.0, gt=0)
 
     def build(self) -> Timeouts:
-        return Timeouts(connect=self.connect, first_token=self.first_token, total=self.total,
-                        idle=self.idle)
+        return Timeouts(connect=self.connect, first_token=self.first_token, total=self.total, idle=self.idle)
 
 
 class IdleWatch:
@@ -266,8 +264,10 @@ class OpenAICompatibleUpstream:
             if response.content_type != "text/event-stream":
                 # A JSON or HTML page where SSE was asked for is a broken upstream, caught while
                 # another backend can still serve the stream.
-                raise BackendUnavailable(f"the upstream answered a stream request with "
-                                         f"{response.content_type or 'no content type'}, not SSE")
+                raise BackendUnavailable(
+                    f"the upstream answered a stream request with "
+                    f"{response.content_type or 'no content type'}, not SSE"
+                )
             chunks = response.content.iter_any()
             async with asyncio.timeout(self.timeouts.first_token):
                 first = await anext(chunks, b"")
@@ -342,12 +342,14 @@ class OpenAICompatibleUpstream:
             return BackendUnavailable("the upstream refused the gateway's credentials", status=502)
         if status == 429:
             return BackendOverloaded(
-                str(error.get("message") or "the upstream is rate limiting"), status=429,
+                str(error.get("message") or "the upstream is rate limiting"),
+                status=429,
                 retry_after=retry_after,
             )
         if status == 503:
-            return BackendOverloaded(str(error.get("message") or "the upstream is unavailable"),
-                                     retry_after=retry_after)
+            return BackendOverloaded(
+                str(error.get("message") or "the upstream is unavailable"), retry_after=retry_after
+            )
         return UpstreamHTTPError(status, error, retry_after=retry_after)
 
     def _sanitize(self, error: dict[str, Any]) -> dict[str, Any]:

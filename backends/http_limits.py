@@ -55,8 +55,10 @@ async def read_capped(response: aiohttp.ClientResponse, limit: int) -> bytes:
 
 
 def _too_large(limit: int) -> ReplyTooLarge:
-    return ReplyTooLarge(f"the upstream's reply is larger than the gateway's limit of {limit} bytes "
-                         f"(INTERLOCK_MAX_REPLY_BYTES)")
+    return ReplyTooLarge(
+        f"the upstream's reply is larger than the gateway's limit of {limit} bytes "
+        f"(INTERLOCK_MAX_REPLY_BYTES)"
+    )
 
 
 class Redactor:

@@ -58,8 +58,10 @@ class OpenAIBackend:
             headers=headers,
             timeouts=config.timeouts.build(),
             # header values may be credentials too (x-api-key, api-key, ...)
-            secrets=(*(s for s in (key, config.base_url, urlsplit(config.base_url).netloc) if s),
-                     *(v for v in extra.values() if len(v) >= 8)),
+            secrets=(
+                *(s for s in (key, config.base_url, urlsplit(config.base_url).netloc) if s),
+                *(v for v in extra.values() if len(v) >= 8),
+            ),
         )
         self._in_flight = 0
 

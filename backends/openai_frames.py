@@ -23,8 +23,11 @@ DONE = b"data: [DONE]\n\n"
 
 def usage_dict(usage: Usage) -> dict[str, int]:
     """OpenAI's ``usage`` object."""
-    return {"prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens,
-            "total_tokens": usage.total_tokens}
+    return {
+        "prompt_tokens": usage.prompt_tokens,
+        "completion_tokens": usage.completion_tokens,
+        "total_tokens": usage.total_tokens,
+    }
 
 
 class ReplyFrames:
@@ -37,8 +40,11 @@ class ReplyFrames:
         self.model = model
         self.include_usage = include_usage
         chunk_object = "chat.completion.chunk" if chat else "text_completion"
-        self._head = (f'data: {{"id":"{self.id}","object":"{chunk_object}","created":{self.created},'
-                      f'"model":').encode() + orjson.dumps(model) + b',"choices":'
+        self._head = (
+            (f'data: {{"id":"{self.id}","object":"{chunk_object}","created":{self.created},"model":').encode()
+            + orjson.dumps(model)
+            + b',"choices":'
+        )
         key = b'"delta":{"content":' if chat else b'"text":'
         self._delta_prefix = self._head + b'[{"index":0,' + key
         self._delta_suffix = (b"}" if chat else b"") + b',"logprobs":null,"finish_reason":null}]}\n\n'
@@ -67,14 +73,16 @@ class ReplyFrames:
     def body(self, choice: dict[str, Any], usage: Usage) -> bytes:
         """The non-streamed ``chat.completion`` / ``text_completion`` JSON of one choice:
         ``message`` (or ``text``) and ``finish_reason``."""
-        return orjson.dumps({
-            "id": self.id,
-            "object": "chat.completion" if self.chat else "text_completion",
-            "created": self.created,
-            "model": self.model,
-            "choices": [_choice(choice)],
-            "usage": usage_dict(usage),
-        })
+        return orjson.dumps(
+            {
+                "id": self.id,
+                "object": "chat.completion" if self.chat else "text_completion",
+                "created": self.created,
+                "model": self.model,
+                "choices": [_choice(choice)],
+                "usage": usage_dict(usage),
+            }
+        )
 
     def text_body(self, text: str, finish_reason: str, usage: Usage) -> bytes:
         """``body`` for a reply that is only text."""

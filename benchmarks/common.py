@@ -34,17 +34,30 @@ def git_commit(*, short: bool = False) -> str:
     """The checkout's HEAD, with " (with uncommitted changes)" when tracked files differ from it;
     "unknown (not a git checkout)" where git or the repository is missing (a device's copy)."""
     try:
-        sha = subprocess.run(["git", "rev-parse", *(["--short"] if short else []), "HEAD"], cwd=REPO,
-                             capture_output=True, text=True, check=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
-                               capture_output=True, text=True, check=True, timeout=10).stdout.strip()
+        sha = subprocess.run(
+            ["git", "rev-parse", *(["--short"] if short else []), "HEAD"],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=10,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=10,
+        ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return "unknown (not a git checkout)"
     return f"{sha} (with uncommitted changes)" if dirty else sha
 
 
-def percentile(values: Sequence[float], q: float, *,
-               method: Literal["linear", "nearest"] = "linear") -> float | None:
+def percentile(
+    values: Sequence[float], q: float, *, method: Literal["linear", "nearest"] = "linear"
+) -> float | None:
     """The ``q`` quantile (0..1) of ``values``; None for no values.
 
     ``linear``: interpolation between the closest ranks (numpy's default). ``nearest``: the

@@ -27,11 +27,15 @@ def routes_report(gateway: Gateway, facts: RequestFacts = _TYPICAL) -> dict[str,
     snapshot = gateway.snapshot
     return {
         "config": {"hash": snapshot.hash, "source": snapshot.config.source, "loaded_at": snapshot.loaded_at},
-        "request": {"prompt_tokens": facts.prompt_tokens, "max_tokens": facts.max_tokens,
-                    "ttft_budget_ms": facts.ttft_budget_ms},
+        "request": {
+            "prompt_tokens": facts.prompt_tokens,
+            "max_tokens": facts.max_tokens,
+            "ttft_budget_ms": facts.ttft_budget_ms,
+        },
         "retry_budget": gateway.router.budget.snapshot(),
-        "routes": {name: _route_report(gateway.router, route, facts)
-                   for name, route in snapshot.routes.items()},
+        "routes": {
+            name: _route_report(gateway.router, route, facts) for name, route in snapshot.routes.items()
+        },
     }
 
 
@@ -71,9 +75,12 @@ def admin_routes(gateway: Gateway) -> Callable[[Request], Awaitable[Response]]:
                 ttft_budget_ms=float(query["ttft_ms"]) if "ttft_ms" in query else None,
             )
         except ValueError:
-            return Response(b'{"error":{"message":"prompt_tokens, max_tokens and ttft_ms must be numbers",'
-                            b'"type":"invalid_request_error","param":null,"code":null}}', 400,
-                            media_type="application/json")
+            return Response(
+                b'{"error":{"message":"prompt_tokens, max_tokens and ttft_ms must be numbers",'
+                b'"type":"invalid_request_error","param":null,"code":null}}',
+                400,
+                media_type="application/json",
+            )
         return Response(orjson.dumps(routes_report(gateway, facts)), media_type="application/json")
 
     return handle

@@ -28,8 +28,9 @@ class AdminRoutesQuery(BaseModel):
     ttft_ms: float | None = Field(default=None, gt=0, lt=MAX_TTFT_MS, allow_inf_nan=False)
 
     def facts(self) -> RequestFacts:
-        return RequestFacts(prompt_tokens=self.prompt_tokens, max_tokens=self.max_tokens,
-                            ttft_budget_ms=self.ttft_ms)
+        return RequestFacts(
+            prompt_tokens=self.prompt_tokens, max_tokens=self.max_tokens, ttft_budget_ms=self.ttft_ms
+        )
 
 
 def parse_admin_query(params: Mapping[str, str]) -> RequestFacts:
@@ -46,4 +47,6 @@ def admin_routes_query(params: Mapping[str, object]) -> AdminRoutesQuery:
         more = len(exc.errors()) - 1
         raise InvalidRequest(
             f"Invalid value for '{param}': {first['msg']}." + (f" ({more} more problem(s))" if more else ""),
-            param=param, code="invalid_value") from None
+            param=param,
+            code="invalid_value",
+        ) from None

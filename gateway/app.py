@@ -20,6 +20,7 @@ from starlette.responses import Response
 from starlette.routing import Route as HttpRoute
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from backends.base import Endpoint
 from backends.errors import InterlockError
 from gateway.access_log import AccessLog
 from gateway.admin import admin_routes
@@ -41,7 +42,6 @@ from gateway.snapshot import may_use
 from gateway.state import Gateway
 
 log = logging.getLogger("interlock.app")
-
 
 
 def _json(data: object, status: int = 200, headers: dict[str, str] | None = None) -> Response:
@@ -97,8 +97,10 @@ async def _http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
     if exc.status_code == 405:
         # Starlette's exception carries the route's ``Allow`` header, which a 405 must send
-        return _error(MethodNotAllowed(f"{request.method} is not allowed on {request.url.path}."),
-                      {k: v for k, v in (exc.headers or {}).items() if k.lower() == "allow"})
+        return _error(
+            MethodNotAllowed(f"{request.method} is not allowed on {request.url.path}."),
+            {k: v for k, v in (exc.headers or {}).items() if k.lower() == "allow"},
+        )
     return _error(NotFound(f"Unknown path {request.url.path}. The gateway serves the OpenAI API under /v1/."))
 
 
@@ -125,9 +127,14 @@ def build_app(
     list_models, get_model = _models(gateway)
     live, ready = _health(gateway)
     serving = Serving(gateway)
-    hot = {("POST", path): Inference(serving, endpoint)
-           for path, endpoint in (("/v1/chat/completions", "chat"), ("/v1/completions", "completions"),
-                                  ("/v1/embeddings", "embeddings"))}
+    endpoints: tuple[tuple[str, Endpoint], ...] = (
+        ("/v1/chat/completions", "chat"),
+        ("/v1/completions", "completions"),
+        ("/v1/embeddings", "embeddings"),
+    )
+    hot: dict[tuple[str, str], ASGIApp] = {
+        ("POST", path): Inference(serving, endpoint) for path, endpoint in endpoints
+    }
     observed = Metrics(gateway, access_log, reloader=reloader) if metrics else None
     if observed is not None:
         gateway.router.listeners.append(observed)
@@ -147,8 +154,10 @@ def build_app(
         scrape = observed.endpoint(lambda: gateway.snapshot.keys)
         routes.append(HttpRoute("/metrics", scrape, methods=["GET"]))
     if reloader is not None:
-        routes += [HttpRoute("/admin/reload", admin_reload(reloader), methods=["POST"]),
-                   HttpRoute("/admin/config", admin_config(reloader), methods=["GET"])]
+        routes += [
+            HttpRoute("/admin/reload", admin_reload(reloader), methods=["POST"]),
+            HttpRoute("/admin/config", admin_config(reloader), methods=["GET"]),
+        ]
     rest = Starlette(
         routes=routes,
         exception_handlers={HTTPException: _http_error, InterlockError: _interlock_error},

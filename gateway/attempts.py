@@ -40,11 +40,26 @@ class AttemptListener(Protocol):
 
 
 class Attempt:
-    __slots__ = ("_clock", "_listeners", "error", "outcome", "prompt_tokens", "started_at", "target",
-                 "total_s", "ttft_s", "usage")
+    __slots__ = (
+        "_clock",
+        "_listeners",
+        "error",
+        "outcome",
+        "prompt_tokens",
+        "started_at",
+        "target",
+        "total_s",
+        "ttft_s",
+        "usage",
+    )
 
-    def __init__(self, target: Target, prompt_tokens: int, clock: Callable[[], float],
-                 listeners: Sequence[AttemptListener]) -> None:
+    def __init__(
+        self,
+        target: Target,
+        prompt_tokens: int,
+        clock: Callable[[], float],
+        listeners: Sequence[AttemptListener],
+    ) -> None:
         self.target = target
         #: the estimate policies predict from (not the upstream's count)
         self.prompt_tokens = prompt_tokens

@@ -234,8 +234,13 @@ class CircuitBreaker:
 
     def _transition(self, new: State) -> None:
         old, self._state = self._state, new  # callers only ever move to a different state
-        log.log(logging.INFO if new == "closed" else logging.WARNING, "circuit of backend %s: %s -> %s",
-                self.name, old, new)
+        log.log(
+            logging.INFO if new == "closed" else logging.WARNING,
+            "circuit of backend %s: %s -> %s",
+            self.name,
+            old,
+            new,
+        )
         for listener in list(self.listeners):
             try:
                 listener(self.name, old, new)

@@ -150,13 +150,23 @@ class Flight:
 class ResponseCache:
     """The cache of one process: one LRU, one pooled Redis client (if a URL is given)."""
 
-    def __init__(self, section: CacheSection | None = None, redis_url: str | None = None, *,
-                 clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        section: CacheSection | None = None,
+        redis_url: str | None = None,
+        *,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         self.section = section or CacheSection()
         self._clock = clock
         self._memory = MemoryLRU(self.section.memory_bytes, clock)
-        self._redis = RedisTier(redis_url, timeout_s=self.section.redis_timeout_ms / 1000,
-                                breaker=self.section.redis_breaker) if redis_url else None
+        self._redis = (
+            RedisTier(
+                redis_url, timeout_s=self.section.redis_timeout_ms / 1000, breaker=self.section.redis_breaker
+            )
+            if redis_url
+            else None
+        )
         self._flights: dict[str, _Local] = {}
         self._refreshers: set[asyncio.Task[None]] = set()
         self.counters: Counter[str] = Counter()
@@ -176,9 +186,14 @@ class ResponseCache:
         return "memory only" if self._redis is None else self._redis.status()
 
     def stats(self) -> dict[str, Any]:
-        return {"status": self.status(), "memory_entries": len(self._memory),
-                "memory_bytes": self._memory.bytes_used, "memory_evictions": self._memory.evictions,
-                "redis_errors": self._redis.errors if self._redis else 0, **self.counters}
+        return {
+            "status": self.status(),
+            "memory_entries": len(self._memory),
+            "memory_bytes": self._memory.bytes_used,
+            "memory_evictions": self._memory.evictions,
+            "redis_errors": self._redis.errors if self._redis else 0,
+            **self.counters,
+        }
 
     def config_for(self, route_cache: CacheConfig | None) -> CacheConfig | None:
         """A route's effective config: what it set over the section's default; None: no cache."""
@@ -195,8 +210,9 @@ class ResponseCache:
         return StreamRecorder(endpoint, config.max_entry_bytes, on_skip=self._skipped, clock=self._clock)
 
     def reply_from_json(self, endpoint: str, body: bytes, config: CacheConfig) -> CachedReply | None:
-        return _reply_from_json(endpoint, body, config.max_entry_bytes, on_skip=self._skipped,
-                                now=self._clock())
+        return _reply_from_json(
+            endpoint, body, config.max_entry_bytes, on_skip=self._skipped, now=self._clock()
+        )
 
     # -- reading and writing --------------------------------------------------------------------
 
@@ -239,8 +255,9 @@ class ResponseCache:
         reply, ttl_s, stale_s = held
         self._memory.put(key, held, size, reply.created + ttl_s + stale_s)
 
-    def _judge(self, held: tuple[CachedReply, float, float] | None, now: float,
-               max_age_s: float | None) -> Lookup | None:
+    def _judge(
+        self, held: tuple[CachedReply, float, float] | None, now: float, max_age_s: float | None
+    ) -> Lookup | None:
         if held is None:
             return None
         reply, ttl_s, stale_s = held

@@ -81,12 +81,17 @@ class CachedReply:
         return out
 
     def encode(self) -> bytes:
-        return orjson.dumps({
-            "f": FORMAT, "endpoint": self.endpoint, "model": self.model, "created": self.created,
-            "events": None if self.events is None else [e.decode() for e in self.events],
-            "usage_chunk": None if self.usage_chunk is None else self.usage_chunk.decode(),
-            "body": None if self.body is None else self.body.decode(),
-        })
+        return orjson.dumps(
+            {
+                "f": FORMAT,
+                "endpoint": self.endpoint,
+                "model": self.model,
+                "created": self.created,
+                "events": None if self.events is None else [e.decode() for e in self.events],
+                "usage_chunk": None if self.usage_chunk is None else self.usage_chunk.decode(),
+                "body": None if self.body is None else self.body.decode(),
+            }
+        )
 
     @staticmethod
     def decode(raw: bytes) -> CachedReply | None:
@@ -97,7 +102,9 @@ class CachedReply:
                 return None
             events = d["events"]
             reply = CachedReply(
-                endpoint=d["endpoint"], model=str(d["model"]), created=float(d["created"]),
+                endpoint=d["endpoint"],
+                model=str(d["model"]),
+                created=float(d["created"]),
                 events=None if events is None else tuple(e.encode() for e in events),
                 usage_chunk=None if d["usage_chunk"] is None else d["usage_chunk"].encode(),
                 body=None if d["body"] is None else d["body"].encode(),
@@ -117,8 +124,13 @@ class StreamRecorder:
     the client has its last byte. Past ``max_bytes`` it stops keeping anything.
     """
 
-    def __init__(self, endpoint: str, max_bytes: int = DEFAULT_MAX_BYTES, on_skip: SkipHook | None = None,
-                 clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        endpoint: str,
+        max_bytes: int = DEFAULT_MAX_BYTES,
+        on_skip: SkipHook | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         self.endpoint, self.max_bytes, self._on_skip, self._clock = endpoint, max_bytes, on_skip, clock
         self._buf = bytearray()
         self._cr = False  # the last chunk ended in "\r"
@@ -180,9 +192,13 @@ class StreamRecorder:
         if reason is not None:
             self._fail(reason)
             return None
-        return CachedReply(endpoint=self.endpoint, model=str(assembled.get("model", "")),
-                           created=self._clock() if now is None else now,
-                           events=tuple(events), usage_chunk=usage_chunk)
+        return CachedReply(
+            endpoint=self.endpoint,
+            model=str(assembled.get("model", "")),
+            created=self._clock() if now is None else now,
+            events=tuple(events),
+            usage_chunk=usage_chunk,
+        )
 
     def _block(self, block: bytes) -> None:
         data: list[bytes] = []
@@ -213,9 +229,15 @@ class StreamRecorder:
             self._on_skip(reason)
 
 
-def reply_from_json(endpoint: str, body: bytes, max_bytes: int = DEFAULT_MAX_BYTES,
-                    on_skip: SkipHook | None = None, now: float | None = None) -> CachedReply | None:
+def reply_from_json(
+    endpoint: str,
+    body: bytes,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+    on_skip: SkipHook | None = None,
+    now: float | None = None,
+) -> CachedReply | None:
     """An entry of a complete JSON answer (a 200's body), or None if it is not a good one."""
+
     def skip(reason: str) -> None:
         if on_skip is not None:
             on_skip(reason)
@@ -238,8 +260,12 @@ def reply_from_json(endpoint: str, body: bytes, max_bytes: int = DEFAULT_MAX_BYT
     if reason is not None:
         skip(reason)
         return None
-    return CachedReply(endpoint=endpoint, model=str(reply.get("model", "")),
-                       created=time.time() if now is None else now, body=body)
+    return CachedReply(
+        endpoint=endpoint,
+        model=str(reply.get("model", "")),
+        created=time.time() if now is None else now,
+        body=body,
+    )
 
 
 def _fault_of(endpoint: str, reply: dict[str, Any]) -> str | None:
@@ -275,8 +301,10 @@ def _assemble(endpoint: str, chunks: list[dict[str, Any]], usage: dict[str, Any]
         for choice in chunk.get("choices") or ():
             if not isinstance(choice, dict):
                 continue
-            st = states.setdefault(int(choice.get("index") or 0), {
-                "text": [], "refusal": [], "tools": {}, "finish": None, "logprobs": None})
+            st = states.setdefault(
+                int(choice.get("index") or 0),
+                {"text": [], "refusal": [], "tools": {}, "finish": None, "logprobs": None},
+            )
             if choice.get("finish_reason") is not None:
                 st["finish"] = choice["finish_reason"]
             if isinstance(logprobs := choice.get("logprobs"), dict):
@@ -291,8 +319,9 @@ def _assemble(endpoint: str, chunks: list[dict[str, Any]], usage: dict[str, Any]
             if isinstance(delta.get("refusal"), str):
                 st["refusal"].append(delta["refusal"])
             for call in delta.get("tool_calls") or ():
-                slot = st["tools"].setdefault(int(call.get("index") or 0), {
-                    "id": None, "type": "function", "name": [], "arguments": []})
+                slot = st["tools"].setdefault(
+                    int(call.get("index") or 0), {"id": None, "type": "function", "name": [], "arguments": []}
+                )
                 if call.get("id"):
                     slot["id"] = call["id"]
                 function = call.get("function") or {}
@@ -301,9 +330,12 @@ def _assemble(endpoint: str, chunks: list[dict[str, Any]], usage: dict[str, Any]
                 if isinstance(function.get("arguments"), str):
                     slot["arguments"].append(function["arguments"])
     chat = endpoint == "chat"
-    reply: dict[str, Any] = {"id": head.get("id", ""),
-                             "object": "chat.completion" if chat else "text_completion",
-                             "created": head.get("created", 0), "model": head.get("model", "")}
+    reply: dict[str, Any] = {
+        "id": head.get("id", ""),
+        "object": "chat.completion" if chat else "text_completion",
+        "created": head.get("created", 0),
+        "model": head.get("model", ""),
+    }
     if "system_fingerprint" in head:
         reply["system_fingerprint"] = head["system_fingerprint"]
     reply["choices"] = [_choice(chat, i, states[i]) for i in sorted(states)]
@@ -325,9 +357,14 @@ def _choice(chat: bool, index: int, st: dict[str, Any]) -> dict[str, Any]:
     text = "".join(st["text"])
     if not chat:
         return {"index": index, "text": text, "logprobs": st["logprobs"], "finish_reason": st["finish"]}
-    tools = [{"id": t["id"] or f"call_{index}_{j}", "type": t["type"],
-              "function": {"name": "".join(t["name"]), "arguments": "".join(t["arguments"])}}
-             for j, t in sorted(st["tools"].items())]
+    tools = [
+        {
+            "id": t["id"] or f"call_{index}_{j}",
+            "type": t["type"],
+            "function": {"name": "".join(t["name"]), "arguments": "".join(t["arguments"])},
+        }
+        for j, t in sorted(st["tools"].items())
+    ]
     message: dict[str, Any] = {"role": "assistant", "content": text if text or not tools else None}
     if st["refusal"]:
         message["refusal"] = "".join(st["refusal"])
@@ -368,21 +405,30 @@ def _event(chunk: dict[str, Any]) -> bytes:
 
 def _split(endpoint: str, reply: dict[str, Any], include_usage: bool) -> list[bytes]:
     chat = endpoint == "chat"
-    head = {"id": reply.get("id", ""), "object": "chat.completion.chunk" if chat else "text_completion",
-            "created": reply.get("created", 0), "model": reply.get("model", "")}
+    head = {
+        "id": reply.get("id", ""),
+        "object": "chat.completion.chunk" if chat else "text_completion",
+        "created": reply.get("created", 0),
+        "model": reply.get("model", ""),
+    }
     if chat and reply.get("system_fingerprint") is not None:
         head["system_fingerprint"] = reply["system_fingerprint"]
     out: list[bytes] = []
     for choice in reply.get("choices") or ():
         index = choice.get("index", 0)
 
-        def emit(delta: dict[str, Any], finish: str | None = None, logprobs: Any = None,
-                 index: int = index) -> None:
+        def emit(
+            delta: dict[str, Any], finish: str | None = None, logprobs: Any = None, index: int = index
+        ) -> None:
             if chat:
                 body = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
             else:
-                body = {"index": index, "text": delta.get("content", ""), "logprobs": logprobs,
-                        "finish_reason": finish}
+                body = {
+                    "index": index,
+                    "text": delta.get("content", ""),
+                    "logprobs": logprobs,
+                    "finish_reason": finish,
+                }
             out.append(_event({**head, "choices": [body]}))
 
         message = (choice.get("message") or {}) if chat else {"content": choice.get("text")}
@@ -394,8 +440,18 @@ def _split(endpoint: str, reply: dict[str, Any], include_usage: bool) -> list[by
             emit({"refusal": piece})
         for j, call in enumerate(message.get("tool_calls") or ()):
             function = call.get("function") or {}
-            emit({"tool_calls": [{"index": j, "id": call.get("id"), "type": call.get("type", "function"),
-                                  "function": {"name": function.get("name", ""), "arguments": ""}}]})
+            emit(
+                {
+                    "tool_calls": [
+                        {
+                            "index": j,
+                            "id": call.get("id"),
+                            "type": call.get("type", "function"),
+                            "function": {"name": function.get("name", ""), "arguments": ""},
+                        }
+                    ]
+                }
+            )
             for piece in split_text(function.get("arguments") or "", max_words=PIECE_CHARS):
                 emit({"tool_calls": [{"index": j, "function": {"arguments": piece}}]})
         emit({}, choice.get("finish_reason"), choice.get("logprobs"))

@@ -26,11 +26,19 @@ KEY_VERSION = "v1"
 PREFIX = f"interlock:{KEY_VERSION}:"
 
 #: fields that shape the transport, the accounting or the cache itself, never the answer
-IGNORED_FIELDS = frozenset({
-    "stream", "stream_options", "user",
-    "request_id", "x-request-id", "x_request_id",
-    "cache", "cache_control", "cache-control",
-})
+IGNORED_FIELDS = frozenset(
+    {
+        "stream",
+        "stream_options",
+        "user",
+        "request_id",
+        "x-request-id",
+        "x_request_id",
+        "cache",
+        "cache_control",
+        "cache-control",
+    }
+)
 
 
 def _canonical(value: Any) -> Any:

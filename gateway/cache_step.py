@@ -46,8 +46,15 @@ class CacheStep:
     def __init__(self, cache: ResponseCache) -> None:
         self.cache = cache
 
-    async def serve(self, route: Route, endpoint: str, body: dict[str, object], tenant: str | None,
-                    cache_control: str | None, call: Call) -> Served | Opened | Replayed:
+    async def serve(
+        self,
+        route: Route,
+        endpoint: str,
+        body: dict[str, object],
+        tenant: str | None,
+        cache_control: str | None,
+        call: Call,
+    ) -> Served | Opened | Replayed:
         config = self.cache.config_for(route.cache)
         assert config is not None
         control = parse_cache_control(cache_control)
@@ -84,8 +91,9 @@ class CacheStep:
             finally:
                 await flight.done()
             return _tagged(reply, "miss")
-        recording = _Recording(self.cache, key, config, flight, self.cache.recorder(endpoint, config),
-                               reply.first, reply.rest)
+        recording = _Recording(
+            self.cache, key, config, flight, self.cache.recorder(endpoint, config), reply.first, reply.rest
+        )
         return Opened(reply.target, reply.first, recording, reply.reason, cache="miss")
 
 
@@ -109,8 +117,16 @@ class _Recording:
     upstream themselves when there is none (a cut stream, a client that left).
     """
 
-    def __init__(self, cache: ResponseCache, key: str, config: CacheConfig, flight: Flight,
-                 recorder: StreamRecorder, first: bytes, rest: AsyncIterator[bytes]) -> None:
+    def __init__(
+        self,
+        cache: ResponseCache,
+        key: str,
+        config: CacheConfig,
+        flight: Flight,
+        recorder: StreamRecorder,
+        first: bytes,
+        rest: AsyncIterator[bytes],
+    ) -> None:
         self._cache, self._key, self._config, self._flight = cache, key, config, flight
         self._recorder = recorder
         self._rest = rest

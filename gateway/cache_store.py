@@ -30,11 +30,15 @@ REDIS_BREAKER = BreakerConfig(consecutive_failures=3, cooldown_s=1.0, max_cooldo
 
 # Lua, so that check-and-act is one atomic command (https://redis.io/docs/latest/develop/interact/programmability/eval-intro/)
 _UNLOCK = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"
-_REFRESH = ("if redis.call('GET', KEYS[1]) == ARGV[1] then "
-            "return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end return 0")
+_REFRESH = (
+    "if redis.call('GET', KEYS[1]) == ARGV[1] then "
+    "return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end return 0"
+)
 #: an entry if there is one, else whether its lock is still held (both keys carry one hash tag)
-_POLL = ("local v = redis.call('GET', KEYS[1]) if v then return {1, v} end "
-         "return {0, redis.call('EXISTS', KEYS[2])}")
+_POLL = (
+    "local v = redis.call('GET', KEYS[1]) if v then return {1, v} end "
+    "return {0, redis.call('EXISTS', KEYS[2])}"
+)
 
 
 class MemoryLRU:
@@ -97,7 +101,8 @@ def make_client(url: str, connect_timeout_s: float) -> Any:
         "socket_connect_timeout": connect_timeout_s,
         "socket_timeout": connect_timeout_s,  # a backstop: each call has its own, shorter timeout
         "retry": Retry(NoBackoff(), 0),  # no retries inside the client: our timeout is the budget
-        "lib_name": None, "lib_version": None,  # no CLIENT SETINFO round trips on each new connection
+        "lib_name": None,
+        "lib_version": None,  # no CLIENT SETINFO round trips on each new connection
     }
     if url.startswith(CLUSTER_SCHEMES):
         return RedisCluster.from_url(url.replace("+cluster", "", 1), **common)
@@ -108,8 +113,14 @@ class RedisTier:
     """Redis under a timeout and a breaker. Every method either answers or raises ``Unavailable``
     within about ``timeout_s``; none raises anything else."""
 
-    def __init__(self, url: str, *, timeout_s: float = 0.02, connect_timeout_s: float = 0.5,
-                 breaker: BreakerConfig | None = None) -> None:
+    def __init__(
+        self,
+        url: str,
+        *,
+        timeout_s: float = 0.02,
+        connect_timeout_s: float = 0.5,
+        breaker: BreakerConfig | None = None,
+    ) -> None:
         self.url = url
         self.cluster = url.startswith(CLUSTER_SCHEMES)
         self.timeout_s = timeout_s

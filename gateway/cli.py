@@ -43,8 +43,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except ValidationError as exc:
         print(f"interlock: bad setting: {exc}", file=sys.stderr)
         return 2
-    logging.basicConfig(level=settings.log_level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     try:
         config = _load(settings)
     except ConfigError as exc:
@@ -118,8 +119,9 @@ def cmd_routes(args: argparse.Namespace) -> int:
         with urllib.request.urlopen(request, timeout=10) as response:
             report = json.load(response)
     except urllib.error.HTTPError as exc:
-        print(f"interlock: {url}: HTTP {exc.code}: {exc.read().decode(errors='replace')[:300]}",
-              file=sys.stderr)
+        print(
+            f"interlock: {url}: HTTP {exc.code}: {exc.read().decode(errors='replace')[:300]}", file=sys.stderr
+        )
         return 1
     except (urllib.error.URLError, OSError) as exc:
         print(f"interlock: cannot reach {args.url}: {getattr(exc, 'reason', exc)}", file=sys.stderr)
@@ -130,8 +132,11 @@ def cmd_routes(args: argparse.Namespace) -> int:
     try:
         table = render_routes(report)
     except (KeyError, TypeError, AttributeError):
-        print(f"interlock: {url}: an answer of an unexpected shape; is this an Interlock gateway "
-              "of the same version?", file=sys.stderr)
+        print(
+            f"interlock: {url}: an answer of an unexpected shape; is this an Interlock gateway "
+            "of the same version?",
+            file=sys.stderr,
+        )
         return 1
     print(table)
     return 0
@@ -139,28 +144,54 @@ def cmd_routes(args: argparse.Namespace) -> int:
 
 def render_routes(report: dict[str, Any]) -> str:
     facts = report["request"]
-    lines = [f"ranking for a request of {facts['prompt_tokens']} prompt tokens, "
-             f"max_tokens {facts['max_tokens']}" +
-             (f", ttft budget {facts['ttft_budget_ms']:g} ms" if facts.get("ttft_budget_ms") else "")]
-    header = ("#", "backend", "circuit", "healthy", "in flight", "samples", "err %", "ttft p50",
-              "ttft p95", "tpot", "reason")
+    lines = [
+        f"ranking for a request of {facts['prompt_tokens']} prompt tokens, "
+        f"max_tokens {facts['max_tokens']}"
+        + (f", ttft budget {facts['ttft_budget_ms']:g} ms" if facts.get("ttft_budget_ms") else "")
+    ]
+    header = (
+        "#",
+        "backend",
+        "circuit",
+        "healthy",
+        "in flight",
+        "samples",
+        "err %",
+        "ttft p50",
+        "ttft p95",
+        "tpot",
+        "reason",
+    )
     for name, route in report["routes"].items():
         lines.append("")
-        lines.append(f"{name}  (policy {route['policy']}, attempts {route['attempts']}"
-                     + (", hedged" if route["hedge"] else "") + ")")
+        lines.append(
+            f"{name}  (policy {route['policy']}, attempts {route['attempts']}"
+            + (", hedged" if route["hedge"] else "")
+            + ")"
+        )
         rows = [header]
         for i, entry in enumerate(route["order"], start=1):
             stats, breaker = entry["stats"], entry["breaker"]
-            rows.append((
-                str(i), entry["backend"], str(breaker.get("state", "?")),
-                {True: "yes", False: "NO", None: "-"}[entry["healthy"]],
-                str(entry["load"]["in_flight"]), str(stats["samples"]),
-                f"{100 * stats['error_rate']:.0f}", _ms(stats["ttft_p50_ms"]), _ms(stats["ttft_p95_ms"]),
-                _ms(stats["tpot_ms"]), entry["reason"],
-            ))
+            rows.append(
+                (
+                    str(i),
+                    entry["backend"],
+                    str(breaker.get("state", "?")),
+                    {True: "yes", False: "NO", None: "-"}[entry["healthy"]],
+                    str(entry["load"]["in_flight"]),
+                    str(stats["samples"]),
+                    f"{100 * stats['error_rate']:.0f}",
+                    _ms(stats["ttft_p50_ms"]),
+                    _ms(stats["ttft_p95_ms"]),
+                    _ms(stats["tpot_ms"]),
+                    entry["reason"],
+                )
+            )
         widths = [max(len(row[c]) for row in rows) for c in range(len(header))]
-        lines += ["  " + "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
-                  for row in rows]
+        lines += [
+            "  " + "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
+            for row in rows
+        ]
         for entry in route["order"]:
             for ep in entry.get("endpoints", ()):  # a pool's endpoints (kind: vllm)
                 kv = ep.get("kv_cache_usage")
@@ -170,7 +201,8 @@ def render_routes(report: dict[str, Any]) -> str:
                     f"{ep['in_flight']} in flight, {ep['outstanding_tokens']} tokens queued, "
                     f"running {ep.get('running')}, waiting {ep.get('waiting')}, "
                     f"kv {'-' if kv is None else f'{100 * kv:.0f}%'}, "
-                    f"prefix hits {'-' if hit is None else f'{100 * hit:.0f}%'}")
+                    f"prefix hits {'-' if hit is None else f'{100 * hit:.0f}%'}"
+                )
     return "\n".join(lines)
 
 
@@ -188,8 +220,11 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--host", help="bind address (env INTERLOCK_HOST, default 127.0.0.1)")
     s.add_argument("--port", "-p", type=int, help="port (env INTERLOCK_PORT, default 8080)")
     s.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
-    s.add_argument("--allow-unauthenticated", action="store_true",
-                   help="serve beyond loopback with no client keys configured")
+    s.add_argument(
+        "--allow-unauthenticated",
+        action="store_true",
+        help="serve beyond loopback with no client keys configured",
+    )
     s.set_defaults(func=cmd_serve)
 
     c = sub.add_parser("check", help="validate a routing YAML; prints each problem with its path")
@@ -197,8 +232,11 @@ def parser() -> argparse.ArgumentParser:
     c.set_defaults(func=cmd_check)
 
     r = sub.add_parser("routes", help="show a running gateway's live ranking per route")
-    r.add_argument("--url", default=os.environ.get("INTERLOCK_URL", "http://127.0.0.1:8080"),
-                   help="the gateway (env INTERLOCK_URL)")
+    r.add_argument(
+        "--url",
+        default=os.environ.get("INTERLOCK_URL", "http://127.0.0.1:8080"),
+        help="the gateway (env INTERLOCK_URL)",
+    )
     r.add_argument("--key", help="an admin client key (env INTERLOCK_ADMIN_KEY)")
     r.add_argument("--prompt-tokens", type=int, default=500)
     r.add_argument("--max-tokens", type=int, default=256)

@@ -161,6 +161,7 @@ def interpolate(node: Any, env: dict[str, str], path: str = "") -> tuple[Any, li
         if isinstance(value, list):
             return [walk(v, f"{where}[{i}]") for i, v in enumerate(value)]
         if isinstance(value, str) and "$" in value:
+
             def sub(match: re.Match[str]) -> str:
                 if match.group(0) == "$$":
                     return "$"
@@ -208,8 +209,9 @@ def _backend_model(kind: str) -> type[BaseModel]:
 # --- loading ----------------------------------------------------------------
 
 
-def parse_config(data: Any, source: str = "<config>", env: dict[str, str] | None = None, *,
-                 files: bool = False) -> LoadedConfig:
+def parse_config(
+    data: Any, source: str = "<config>", env: dict[str, str] | None = None, *, files: bool = False
+) -> LoadedConfig:
     """Validate an already-parsed YAML document; raises ``ConfigError`` listing every problem.
 
     Every section is checked in the same pass (a wrong route never hides a wrong backend). With
@@ -229,8 +231,11 @@ def parse_config(data: Any, source: str = "<config>", env: dict[str, str] | None
     raw_backends: dict[str, Any] = {} if "backends" in bad else data["backends"]
     raw_models: dict[str, Any] = {} if "models" in bad else data["models"]
     auth = _section(AuthConfig, data.get("auth", {}), "auth", problems)
-    backends = {name: cfg for name, raw in raw_backends.items()
-                if (cfg := _backend(name, raw, problems, files)) is not None}
+    backends = {
+        name: cfg
+        for name, raw in raw_backends.items()
+        if (cfg := _backend(name, raw, problems, files)) is not None
+    }
 
     models: dict[str, RouteConfig] = {}
     for model, raw in raw_models.items():
@@ -270,8 +275,9 @@ def parse_config(data: Any, source: str = "<config>", env: dict[str, str] | None
 
     if problems or auth is None or resilience is None or cache is None:
         raise ConfigError(source, problems)
-    return LoadedConfig(auth=auth, backends=backends, models=models, source=source, resilience=resilience,
-                        cache=cache)
+    return LoadedConfig(
+        auth=auth, backends=backends, models=models, source=source, resilience=resilience, cache=cache
+    )
 
 
 def _section(model: type[_M], raw: Any, where: str, problems: list[tuple[str, str]]) -> _M | None:

@@ -30,8 +30,15 @@ log = logging.getLogger("interlock.health")
 
 
 class HealthMonitor:
-    def __init__(self, targets: Callable[[], Iterable[Target]], *, interval_s: float, timeout_s: float,
-                 recheck_s: float = 1.0, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        targets: Callable[[], Iterable[Target]],
+        *,
+        interval_s: float,
+        timeout_s: float,
+        recheck_s: float = 1.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         #: the targets in force (the current snapshot's), read at every round
         self._targets = targets
         self.interval_s = interval_s
@@ -82,8 +89,11 @@ class HealthMonitor:
         tick = min(self.interval_s, self.recheck_s)
         while True:
             now = self._clock()
-            due = [t for t in self._targets() if not t.healthy
-                   or now - self._checked_at.get(t.name, -self.interval_s) >= self.interval_s]
+            due = [
+                t
+                for t in self._targets()
+                if not t.healthy or now - self._checked_at.get(t.name, -self.interval_s) >= self.interval_s
+            ]
             if due:
                 await asyncio.gather(*(self.check(t) for t in due))
             await asyncio.sleep(tick)

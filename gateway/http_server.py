@@ -32,8 +32,9 @@ from asyncio import TimerHandle
 from dataclasses import dataclass
 from typing import Any
 
+from uvicorn._types import ASGI3Application
 from uvicorn.protocols.http.flow_control import HIGH_WATER_LIMIT
-from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
+from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol, RequestResponseCycle
 
 from gateway.errors import HeadersTooLarge, InterlockError, error_body, error_headers
 
@@ -98,20 +99,47 @@ class EdgeProtocol(HttpToolsProtocol):
         self._timer: TimerHandle | None = None
         #: bytes of the data_received call being parsed
         self._chunk = 0
+        #: a request whose app waits for its body to come in
+        self._deferred: tuple[RequestResponseCycle, ASGI3Application] | None = None
 
     def connection_made(self, transport: Any) -> None:
         super().connection_made(transport)
         limit = self.limits.max_connections
         if len(self.connections) > limit:
             self.connections.discard(self)  # a refused connection holds no place
-            self._refuse(TooManyConnections(
-                f"The gateway has {limit} connections open, its limit; retry shortly.", retry_after=1))
+            self._refuse(
+                TooManyConnections(
+                    f"The gateway has {limit} connections open, its limit; retry shortly.", retry_after=1
+                )
+            )
             return
         self._await_head()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_timer()
+        self._deferred = None
         super().connection_lost(exc)
+
+    def shutdown(self) -> None:
+        if self._deferred is not None:  # a request whose body never came: nothing to finish
+            self._deferred = None
+            self.transport.close()
+            return
+        super().shutdown()
+
+    def _start_asgi_task(self, cycle: RequestResponseCycle, app: ASGI3Application) -> None:
+        # The app starts once the body is in (or a buffer's worth, or the client waits for a 100
+        # Continue): a slow body then holds a parser and a buffer, not a task with its frames,
+        # whose numbers (5,000 slow bodies) made each full pass of the collector stall the loop
+        if cycle.more_body and not cycle.waiting_for_100_continue and len(cycle.body) <= HIGH_WATER_LIMIT:
+            self._deferred = (cycle, app)
+            return
+        super()._start_asgi_task(cycle, app)
+
+    def _start_deferred(self) -> None:
+        deferred, self._deferred = self._deferred, None
+        if deferred is not None:
+            super()._start_asgi_task(*deferred)
 
     def data_received(self, data: bytes) -> None:
         if self._refused:
@@ -135,8 +163,11 @@ class EdgeProtocol(HttpToolsProtocol):
         self._head_ended = True
         # the head is within what has arrived: only when that passes the cap is it measured
         if self._head_bytes + self._chunk > self.limits.max_head_bytes:
-            size = (_REQUEST_LINE_EXTRA + len(self.url)
-                    + sum(len(name) + len(value) + _PER_HEADER_EXTRA for name, value in self.headers))
+            size = (
+                _REQUEST_LINE_EXTRA
+                + len(self.url)
+                + sum(len(name) + len(value) + _PER_HEADER_EXTRA for name, value in self.headers)
+            )
             if max(size, self._head_bytes) > self.limits.max_head_bytes:
                 self._refuse_head()
                 return
@@ -160,6 +191,7 @@ class EdgeProtocol(HttpToolsProtocol):
         # uvicorn's on_body, except that the app is woken when the body is complete or a buffer's
         # worth is in, not per chunk: a body trickled a byte at a time cost a task switch a byte
         if len(cycle.body) > HIGH_WATER_LIMIT:
+            self._start_deferred()
             self.flow.pause_reading()
             cycle.message_event.set()
 
@@ -169,6 +201,7 @@ class EdgeProtocol(HttpToolsProtocol):
         self._in_body = False
         self._phase = _SERVING
         super().on_message_complete()
+        self._start_deferred()
         if self.cycle is not None and self.cycle.response_complete:
             self._await_head()  # answered before its body was in: the next head's wait starts now
 
@@ -211,13 +244,19 @@ class EdgeProtocol(HttpToolsProtocol):
             if self._served and not self._head_begun:
                 self.transport.close()  # an idle keep-alive connection
             else:
-                self._refuse(RequestTimeout(f"The request head did not arrive within "
-                                            f"{self.limits.header_timeout_s:g} s."))
+                self._refuse(
+                    RequestTimeout(
+                        f"The request head did not arrive within {self.limits.header_timeout_s:g} s."
+                    )
+                )
         else:
-            self._refuse(RequestTimeout(
-                f"The request body stalled: no bytes for {self.limits.body_timeout_s:g} s, or "
-                f"under {self.limits.body_min_bytes_per_s:g} bytes/s."),
-                answer=self.cycle is not None and not self.cycle.response_started and not self.pipeline)
+            self._refuse(
+                RequestTimeout(
+                    f"The request body stalled: no bytes for {self.limits.body_timeout_s:g} s, or "
+                    f"under {self.limits.body_min_bytes_per_s:g} bytes/s."
+                ),
+                answer=self.cycle is not None and not self.cycle.response_started and not self.pipeline,
+            )
 
     def _due(self, now: float) -> float:
         limits = self.limits
@@ -239,12 +278,14 @@ class EdgeProtocol(HttpToolsProtocol):
     def _refuse_head(self) -> None:
         cycle = self.cycle
         # not while an earlier response is still going out on this connection: only close
-        self._refuse(HeadersTooLarge(
-            f"The request line and headers are over {self.limits.max_head_bytes} bytes."),
-            answer=cycle is None or cycle.response_complete)
+        self._refuse(
+            HeadersTooLarge(f"The request line and headers are over {self.limits.max_head_bytes} bytes."),
+            answer=cycle is None or cycle.response_complete,
+        )
 
     def _refuse(self, exc: InterlockError, *, answer: bool = True) -> None:
         self._refused = True
+        self._deferred = None  # its app never started: it never will
         self._phase = _SERVING
         self._cancel_timer()
         if not answer:
@@ -259,9 +300,17 @@ class EdgeProtocol(HttpToolsProtocol):
         head = [STATUS_LINE[exc.status]]
         for name, value in error_headers(exc).items():
             head += (name.encode(), b": ", value.encode(), b"\r\n")
-        self.transport.write(b"".join((
-            *head, b"content-length: ", str(len(body)).encode(), b"\r\nconnection: close\r\n\r\n", body,
-        )))
+        self.transport.write(
+            b"".join(
+                (
+                    *head,
+                    b"content-length: ",
+                    str(len(body)).encode(),
+                    b"\r\nconnection: close\r\n\r\n",
+                    body,
+                )
+            )
+        )
         if self.transport.can_write_eof():
             self.transport.write_eof()
             self.loop.call_later(_LINGER_S, self.transport.close)

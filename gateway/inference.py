@@ -54,8 +54,13 @@ class Inference:
         request_id: str = scope[REQUEST_ID_KEY]
         try:
             raw = await _read_body(receive)
-            request = ClientRequest(endpoint=self.endpoint, body=parse_body(self.endpoint, raw),
-                                    size=len(raw), request_id=request_id, key=scope.get(CLIENT_KEY))
+            request = ClientRequest(
+                endpoint=self.endpoint,
+                body=parse_body(self.endpoint, raw),
+                size=len(raw),
+                request_id=request_id,
+                key=scope.get(CLIENT_KEY),
+            )
             scope[CLIENT_REQUEST_KEY] = request
             for name, value in scope["headers"]:
                 if name == b"x-interlock-max-ttft-ms":
@@ -96,16 +101,26 @@ class Inference:
 
 async def _replay(reply: Replayed, scope: Scope, receive: Receive, send: Send) -> None:
     """An answer from the response cache: no backend, no cost, its age."""
-    headers = {"x-interlock-cache": reply.cache, "age": str(int(reply.age_s)), "x-interlock-backend": "cache",
-               "x-interlock-cost-usd": "0.00000000"}
+    headers = {
+        "x-interlock-cache": reply.cache,
+        "age": str(int(reply.age_s)),
+        "x-interlock-backend": "cache",
+        "x-interlock-cost-usd": "0.00000000",
+    }
     if reply.body is not None:
-        await send({"type": "http.response.start", "status": 200,
-                    "headers": [_JSON, *((k.encode(), v.encode()) for k, v in headers.items())]})
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [_JSON, *((k.encode(), v.encode()) for k, v in headers.items())],
+            }
+        )
         await send({"type": "http.response.body", "body": reply.body})
         return
     assert reply.events is not None
-    response = StreamingResponse(_events(reply.events), media_type="text/event-stream",
-                                 headers={**_SSE_HEADERS, **headers})
+    response = StreamingResponse(
+        _events(reply.events), media_type="text/event-stream", headers={**_SSE_HEADERS, **headers}
+    )
     await response(scope, receive, send)
 
 

@@ -74,9 +74,13 @@ class RequestContext:
         except Exception:
             log.exception("unhandled error in request %s", request_id.decode())
             if not started:
-                await send_error(send, InterlockError("The gateway hit an internal error; "
-                                                      f"quote request id {request_id.decode()}."),
-                                 request_id)
+                await send_error(
+                    send,
+                    InterlockError(
+                        f"The gateway hit an internal error; quote request id {request_id.decode()}."
+                    ),
+                    request_id,
+                )
 
 
 class BodyLimit:
@@ -138,8 +142,13 @@ class ClientAuth:
             # opened the API to the network.
             client = scope.get("client")
             if not (client and _loopback(client[0])):
-                await send_error(send, PermissionDenied("/admin/ answers loopback clients only when no "
-                                                        "client keys are configured.", code="admin_only"))
+                await send_error(
+                    send,
+                    PermissionDenied(
+                        "/admin/ answers loopback clients only when no client keys are configured.",
+                        code="admin_only",
+                    ),
+                )
                 return
         if not keys or not (admin or scope["path"].startswith("/v1/")):
             await self.app(scope, receive, send)
@@ -153,13 +162,21 @@ class ClientAuth:
                 break
         key = keys.match(token.strip())
         if key is None:
-            message = ("Missing API key: send 'Authorization: Bearer <key>'." if not token
-                       else "Incorrect API key provided.")
+            message = (
+                "Missing API key: send 'Authorization: Bearer <key>'."
+                if not token
+                else "Incorrect API key provided."
+            )
             await send_error(send, AuthenticationFailed(message))
             return
         if admin and not key.admin:
-            await send_error(send, PermissionDenied("This API key may not read /admin/; "
-                                                    "set admin: true on it in auth.keys.", code="admin_only"))
+            await send_error(
+                send,
+                PermissionDenied(
+                    "This API key may not read /admin/; set admin: true on it in auth.keys.",
+                    code="admin_only",
+                ),
+            )
             return
         scope[CLIENT_KEY] = key
         await self.app(scope, receive, send)

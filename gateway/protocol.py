@@ -127,8 +127,10 @@ def parse_body(endpoint: Endpoint, raw: bytes) -> dict[str, Any]:
     # Nesting cannot pass the number of brackets, and counting bytes is nearly free: the walk
     # runs only for bodies with that many.
     if raw.count(b"[") + raw.count(b"{") > MAX_JSON_DEPTH and _too_deep(body, MAX_JSON_DEPTH):
-        raise InvalidRequest(f"The request body nests arrays and objects deeper than {MAX_JSON_DEPTH} "
-                             "levels.", code="invalid_json")
+        raise InvalidRequest(
+            f"The request body nests arrays and objects deeper than {MAX_JSON_DEPTH} levels.",
+            code="invalid_json",
+        )
     try:
         REQUEST_MODELS[endpoint].model_validate(body)
     except ValidationError as exc:
@@ -166,8 +168,11 @@ def _first_problem(exc: ValidationError) -> InvalidRequest:
         message = f"Invalid value for '{param}': {msg.removeprefix('Value error, ')}."
     if len(errors) > 1 and first["type"] != "missing" and not _is_union(errors):
         message += f" ({len(errors) - 1} more problem(s) in the body)"
-    return InvalidRequest(message, param=param or None, code="missing_required_parameter"
-                          if first["type"] == "missing" else "invalid_value")
+    return InvalidRequest(
+        message,
+        param=param or None,
+        code="missing_required_parameter" if first["type"] == "missing" else "invalid_value",
+    )
 
 
 def _is_union(errors: list[Any]) -> bool:
@@ -175,5 +180,14 @@ def _is_union(errors: list[Any]) -> bool:
 
 
 # pydantic names union branches in ``loc``; they mean nothing to a client
-_UNION_TAGS = {"str", "list[str]", "list[int]", "list[list[int]]", "list[dict[str,any]]",
-               "dict[str,any]", "float", "int", "bool"}
+_UNION_TAGS = {
+    "str",
+    "list[str]",
+    "list[int]",
+    "list[list[int]]",
+    "list[dict[str,any]]",
+    "dict[str,any]",
+    "float",
+    "int",
+    "bool",
+}

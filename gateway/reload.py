@@ -78,18 +78,26 @@ class ReloadResult:
 
     def to_dict(self) -> dict[str, object]:
         return {
-            "status": self.status, "source": self.source, "trigger": self.trigger, "dry_run": self.dry_run,
+            "status": self.status,
+            "source": self.source,
+            "trigger": self.trigger,
+            "dry_run": self.dry_run,
             "problems": [{"path": path, "message": message} for path, message in self.problems],
-            "reason": self.reason, "diff": self.diff, "notes": self.notes,
-            "previous_hash": self.previous_hash, "hash": self.hash, "at": self.at,
+            "reason": self.reason,
+            "diff": self.diff,
+            "notes": self.notes,
+            "previous_hash": self.previous_hash,
+            "hash": self.hash,
+            "at": self.at,
         }
 
     def error(self) -> InterlockError | None:
         """The OpenAI-shaped error an HTTP caller gets for this result; None when it succeeded."""
         if self.status == "invalid":
             lines = "; ".join(f"{p}: {m}" if p else m for p, m in self.problems)
-            return InvalidRequest(f"{self.source}: {len(self.problems)} problem(s): {lines}",
-                                  code="invalid_config")
+            return InvalidRequest(
+                f"{self.source}: {len(self.problems)} problem(s): {lines}", code="invalid_config"
+            )
         if self.status == "failed":
             return InterlockError(self.reason, code="reload_failed")
         return None
@@ -97,17 +105,27 @@ class ReloadResult:
 
 def config_diff(old: LoadedConfig, new: LoadedConfig) -> dict[str, list[str]]:
     """Backends and models added, removed, changed (by config equality) and, for backends, kept."""
+
     def split(a: Mapping[str, object], b: Mapping[str, object]) -> tuple[list[str], ...]:
-        return ([n for n in b if n not in a], [n for n in a if n not in b],
-                [n for n in b if n in a and a[n] != b[n]], [n for n in b if n in a and a[n] == b[n]])
+        return (
+            [n for n in b if n not in a],
+            [n for n in a if n not in b],
+            [n for n in b if n in a and a[n] != b[n]],
+            [n for n in b if n in a and a[n] == b[n]],
+        )
 
     b_added, b_removed, b_changed, b_kept = split(old.backends, new.backends)
     m_added, m_removed, m_changed, _ = split(old.models, new.models)
     sections = [name for name in ("auth", "resilience", "cache") if getattr(old, name) != getattr(new, name)]
     return {
-        "backends_added": b_added, "backends_removed": b_removed, "backends_changed": b_changed,
-        "backends_kept": b_kept, "models_added": m_added, "models_removed": m_removed,
-        "models_changed": m_changed, "sections_changed": sections,
+        "backends_added": b_added,
+        "backends_removed": b_removed,
+        "backends_changed": b_changed,
+        "backends_kept": b_kept,
+        "models_added": m_added,
+        "models_removed": m_removed,
+        "models_changed": m_changed,
+        "sections_changed": sections,
     }
 
 
@@ -119,8 +137,15 @@ def _file_digest(path: Path) -> str | None:
 
 
 class Reloader:
-    def __init__(self, gateway: Gateway, path: str | None, resources: Resources, *,
-                 drain_s: float = 30.0, poll_s: float = 1.0) -> None:
+    def __init__(
+        self,
+        gateway: Gateway,
+        path: str | None,
+        resources: Resources,
+        *,
+        drain_s: float = 30.0,
+        poll_s: float = 1.0,
+    ) -> None:
         self.gateway = gateway
         #: the routing file; None: the embedded default, which has no file to reload
         self.path = path
@@ -184,14 +209,17 @@ class Reloader:
 
     # -- the reload ---------------------------------------------------------------------------
 
-    async def reload(self, *, dry_run: bool = False, trigger: str = "admin",
-                     wait: bool = False) -> ReloadResult:
+    async def reload(
+        self, *, dry_run: bool = False, trigger: str = "admin", wait: bool = False
+    ) -> ReloadResult:
         """Validate the file and, unless ``dry_run``, put it in force. One at a time: raises
         ``ReloadInProgress`` while another runs (``wait``: queue behind it instead)."""
         if self.path is None:
-            raise InvalidRequest("This gateway serves the embedded default, which has no routing file to "
-                                 "reload; start it with --config FILE (INTERLOCK_CONFIG).",
-                                 code="reload_unavailable")
+            raise InvalidRequest(
+                "This gateway serves the embedded default, which has no routing file to "
+                "reload; start it with --config FILE (INTERLOCK_CONFIG).",
+                code="reload_unavailable",
+            )
         if dry_run:
             return (await self._check(trigger, dry_run=True))[0]
         if self._lock.locked() and not wait:
@@ -210,8 +238,9 @@ class Reloader:
         path = Path(self.path)
         if not dry_run:
             self._attempted = await asyncio.to_thread(_file_digest, path)
-        result = ReloadResult(status="ok", source=self.path, trigger=trigger, dry_run=dry_run,
-                              previous_hash=old.hash)
+        result = ReloadResult(
+            status="ok", source=self.path, trigger=trigger, dry_run=dry_run, previous_hash=old.hash
+        )
         try:
             new = await asyncio.to_thread(load_config, path)
         except ConfigError as exc:
@@ -244,8 +273,9 @@ class Reloader:
         for name in diff["backends_removed"] + diff["backends_changed"]:
             self._retire(old.targets[name])
 
-    async def _start(self, new: LoadedConfig, names: list[str],
-                     result: ReloadResult) -> dict[str, Backend] | None:
+    async def _start(
+        self, new: LoadedConfig, names: list[str], result: ReloadResult
+    ) -> dict[str, Backend] | None:
         """The backends ``names`` of ``new``, built and started; None (with ``result`` failed and
         every one closed again) when one cannot be built or started."""
         from gateway.server import build_backends  # the server imports this module
@@ -253,15 +283,18 @@ class Reloader:
         if not names:
             return {}
         try:
-            fresh = build_backends(dataclasses.replace(new, backends={n: new.backends[n] for n in names}),
-                                   self.resources)
+            fresh = build_backends(
+                dataclasses.replace(new, backends={n: new.backends[n] for n in names}), self.resources
+            )
         except Exception as exc:
             result.status, result.reason = "failed", f"cannot build the new backends: {exc}"
             return None
         outcomes = await asyncio.gather(*(b.start() for b in fresh.values()), return_exceptions=True)
-        failures = [f"backends.{name}: failed to start: {outcome}"
-                    for name, outcome in zip(fresh, outcomes, strict=True)
-                    if isinstance(outcome, BaseException)]
+        failures = [
+            f"backends.{name}: failed to start: {outcome}"
+            for name, outcome in zip(fresh, outcomes, strict=True)
+            if isinstance(outcome, BaseException)
+        ]
         if failures:
             await asyncio.gather(*(b.close() for b in fresh.values()), return_exceptions=True)
             result.status, result.reason = "failed", "; ".join(failures)
@@ -276,15 +309,17 @@ class Reloader:
         if retry != old.config.resilience.retry:
             router.budget.ratio, router.budget.min_per_s = retry.budget_ratio, retry.budget_min_per_s
             # the router keeps no other copy of these: its constructor builds the same wait
-            router._backoff = wait_exponential_jitter(initial=retry.backoff_initial_s,
-                                                      max=retry.backoff_max_s, jitter=retry.backoff_initial_s)
+            router._backoff = wait_exponential_jitter(
+                initial=retry.backoff_initial_s, max=retry.backoff_max_s, jitter=retry.backoff_initial_s
+            )
         check, health = resilience.health_check, self.gateway.health
         health.timeout_s = check.timeout_s
         if (check.interval_s > 0) == (health.interval_s > 0):
             health.interval_s = check.interval_s
         else:
-            result.notes.append("resilience.health_check.interval_s: turning active checks on or off "
-                                "takes a restart")
+            result.notes.append(
+                "resilience.health_check.interval_s: turning active checks on or off takes a restart"
+            )
 
     def _retire(self, target: Target) -> None:
         self.draining.append(target)
@@ -300,8 +335,13 @@ class Reloader:
                     break
                 await asyncio.sleep(DRAIN_POLL_S)
             if target.stats.in_flight > 0:
-                log.warning("backend %s (replaced by a reload) still has %d request(s) in flight after "
-                            "%gs; closing it", target.name, target.stats.in_flight, self.drain_s)
+                log.warning(
+                    "backend %s (replaced by a reload) still has %d request(s) in flight after "
+                    "%gs; closing it",
+                    target.name,
+                    target.stats.in_flight,
+                    self.drain_s,
+                )
         finally:
             self.draining.remove(target)
             try:
@@ -315,16 +355,25 @@ class Reloader:
         self.last_error = None
         if result.status == "invalid":
             self.last_error = str(ConfigError(result.source, result.problems))
-            log.warning("reload (%s) rejected, the last good config keeps serving: %s", result.trigger,
-                        self.last_error)
+            log.warning(
+                "reload (%s) rejected, the last good config keeps serving: %s",
+                result.trigger,
+                self.last_error,
+            )
         elif result.status == "failed":
             self.last_error = result.reason
-            log.error("reload (%s) failed, the last good config keeps serving: %s", result.trigger,
-                      result.reason)
+            log.error(
+                "reload (%s) failed, the last good config keeps serving: %s", result.trigger, result.reason
+            )
         elif result.status == "ok":
             changes = {k: v for k, v in result.diff.items() if v and k != "backends_kept"}
-            log.info("reload (%s): config %s in force (was %s): %s", result.trigger, (result.hash or "")[:12],
-                     result.previous_hash[:12], changes or "no backend or model changed")
+            log.info(
+                "reload (%s): config %s in force (was %s): %s",
+                result.trigger,
+                (result.hash or "")[:12],
+                result.previous_hash[:12],
+                changes or "no backend or model changed",
+            )
 
     # -- lifetime -----------------------------------------------------------------------------
 
@@ -378,13 +427,20 @@ def admin_reload(reloader: Reloader) -> Callable[[Request], Awaitable[Response]]
 def admin_config(reloader: Reloader) -> Callable[[Request], Awaitable[Response]]:
     async def handle(_: Request) -> Response:
         snapshot, last = reloader.gateway.snapshot, reloader.last_result
-        return _json({
-            "hash": snapshot.hash, "source": snapshot.config.source, "loaded_at": snapshot.loaded_at,
-            "last_reload": last.to_dict() if last else None, "last_error": reloader.last_error,
-            "last_attempt_at": reloader.last_attempt_at, "results": dict(reloader.results),
-            "watching": reloader.watching, "polls": reloader.polls,
-            "draining": [target.name for target in reloader.draining],
-        })
+        return _json(
+            {
+                "hash": snapshot.hash,
+                "source": snapshot.config.source,
+                "loaded_at": snapshot.loaded_at,
+                "last_reload": last.to_dict() if last else None,
+                "last_error": reloader.last_error,
+                "last_attempt_at": reloader.last_attempt_at,
+                "results": dict(reloader.results),
+                "watching": reloader.watching,
+                "polls": reloader.polls,
+                "draining": [target.name for target in reloader.draining],
+            }
+        )
 
     return handle
 

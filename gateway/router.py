@@ -102,8 +102,9 @@ class Router:
         self._policies = policies
         self._rng = rng or random.Random()
         self._clock = clock
-        self._backoff = wait_exponential_jitter(initial=backoff_initial_s, max=backoff_max_s,
-                                                jitter=backoff_initial_s)
+        self._backoff = wait_exponential_jitter(
+            initial=backoff_initial_s, max=backoff_max_s, jitter=backoff_initial_s
+        )
 
     # -- planning -------------------------------------------------------------------------------
 
@@ -128,8 +129,12 @@ class Router:
         # The backend's own count is fresher than ours and includes its queue (llama.cpp, a pool).
         load = target.backend.load()
         own = load.in_flight + load.queued
-        return target.stats.view(target.price.input_per_mtok, target.price.output_per_mtok,
-                                 target.max_in_flight or load.capacity, max(own, target.stats.in_flight))
+        return target.stats.view(
+            target.price.input_per_mtok,
+            target.price.output_per_mtok,
+            target.max_in_flight or load.capacity,
+            max(own, target.stats.in_flight),
+        )
 
     # -- serving --------------------------------------------------------------------------------
 
@@ -211,8 +216,11 @@ class Router:
                 if again and not self.budget.try_spend():
                     target.breaker.release()
                     assert last is not None
-                    log.log(logging.INFO if last.busy else logging.WARNING, "retry budget exhausted for %s",
-                            request.request_id)
+                    log.log(
+                        logging.INFO if last.busy else logging.WARNING,
+                        "retry budget exhausted for %s",
+                        request.request_id,
+                    )
                     raise _told_when(last)
                 if again:
                     await asyncio.sleep(self._backoff(SimpleNamespace(attempt_number=calls)))  # type: ignore[arg-type]
@@ -236,8 +244,14 @@ class Router:
                     # a rate limit has a date: asking again before it only earns another 429
                     target.limited_until = self._clock() + min(exc.retry_after, MAX_RATE_LIMIT_WAIT_S)
                     target.limited_by = exc
-                log.log(logging.INFO if exc.busy else logging.WARNING, "backend %s %s for %s: %s",
-                        target.name, "was busy" if exc.busy else "failed", request.request_id, exc.message)
+                log.log(
+                    logging.INFO if exc.busy else logging.WARNING,
+                    "backend %s %s for %s: %s",
+                    target.name,
+                    "was busy" if exc.busy else "failed",
+                    request.request_id,
+                    exc.message,
+                )
                 failures.append(f"{target.name}: {exc.code or exc.type}")
                 last = exc
             if not progressed:
@@ -278,7 +292,7 @@ class Router:
     ) -> _Race[T]:
         first = plan[index].target
         p95 = first.stats.ttft.quantile(0.95)
-        backup = next((c.target for c in plan[index + 1:] if c.target is not first), None)
+        backup = next((c.target for c in plan[index + 1 :] if c.target is not first), None)
         if p95 is None or first.stats.samples < MIN_SAMPLES or backup is None:
             return await self._one(first, call, request_id)
         primary = asyncio.ensure_future(self._one(first, call, request_id))
@@ -325,15 +339,20 @@ class Router:
                 if loser.winner is not None:
                     await drop(loser.result)  # type: ignore[arg-type]
 
-    def _nothing_to_try(self, route: Route, skipped_open: list[Target], skipped_limited: list[Target],
-                        skipped_full: int) -> InterlockError:
+    def _nothing_to_try(
+        self, route: Route, skipped_open: list[Target], skipped_limited: list[Target], skipped_full: int
+    ) -> InterlockError:
         if skipped_limited and not skipped_full:
             soonest = min(skipped_limited, key=lambda t: t.limited_until)
             said = soonest.limited_by
             # the upstream's own words (and code), with the wait that is left of its Retry-After
-            refusal = BackendOverloaded(said.message if said else f"every backend of model {route.name!r} "
-                                        "is rate limiting; retry later", status=429,
-                                        retry_after=max(1.0, soonest.limited_until - self._clock()))
+            refusal = BackendOverloaded(
+                said.message
+                if said
+                else f"every backend of model {route.name!r} is rate limiting; retry later",
+                status=429,
+                retry_after=max(1.0, soonest.limited_until - self._clock()),
+            )
             if said is not None:
                 refusal.type, refusal.code, refusal.param = said.type, said.code, said.param  # type: ignore[assignment]
             return refusal
@@ -341,9 +360,12 @@ class Router:
             wait = min(t.breaker.retry_in() for t in skipped_open)
             return BackendUnavailable(
                 f"every backend of model {route.name!r} is failing (circuits open); retry later",
-                status=503, retry_after=max(1.0, wait))
-        return BackendOverloaded(f"every backend of model {route.name!r} is at capacity; retry later",
-                                 retry_after=1.0)
+                status=503,
+                retry_after=max(1.0, wait),
+            )
+        return BackendOverloaded(
+            f"every backend of model {route.name!r} is at capacity; retry later", retry_after=1.0
+        )
 
 
 def _told_when(exc: InterlockError) -> InterlockError:

@@ -84,8 +84,9 @@ class Serving:
             return await router.complete(route, upstream, facts)
 
         tenant = request.key.name if request.key else None
-        return await self._cache.serve(route, request.endpoint, request.body, tenant, request.cache_control,
-                                       call)
+        return await self._cache.serve(
+            route, request.endpoint, request.body, tenant, request.cache_control, call
+        )
 
 
 def request_facts(request: ClientRequest, route: Route) -> RequestFacts:
@@ -98,7 +99,10 @@ def request_facts(request: ClientRequest, route: Route) -> RequestFacts:
         except ValueError:
             budget = -1.0
         if not 0 < budget < 3_600_000:
-            raise InvalidRequest("x-interlock-max-ttft-ms must be a positive number of milliseconds",
-                                 param="x-interlock-max-ttft-ms")
-    return RequestFacts(prompt_tokens=request.size // BYTES_PER_TOKEN, max_tokens=int(max_tokens),
-                        ttft_budget_ms=budget)
+            raise InvalidRequest(
+                "x-interlock-max-ttft-ms must be a positive number of milliseconds",
+                param="x-interlock-max-ttft-ms",
+            )
+    return RequestFacts(
+        prompt_tokens=request.size // BYTES_PER_TOKEN, max_tokens=int(max_tokens), ttft_budget_ms=budget
+    )

@@ -57,8 +57,12 @@ class Target:
         return self.backend.load().full
 
     def cost_usd(self, usage: Usage) -> float:
-        return cost_usd(usage.prompt_tokens, usage.completion_tokens,
-                        self.price.input_per_mtok, self.price.output_per_mtok)
+        return cost_usd(
+            usage.prompt_tokens,
+            usage.completion_tokens,
+            self.price.input_per_mtok,
+            self.price.output_per_mtok,
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,8 +136,9 @@ def config_hash(config: LoadedConfig) -> str:
     return hashlib.sha256(orjson.dumps(document, option=orjson.OPT_SORT_KEYS)).hexdigest()
 
 
-def build_snapshot(config: LoadedConfig, backends: Mapping[str, Backend],
-                   previous: Snapshot | None = None) -> Snapshot:
+def build_snapshot(
+    config: LoadedConfig, backends: Mapping[str, Backend], previous: Snapshot | None = None
+) -> Snapshot:
     """The snapshot of ``config`` served by ``backends`` (one per configured backend name); a
     target of ``previous`` whose backend object is reused keeps its live state."""
     resilience = config.resilience
@@ -148,9 +153,13 @@ def build_snapshot(config: LoadedConfig, backends: Mapping[str, Backend],
             old.price, old.max_in_flight = price, max_in_flight
             targets[name] = old
         else:
-            targets[name] = Target(backend=backend, stats=BackendStats(name),
-                                   breaker=CircuitBreaker(name, resilience.breaker),
-                                   price=price, max_in_flight=max_in_flight)
+            targets[name] = Target(
+                backend=backend,
+                stats=BackendStats(name),
+                breaker=CircuitBreaker(name, resilience.breaker),
+                price=price,
+                max_in_flight=max_in_flight,
+            )
     routes = {
         model: Route(
             name=model,
@@ -165,5 +174,11 @@ def build_snapshot(config: LoadedConfig, backends: Mapping[str, Backend],
         )
         for model, route in config.models.items()
     }
-    return Snapshot(config=config, routes=routes, targets=targets, keys=KeyTable(config.auth.keys),
-                    hash=config_hash(config), loaded_at=time.time())
+    return Snapshot(
+        config=config,
+        routes=routes,
+        targets=targets,
+        keys=KeyTable(config.auth.keys),
+        hash=config_hash(config),
+        loaded_at=time.time(),
+    )

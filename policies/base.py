@@ -65,8 +65,9 @@ class BackendView:
         return cost_usd(prompt_tokens, completion_tokens, self.input_per_mtok, self.output_per_mtok)
 
 
-def cost_usd(prompt_tokens: int, completion_tokens: int, input_per_mtok: float,
-             output_per_mtok: float) -> float:
+def cost_usd(
+    prompt_tokens: int, completion_tokens: int, input_per_mtok: float, output_per_mtok: float
+) -> float:
     """USD for one request at per-million-token prices: the one place this formula is written."""
     return (prompt_tokens * input_per_mtok + completion_tokens * output_per_mtok) / 1e6
 

@@ -20,8 +20,9 @@ def rank(candidates: Sequence[BackendView], request: RequestFacts, context: Poli
     # 1 - random() lies in (0, 1], so the log is defined.
     keys = [math.log(1.0 - context.rng.random()) / weight[c.name] for c in live]
     order = sorted(range(len(live)), key=lambda i: keys[i], reverse=True)
-    ranked = [Ranked(live[i].name, f"weighted draw: weight {weight[live[i].name]:g} of {total:g}")
-              for i in order]
+    ranked = [
+        Ranked(live[i].name, f"weighted draw: weight {weight[live[i].name]:g} of {total:g}") for i in order
+    ]
     # Kept in target order: a zero weight means "standby", and standbys have no preference.
     ranked += [Ranked(c.name, f"weight {weight[c.name]:g}: listed last") for c in spare]
     return ranked

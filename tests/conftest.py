@@ -38,8 +38,9 @@ def run_gateway(config: dict[str, Any] | LoadedConfig | Path, **settings: Any) -
     port = free_port()
     cfg = Settings(port=port, **{"shutdown_delay_s": 0, **settings})
     # serve()'s own uvicorn settings and server (the request head cap, the shutdown order)
-    uv = uvicorn_config(cfg, host="127.0.0.1", log_level="warning", log_config=uvicorn.config.LOGGING_CONFIG,
-                        loop="asyncio")
+    uv = uvicorn_config(
+        cfg, host="127.0.0.1", log_level="warning", log_config=uvicorn.config.LOGGING_CONFIG, loop="asyncio"
+    )
     server = gateway_server(uv, cfg)
     uv.app = create_app(loaded, cfg, server)
     thread = threading.Thread(target=server.run, daemon=True)
@@ -77,12 +78,30 @@ def llama_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     log_path = tmp_path_factory.mktemp("llama_server") / "stderr.log"
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "llama_cpp.server", "--model", smollm2_gguf(), "--port", str(port),
-             "--model_alias", "smollm2", "--n_threads", "1", "--n_ctx", "2048", "--seed", "1",
-             # by default it cuts a running stream short (with a clean [DONE]) whenever any other
-             # request arrives, the gateway's health check of GET /models included
-             "--interrupt_requests", "False"],
-            stdout=subprocess.DEVNULL, stderr=log, env={**os.environ, "PYTHONFAULTHANDLER": "1"},
+            [
+                sys.executable,
+                "-m",
+                "llama_cpp.server",
+                "--model",
+                smollm2_gguf(),
+                "--port",
+                str(port),
+                "--model_alias",
+                "smollm2",
+                "--n_threads",
+                "1",
+                "--n_ctx",
+                "2048",
+                "--seed",
+                "1",
+                # by default it cuts a running stream short (with a clean [DONE]) whenever any other
+                # request arrives, the gateway's health check of GET /models included
+                "--interrupt_requests",
+                "False",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=log,
+            env={**os.environ, "PYTHONFAULTHANDLER": "1"},
         )
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
@@ -102,8 +121,19 @@ def llama_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 
 #: what a test module uses to talk to real sockets, processes or the real model
-_REAL_COMPONENTS = ("run_gateway", "serve_app", "FakeUpstream", "ChaosUpstream", "ClosingUpstream", "VllmSim",
-                    "OllamaSim", "smollm2_gguf", "subprocess", "redis", "RedisServers")
+_REAL_COMPONENTS = (
+    "run_gateway",
+    "serve_app",
+    "FakeUpstream",
+    "ChaosUpstream",
+    "ClosingUpstream",
+    "VllmSim",
+    "OllamaSim",
+    "smollm2_gguf",
+    "subprocess",
+    "redis",
+    "RedisServers",
+)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -85,16 +85,30 @@ def serve_app(app: web.Application, port: int, *, shutdown_timeout: float = 60.0
 
 def chat_completion(model: str, content: str = "Hello there.") -> dict[str, object]:
     return {
-        "id": "chatcmpl-fake", "object": "chat.completion", "created": 1, "model": model,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": content},
-                     "logprobs": None, "finish_reason": "stop"}],
+        "id": "chatcmpl-fake",
+        "object": "chat.completion",
+        "created": 1,
+        "model": model,
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": content},
+                "logprobs": None,
+                "finish_reason": "stop",
+            }
+        ],
         "usage": {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8},
     }
 
 
 def chunk(model: str, delta: dict[str, object], finish: str | None = None) -> bytes:
-    body = {"id": "chatcmpl-fake", "object": "chat.completion.chunk", "created": 1, "model": model,
-            "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
+    body = {
+        "id": "chatcmpl-fake",
+        "object": "chat.completion.chunk",
+        "created": 1,
+        "model": model,
+        "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}],
+    }
     return b"data: " + orjson.dumps(body) + b"\n\n"
 
 
@@ -117,21 +131,40 @@ class FakeUpstream:
         self.headers.append(dict(request.headers))
         model = body.get("model", "ok")
         if model == "error500":
-            return web.json_response({"error": {"message": "boom", "type": "server_error",
-                                                "param": None, "code": None}}, status=500)
+            return web.json_response(
+                {"error": {"message": "boom", "type": "server_error", "param": None, "code": None}},
+                status=500,
+            )
         if model == "garbage":
             return web.Response(body=b"<html>oops", content_type="application/json")
         if model == "ratelimited":
-            return web.json_response({"error": {"message": "slow down", "type": "rate_limit_error",
-                                                "param": None, "code": None}},
-                                     status=429, headers={"Retry-After": "7"})
+            return web.json_response(
+                {"error": {"message": "slow down", "type": "rate_limit_error", "param": None, "code": None}},
+                status=429,
+                headers={"Retry-After": "7"},
+            )
         if model == "leaky":
-            return web.json_response({"error": {"message": f"bad key {UPSTREAM_KEY} at "
-                                                f"http://127.0.0.1:{self.port}/v1", "type": "x"}}, status=400)
+            return web.json_response(
+                {
+                    "error": {
+                        "message": f"bad key {UPSTREAM_KEY} at http://127.0.0.1:{self.port}/v1",
+                        "type": "x",
+                    }
+                },
+                status=400,
+            )
         if model == "leakyfields":
-            return web.json_response({"error": {"message": "no", "type": f"127.0.0.1:{self.port}",
-                                                "param": f"key={UPSTREAM_KEY}", "code": self.base_url}},
-                                     status=422)
+            return web.json_response(
+                {
+                    "error": {
+                        "message": "no",
+                        "type": f"127.0.0.1:{self.port}",
+                        "param": f"key={UPSTREAM_KEY}",
+                        "code": self.base_url,
+                    }
+                },
+                status=422,
+            )
         if model == "slow":
             await asyncio.sleep(self.slow_s)
         if not body.get("stream"):
@@ -192,8 +225,12 @@ class ClosingUpstream:
         await reader.readexactly(length)
         self.requests += 1
         body = orjson.dumps(chat_completion("ok"))
-        writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: "
-                     + str(len(body)).encode() + b"\r\n\r\n" + body)
+        writer.write(
+            b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: "
+            + str(len(body)).encode()
+            + b"\r\n\r\n"
+            + body
+        )
         await writer.drain()
         await asyncio.sleep(0.05)
         writer.close()
@@ -220,12 +257,21 @@ class ClosingUpstream:
         self._thread.join(5)
 
 
-def openai_backend(base_url: str, model: str | None = None, *, api_key: str | None = UPSTREAM_KEY,
-                   first_token: float = 0.5, total: float = 5.0, **extra: object) -> dict[str, object]:
+def openai_backend(
+    base_url: str,
+    model: str | None = None,
+    *,
+    api_key: str | None = UPSTREAM_KEY,
+    first_token: float = 0.5,
+    total: float = 5.0,
+    **extra: object,
+) -> dict[str, object]:
     """A ``kind: openai`` backend block for a routing config; ``model`` picks the fake's behaviour."""
     block: dict[str, object] = {
-        "kind": "openai", "base_url": base_url,
-        "timeouts": {"connect": 1.0, "first_token": first_token, "total": total}, **extra,
+        "kind": "openai",
+        "base_url": base_url,
+        "timeouts": {"connect": 1.0, "first_token": first_token, "total": total},
+        **extra,
     }
     if model is not None:
         block["model"] = model
@@ -250,12 +296,16 @@ StreamHandler = Callable[[BackendRequest], AsyncIterator[bytes]]
 DONE_EVENT = b"data: [DONE]\n\n"
 
 
-def reply(content: str = "Hello there.", prompt_tokens: int = 5,
-          completion_tokens: int = 3) -> BackendResponse:
+def reply(
+    content: str = "Hello there.", prompt_tokens: int = 5, completion_tokens: int = 3
+) -> BackendResponse:
     """A complete chat reply as a backend returns it, with the usage in the body and alongside."""
     body = chat_completion("fake", content)
-    body["usage"] = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                     "total_tokens": prompt_tokens + completion_tokens}
+    body["usage"] = {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
     return BackendResponse(orjson.dumps(body), Usage(prompt_tokens, completion_tokens))
 
 
@@ -272,8 +322,12 @@ def failing(make_error: Callable[[], BaseException]) -> CompleteHandler:
     return handler
 
 
-def stream_of(pieces: Sequence[str] = ("Hello", " there."), *, then: BaseException | None = None,
-              before_first: BaseException | None = None) -> StreamHandler:
+def stream_of(
+    pieces: Sequence[str] = ("Hello", " there."),
+    *,
+    then: BaseException | None = None,
+    before_first: BaseException | None = None,
+) -> StreamHandler:
     """A stream handler yielding one SSE chunk per piece (after a role chunk) and [DONE];
     ``before_first`` is raised before any byte, ``then`` after the pieces instead of the end."""
 
@@ -465,10 +519,23 @@ class ChaosUpstream:
     async def _models(self, _: web.Request) -> web.Response:
         self.models_requests += 1
         if self.mode != "ok":
-            return web.json_response({"error": {"message": f"chaos: {self.mode}", "type": "server_error",
-                                                "param": None, "code": None}}, status=500)
-        return web.json_response({"object": "list", "data": [
-            {"id": "chaos", "object": "model", "created": 1, "owned_by": "chaos"}]})
+            return web.json_response(
+                {
+                    "error": {
+                        "message": f"chaos: {self.mode}",
+                        "type": "server_error",
+                        "param": None,
+                        "code": None,
+                    }
+                },
+                status=500,
+            )
+        return web.json_response(
+            {
+                "object": "list",
+                "data": [{"id": "chaos", "object": "model", "created": 1, "owned_by": "chaos"}],
+            }
+        )
 
     async def _post(self, request: web.Request) -> web.StreamResponse:
         body = await request.json()
@@ -477,12 +544,23 @@ class ChaosUpstream:
         self.by_mode[mode] += 1
         model = str(body.get("model") or "chaos")
         if mode == "error500":
-            return web.json_response({"error": {"message": "chaos: boom", "type": "server_error",
-                                                "param": None, "code": None}}, status=500)
+            return web.json_response(
+                {"error": {"message": "chaos: boom", "type": "server_error", "param": None, "code": None}},
+                status=500,
+            )
         if mode == "ratelimited":
-            return web.json_response({"error": {"message": "chaos: slow down", "type": "rate_limit_error",
-                                                "param": None, "code": None}},
-                                     status=429, headers={"Retry-After": str(self.retry_after)})
+            return web.json_response(
+                {
+                    "error": {
+                        "message": "chaos: slow down",
+                        "type": "rate_limit_error",
+                        "param": None,
+                        "code": None,
+                    }
+                },
+                status=429,
+                headers={"Retry-After": str(self.retry_after)},
+            )
         if mode == "reset":
             self._drop(request, reset=True)
             return web.Response()

@@ -62,10 +62,21 @@ _WORD = re.compile(r"\s*\S+")
 
 #: option -> JSON type Ollama requires (a subset of api.Options, enough to catch mapping mistakes)
 _OPTION_TYPES: dict[str, str] = {
-    "temperature": "float", "top_p": "float", "min_p": "float", "typical_p": "float",
-    "presence_penalty": "float", "frequency_penalty": "float", "repeat_penalty": "float",
-    "top_k": "integer", "seed": "integer", "num_predict": "integer", "num_ctx": "integer",
-    "repeat_last_n": "integer", "num_keep": "integer", "num_batch": "integer", "stop": "[]string",
+    "temperature": "float",
+    "top_p": "float",
+    "min_p": "float",
+    "typical_p": "float",
+    "presence_penalty": "float",
+    "frequency_penalty": "float",
+    "repeat_penalty": "float",
+    "top_k": "integer",
+    "seed": "integer",
+    "num_predict": "integer",
+    "num_ctx": "integer",
+    "repeat_last_n": "integer",
+    "num_keep": "integer",
+    "num_batch": "integer",
+    "stop": "[]string",
 }
 
 
@@ -149,8 +160,11 @@ class OllamaSim:
 
     def bodies(self, path: str) -> list[dict[str, Any]]:
         """Requests to ``path`` other than load requests (empty messages / prompt / input)."""
-        return [b for p, b in self.requests if p == path
-                and (b.get("messages") or b.get("prompt") or b.get("input"))]
+        return [
+            b
+            for p, b in self.requests
+            if p == path and (b.get("messages") or b.get("prompt") or b.get("input"))
+        ]
 
     def last(self, path: str) -> dict[str, Any]:
         return self.bodies(path)[-1]
@@ -186,8 +200,11 @@ class OllamaSim:
                 "[]string": isinstance(value, list) and all(isinstance(s, str) for s in value),
             }[kind]
             if not ok:
-                raise _Reject(500, f'option "{key}" must be of type {kind.strip("[]")}'
-                              + (" array" if kind == "[]string" else ""))
+                raise _Reject(
+                    500,
+                    f'option "{key}" must be of type {kind.strip("[]")}'
+                    + (" array" if kind == "[]string" else ""),
+                )
         return options
 
     async def _load(self, name: str) -> int:
@@ -208,14 +225,19 @@ class OllamaSim:
         words = tokens(text)
         limit = options.get("num_predict")
         if isinstance(limit, int | float) and limit >= 0 and len(words) > limit:
-            words, reason = words[:int(limit)], "length"
+            words, reason = words[: int(limit)], "length"
         return words, reason
 
     @staticmethod
     def _metrics(load_ns: int, prompt_n: int, eval_n: int) -> dict[str, Any]:
-        metrics = {"total_duration": load_ns + 1_000_000 * (prompt_n + eval_n + 1), "load_duration": load_ns,
-                   "prompt_eval_count": prompt_n, "prompt_eval_duration": 1_000_000 * prompt_n,
-                   "eval_count": eval_n, "eval_duration": 1_000_000 * eval_n}
+        metrics = {
+            "total_duration": load_ns + 1_000_000 * (prompt_n + eval_n + 1),
+            "load_duration": load_ns,
+            "prompt_eval_count": prompt_n,
+            "prompt_eval_duration": 1_000_000 * prompt_n,
+            "eval_count": eval_n,
+            "eval_duration": 1_000_000 * eval_n,
+        }
         return {k: v for k, v in metrics.items() if v}  # zero-valued metrics are omitted
 
     # -- handlers -----------------------------------------------------------------------------
@@ -234,17 +256,41 @@ class OllamaSim:
         return body
 
     async def tags(self, _: web.Request) -> web.Response:
-        models = [{"name": normalise(m), "model": normalise(m), "modified_at": "2025-01-01T00:00:00Z",
-                   "size": 2019393189, "digest": hashlib.sha256(m.encode()).hexdigest(),
-                   "details": {"parent_model": "", "format": "gguf", "family": "llama", "families": ["llama"],
-                               "parameter_size": "3.2B", "quantization_level": "Q4_K_M"}}
-                  for m in self.pulled]
+        models = [
+            {
+                "name": normalise(m),
+                "model": normalise(m),
+                "modified_at": "2025-01-01T00:00:00Z",
+                "size": 2019393189,
+                "digest": hashlib.sha256(m.encode()).hexdigest(),
+                "details": {
+                    "parent_model": "",
+                    "format": "gguf",
+                    "family": "llama",
+                    "families": ["llama"],
+                    "parameter_size": "3.2B",
+                    "quantization_level": "Q4_K_M",
+                },
+            }
+            for m in self.pulled
+        ]
         return web.json_response({"models": models})
 
     async def ps(self, _: web.Request) -> web.Response:
-        return web.json_response({"models": [{"name": m, "model": m, "size": 2019393189,
-                                              "expires_at": "2099-01-01T00:00:00Z", "size_vram": 2019393189}
-                                             for m in sorted(self.loaded)]})
+        return web.json_response(
+            {
+                "models": [
+                    {
+                        "name": m,
+                        "model": m,
+                        "size": 2019393189,
+                        "expires_at": "2099-01-01T00:00:00Z",
+                        "size_vram": 2019393189,
+                    }
+                    for m in sorted(self.loaded)
+                ]
+            }
+        )
 
     async def version(self, _: web.Request) -> web.Response:
         return web.json_response({"version": VERSION})
@@ -273,11 +319,16 @@ class OllamaSim:
             return web.json_response({"error": exc.message}, status=exc.status, headers=exc.headers)
         load_ns = await self._load(name)
         dimensions = body.get("dimensions")
-        reply: dict[str, Any] = {"model": body["model"],
-                                 "embeddings": [embed_vector(t, dimensions) for t in inputs]}
+        reply: dict[str, Any] = {
+            "model": body["model"],
+            "embeddings": [embed_vector(t, dimensions) for t in inputs],
+        }
         if inputs:
-            reply.update(total_duration=load_ns + 1_000_000, load_duration=load_ns,
-                         prompt_eval_count=count_tokens(*inputs))
+            reply.update(
+                total_duration=load_ns + 1_000_000,
+                load_duration=load_ns,
+                prompt_eval_count=count_tokens(*inputs),
+            )
         return web.json_response(reply)
 
     def _busy_headers(self) -> dict[str, str]:
@@ -311,8 +362,9 @@ class OllamaSim:
         if load_only:  # the documented load (or unload) request
             reason = "unload" if body.get("keep_alive") == 0 else "load"
             empty: Any = {"role": "assistant", "content": ""} if what == "chat" else ""
-            return web.json_response({"model": model, "created_at": _now(), key: empty, "done": True,
-                                      "done_reason": reason})
+            return web.json_response(
+                {"model": model, "created_at": _now(), key: empty, "done": True, "done_reason": reason}
+            )
         thinking: list[str] = []
         calls: list[dict[str, Any]] = []
         if what == "chat":
@@ -327,8 +379,12 @@ class OllamaSim:
                 text = f"Tool said: {last.get('content') or ''}"
             elif tools and last.get("role") == "user":
                 fn = tools[0]["function"]["name"]
-                calls = [{"id": "call_sim0001", "function": {"index": 0, "name": fn,
-                                                              "arguments": {"text": trigger}}}]
+                calls = [
+                    {
+                        "id": "call_sim0001",
+                        "function": {"index": 0, "name": fn, "arguments": {"text": trigger}},
+                    }
+                ]
                 text = ""
             elif body.get("format") is not None:
                 text = orjson.dumps({"you_said": trigger}).decode()
@@ -341,8 +397,9 @@ class OllamaSim:
         words, reason = self._cut(text, options)
         eval_n = len(thinking) + len(words) + len(calls)
         if "[fail500]" in trigger:
-            return web.json_response({"error": "llama runner process has terminated: exit status 2"},
-                                     status=500)
+            return web.json_response(
+                {"error": "llama runner process has terminated: exit status 2"}, status=500
+            )
         if body.get("stream") is False:
             if "[cut]" in trigger:
                 assert request.transport is not None
@@ -359,19 +416,49 @@ class OllamaSim:
                     full["tool_calls"] = calls
             else:
                 full = "".join(words)
-            return web.json_response({"model": model, "created_at": _now(), key: full, "done": True,
-                                      "done_reason": reason, **self._metrics(load_ns, prompt_n, eval_n)})
-        return await self._stream(request, what, model, trigger, thinking, words, calls, reason,
-                                  self._metrics(load_ns, prompt_n, eval_n))
+            return web.json_response(
+                {
+                    "model": model,
+                    "created_at": _now(),
+                    key: full,
+                    "done": True,
+                    "done_reason": reason,
+                    **self._metrics(load_ns, prompt_n, eval_n),
+                }
+            )
+        return await self._stream(
+            request,
+            what,
+            model,
+            trigger,
+            thinking,
+            words,
+            calls,
+            reason,
+            self._metrics(load_ns, prompt_n, eval_n),
+        )
 
-    async def _stream(self, request: web.Request, what: str, model: str, trigger: str, thinking: list[str],
-                      words: list[str], calls: list[dict[str, Any]], reason: str,
-                      metrics: dict[str, Any]) -> web.StreamResponse:
+    async def _stream(
+        self,
+        request: web.Request,
+        what: str,
+        model: str,
+        trigger: str,
+        thinking: list[str],
+        words: list[str],
+        calls: list[dict[str, Any]],
+        reason: str,
+        metrics: dict[str, Any],
+    ) -> web.StreamResponse:
         def line(delta: dict[str, Any] | str, done: bool = False, **extra: Any) -> bytes:
             if what == "chat":
                 assert isinstance(delta, dict)
-                obj: dict[str, Any] = {"model": model, "created_at": _now(),
-                                       "message": {"role": "assistant", "content": "", **delta}, "done": done}
+                obj: dict[str, Any] = {
+                    "model": model,
+                    "created_at": _now(),
+                    "message": {"role": "assistant", "content": "", **delta},
+                    "done": done,
+                }
             else:
                 obj = {"model": model, "created_at": _now(), "response": delta, "done": done}
             return orjson.dumps({**obj, **extra}) + b"\n"

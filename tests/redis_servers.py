@@ -64,8 +64,21 @@ class RedisServer:
 
     def start(self) -> RedisServer:
         assert REDIS_SERVER, "redis-server is not installed"
-        args = [REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-                "--appendonly", "no", "--daemonize", "no", "--dir", str(self.workdir)]
+        args = [
+            REDIS_SERVER,
+            "--port",
+            str(self.port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--daemonize",
+            "no",
+            "--dir",
+            str(self.workdir),
+        ]
         if self.cluster:
             args += ["--cluster-enabled", "yes", "--cluster-config-file", str(self.workdir / "nodes.conf")]
         proc = self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -89,13 +102,19 @@ def create_cluster(nodes: list[RedisServer]) -> None:
     """Join ``nodes`` into one Cluster (no replicas) and wait until every node says it is ok."""
     assert REDIS_CLI, "redis-cli is not installed"
     addresses = [f"127.0.0.1:{n.port}" for n in nodes]
-    subprocess.run([REDIS_CLI, "--cluster", "create", *addresses, "--cluster-replicas", "0", "--cluster-yes"],
-                   check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=60)
+    subprocess.run(
+        [REDIS_CLI, "--cluster", "create", *addresses, "--cluster-replicas", "0", "--cluster-yes"],
+        check=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        timeout=60,
+    )
 
     def all_ok() -> bool:
         for n in nodes:
-            info = subprocess.run([REDIS_CLI, "-p", str(n.port), "cluster", "info"], capture_output=True,
-                                  timeout=10).stdout
+            info = subprocess.run(
+                [REDIS_CLI, "-p", str(n.port), "cluster", "info"], capture_output=True, timeout=10
+            ).stdout
             if b"cluster_state:ok" not in info:
                 return False
         return True

@@ -57,8 +57,12 @@ def sdk(gateway: str, key: str) -> openai.OpenAI:
 
 
 def chat_status(gateway: str, headers: dict[str, str], model: str = "a") -> tuple[int, dict[str, Any]]:
-    response = httpx.post(gateway + "/v1/chat/completions", headers=headers, timeout=10,
-                          json={"model": model, "messages": MESSAGES})
+    response = httpx.post(
+        gateway + "/v1/chat/completions",
+        headers=headers,
+        timeout=10,
+        json={"model": model, "messages": MESSAGES},
+    )
     return response.status_code, response.json()
 
 
@@ -68,7 +72,9 @@ def test_no_key_is_401(gateway: str, fake: FakeUpstream) -> None:
     assert status == 401
     assert body["error"] == {
         "message": "Missing API key: send 'Authorization: Bearer <key>'.",
-        "type": "invalid_request_error", "param": None, "code": "invalid_api_key",
+        "type": "invalid_request_error",
+        "param": None,
+        "code": "invalid_api_key",
     }
     assert len(fake.requests) == before
 
@@ -130,7 +136,9 @@ def test_restricted_key_other_model_is_403(gateway: str, fake: FakeUpstream) -> 
     assert caught.value.status_code == 403
     assert caught.value.body == {  # type: ignore[comparison-overlap]
         "message": "This API key may not use the model `b`.",
-        "type": "permission_error", "param": "model", "code": "model_not_allowed",
+        "type": "permission_error",
+        "param": "model",
+        "code": "model_not_allowed",
     }
     with pytest.raises(openai.PermissionDeniedError):
         sdk(gateway, LIMITED_KEY).chat.completions.create(model="b", messages=MESSAGES, stream=True)
@@ -196,11 +204,17 @@ def resolver(answers: dict[str, list[str]]) -> Any:
 
 
 def test_is_loopback_resolves_names(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(socket, "getaddrinfo", resolver({
-        "me.internal": ["127.0.0.1", "127.0.1.1"],
-        "mixed.internal": ["127.0.0.1", "10.1.2.3"],
-        "lan.internal": ["10.1.2.3"],
-    }))
+    monkeypatch.setattr(
+        socket,
+        "getaddrinfo",
+        resolver(
+            {
+                "me.internal": ["127.0.0.1", "127.0.1.1"],
+                "mixed.internal": ["127.0.0.1", "10.1.2.3"],
+                "lan.internal": ["10.1.2.3"],
+            }
+        ),
+    )
     assert is_loopback("me.internal") is True
     assert is_loopback("mixed.internal") is False  # one reachable address is enough to expose it
     assert is_loopback("lan.internal") is False

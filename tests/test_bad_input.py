@@ -29,8 +29,10 @@ def fake() -> Iterator[FakeUpstream]:
 def gateway(fake: FakeUpstream) -> Iterator[str]:
     config = {
         "backends": {"private-upstream": openai_backend(fake.base_url, "ok")},
-        "models": {"alpha-model": {"targets": ["private-upstream"]},
-                   "beta-model": {"targets": ["private-upstream"]}},
+        "models": {
+            "alpha-model": {"targets": ["private-upstream"]},
+            "beta-model": {"targets": ["private-upstream"]},
+        },
     }
     with run_gateway(config, max_body_bytes=LIMIT) as url:
         yield url
@@ -76,17 +78,29 @@ CASES = [
     Case("json-string", b'"hello"', 400, None, "invalid_json", says="must be a JSON object"),
     Case("json-null", b"null", 400, None, "invalid_json", says="must be a JSON object"),
     Case("deep-nesting", b"[" * 2000 + b"]" * 2000, 400, None, "invalid_json"),
-    Case("missing-messages", without(chat(), "messages"), 400, "messages", MISSING,
-         says="Missing required parameter: 'messages'."),
+    Case(
+        "missing-messages",
+        without(chat(), "messages"),
+        400,
+        "messages",
+        MISSING,
+        says="Missing required parameter: 'messages'.",
+    ),
     Case("messages-empty", chat(messages=[]), 400, "messages", VALUE),
     Case("messages-not-list", chat(messages="hi"), 400, "messages", VALUE),
     Case("messages-object", chat(messages={"role": "user", "content": "hi"}), 400, "messages", VALUE),
     Case("message-not-object", chat(messages=["hi"]), 400, "messages[0]", VALUE),
-    Case("role-robot", chat(messages=[*MESSAGES, {"role": "robot", "content": "beep"}]), 400,
-         "messages[1].role", VALUE),
+    Case(
+        "role-robot",
+        chat(messages=[*MESSAGES, {"role": "robot", "content": "beep"}]),
+        400,
+        "messages[1].role",
+        VALUE,
+    ),
     Case("role-missing", chat(messages=[{"content": "hi"}]), 400, "messages[0].role", MISSING),
-    Case("content-number", chat(messages=[{"role": "user", "content": 5}]), 400, "messages[0].content",
-         VALUE),
+    Case(
+        "content-number", chat(messages=[{"role": "user", "content": 5}]), 400, "messages[0].content", VALUE
+    ),
     Case("temperature-hot", chat(temperature="hot"), 400, "temperature", VALUE),
     Case("temperature-string-number", chat(temperature="0.5"), 400, "temperature", VALUE),
     Case("temperature-3", chat(temperature=3), 400, "temperature", VALUE),
@@ -98,31 +112,79 @@ CASES = [
     Case("max-tokens-bool", chat(max_tokens=True), 400, "max_tokens", VALUE),
     Case("n-0", chat(n=0), 400, "n", VALUE),
     Case("stream-yes", chat(stream="yes"), 400, "stream", VALUE),
-    Case("stream-options-without-stream", chat(stream_options={"include_usage": True}), 400,
-         "stream_options", VALUE, says="only allowed when stream is true"),
-    Case("stream-options-stream-false", chat(stream=False, stream_options={"include_usage": True}), 400,
-         "stream_options", VALUE),
+    Case(
+        "stream-options-without-stream",
+        chat(stream_options={"include_usage": True}),
+        400,
+        "stream_options",
+        VALUE,
+        says="only allowed when stream is true",
+    ),
+    Case(
+        "stream-options-stream-false",
+        chat(stream=False, stream_options={"include_usage": True}),
+        400,
+        "stream_options",
+        VALUE,
+    ),
     Case("stop-too-many", chat(stop=[str(i) for i in range(17)]), 400, "stop", VALUE),
     Case("logit-bias-string", chat(logit_bias={"1": "a lot"}), 400, "logit_bias.1", VALUE),
-    Case("model-missing", without(chat(), "model"), 400, "model", MISSING,
-         says="Missing required parameter: 'model'."),
+    Case(
+        "model-missing",
+        without(chat(), "model"),
+        400,
+        "model",
+        MISSING,
+        says="Missing required parameter: 'model'.",
+    ),
     Case("model-number", chat(model=123), 400, "model", VALUE),
     Case("model-empty", chat(model=""), 400, "model", VALUE),
     Case("model-null", chat(model=None), 400, "model", VALUE),
     Case("unknown-model", chat(model="gpt-7"), 404, "model", "model_not_found", says="`gpt-7`"),
     Case("unknown-model-stream", chat(model="gpt-7", stream=True), 404, "model", "model_not_found"),
-    Case("too-large", chat(messages=[{"role": "user", "content": "x" * (LIMIT + 1)}]), 413, None,
-         "request_too_large", says=f"limit of {LIMIT} bytes"),
-    Case("embeddings-empty-input", {"model": "alpha-model", "input": ""}, 400, "input", VALUE,
-         path="/v1/embeddings", says="must not be empty"),
-    Case("embeddings-empty-list", {"model": "alpha-model", "input": []}, 400, "input", VALUE,
-         path="/v1/embeddings"),
+    Case(
+        "too-large",
+        chat(messages=[{"role": "user", "content": "x" * (LIMIT + 1)}]),
+        413,
+        None,
+        "request_too_large",
+        says=f"limit of {LIMIT} bytes",
+    ),
+    Case(
+        "embeddings-empty-input",
+        {"model": "alpha-model", "input": ""},
+        400,
+        "input",
+        VALUE,
+        path="/v1/embeddings",
+        says="must not be empty",
+    ),
+    Case(
+        "embeddings-empty-list",
+        {"model": "alpha-model", "input": []},
+        400,
+        "input",
+        VALUE,
+        path="/v1/embeddings",
+    ),
     Case("embeddings-no-input", {"model": "alpha-model"}, 400, "input", MISSING, path="/v1/embeddings"),
-    Case("embeddings-bad-format", {"model": "alpha-model", "input": "x", "encoding_format": "hex"}, 400,
-         "encoding_format", VALUE, path="/v1/embeddings"),
+    Case(
+        "embeddings-bad-format",
+        {"model": "alpha-model", "input": "x", "encoding_format": "hex"},
+        400,
+        "encoding_format",
+        VALUE,
+        path="/v1/embeddings",
+    ),
     Case("completions-no-prompt", {"model": "alpha-model"}, 400, "prompt", MISSING, path="/v1/completions"),
-    Case("completions-prompt-number", {"model": "alpha-model", "prompt": 5}, 400, "prompt", VALUE,
-         path="/v1/completions"),
+    Case(
+        "completions-prompt-number",
+        {"model": "alpha-model", "prompt": 5},
+        400,
+        "prompt",
+        VALUE,
+        path="/v1/completions",
+    ),
     Case("get-chat", None, 405, None, "method_not_allowed", method="GET"),
     Case("put-chat", chat(), 405, None, "method_not_allowed", method="PUT"),
     Case("delete-models", None, 405, None, "method_not_allowed", path="/v1/models", method="DELETE"),
@@ -134,8 +196,9 @@ CASES = [
 
 def send(http: httpx.Client, case: Case) -> httpx.Response:
     if isinstance(case.body, bytes):
-        return http.request(case.method, case.path, content=case.body,
-                            headers={"content-type": "application/json"})
+        return http.request(
+            case.method, case.path, content=case.body, headers={"content-type": "application/json"}
+        )
     if case.body is None:
         return http.request(case.method, case.path)
     return http.request(case.method, case.path, json=case.body)
@@ -159,7 +222,10 @@ def test_bad_input(http: httpx.Client, fake: FakeUpstream, case: Case) -> None:
     response = send(http, case)
     error = check_error(response)
     assert (response.status_code, error["type"], error["param"], error["code"]) == (
-        case.status, case.type, case.param, case.code
+        case.status,
+        case.type,
+        case.param,
+        case.code,
     ), error["message"]
     assert case.says in error["message"]
     assert response.headers["x-request-id"].startswith("req_")
@@ -192,11 +258,12 @@ def test_too_large_without_content_length(http: httpx.Client, fake: FakeUpstream
 
     def chunks() -> Iterator[bytes]:
         for i in range(0, len(payload), 1000):
-            yield payload[i:i + 1000]
+            yield payload[i : i + 1000]
 
     before = len(fake.requests)
-    response = http.post("/v1/chat/completions", content=chunks(),
-                         headers={"content-type": "application/json"})
+    response = http.post(
+        "/v1/chat/completions", content=chunks(), headers={"content-type": "application/json"}
+    )
     assert "content-length" not in response.request.headers
     error = check_error(response)
     assert response.status_code == 413
@@ -209,8 +276,9 @@ def test_body_just_under_the_limit_is_served(http: httpx.Client) -> None:
     pad = LIMIT - len(orjson.dumps({**body, "user": ""}))
     body["user"] = "u" * pad
     assert len(orjson.dumps(body)) == LIMIT
-    response = http.post("/v1/chat/completions", content=orjson.dumps(body),
-                         headers={"content-type": "application/json"})
+    response = http.post(
+        "/v1/chat/completions", content=orjson.dumps(body), headers={"content-type": "application/json"}
+    )
     assert response.status_code == 200, response.text
 
 
@@ -230,12 +298,16 @@ def test_a_body_nested_too_deep_is_the_clients_400_not_the_backends_failure(
     http: httpx.Client, fake: FakeUpstream, depth: int
 ) -> None:
     # a pass-through field the gateway does not know, nested deeper than it could write it again
-    body = b'{"model": "alpha-model", "messages": [{"role": "user", "content": "hi"}], "metadata": ' + \
-        _nested(depth) + b"}"
+    body = (
+        b'{"model": "alpha-model", "messages": [{"role": "user", "content": "hi"}], "metadata": '
+        + _nested(depth)
+        + b"}"
+    )
     sent = len(fake.requests)
     for _ in range(6):  # more than the default breaker's 5 failures in a row
-        response = http.post("/v1/chat/completions", content=body,
-                             headers={"content-type": "application/json"})
+        response = http.post(
+            "/v1/chat/completions", content=body, headers={"content-type": "application/json"}
+        )
         assert response.status_code == 400, response.text
         error = check_error(response)
         assert error["code"] == "invalid_json" and "deeper than 128" in error["message"]
@@ -246,8 +318,11 @@ def test_a_body_nested_too_deep_is_the_clients_400_not_the_backends_failure(
 
 
 def test_a_body_nested_within_the_limit_is_passed_on(http: httpx.Client, fake: FakeUpstream) -> None:
-    body = b'{"model": "alpha-model", "messages": [{"role": "user", "content": "hi"}], "metadata": ' + \
-        _nested(120) + b"}"
+    body = (
+        b'{"model": "alpha-model", "messages": [{"role": "user", "content": "hi"}], "metadata": '
+        + _nested(120)
+        + b"}"
+    )
     response = http.post("/v1/chat/completions", content=body, headers={"content-type": "application/json"})
     assert response.status_code == 200
     assert fake.requests[-1]["metadata"] == orjson.loads(_nested(120))

@@ -16,8 +16,9 @@ from gateway.cache_key import cache_key, lock_key
 from tests.redis_servers import REDIS_CLI, REDIS_SERVER, RedisServer, create_cluster
 
 # about 3 s here (three servers, the cluster's creation): not marked slow
-pytestmark = pytest.mark.skipif(REDIS_SERVER is None or REDIS_CLI is None,
-                                reason="redis-server/redis-cli not installed")
+pytestmark = pytest.mark.skipif(
+    REDIS_SERVER is None or REDIS_CLI is None, reason="redis-server/redis-cli not installed"
+)
 
 CFG = CacheConfig(ttl_s=60, stale_if_error_s=10)
 
@@ -37,8 +38,10 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[RedisServ
 
 
 def _reply(text: str) -> CachedReply:
-    body = (b'{"id":"c","object":"chat.completion","created":1,"model":"m","choices":[{"index":0,'
-            b'"message":{"role":"assistant","content":"' + text.encode() + b'"},"finish_reason":"stop"}]}')
+    body = (
+        b'{"id":"c","object":"chat.completion","created":1,"model":"m","choices":[{"index":0,'
+        b'"message":{"role":"assistant","content":"' + text.encode() + b'"},"finish_reason":"stop"}]}'
+    )
     entry = reply_from_json("chat", body, now=time.time())
     assert entry is not None
     return entry
@@ -54,8 +57,10 @@ async def test_many_tenants_on_a_cluster_without_crossslot(cluster: list[RedisSe
     try:
         assert all(r.status() == "ok" for r in replicas), [r.status() for r in replicas]
         tenants = [f"tenant-{i}" for i in range(12)]
-        keys = {t: cache_key("chat", t, "m", {"messages": [{"role": "user", "content": "hi"}], "seed": 1})
-                for t in tenants}
+        keys = {
+            t: cache_key("chat", t, "m", {"messages": [{"role": "user", "content": "hi"}], "seed": 1})
+            for t in tenants
+        }
         # the tenants really are spread over the nodes, and each one's keys share one slot
         owners = {direct.get_node_from_key(k).port for k in keys.values()}
         assert len(owners) >= 2

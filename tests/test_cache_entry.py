@@ -29,23 +29,41 @@ def chunk(delta: dict[str, Any], finish: str | None = None, index: int = 0, **ex
 
 
 def chat_stream(finish: str = "stop", usage: bool = True, done: bool = True) -> list[bytes]:
-    events = [chunk({"role": "assistant", "content": ""}), chunk({"content": "Red, "}),
-              chunk({"content": "green, "}), chunk({"content": "blue."}), chunk({}, finish)]
+    events = [
+        chunk({"role": "assistant", "content": ""}),
+        chunk({"content": "Red, "}),
+        chunk({"content": "green, "}),
+        chunk({"content": "blue."}),
+        chunk({}, finish),
+    ]
     if usage:
         events.append(ev({**HEAD, "choices": [], "usage": USAGE}))
     return events + ([DONE] if done else [])
 
 
 def tool_stream(arguments: list[str]) -> list[bytes]:
-    first = {"index": 0, "id": "call_1", "type": "function",
-             "function": {"name": "get_weather", "arguments": ""}}
-    return [chunk({"role": "assistant", "content": None, "tool_calls": [first]}),
-            *[chunk({"tool_calls": [{"index": 0, "function": {"arguments": a}}]}) for a in arguments],
-            chunk({}, "tool_calls"), DONE]
+    first = {
+        "index": 0,
+        "id": "call_1",
+        "type": "function",
+        "function": {"name": "get_weather", "arguments": ""},
+    }
+    return [
+        chunk({"role": "assistant", "content": None, "tool_calls": [first]}),
+        *[chunk({"tool_calls": [{"index": 0, "function": {"arguments": a}}]}) for a in arguments],
+        chunk({}, "tool_calls"),
+        DONE,
+    ]
 
 
-def record(events: list[bytes], endpoint: str = "chat", splits: int = 0, seed: int = 0,
-           max_bytes: int = 1 << 20, skips: list[str] | None = None) -> CachedReply | None:
+def record(
+    events: list[bytes],
+    endpoint: str = "chat",
+    splits: int = 0,
+    seed: int = 0,
+    max_bytes: int = 1 << 20,
+    skips: list[str] | None = None,
+) -> CachedReply | None:
     raw = b"".join(events)
     rng = random.Random(seed)
     cuts = sorted(rng.sample(range(1, len(raw)), min(splits, len(raw) - 1)))
@@ -69,20 +87,23 @@ def test_arbitrary_splits_record_one_entry() -> None:
     assert record(cr, splits=300, seed=2) == want
 
 
-@pytest.mark.parametrize(("events", "reason"), [
-    ([ev({**HEAD, "choices": []}), DONE], "no_choices"),
-    ([DONE], "no_choices"),
-    (chat_stream(finish="length"), "finish"),
-    (chat_stream(finish="content_filter"), "finish"),
-    ([chunk({"content": "hi"}), DONE], "finish"),  # no finish_reason at all
-    (chat_stream(done=False), "cut"),
-    (chat_stream()[:3], "cut"),
-    ([*chat_stream()[:3], ev({"error": {"message": "died", "type": "server_error"}}), DONE], "error"),
-    ([*chat_stream()[:3], b"event: error\ndata: {}\n\n", *chat_stream()[3:]], "error"),
-    ([*chat_stream()[:3], b"data: {not json\n\n", *chat_stream()[3:]], "garbage"),
-    (tool_stream(['{"city": "Par', "is"]), "tool_args"),
-    (tool_stream([]), "tool_args"),  # "" is not JSON
-])
+@pytest.mark.parametrize(
+    ("events", "reason"),
+    [
+        ([ev({**HEAD, "choices": []}), DONE], "no_choices"),
+        ([DONE], "no_choices"),
+        (chat_stream(finish="length"), "finish"),
+        (chat_stream(finish="content_filter"), "finish"),
+        ([chunk({"content": "hi"}), DONE], "finish"),  # no finish_reason at all
+        (chat_stream(done=False), "cut"),
+        (chat_stream()[:3], "cut"),
+        ([*chat_stream()[:3], ev({"error": {"message": "died", "type": "server_error"}}), DONE], "error"),
+        ([*chat_stream()[:3], b"event: error\ndata: {}\n\n", *chat_stream()[3:]], "error"),
+        ([*chat_stream()[:3], b"data: {not json\n\n", *chat_stream()[3:]], "garbage"),
+        (tool_stream(['{"city": "Par', "is"]), "tool_args"),
+        (tool_stream([]), "tool_args"),  # "" is not JSON
+    ],
+)
 def test_bad_answers_record_nothing(events: list[bytes], reason: str) -> None:
     skips: list[str] = []
     assert record(events, splits=7, skips=skips) is None
@@ -101,18 +122,41 @@ def test_oversize_records_nothing_and_says_so() -> None:
 
 
 def test_json_answers_are_checked_too() -> None:
-    good = {"id": "x", "object": "chat.completion", "created": 1, "model": "m", "usage": USAGE,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": "hi"},
-                         "finish_reason": "stop"}]}
+    good = {
+        "id": "x",
+        "object": "chat.completion",
+        "created": 1,
+        "model": "m",
+        "usage": USAGE,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": "hi"}, "finish_reason": "stop"}],
+    }
     assert reply_from_json("chat", orjson.dumps(good)) is not None
     for bad, reason in [
         ({**good, "choices": []}, "no_choices"),
         ({**good, "choices": [{**good["choices"][0], "finish_reason": "length"}]}, "finish"),
         ({"error": {"message": "x"}}, "error"),
-        ({**good, "choices": [{"index": 0, "finish_reason": "tool_calls", "message": {
-            "role": "assistant", "tool_calls": [
-                {"id": "c", "type": "function", "function": {"name": "f", "arguments": "{oops"}}]}}]},
-         "tool_args"),
+        (
+            {
+                **good,
+                "choices": [
+                    {
+                        "index": 0,
+                        "finish_reason": "tool_calls",
+                        "message": {
+                            "role": "assistant",
+                            "tool_calls": [
+                                {
+                                    "id": "c",
+                                    "type": "function",
+                                    "function": {"name": "f", "arguments": "{oops"},
+                                }
+                            ],
+                        },
+                    }
+                ],
+            },
+            "tool_args",
+        ),
     ]:
         skips: list[str] = []
         assert reply_from_json("chat", orjson.dumps(bad), on_skip=skips.append) is None
@@ -152,10 +196,26 @@ LONG = " ".join(f"word{i}" for i in range(100)) + "  and a Supercalifragilistice
 
 
 def _json_reply(content: str, n: int = 1) -> bytes:
-    choices = [{"index": i, "message": {"role": "assistant", "content": f"{i}:{content}"},
-                "logprobs": None, "finish_reason": "stop"} for i in range(n)]
-    return orjson.dumps({"id": "chatcmpl-9", "object": "chat.completion", "created": 5, "model": "m",
-                         "system_fingerprint": "fp", "choices": choices, "usage": USAGE})
+    choices = [
+        {
+            "index": i,
+            "message": {"role": "assistant", "content": f"{i}:{content}"},
+            "logprobs": None,
+            "finish_reason": "stop",
+        }
+        for i in range(n)
+    ]
+    return orjson.dumps(
+        {
+            "id": "chatcmpl-9",
+            "object": "chat.completion",
+            "created": 5,
+            "model": "m",
+            "system_fingerprint": "fp",
+            "choices": choices,
+            "usage": USAGE,
+        }
+    )
 
 
 def test_json_entry_replays_as_a_stream_of_small_chunks() -> None:
@@ -189,18 +249,39 @@ def test_encode_decode_round_trip_and_garbage() -> None:
     for entry in entries:
         assert entry is not None
         assert CachedReply.decode(entry.encode()) == entry
-    for junk in (b"", b"\x00\xff", b"[]", b'{"f": 1}', b'{"f": 99, "endpoint": "chat"}', b"null",
-                 orjson.dumps({"f": 1, "endpoint": "chat", "model": "m", "created": 1, "events": None,
-                               "usage_chunk": None, "body": None})):
+    for junk in (
+        b"",
+        b"\x00\xff",
+        b"[]",
+        b'{"f": 1}',
+        b'{"f": 99, "endpoint": "chat"}',
+        b"null",
+        orjson.dumps(
+            {
+                "f": 1,
+                "endpoint": "chat",
+                "model": "m",
+                "created": 1,
+                "events": None,
+                "usage_chunk": None,
+                "body": None,
+            }
+        ),
+    ):
         assert CachedReply.decode(junk) is None
 
 
 def test_completions_both_ways() -> None:
     head = {"id": "cmpl-1", "object": "text_completion", "created": 3, "model": "m"}
-    events = [ev({**head, "choices": [{"index": 0, "text": t, "logprobs": None, "finish_reason": None}]})
-              for t in ("Once ", "upon ", "a time")]
-    events += [ev({**head, "choices": [{"index": 0, "text": "", "logprobs": None, "finish_reason": "stop"}]}),
-               ev({**head, "choices": [], "usage": USAGE}), DONE]
+    events = [
+        ev({**head, "choices": [{"index": 0, "text": t, "logprobs": None, "finish_reason": None}]})
+        for t in ("Once ", "upon ", "a time")
+    ]
+    events += [
+        ev({**head, "choices": [{"index": 0, "text": "", "logprobs": None, "finish_reason": "stop"}]}),
+        ev({**head, "choices": [], "usage": USAGE}),
+        DONE,
+    ]
     entry = record(events, endpoint="completions", splits=13)
     assert entry is not None
     reply = Completion.model_validate_json(entry.as_json())
@@ -222,8 +303,12 @@ def _client(payload: bytes, stream: bool) -> openai.AsyncOpenAI:
         kind = "text/event-stream" if stream else "application/json"
         return httpx.Response(200, content=payload, headers={"content-type": kind})
 
-    return openai.AsyncOpenAI(base_url="http://cache.test/v1", api_key="k", max_retries=0,
-                              http_client=httpx.AsyncClient(transport=httpx.MockTransport(handler)))
+    return openai.AsyncOpenAI(
+        base_url="http://cache.test/v1",
+        api_key="k",
+        max_retries=0,
+        http_client=httpx.AsyncClient(transport=httpx.MockTransport(handler)),
+    )
 
 
 @pytest.mark.parametrize("recorded", ["stream", "json"])
@@ -252,14 +337,18 @@ async def test_the_sdk_raises_on_a_stream_with_an_error_event() -> None:
     bad = b"".join([*chat_stream()[:3], ev({"error": {"message": "boom", "type": "server_error"}}), DONE])
     with pytest.raises(openai.APIError):
         async for _ in await _client(bad, stream=True).chat.completions.create(
-                model="m", messages=[{"role": "user", "content": "hi"}], stream=True):
+            model="m", messages=[{"role": "user", "content": "hi"}], stream=True
+        ):
             pass
 
 
 def test_wrong_shapes_are_garbage_not_errors() -> None:
-    for events in ([ev({**HEAD, "choices": [{"index": "x", "delta": {}, "finish_reason": "stop"}]}), DONE],
-                   [ev({**HEAD, "choices": [{"index": 0, "delta": [], "finish_reason": "stop"}]}), DONE],
-                   [ev([1, 2]), DONE], [b"data: 3\n\n", DONE]):
+    for events in (
+        [ev({**HEAD, "choices": [{"index": "x", "delta": {}, "finish_reason": "stop"}]}), DONE],
+        [ev({**HEAD, "choices": [{"index": 0, "delta": [], "finish_reason": "stop"}]}), DONE],
+        [ev([1, 2]), DONE],
+        [b"data: 3\n\n", DONE],
+    ):
         skips: list[str] = []
         assert record(events, skips=skips) is None and len(skips) == 1
     assert reply_from_json("chat", b'{"choices": [{"finish_reason": "stop", "message": "x"}]}') is None

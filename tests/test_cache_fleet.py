@@ -20,8 +20,9 @@ from tests.conftest import run_gateway
 from tests.fakes import FakeUpstream, free_port
 from tests.redis_servers import REDIS_CLI, REDIS_SERVER, RedisServer, create_cluster
 
-pytestmark = pytest.mark.skipif(REDIS_SERVER is None or REDIS_CLI is None,
-                                reason="redis-server and redis-cli are not installed")
+pytestmark = pytest.mark.skipif(
+    REDIS_SERVER is None or REDIS_CLI is None, reason="redis-server and redis-cli are not installed"
+)
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -38,11 +39,30 @@ cache: {{redis_timeout_ms: 1000}}
 
 def start_gateway(config: Path, redis_url: str) -> tuple[subprocess.Popen[bytes], str]:
     port = free_port()
-    env = {**os.environ, "INTERLOCK_REDIS_URL": redis_url, "INTERLOCK_SHUTDOWN_DELAY_S": "0",
-           "INTERLOCK_RELOAD_WATCH": "false"}
-    proc = subprocess.Popen([sys.executable, "-m", "gateway.cli", "serve", "--config", str(config),
-                             "--port", str(port), "--log-level", "warning"], cwd=ROOT, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    env = {
+        **os.environ,
+        "INTERLOCK_REDIS_URL": redis_url,
+        "INTERLOCK_SHUTDOWN_DELAY_S": "0",
+        "INTERLOCK_RELOAD_WATCH": "false",
+    }
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "gateway.cli",
+            "serve",
+            "--config",
+            str(config),
+            "--port",
+            str(port),
+            "--log-level",
+            "warning",
+        ],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     return proc, f"http://127.0.0.1:{port}"
 
 
@@ -79,8 +99,9 @@ def gateways(tmp_path: Path) -> Iterator[tuple[FakeUpstream, list[str]]]:
 async def burst(urls: list[str], n: int, content: str) -> list[httpx.Response]:
     body = {"model": "m", "messages": [{"role": "user", "content": content}], "temperature": 0}
     async with httpx.AsyncClient(timeout=60, limits=httpx.Limits(max_connections=n)) as client:
-        return await asyncio.gather(*(client.post(urls[i % len(urls)] + "/v1/chat/completions", json=body)
-                                      for i in range(n)))
+        return await asyncio.gather(
+            *(client.post(urls[i % len(urls)] + "/v1/chat/completions", json=body) for i in range(n))
+        )
 
 
 def test_100_identical_requests_over_3_gateway_processes_make_one_upstream_call(
@@ -102,19 +123,27 @@ def test_a_gateway_on_a_redis_cluster(tmp_path: Path) -> None:
     try:
         create_cluster(nodes)
         url = f"redis+cluster://127.0.0.1:{nodes[0].port}"
-        with FakeUpstream() as fake, run_gateway(
-            {"backends": {"up": {"kind": "openai", "base_url": fake.base_url, "model": "ok"}},
-             "models": {"m": {"targets": ["up"], "cache": {"ttl_s": 60}}},
-             "resilience": {"health_check": {"interval_s": 0}}, "cache": {"redis_timeout_ms": 1000}},
-            redis_url=url,
-        ) as gateway:
+        with (
+            FakeUpstream() as fake,
+            run_gateway(
+                {
+                    "backends": {"up": {"kind": "openai", "base_url": fake.base_url, "model": "ok"}},
+                    "models": {"m": {"targets": ["up"], "cache": {"ttl_s": 60}}},
+                    "resilience": {"health_check": {"interval_s": 0}},
+                    "cache": {"redis_timeout_ms": 1000},
+                },
+                redis_url=url,
+            ) as gateway,
+        ):
             client = openai.OpenAI(base_url=gateway + "/v1", api_key="unused", max_retries=0)
             for i in range(12):  # tenants share no slot, requests of one tenant one slot
                 messages = [{"role": "user", "content": f"hello {i} {uuid.uuid4().hex}"}]
-                first = client.chat.completions.with_raw_response.create(model="m", messages=messages,
-                                                                         temperature=0)
-                again = client.chat.completions.with_raw_response.create(model="m", messages=messages,
-                                                                         temperature=0)
+                first = client.chat.completions.with_raw_response.create(
+                    model="m", messages=messages, temperature=0
+                )
+                again = client.chat.completions.with_raw_response.create(
+                    model="m", messages=messages, temperature=0
+                )
                 seen = (first.headers["x-interlock-cache"], again.headers["x-interlock-cache"])
                 assert seen == ("miss", "hit")
             ready = httpx.get(gateway + "/health/ready", timeout=5).json()

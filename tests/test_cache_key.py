@@ -33,9 +33,15 @@ BODY: dict[str, Any] = {
     "max_tokens": 32,
     "seed": 7,
     "stop": ["\n\n"],
-    "tools": [{"type": "function", "function": {
-        "name": "get_weather",
-        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}],
+    "tools": [
+        {
+            "type": "function",
+            "function": {
+                "name": "get_weather",
+                "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
+            },
+        }
+    ],
     "tool_choice": "auto",
     "response_format": {"type": "text"},
     "logit_bias": {"50256": -100},
@@ -56,8 +62,9 @@ def _spelled(value: Any, rng: random.Random) -> str:
     """JSON text of ``value`` with random whitespace and random spellings of each number."""
     ws = lambda: rng.choice(["", " ", "\n", "\t", "  \r\n "])  # noqa: E731
     if isinstance(value, dict):
-        inner = ",".join(f"{ws()}{json.dumps(k)}{ws()}:{ws()}{_spelled(v, rng)}{ws()}"
-                         for k, v in value.items())
+        inner = ",".join(
+            f"{ws()}{json.dumps(k)}{ws()}:{ws()}{_spelled(v, rng)}{ws()}" for k, v in value.items()
+        )
         return "{" + inner + ws() + "}"
     if isinstance(value, list):
         return "[" + ",".join(ws() + _spelled(v, rng) + ws() for v in value) + "]"
@@ -88,9 +95,18 @@ def test_numbers_one_spelling() -> None:
 
 
 CHANGES: list[tuple[str, Any]] = [
-    ("temperature", 0.2), ("top_p", 0.9), ("max_tokens", 33), ("seed", 8), ("stop", ["\n"]),
-    ("presence_penalty", 0.1), ("frequency_penalty", 0.1), ("n", 2), ("logit_bias", {"50256": -99}),
-    ("response_format", {"type": "json_object"}), ("tool_choice", "none"), ("logprobs", True),
+    ("temperature", 0.2),
+    ("top_p", 0.9),
+    ("max_tokens", 33),
+    ("seed", 8),
+    ("stop", ["\n"]),
+    ("presence_penalty", 0.1),
+    ("frequency_penalty", 0.1),
+    ("n", 2),
+    ("logit_bias", {"50256": -99}),
+    ("response_format", {"type": "json_object"}),
+    ("tool_choice", "none"),
+    ("logprobs", True),
 ]
 
 
@@ -108,17 +124,25 @@ def test_tools_system_prompt_tenant_route_and_endpoint_change_the_key() -> None:
     system["messages"][0]["content"] = "You are verbose."
     no_tools = {k: v for k, v in BODY.items() if k != "tools"}
     others = {
-        cache_key("chat", "alice", "m", tool), cache_key("chat", "alice", "m", system),
-        cache_key("chat", "alice", "m", no_tools), cache_key("chat", "bob", "m", BODY),
-        cache_key("chat", "alice", "m2", BODY), cache_key("completions", "alice", "m", BODY),
+        cache_key("chat", "alice", "m", tool),
+        cache_key("chat", "alice", "m", system),
+        cache_key("chat", "alice", "m", no_tools),
+        cache_key("chat", "bob", "m", BODY),
+        cache_key("chat", "alice", "m2", BODY),
+        cache_key("completions", "alice", "m", BODY),
     }
     assert base not in others and len(others) == 6
 
 
 def test_transport_and_accounting_fields_do_not_change_the_key() -> None:
     base = cache_key("chat", "alice", "m", BODY)
-    for extra in ({"stream": True}, {"stream": False}, {"user": "u-123"}, {"request_id": "r1"},
-                  {"stream": True, "stream_options": {"include_usage": True}}):
+    for extra in (
+        {"stream": True},
+        {"stream": False},
+        {"user": "u-123"},
+        {"request_id": "r1"},
+        {"stream": True, "stream_options": {"include_usage": True}},
+    ):
         assert cache_key("chat", "alice", "m", {**BODY, **extra}) == base
 
 
@@ -133,34 +157,48 @@ def test_the_tenant_is_the_hash_tag() -> None:
     assert cache_key("chat", "a:b", "m", BODY) != cache_key("chat", "a", "b:m", BODY)
 
 
-@pytest.mark.parametrize(("body", "want"), [
-    ({"temperature": 0}, True), ({"temperature": 0.0}, True), ({"seed": 1}, True),
-    ({"temperature": 1, "seed": 0}, True), ({}, False), ({"temperature": 0.7}, False),
-    ({"temperature": None}, False), ({"temperature": False}, False), ({"seed": None}, False),
-])
+@pytest.mark.parametrize(
+    ("body", "want"),
+    [
+        ({"temperature": 0}, True),
+        ({"temperature": 0.0}, True),
+        ({"seed": 1}, True),
+        ({"temperature": 1, "seed": 0}, True),
+        ({}, False),
+        ({"temperature": 0.7}, False),
+        ({"temperature": None}, False),
+        ({"temperature": False}, False),
+        ({"seed": None}, False),
+    ],
+)
 def test_is_deterministic(body: dict[str, Any], want: bool) -> None:
     assert is_deterministic(body) is want
 
 
-@pytest.mark.parametrize(("header", "want"), [
-    (None, CacheControl()),
-    ("", CacheControl()),
-    ("no-cache", CacheControl(no_cache=True)),
-    ("No-Store", CacheControl(no_store=True)),
-    ("max-age=60", CacheControl(max_age=60.0)),
-    ('max-age="30"', CacheControl(max_age=30.0)),
-    ("max-age=60, max-age=10", CacheControl(max_age=10.0)),
-    ("only-if-cached, max-age=0", CacheControl(only_if_cached=True, max_age=0.0)),
-    (" no-cache ,no-store,  only-if-cached ",
-     CacheControl(no_cache=True, no_store=True, only_if_cached=True)),
-    ("max-age=99999999999999999999", CacheControl(max_age=2147483648.0)),
-    ("max-age=" + "9" * 5000, CacheControl(max_age=2147483648.0)),
-    # junk is ignored, never an error
-    ("max-age=-1, max-age=1.5, max-age=abc, max-age", CacheControl()),
-    (",,;=, \x00garbage, no-cache=\"x", CacheControl()),
-    ("private, no-transform, max-stale=5, no-cache", CacheControl(no_cache=True)),
-    ("max-age=٣", CacheControl()),  # a non-ASCII digit is not delta-seconds
-])
+@pytest.mark.parametrize(
+    ("header", "want"),
+    [
+        (None, CacheControl()),
+        ("", CacheControl()),
+        ("no-cache", CacheControl(no_cache=True)),
+        ("No-Store", CacheControl(no_store=True)),
+        ("max-age=60", CacheControl(max_age=60.0)),
+        ('max-age="30"', CacheControl(max_age=30.0)),
+        ("max-age=60, max-age=10", CacheControl(max_age=10.0)),
+        ("only-if-cached, max-age=0", CacheControl(only_if_cached=True, max_age=0.0)),
+        (
+            " no-cache ,no-store,  only-if-cached ",
+            CacheControl(no_cache=True, no_store=True, only_if_cached=True),
+        ),
+        ("max-age=99999999999999999999", CacheControl(max_age=2147483648.0)),
+        ("max-age=" + "9" * 5000, CacheControl(max_age=2147483648.0)),
+        # junk is ignored, never an error
+        ("max-age=-1, max-age=1.5, max-age=abc, max-age", CacheControl()),
+        (',,;=, \x00garbage, no-cache="x', CacheControl()),
+        ("private, no-transform, max-stale=5, no-cache", CacheControl(no_cache=True)),
+        ("max-age=٣", CacheControl()),  # a non-ASCII digit is not delta-seconds
+    ],
+)
 def test_parse_cache_control(header: str | None, want: CacheControl) -> None:
     assert parse_cache_control(header) == want
 

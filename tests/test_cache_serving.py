@@ -27,12 +27,19 @@ REDIS = "redis://127.0.0.1:6379/13"
 DETERMINISTIC = {"temperature": 0}
 
 
-def config(url: str, model: str = "ok", cache: dict[str, Any] | None = None,
-           keys: list[dict[str, Any]] | None = None, section: dict[str, Any] | None = None) -> dict[str, Any]:
+def config(
+    url: str,
+    model: str = "ok",
+    cache: dict[str, Any] | None = None,
+    keys: list[dict[str, Any]] | None = None,
+    section: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     out: dict[str, Any] = {
         "backends": {"up": openai_backend(url, model, first_token=10.0)},
-        "models": {"m": {"targets": ["up"], "cache": cache if cache is not None else {"ttl_s": 60}},
-                   "plain": {"targets": ["up"]}},
+        "models": {
+            "m": {"targets": ["up"], "cache": cache if cache is not None else {"ttl_s": 60}},
+            "plain": {"targets": ["up"]},
+        },
         "resilience": {"health_check": {"interval_s": 0}},
     }
     if keys:
@@ -66,23 +73,34 @@ def calls(fake: FakeUpstream, text: str) -> int:
     return sum(1 for r in fake.requests if text in str(r.get("messages")))
 
 
-@pytest.mark.parametrize(("first_stream", "second_stream"), [(False, False), (False, True), (True, False),
-                                                             (True, True)])
-def test_a_miss_then_a_hit_in_either_shape(gateway: str, fake: FakeUpstream, first_stream: bool,
-                                           second_stream: bool) -> None:
+@pytest.mark.parametrize(
+    ("first_stream", "second_stream"), [(False, False), (False, True), (True, False), (True, True)]
+)
+def test_a_miss_then_a_hit_in_either_shape(
+    gateway: str, fake: FakeUpstream, first_stream: bool, second_stream: bool
+) -> None:
     client, msgs = sdk(gateway), messages()
 
     def ask(stream: bool) -> tuple[str, httpx.Headers]:
-        raw = client.chat.completions.with_raw_response.create(model="m", messages=msgs, stream=stream,
-                                                               **DETERMINISTIC)
+        raw = client.chat.completions.with_raw_response.create(
+            model="m", messages=msgs, stream=stream, **DETERMINISTIC
+        )
         if stream:
             return "".join(e.choices[0].delta.content or "" for e in raw.parse() if e.choices), raw.headers
         return raw.parse().choices[0].message.content or "", raw.headers
 
     text, headers = ask(first_stream)
-    assert (text, headers["x-interlock-cache"], headers["x-interlock-backend"]) == ("Hello there.", "miss", "up")
+    assert (text, headers["x-interlock-cache"], headers["x-interlock-backend"]) == (
+        "Hello there.",
+        "miss",
+        "up",
+    )
     text, headers = ask(second_stream)
-    assert (text, headers["x-interlock-cache"], headers["x-interlock-backend"]) == ("Hello there.", "hit", "cache")
+    assert (text, headers["x-interlock-cache"], headers["x-interlock-backend"]) == (
+        "Hello there.",
+        "hit",
+        "cache",
+    )
     assert int(headers["age"]) >= 0 and headers["x-interlock-cost-usd"] == "0.00000000"
     assert calls(fake, msgs[0]["content"]) == 1
 
@@ -95,8 +113,11 @@ def test_a_hit_reports_its_prompt_tokens_as_cached_and_usage_only_when_asked(gat
     assert again.usage.prompt_tokens == first.usage.prompt_tokens
     assert again.usage.prompt_tokens_details is not None
     assert again.usage.prompt_tokens_details.cached_tokens == first.usage.prompt_tokens
-    with_usage = list(client.chat.completions.create(model="m", messages=msgs, stream=True,
-                                                     stream_options={"include_usage": True}, **DETERMINISTIC))
+    with_usage = list(
+        client.chat.completions.create(
+            model="m", messages=msgs, stream=True, stream_options={"include_usage": True}, **DETERMINISTIC
+        )
+    )
     assert with_usage[-1].usage is not None and not with_usage[-1].choices
     without = list(client.chat.completions.create(model="m", messages=msgs, stream=True, **DETERMINISTIC))
     assert all(e.usage is None for e in without)
@@ -108,7 +129,8 @@ def test_sampled_requests_and_no_store_bypass_the_cache(gateway: str, fake: Fake
         raw = client.chat.completions.with_raw_response.create(model="m", messages=msgs, temperature=0.7)
         assert raw.headers["x-interlock-cache"] == "bypass"
         raw = client.chat.completions.with_raw_response.create(
-            model="m", messages=msgs, extra_headers={"cache-control": "no-store"}, **DETERMINISTIC)
+            model="m", messages=msgs, extra_headers={"cache-control": "no-store"}, **DETERMINISTIC
+        )
         assert raw.headers["x-interlock-cache"] == "bypass"
     assert calls(fake, msgs[0]["content"]) == 4
     raw = client.chat.completions.with_raw_response.create(model="plain", messages=msgs, **DETERMINISTIC)
@@ -119,7 +141,8 @@ def test_no_cache_skips_the_read_but_still_stores(gateway: str, fake: FakeUpstre
     client, msgs = sdk(gateway), messages()
     client.chat.completions.create(model="m", messages=msgs, **DETERMINISTIC)
     raw = client.chat.completions.with_raw_response.create(
-        model="m", messages=msgs, extra_headers={"cache-control": "no-cache"}, **DETERMINISTIC)
+        model="m", messages=msgs, extra_headers={"cache-control": "no-cache"}, **DETERMINISTIC
+    )
     assert raw.headers["x-interlock-cache"] == "miss"
     assert calls(fake, msgs[0]["content"]) == 2
     raw = client.chat.completions.with_raw_response.create(model="m", messages=msgs, **DETERMINISTIC)
@@ -130,8 +153,13 @@ def test_no_cache_skips_the_read_but_still_stores(gateway: str, fake: FakeUpstre
 def test_only_if_cached_is_a_504_on_a_miss(gateway: str, fake: FakeUpstream, stream: bool) -> None:
     client, msgs = sdk(gateway), messages()
     with pytest.raises(openai.APIStatusError) as caught:
-        client.chat.completions.create(model="m", messages=msgs, stream=stream,
-                                       extra_headers={"cache-control": "only-if-cached"}, **DETERMINISTIC)
+        client.chat.completions.create(
+            model="m",
+            messages=msgs,
+            stream=stream,
+            extra_headers={"cache-control": "only-if-cached"},
+            **DETERMINISTIC,
+        )
     assert caught.value.status_code == 504
     assert caught.value.body["code"] == "not_cached"  # type: ignore[index]
     assert calls(fake, msgs[0]["content"]) == 0
@@ -142,16 +170,20 @@ def sha256(key: str) -> str:
 
 
 def test_two_tenants_never_share_an_entry(fake: FakeUpstream) -> None:
-    keys = [{"name": "alice", "sha256": sha256("sk-alice-000000001")},
-            {"name": "bob", "sha256": sha256("sk-bob-0000000000002")}]
+    keys = [
+        {"name": "alice", "sha256": sha256("sk-alice-000000001")},
+        {"name": "bob", "sha256": sha256("sk-bob-0000000000002")},
+    ]
     msgs = messages()
     with run_gateway(config(fake.base_url, keys=keys), redis_url=REDIS) as url:
         for key in ("sk-alice-000000001", "sk-bob-0000000000002"):
-            raw = sdk(url, key).chat.completions.with_raw_response.create(model="m", messages=msgs,
-                                                                         **DETERMINISTIC)
+            raw = sdk(url, key).chat.completions.with_raw_response.create(
+                model="m", messages=msgs, **DETERMINISTIC
+            )
             assert raw.headers["x-interlock-cache"] == "miss"
         raw = sdk(url, "sk-bob-0000000000002").chat.completions.with_raw_response.create(
-            model="m", messages=msgs, **DETERMINISTIC)
+            model="m", messages=msgs, **DETERMINISTIC
+        )
         assert raw.headers["x-interlock-cache"] == "hit"
     assert calls(fake, msgs[0]["content"]) == 2
 
@@ -186,14 +218,22 @@ def test_stale_if_error_when_every_candidate_fails() -> None:
         first = client.chat.completions.create(model="m", messages=msgs, **DETERMINISTIC)
         # wait until the entry is no longer fresh: an only-if-cached request then gets its 504
         deadline = time.monotonic() + 10
-        while httpx.post(url + "/v1/chat/completions", timeout=5, headers={"cache-control": "only-if-cached"},
-                         json={"model": "m", "messages": msgs, **DETERMINISTIC}).status_code != 504:
+        while (
+            httpx.post(
+                url + "/v1/chat/completions",
+                timeout=5,
+                headers={"cache-control": "only-if-cached"},
+                json={"model": "m", "messages": msgs, **DETERMINISTIC},
+            ).status_code
+            != 504
+        ):
             assert time.monotonic() < deadline
             time.sleep(0.05)
         chaos.mode = "error500"
         for stream in (False, True):
-            raw = client.chat.completions.with_raw_response.create(model="m", messages=msgs, stream=stream,
-                                                                   **DETERMINISTIC)
+            raw = client.chat.completions.with_raw_response.create(
+                model="m", messages=msgs, stream=stream, **DETERMINISTIC
+            )
             assert raw.headers["x-interlock-cache"] == "stale"
             if not stream:
                 assert raw.parse().choices[0].message.content == first.choices[0].message.content
@@ -205,8 +245,9 @@ def test_stale_if_error_when_every_candidate_fails() -> None:
 async def _burst(urls: list[str], n: int, msgs: list[dict[str, str]]) -> list[httpx.Response]:
     body = {"model": "m", "messages": msgs, **DETERMINISTIC}
     async with httpx.AsyncClient(timeout=30, limits=httpx.Limits(max_connections=n)) as client:
-        return await asyncio.gather(*(client.post(urls[i % len(urls)] + "/v1/chat/completions", json=body)
-                                      for i in range(n)))
+        return await asyncio.gather(
+            *(client.post(urls[i % len(urls)] + "/v1/chat/completions", json=body) for i in range(n))
+        )
 
 
 def test_identical_requests_in_flight_over_three_replicas_make_one_upstream_call() -> None:
@@ -214,9 +255,14 @@ def test_identical_requests_in_flight_over_three_replicas_make_one_upstream_call
     # three replicas share this process (and its GIL) here, so Redis calls get a wider timeout than
     # the default 20 ms: a replica whose lock call times out leads its own requests, by design.
     with FakeUpstream(slow_s=1.0) as fake, ExitStack() as stack:
-        urls = [stack.enter_context(run_gateway(config(fake.base_url, "slow", section={"redis_timeout_ms": 1000}),
-                                                redis_url=REDIS))
-                for _ in range(3)]
+        urls = [
+            stack.enter_context(
+                run_gateway(
+                    config(fake.base_url, "slow", section={"redis_timeout_ms": 1000}), redis_url=REDIS
+                )
+            )
+            for _ in range(3)
+        ]
         msgs = messages()
         responses = asyncio.run(_burst(urls, 100, msgs))
         assert [r.status_code for r in responses] == [200] * 100

@@ -29,10 +29,18 @@ CFG = CacheConfig(ttl_s=60, stale_if_error_s=30)
 
 
 def reply(text: str = "hi", created: float | None = None) -> CachedReply:
-    body = orjson.dumps({"id": "c1", "object": "chat.completion", "created": 1, "model": "m",
-                         "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                                      "finish_reason": "stop"}],
-                         "usage": {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4}})
+    body = orjson.dumps(
+        {
+            "id": "c1",
+            "object": "chat.completion",
+            "created": 1,
+            "model": "m",
+            "choices": [
+                {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}
+            ],
+            "usage": {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4},
+        }
+    )
     entry = reply_from_json("chat", body, now=time.time() if created is None else created)
     assert entry is not None
     return entry
@@ -120,19 +128,35 @@ def test_route_config_merges_over_the_default() -> None:
 
 def test_the_routing_yaml_cache_sections() -> None:
     base = {"backends": {"b": {"kind": "openai", "base_url": "http://127.0.0.1:1/v1"}}}
-    loaded = parse_config({**base, "cache": {"default": {"ttl_s": 30}, "memory_bytes": 1024},
-                           "models": {"on": {"targets": ["b"], "cache": True},
-                                      "set": {"targets": ["b"], "cache": {"stale_if_error_s": 9}},
-                                      "off": {"targets": ["b"]}}}, env={})
+    loaded = parse_config(
+        {
+            **base,
+            "cache": {"default": {"ttl_s": 30}, "memory_bytes": 1024},
+            "models": {
+                "on": {"targets": ["b"], "cache": True},
+                "set": {"targets": ["b"], "cache": {"stale_if_error_s": 9}},
+                "off": {"targets": ["b"]},
+            },
+        },
+        env={},
+    )
     assert loaded.cache.memory_bytes == 1024 and loaded.models["off"].cache is None
     cache = ResponseCache(loaded.cache)
     assert cache.config_for(loaded.models["on"].cache) == CacheConfig(ttl_s=30)
     assert cache.config_for(loaded.models["set"].cache) == CacheConfig(ttl_s=30, stale_if_error_s=9)
     assert parse_config({**base, "models": {"m": {"targets": ["b"]}}}, env={}).cache == CacheSection()
     with pytest.raises(ConfigError) as caught:
-        parse_config({**base, "cache": {"memory": 1},
-                      "models": {"m": {"targets": ["b"], "cache": {"ttl": 1}},
-                                 "n": {"targets": ["b"], "cache": False}}}, env={})
+        parse_config(
+            {
+                **base,
+                "cache": {"memory": 1},
+                "models": {
+                    "m": {"targets": ["b"], "cache": {"ttl": 1}},
+                    "n": {"targets": ["b"], "cache": False},
+                },
+            },
+            env={},
+        )
     paths = {path for path, _ in caught.value.problems}
     assert paths == {"cache.memory", "models.m.cache.ttl", "models.n.cache"}
 
@@ -252,8 +276,9 @@ async def test_nothing_listening_is_memory_only() -> None:
 # --- single flight -------------------------------------------------------------------------------
 
 
-async def _leader_and_followers(caches: list[ResponseCache], key: str, n: int,
-                                entry: CachedReply | None) -> list[Flight]:
+async def _leader_and_followers(
+    caches: list[ResponseCache], key: str, n: int, entry: CachedReply | None
+) -> list[Flight]:
     """``n`` joins spread over ``caches``, each handled as it returns, as the pipeline would: a
     leader stores ``entry`` (or fails, if None) and is done."""
     tasks = [asyncio.create_task(caches[i % len(caches)].join(key, CFG)) for i in range(n)]
@@ -272,8 +297,11 @@ async def test_one_process_100_joins_one_leader() -> None:
     cache = ResponseCache()
     flights = await _leader_and_followers([cache], "k", 100, reply("once"))
     assert sum(f.leader for f in flights) == 1
-    assert all(f.entry and f.entry.fresh and f.entry.entry == reply("once").__class__.decode(
-        f.entry.entry.encode()) for f in flights if not f.leader)
+    assert all(
+        f.entry and f.entry.fresh and f.entry.entry == reply("once").__class__.decode(f.entry.entry.encode())
+        for f in flights
+        if not f.leader
+    )
     assert cache.stats()["followers_served"] == 99 and not cache._flights
 
 

@@ -79,8 +79,9 @@ def test_unknown_kind() -> None:
 def test_unknown_policy() -> None:
     [(path, message)] = problems(base(chat={"targets": ["up"], "policy": "random"}))
     assert path == "models.chat.policy"
-    assert message == ("unknown policy 'random'; known: "
-                       "ordered, weighted, least_busy, cost, latency, balanced, slo")
+    assert message == (
+        "unknown policy 'random'; known: ordered, weighted, least_busy, cost, latency, balanced, slo"
+    )
 
 
 def test_duplicate_target() -> None:
@@ -112,18 +113,30 @@ def test_base_url_trailing_slash_is_dropped() -> None:
     ("mutate", "expected"),
     [
         (lambda d: d.update(modles={}), ("modles", "Extra inputs are not permitted")),
-        (lambda d: d["backends"]["up"].update({"base-url": URL}),
-         ("backends.up.base-url", "Extra inputs are not permitted")),
-        (lambda d: d["backends"]["up"].update(timeouts={"first_token": 0}),
-         ("backends.up.timeouts.first_token", "Input should be greater than 0")),
-        (lambda d: d["models"].update(chat={"targets": []}),
-         ("models.chat.targets", "List should have at least 1 item after validation, not 0")),
-        (lambda d: d["models"].update({"bad name": {"targets": ["up"]}}),
-         ("models.bad name", "model names use letters, digits and . _ : / - only")),
-        (lambda d: d.update(auth={"keys": [{"name": "k", "sha256": "abc"}]}),
-         ("auth.keys[0].sha256", "String should match pattern '^[0-9a-fA-F]{64}$'")),
-        (lambda d: d.update(auth={"keys": [{"name": "k", "sha256": "a" * 64, "models": ["chat", "gpt"]}]}),
-         ("auth.keys[0].models[1]", "unknown model 'gpt'")),
+        (
+            lambda d: d["backends"]["up"].update({"base-url": URL}),
+            ("backends.up.base-url", "Extra inputs are not permitted"),
+        ),
+        (
+            lambda d: d["backends"]["up"].update(timeouts={"first_token": 0}),
+            ("backends.up.timeouts.first_token", "Input should be greater than 0"),
+        ),
+        (
+            lambda d: d["models"].update(chat={"targets": []}),
+            ("models.chat.targets", "List should have at least 1 item after validation, not 0"),
+        ),
+        (
+            lambda d: d["models"].update({"bad name": {"targets": ["up"]}}),
+            ("models.bad name", "model names use letters, digits and . _ : / - only"),
+        ),
+        (
+            lambda d: d.update(auth={"keys": [{"name": "k", "sha256": "abc"}]}),
+            ("auth.keys[0].sha256", "String should match pattern '^[0-9a-fA-F]{64}$'"),
+        ),
+        (
+            lambda d: d.update(auth={"keys": [{"name": "k", "sha256": "a" * 64, "models": ["chat", "gpt"]}]}),
+            ("auth.keys[0].models[1]", "unknown model 'gpt'"),
+        ),
     ],
 )
 def test_other_problems_have_paths(mutate: Any, expected: tuple[str, str]) -> None:
@@ -211,7 +224,9 @@ def test_os_environ_is_the_default(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_api_key_from_env_never_in_repr(tmp_path: Path) -> None:
-    path = write(tmp_path, """
+    path = write(
+        tmp_path,
+        """
         backends:
           hosted:
             kind: openai
@@ -219,24 +234,34 @@ def test_api_key_from_env_never_in_repr(tmp_path: Path) -> None:
             api_key: ${HOSTED_KEY}
         models:
           chat: {targets: [hosted]}
-    """)
+    """,
+    )
     config = load_config(path, env={"HOSTED_KEY": SECRET})
     hosted = config.backends["hosted"]
     assert isinstance(hosted, OpenAIConfig)
     assert isinstance(hosted.api_key, SecretStr)
     assert hosted.api_key.get_secret_value() == SECRET
-    for shown in (repr(config), str(config), repr(hosted), str(hosted), hosted.model_dump_json(),
-                  repr(hosted.model_dump())):
+    for shown in (
+        repr(config),
+        str(config),
+        repr(hosted),
+        str(hosted),
+        hosted.model_dump_json(),
+        repr(hosted.model_dump()),
+    ):
         assert SECRET not in shown
 
 
 def test_api_key_not_in_config_errors(tmp_path: Path) -> None:
-    path = write(tmp_path, """
+    path = write(
+        tmp_path,
+        """
         backends:
           hosted: {kind: openai, base_url: "ftp://x", api_key: "${HOSTED_KEY}", surprise: 1}
         models:
           chat: {targets: [hosted, nope]}
-    """)
+    """,
+    )
     with pytest.raises(ConfigError) as caught:
         load_config(path, env={"HOSTED_KEY": SECRET})
     assert len(caught.value.problems) == 3
@@ -273,10 +298,13 @@ def test_unreadable_file(tmp_path: Path) -> None:
 # --- interlock check ----------------------------------------------------------------------------
 
 
-def test_check_valid_file(tmp_path: Path, capsys: pytest.CaptureFixture[str],
-                          monkeypatch: pytest.MonkeyPatch) -> None:
+def test_check_valid_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("CHECK_KEY", SECRET)
-    path = write(tmp_path, """
+    path = write(
+        tmp_path,
+        """
         auth:
           keys:
             - {name: team-a, sha256: "%s", models: [chat]}
@@ -286,7 +314,9 @@ def test_check_valid_file(tmp_path: Path, capsys: pytest.CaptureFixture[str],
         models:
           chat: {targets: [up], fallback: [down]}
           raw: {targets: [down]}
-    """ % ("0" * 64))
+    """
+        % ("0" * 64),
+    )
     code, out, err = check(path, capsys)
     assert code == 0, err
     assert out == f"{path}: ok (2 backend(s), models: chat, raw)\n"
@@ -294,17 +324,21 @@ def test_check_valid_file(tmp_path: Path, capsys: pytest.CaptureFixture[str],
     assert SECRET not in out
 
 
-def test_check_reports_paths_and_exits_1(tmp_path: Path, capsys: pytest.CaptureFixture[str],
-                                         monkeypatch: pytest.MonkeyPatch) -> None:
+def test_check_reports_paths_and_exits_1(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.delenv("GPU_URL", raising=False)
-    path = write(tmp_path, """
+    path = write(
+        tmp_path,
+        """
         backends:
           a: {kind: openai, base_url: "http://127.0.0.1:8000/v1"}
           b: {kind: openai, base_url: "${GPU_URL}"}
           c: {kind: tpu}
         models:
           chat: {targets: [a, b, gpu], policy: ordered}
-    """)
+    """,
+    )
     code, out, err = check(path, capsys)
     assert code == 1
     assert out == ""
@@ -348,19 +382,27 @@ def test_shape_route_and_backend_errors_come_together() -> None:
     data["backends"]["down"]["base_url"] = "ftp://x"
     data["modles"] = {}
     found = problems(data)
-    assert found[:2] == [("modles", "Extra inputs are not permitted"),
-                         ("backends.down.base_url", "must be an http:// or https:// URL")]
-    assert [path for path, _ in found[2:]] == ["models.chat.policy", "models.chat.targets[1]",
-                                               "models.other.targets"]
+    assert found[:2] == [
+        ("modles", "Extra inputs are not permitted"),
+        ("backends.down.base_url", "must be an http:// or https:// URL"),
+    ]
+    assert [path for path, _ in found[2:]] == [
+        "models.chat.policy",
+        "models.chat.targets[1]",
+        "models.other.targets",
+    ]
 
 
 def gguf_doc(tmp_path: Path) -> dict[str, Any]:
     (tmp_path / "model.gguf").write_bytes(b"GGUF\x03\x00\x00\x00")
     (tmp_path / "notes.gguf").write_text("not a model")
     paths = {"good": "model.gguf", "absent": "absent.gguf", "text": "notes.gguf", "folder": "."}
-    return {"backends": {name: {"kind": "llamacpp", "model_path": str(tmp_path / file)}
-                         for name, file in paths.items()},
-            "models": {"chat": {"targets": list(paths)}}}
+    return {
+        "backends": {
+            name: {"kind": "llamacpp", "model_path": str(tmp_path / file)} for name, file in paths.items()
+        },
+        "models": {"chat": {"targets": list(paths)}},
+    }
 
 
 def test_model_files_are_checked_with_their_paths(tmp_path: Path) -> None:
@@ -378,15 +420,18 @@ def test_model_files_are_checked_with_their_paths(tmp_path: Path) -> None:
 
 
 def test_check_prints_every_problem_in_one_pass(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    path = write(tmp_path, f"""
+    path = write(
+        tmp_path,
+        f"""
         extra: 1
         backends:
-          local: {{kind: llamacpp, model_path: "{tmp_path / 'gone.gguf'}", parallel: 0}}
+          local: {{kind: llamacpp, model_path: "{tmp_path / "gone.gguf"}", parallel: 0}}
           up: {{kind: openai, base_url: "ftp://x"}}
-          fine: {{kind: llamacpp, model_path: "{tmp_path / 'missing.gguf'}"}}
+          fine: {{kind: llamacpp, model_path: "{tmp_path / "missing.gguf"}"}}
         models:
           chat: {{targets: [local, up, gpu], policy: random}}
-    """)
+    """,
+    )
     code, out, err = check(path, capsys)
     assert (code, out) == (1, "")
     assert err.splitlines() == [

@@ -33,27 +33,32 @@ def many_cpus(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(os, "sched_getaffinity", lambda _pid: set(range(64)))
 
 
-@pytest.mark.parametrize(("cpu_max", "expected"), [
-    ("200000 100000\n", 2),
-    ("150000 100000\n", 1),   # 1.5 CPUs: rounded down
-    ("50000 100000\n", 1),    # under one CPU: still one thread
-    ("max 100000\n", 64),     # no limit: the affinity decides
-    ("garbage\n", 64),
-])
+@pytest.mark.parametrize(
+    ("cpu_max", "expected"),
+    [
+        ("200000 100000\n", 2),
+        ("150000 100000\n", 1),  # 1.5 CPUs: rounded down
+        ("50000 100000\n", 1),  # under one CPU: still one thread
+        ("max 100000\n", 64),  # no limit: the affinity decides
+        ("garbage\n", 64),
+    ],
+)
 def test_cgroup_v2_cpu_max(root: Path, many_cpus: None, cpu_max: str, expected: int) -> None:
     assert available_cpus(*tree(root, {"cpu.max": cpu_max})) == expected
 
 
 def test_cgroup_v2_limit_on_a_parent_applies(root: Path, many_cpus: None) -> None:
-    files = {"cpu.max": "max 100000", "app.slice/cpu.max": "300000 100000",
-             "app.slice/gw.service/cpu.max": "max 100000"}
+    files = {
+        "cpu.max": "max 100000",
+        "app.slice/cpu.max": "300000 100000",
+        "app.slice/gw.service/cpu.max": "max 100000",
+    }
     assert available_cpus(*tree(root, files, "0::/app.slice/gw.service\n")) == 3
 
 
 @pytest.mark.parametrize(("quota", "expected"), [("400000", 4), ("-1", 64)])
 @pytest.mark.parametrize("controller", ["cpu", "cpu,cpuacct"])
-def test_cgroup_v1_cfs_quota(root: Path, many_cpus: None, controller: str, quota: str,
-                             expected: int) -> None:
+def test_cgroup_v1_cfs_quota(root: Path, many_cpus: None, controller: str, quota: str, expected: int) -> None:
     files = {f"{controller}/cpu.cfs_quota_us": quota + "\n", f"{controller}/cpu.cfs_period_us": "100000\n"}
     assert available_cpus(*tree(root, files)) == expected
 

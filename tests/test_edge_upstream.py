@@ -40,9 +40,16 @@ def gateway(fake: FakeUpstream) -> Iterator[str]:
     models["fallback-list"] = {"targets": ["broken"], "fallback": ["up-ok"], "attempts": 2}
     # These tests are about how one upstream's answers map to the client, request by request:
     # one attempt each, and circuits that never open (tests/test_resilience.py covers those).
-    resilience = {"retry": {"attempts": 1}, "health_check": {"interval_s": 0},
-                  "breaker": {"consecutive_failures": 1000, "window": 1000, "min_calls": 1000,
-                              "open_on_retry_after": False}}
+    resilience = {
+        "retry": {"attempts": 1},
+        "health_check": {"interval_s": 0},
+        "breaker": {
+            "consecutive_failures": 1000,
+            "window": 1000,
+            "min_calls": 1000,
+            "open_on_retry_after": False,
+        },
+    }
     with run_gateway({"backends": backends, "models": models, "resilience": resilience}) as url:
         yield url
 
@@ -73,7 +80,7 @@ def error_of(response: httpx.Response) -> dict[str, Any]:
 
 def sse_events(raw: bytes) -> list[str]:
     """The ``data:`` payloads of an SSE body, in order."""
-    return [line[len(b"data: "):].decode() for line in raw.split(b"\n") if line.startswith(b"data: ")]
+    return [line[len(b"data: ") :].decode() for line in raw.split(b"\n") if line.startswith(b"data: ")]
 
 
 # --- timeouts -----------------------------------------------------------------
@@ -238,8 +245,11 @@ def test_no_fallback_left_is_a_502() -> None:
     }
     with run_gateway(config) as url:
         for stream in (False, True):
-            response = httpx.post(url + "/v1/chat/completions", timeout=5,
-                                  json={"model": "m", "messages": MESSAGES, "stream": stream})
+            response = httpx.post(
+                url + "/v1/chat/completions",
+                timeout=5,
+                json={"model": "m", "messages": MESSAGES, "stream": stream},
+            )
             assert response.status_code == 502
             error = error_of(response)
             assert error["code"] == "backend_unavailable"
@@ -256,8 +266,11 @@ def test_client_disconnect_cancels_the_upstream() -> None:
             "models": {"endless": {"targets": ["up"]}},
         }
         with run_gateway(config) as url, httpx.Client(base_url=url, timeout=5) as http:
-            with http.stream("POST", "/v1/chat/completions",
-                             json={"model": "endless", "messages": MESSAGES, "stream": True}) as response:
+            with http.stream(
+                "POST",
+                "/v1/chat/completions",
+                json={"model": "endless", "messages": MESSAGES, "stream": True},
+            ) as response:
                 assert response.status_code == 200
                 received = b""
                 for piece in response.iter_raw():
@@ -274,15 +287,20 @@ def test_a_client_that_leaves_before_the_reply_cancels_the_upstream_call_and_ret
     with ChaosUpstream(mode="timeout") as held:
         config = {
             # two candidates: a retry would show as a second request to the same upstream
-            "backends": {"one": openai_backend(held.base_url, first_token=20.0),
-                         "two": openai_backend(held.base_url, first_token=20.0)},
+            "backends": {
+                "one": openai_backend(held.base_url, first_token=20.0),
+                "two": openai_backend(held.base_url, first_token=20.0),
+            },
             "models": {"m": {"targets": ["one", "two"]}},
             "resilience": {"health_check": {"interval_s": 0}},
         }
         with run_gateway(config) as url:
             with pytest.raises(httpx.ReadTimeout):  # the client gives up long before the upstream
-                httpx.post(url + "/v1/chat/completions", timeout=httpx.Timeout(5, read=0.5),
-                           json={"model": "m", "messages": MESSAGES, "stream": stream})
+                httpx.post(
+                    url + "/v1/chat/completions",
+                    timeout=httpx.Timeout(5, read=0.5),
+                    json={"model": "m", "messages": MESSAGES, "stream": stream},
+                )
             deadline = time.monotonic() + 10
             while held.client_gone < 1:
                 assert time.monotonic() < deadline, "the upstream call outlived its client"
@@ -331,8 +349,11 @@ def test_upstream_gets_its_model_key_and_unknown_fields(http: httpx.Client, fake
         "future_field": {"nested": [1, 2.5, None, "x"]},
     }
     before = len(fake.requests)
-    response = http.post("/v1/chat/completions", json={**body, "model": "fallback"},
-                         headers={"x-request-id": "trace-upstream-1", "authorization": "Bearer client-key"})
+    response = http.post(
+        "/v1/chat/completions",
+        json={**body, "model": "fallback"},
+        headers={"x-request-id": "trace-upstream-1", "authorization": "Bearer client-key"},
+    )
     assert response.status_code == 200
     assert len(fake.requests) == before + 1
     sent, headers = fake.requests[-1], {k.lower(): v for k, v in fake.headers[-1].items()}
@@ -360,8 +381,11 @@ def test_no_configured_model_passes_the_clients(fake: FakeUpstream) -> None:
 
 def test_request_id_echoed(http: httpx.Client, client: openai.OpenAI) -> None:
     for stream in (False, True):
-        response = http.post("/v1/chat/completions", headers={"x-request-id": "abc-123.X:y_z"},
-                             json={"model": "ok", "messages": MESSAGES, "stream": stream})
+        response = http.post(
+            "/v1/chat/completions",
+            headers={"x-request-id": "abc-123.X:y_z"},
+            json={"model": "ok", "messages": MESSAGES, "stream": stream},
+        )
         assert response.status_code == 200
         assert response.headers.get_list("x-request-id") == ["abc-123.X:y_z"]
     raw = client.chat.completions.with_raw_response.create(
@@ -392,15 +416,21 @@ def test_request_id_generated(http: httpx.Client, path: str, body: dict[str, Any
 
 @pytest.mark.parametrize("bad", ["has space", "x" * 129, "semi;colon", "é"])
 def test_unsafe_request_id_is_replaced(http: httpx.Client, bad: str) -> None:
-    response = http.post("/v1/chat/completions", json={"model": "ok", "messages": MESSAGES},
-                         headers={"x-request-id": bad.encode()})
+    response = http.post(
+        "/v1/chat/completions",
+        json={"model": "ok", "messages": MESSAGES},
+        headers={"x-request-id": bad.encode()},
+    )
     assert response.status_code == 200
     assert response.headers["x-request-id"].startswith("req_")
 
 
 def test_request_id_on_errors_is_the_clients(http: httpx.Client) -> None:
     for model, status in (("nope", 404), ("error500", 502), ("ratelimited", 429)):
-        response = http.post("/v1/chat/completions", headers={"x-request-id": f"err-{status}"},
-                             json={"model": model, "messages": MESSAGES})
+        response = http.post(
+            "/v1/chat/completions",
+            headers={"x-request-id": f"err-{status}"},
+            json={"model": model, "messages": MESSAGES},
+        )
         assert response.status_code == status
         assert response.headers.get_list("x-request-id") == [f"err-{status}"]

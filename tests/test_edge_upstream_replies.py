@@ -27,8 +27,11 @@ BAD_BODIES = {
     "truncated": GOOD[:-1],  # still ends with a brace: usage's
     "array": b"[" + GOOD + b"]",
 }
-QUIET = {"retry": {"attempts": 2}, "health_check": {"interval_s": 0},
-         "breaker": {"consecutive_failures": 1000, "window": 1000, "min_calls": 1000}}
+QUIET = {
+    "retry": {"attempts": 2},
+    "health_check": {"interval_s": 0},
+    "breaker": {"consecutive_failures": 1000, "window": 1000, "min_calls": 1000},
+}
 
 
 class OddUpstream:
@@ -79,9 +82,17 @@ class OddUpstream:
         response = web.StreamResponse(headers={"content-type": "application/x-ndjson"})
         await response.prepare(request)
         for word in ("Hello", " there"):
-            await response.write(orjson.dumps({"model": body["model"], "created_at": "2024-01-01T00:00:00Z",
-                                               "message": {"role": "assistant", "content": word},
-                                               "done": False}) + b"\n")
+            await response.write(
+                orjson.dumps(
+                    {
+                        "model": body["model"],
+                        "created_at": "2024-01-01T00:00:00Z",
+                        "message": {"role": "assistant", "content": word},
+                        "done": False,
+                    }
+                )
+                + b"\n"
+            )
         await self._hold(request)
         return response
 
@@ -111,8 +122,13 @@ def gateway(upstream: OddUpstream) -> Iterator[str]:
     for name in ("stall", "steady"):
         backends[name] = openai_backend(base, name, total=30)
         backends[name]["timeouts"]["idle"] = 1.0  # type: ignore[index]
-    backends["ollama-stall"] = {"kind": "ollama", "url": upstream.url, "model": "m", "preload": False,
-                                "timeouts": {"connect": 1, "first_token": 5, "total": 30, "idle": 1.0}}
+    backends["ollama-stall"] = {
+        "kind": "ollama",
+        "url": upstream.url,
+        "model": "m",
+        "preload": False,
+        "timeouts": {"connect": 1, "first_token": 5, "total": 30, "idle": 1.0},
+    }
     models: dict[str, Any] = {name: {"targets": [name]} for name in (*BAD_BODIES, "stall", "steady")}
     models.update({f"{name}-or-ok": {"targets": [name], "fallback": ["ok"]} for name in BAD_BODIES})
     models["ollama-stall"] = {"targets": ["ollama-stall"]}
@@ -121,12 +137,13 @@ def gateway(upstream: OddUpstream) -> Iterator[str]:
 
 
 def post(url: str, model: str, **fields: Any) -> httpx.Response:
-    return httpx.post(url + "/v1/chat/completions", json={"model": model, "messages": MESSAGES, **fields},
-                      timeout=20)
+    return httpx.post(
+        url + "/v1/chat/completions", json={"model": model, "messages": MESSAGES, **fields}, timeout=20
+    )
 
 
 def events(raw: bytes) -> list[str]:
-    return [line[len(b"data: "):].decode() for line in raw.split(b"\n") if line.startswith(b"data: ")]
+    return [line[len(b"data: ") :].decode() for line in raw.split(b"\n") if line.startswith(b"data: ")]
 
 
 @pytest.mark.parametrize("model", list(BAD_BODIES))
@@ -137,8 +154,10 @@ def test_a_200_that_is_not_a_json_object_is_a_502(gateway: str, model: str) -> N
     assert error["type"] == "upstream_error"
     assert error["code"] == "backend_unavailable"
     assert "JSON" in error["message"]
-    with openai.OpenAI(base_url=gateway + "/v1", api_key="k", max_retries=0) as client, \
-            pytest.raises(openai.InternalServerError):
+    with (
+        openai.OpenAI(base_url=gateway + "/v1", api_key="k", max_retries=0) as client,
+        pytest.raises(openai.InternalServerError),
+    ):
         client.chat.completions.create(model=model, messages=MESSAGES)  # type: ignore[arg-type]
 
 
@@ -152,7 +171,8 @@ def test_a_200_that_is_not_a_json_object_falls_back(gateway: str, model: str) ->
 
 @pytest.mark.parametrize(("model", "who"), [("stall", "the upstream"), ("ollama-stall", "ollama")])
 def test_a_stalled_stream_ends_with_an_error_event_after_the_idle_timeout(
-        gateway: str, upstream: OddUpstream, model: str, who: str) -> None:
+    gateway: str, upstream: OddUpstream, model: str, who: str
+) -> None:
     upstream.client_left.clear()
     started = time.monotonic()
     response = post(gateway, model, stream=True)

@@ -19,8 +19,11 @@ CAP = 64 * 1024
 
 @pytest.fixture(scope="module")
 def gateway() -> Iterator[str]:
-    config = {"backends": {"up": openai_backend(closed_url(), "ok")}, "models": {"m": {"targets": ["up"]}},
-              "resilience": {"health_check": {"interval_s": 0}}}
+    config = {
+        "backends": {"up": openai_backend(closed_url(), "ok")},
+        "models": {"m": {"targets": ["up"]}},
+        "resilience": {"health_check": {"interval_s": 0}},
+    }
     with run_gateway(config) as url:
         yield url
 
@@ -83,14 +86,18 @@ def test_heads_under_the_cap_pass_and_each_request_counts_afresh(gateway: str) -
             assert response.status_code == 200
         # a body is not part of the head
         big = {"model": "nope", "messages": [{"role": "user", "content": "a" * 1024 * 1024}]}
-        response = http.post("/v1/chat/completions", content=orjson.dumps(big),
-                             headers={"content-type": "application/json"})
+        response = http.post(
+            "/v1/chat/completions", content=orjson.dumps(big), headers={"content-type": "application/json"}
+        )
         assert response.status_code == 404
 
 
 def test_the_cap_is_a_setting() -> None:
-    config = {"backends": {"up": openai_backend(closed_url(), "ok")}, "models": {"m": {"targets": ["up"]}},
-              "resilience": {"health_check": {"interval_s": 0}}}
+    config = {
+        "backends": {"up": openai_backend(closed_url(), "ok")},
+        "models": {"m": {"targets": ["up"]}},
+        "resilience": {"health_check": {"interval_s": 0}},
+    }
     with run_gateway(config, max_header_bytes=8 * 1024) as url:
         assert httpx.get(url + "/health/live", headers={"x-big": "a" * 4096}).status_code == 200
         assert httpx.get(url + "/health/live", headers={"x-big": "a" * 10000}).status_code == 431

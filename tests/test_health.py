@@ -12,8 +12,11 @@ from tests.fakes import FakeBackend, ok_handler
 
 def target(health: Health) -> Target:
     backend = FakeBackend("b", ok_handler, health=health)
-    return Target(backend=backend, stats=BackendStats("b"),
-                  breaker=CircuitBreaker("b", BreakerConfig(consecutive_failures=3)))
+    return Target(
+        backend=backend,
+        stats=BackendStats("b"),
+        breaker=CircuitBreaker("b", BreakerConfig(consecutive_failures=3)),
+    )
 
 
 async def test_failed_checks_open_the_circuit() -> None:
@@ -50,8 +53,9 @@ async def test_passing_checks_are_weighed_with_the_failing_ones() -> None:
 async def test_a_passing_check_never_closes_a_circuit_that_requests_opened() -> None:
     clock = [0.0]
     t = target(Health(True))
-    t.breaker = CircuitBreaker("b", BreakerConfig(consecutive_failures=1, cooldown_s=5),
-                               clock=lambda: clock[0])
+    t.breaker = CircuitBreaker(
+        "b", BreakerConfig(consecutive_failures=1, cooldown_s=5), clock=lambda: clock[0]
+    )
     t.breaker.on_failure()  # real requests hang and time out: open
     monitor = HealthMonitor(lambda: [t], interval_s=1, timeout_s=1)
     for _ in range(5):
@@ -90,16 +94,26 @@ async def test_liveness_fails_when_an_in_process_engine_died_and_says_why() -> N
     from gateway.snapshot import build_snapshot
     from gateway.state import Gateway
 
-    config = parse_config({"backends": {"b": {"kind": "openai", "base_url": "http://127.0.0.1:9/v1"}},
-                           "models": {"m": {"targets": ["b"]}}})
+    config = parse_config(
+        {
+            "backends": {"b": {"kind": "openai", "base_url": "http://127.0.0.1:9/v1"}},
+            "models": {"m": {"targets": ["b"]}},
+        }
+    )
     backend = FakeBackend("b")
     snapshot = build_snapshot(config, {"b": backend})
-    gateway = Gateway(snapshot=snapshot, router=Router(),
-                      health=HealthMonitor(lambda: snapshot.targets.values(), interval_s=0, timeout_s=1))
+    gateway = Gateway(
+        snapshot=snapshot,
+        router=Router(),
+        health=HealthMonitor(lambda: snapshot.targets.values(), interval_s=0, timeout_s=1),
+    )
     app = build_app(gateway, max_body_bytes=1 << 20)
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gw") as client:
         assert (await client.get("/health/live")).status_code == 200
         backend.fatal_reason = "engine thread died: RuntimeError('boom')"
         response = await client.get("/health/live")
         assert response.status_code == 503
-        assert response.json() == {"status": "dead", "backends": {"b": "engine thread died: RuntimeError('boom')"}}
+        assert response.json() == {
+            "status": "dead",
+            "backends": {"b": "engine thread died: RuntimeError('boom')"},
+        }

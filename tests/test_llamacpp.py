@@ -36,8 +36,16 @@ PROMPTS = [
 
 def _config(**local: Any) -> dict[str, Any]:
     return {
-        "backends": {"local": {"kind": "llamacpp", "n_ctx": 2048, "parallel": 8, "n_threads": 2,
-                               "flash_attn": "on", **local}},
+        "backends": {
+            "local": {
+                "kind": "llamacpp",
+                "n_ctx": 2048,
+                "parallel": 8,
+                "n_threads": 2,
+                "flash_attn": "on",
+                **local,
+            }
+        },
         "models": {"smollm2": {"targets": ["local"]}},
     }
 
@@ -68,7 +76,10 @@ def test_greedy_reply_equals_a_direct_llama_call(client: openai.OpenAI) -> None:
     messages = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": PROMPTS[0]}]
     want = llm.create_chat_completion(messages=messages, max_tokens=24, temperature=0)  # type: ignore[arg-type]
     got = client.chat.completions.create(
-        model="smollm2", messages=messages, max_tokens=24, temperature=0  # type: ignore[arg-type]
+        model="smollm2",
+        messages=messages,
+        max_tokens=24,
+        temperature=0,  # type: ignore[arg-type]
     )
     assert got.choices[0].message.content == want["choices"][0]["message"]["content"]  # type: ignore[index]
     assert got.choices[0].finish_reason == want["choices"][0]["finish_reason"]  # type: ignore[index]
@@ -85,8 +96,12 @@ def test_stream_matches_non_stream_with_usage(client: openai.OpenAI) -> None:
     want = _alone(client, PROMPTS[1])
     text, finish, usage, roles = "", None, None, []
     for event in client.chat.completions.create(
-        model="smollm2", messages=[{"role": "user", "content": PROMPTS[1]}], max_tokens=24, temperature=0,
-        stream=True, stream_options={"include_usage": True},
+        model="smollm2",
+        messages=[{"role": "user", "content": PROMPTS[1]}],
+        max_tokens=24,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
     ):
         if event.choices:
             text += event.choices[0].delta.content or ""
@@ -108,7 +123,10 @@ async def test_eight_concurrent_streams_get_their_own_text(gateway: str, client:
     async def one(prompt: str) -> str:
         text = ""
         async for event in await aclient.chat.completions.create(
-            model="smollm2", messages=[{"role": "user", "content": prompt}], max_tokens=24, temperature=0,
+            model="smollm2",
+            messages=[{"role": "user", "content": prompt}],
+            max_tokens=24,
+            temperature=0,
             stream=True,
         ):
             if event.choices:
@@ -121,20 +139,27 @@ async def test_eight_concurrent_streams_get_their_own_text(gateway: str, client:
 
 
 async def test_greedy_and_seeded_streams_sampled_in_the_same_steps_keep_their_own_text(
-        gateway: str, client: openai.OpenAI) -> None:
+    gateway: str, client: openai.OpenAI
+) -> None:
     """Every step samples all sequences from one logits matrix: each row must go to its own
     request, greedy ones batched together and seeded ones drawn on their own."""
+
     def settings(i: int) -> dict[str, Any]:
         if i % 2:
             return {"temperature": 0.9, "top_p": 0.9, "seed": 100 + i}
         return {"temperature": 0}
 
     def request(i: int) -> dict[str, Any]:
-        return {"model": "smollm2", "messages": [{"role": "user", "content": PROMPTS[i]}],
-                "max_tokens": 24, **settings(i)}
+        return {
+            "model": "smollm2",
+            "messages": [{"role": "user", "content": PROMPTS[i]}],
+            "max_tokens": 24,
+            **settings(i),
+        }
 
-    expected = [client.chat.completions.create(**request(i)).choices[0].message.content
-                for i in range(len(PROMPTS))]
+    expected = [
+        client.chat.completions.create(**request(i)).choices[0].message.content for i in range(len(PROMPTS))
+    ]
     aclient = openai.AsyncOpenAI(base_url=gateway + "/v1", api_key="unused", max_retries=0)
 
     async def one(i: int) -> str:
@@ -153,8 +178,12 @@ async def test_greedy_and_seeded_streams_sampled_in_the_same_steps_keep_their_ow
 def test_seeded_sampling_is_reproducible(client: openai.OpenAI) -> None:
     def sample(seed: int) -> str:
         reply = client.chat.completions.create(
-            model="smollm2", messages=[{"role": "user", "content": "Tell me a story."}], max_tokens=16,
-            temperature=1.0, top_p=0.95, seed=seed,
+            model="smollm2",
+            messages=[{"role": "user", "content": "Tell me a story."}],
+            max_tokens=16,
+            temperature=1.0,
+            top_p=0.95,
+            seed=seed,
         )
         return reply.choices[0].message.content or ""
 
@@ -167,7 +196,10 @@ def test_stop_sequence_ends_with_stop(client: openai.OpenAI) -> None:
     full = _alone(client, prompt, max_tokens=32)
     assert "," in full, full
     reply = client.chat.completions.create(
-        model="smollm2", messages=[{"role": "user", "content": prompt}], max_tokens=32, temperature=0,
+        model="smollm2",
+        messages=[{"role": "user", "content": prompt}],
+        max_tokens=32,
+        temperature=0,
         stop=[","],
     )
     assert reply.choices[0].message.content == full.split(",")[0]
@@ -201,14 +233,20 @@ def test_embeddings_and_unsupported_options_are_clear_400s(client: openai.OpenAI
 
 
 #: a text completion that counts on and on: it does not stop before max_tokens
-_LONG = {"model": "smollm2", "prompt": "1, 2, 3, 4, 5, 6, 7, 8,", "max_tokens": 900, "temperature": 0,
-         "stream": True}
+_LONG = {
+    "model": "smollm2",
+    "prompt": "1, 2, 3, 4, 5, 6, 7, 8,",
+    "max_tokens": 900,
+    "temperature": 0,
+    "stream": True,
+}
 
 
 def _stream_some(url: str, max_tokens: int, chunks: int) -> float:
     """Open a stream, read ``chunks`` SSE events, hang up; returns when the hang-up happened."""
-    with httpx.stream("POST", url + "/v1/completions", json={**_LONG, "max_tokens": max_tokens},
-                      timeout=30) as response:
+    with httpx.stream(
+        "POST", url + "/v1/completions", json={**_LONG, "max_tokens": max_tokens}, timeout=30
+    ) as response:
         assert response.status_code == 200
         seen = 0
         for line in response.iter_lines():
@@ -229,8 +267,9 @@ def test_queue_overflow_is_503_with_retry_after() -> None:
             lines = held.iter_lines()  # kept: a discarded iterator closes the response when collected
             assert next(lines).startswith("data: ")
             with pytest.raises(openai.APIStatusError) as busy:
-                client.chat.completions.create(model="smollm2", messages=[{"role": "user", "content": "hi"}],
-                                               max_tokens=4)
+                client.chat.completions.create(
+                    model="smollm2", messages=[{"role": "user", "content": "hi"}], max_tokens=4
+                )
             assert busy.value.status_code == 503
             assert busy.value.response.headers["retry-after"] == "1"
             assert busy.value.body["code"] == "backend_overloaded"  # type: ignore[index]
@@ -241,8 +280,9 @@ def test_a_client_that_hangs_up_frees_its_sequence_at_once() -> None:
         wait_ready(url)
         client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
         hung_up = _stream_some(url, max_tokens=900, chunks=3)
-        reply = client.chat.completions.create(model="smollm2", messages=[{"role": "user", "content": "hi"}],
-                                               max_tokens=4, temperature=0)
+        reply = client.chat.completions.create(
+            model="smollm2", messages=[{"role": "user", "content": "hi"}], max_tokens=4, temperature=0
+        )
         assert reply.choices[0].message.content
         # With one sequence, this request waits for the old one unless the hang-up freed it:
         # 900 tokens take several seconds here, a 4-token reply a fraction of one.
@@ -258,8 +298,9 @@ def test_a_bad_model_path_fails_start_up_naming_the_file(tmp_path: Any) -> None:
     backend = LlamaCppBackend("local", loaded.backends["local"])  # type: ignore[arg-type]
     with pytest.raises(ModelLoadError, match=r"not-a-model\.gguf"):
         asyncio.run(backend.start())
-    missing = LlamaCppBackend("local", parse_config(_config(model_path=str(tmp_path / "nope.gguf")),
-                                                    "<test>").backends["local"])  # type: ignore[arg-type]
+    missing = LlamaCppBackend(
+        "local", parse_config(_config(model_path=str(tmp_path / "nope.gguf")), "<test>").backends["local"]
+    )  # type: ignore[arg-type]
     with pytest.raises(ModelLoadError, match=r"nope\.gguf"):
         asyncio.run(missing.start())
 
@@ -331,8 +372,12 @@ SYSTEM = "You are a helpful assistant. Answer in one short sentence."
 
 
 def _chat(client: openai.OpenAI, messages: list[dict[str, str]]) -> str:
-    reply = client.chat.completions.create(model="smollm2", messages=messages, max_tokens=24,  # type: ignore[arg-type]
-                                           temperature=0)
+    reply = client.chat.completions.create(
+        model="smollm2",
+        messages=messages,
+        max_tokens=24,  # type: ignore[arg-type]
+        temperature=0,
+    )
     return reply.choices[0].message.content or ""
 
 
@@ -356,9 +401,18 @@ def _engine(**kw: Any) -> Any:
     from backends.llamacpp.engine import Engine
     from backends.llamacpp.model import Model
 
-    return Engine(Model(smollm2_gguf(), n_gpu_layers=0),
-                  **{"n_ctx": 1024, "n_threads": 2, "n_batch": 16, "parallel": 2, "max_queue": 4,
-                     "flash_attn": "on", **kw})
+    return Engine(
+        Model(smollm2_gguf(), n_gpu_layers=0),
+        **{
+            "n_ctx": 1024,
+            "n_threads": 2,
+            "n_batch": 16,
+            "parallel": 2,
+            "max_queue": 4,
+            "flash_attn": "on",
+            **kw,
+        },
+    )
 
 
 def _run(engine: Any, tokens: list[int], max_tokens: int = 16, cancel_after: int = 0) -> tuple[str, Any]:
@@ -397,9 +451,12 @@ def test_the_engine_reuses_a_shared_prefix_and_counts_it() -> None:
     engine = _engine()
     fresh = _engine()
     try:
+
         def chat(user: str, reply: str = "") -> list[int]:
-            text = (f"<|im_start|>system\n{SYSTEM}<|im_end|>\n<|im_start|>user\n{user}<|im_end|>\n"
-                    f"<|im_start|>assistant\n{reply}")
+            text = (
+                f"<|im_start|>system\n{SYSTEM}<|im_end|>\n<|im_start|>user\n{user}<|im_end|>\n"
+                f"<|im_start|>assistant\n{reply}"
+            )
             return list(engine.model.tokenize(text, add_special=False))
 
         a, b = chat(PROMPTS[1]), chat(PROMPTS[3])
@@ -430,7 +487,7 @@ def test_the_engine_reuses_a_shared_prefix_and_counts_it() -> None:
         # Cancelled mid-reply: the KV holds the prompt and the tokens decoded so far, no more.
         long_prompt = chat("Write a long story about a dragon and a knight.")
         _, job = _run(engine, long_prompt, max_tokens=40, cancel_after=5)
-        kept = long_prompt + job.generated[:job.pos - len(long_prompt)]
+        kept = long_prompt + job.generated[: job.pos - len(long_prompt)]
         assert len(long_prompt) < len(kept) < len(long_prompt) + len(job.generated)
         again = long_prompt + job.generated
         text, job2 = _run(engine, again)
@@ -448,9 +505,12 @@ def test_a_prefix_another_sequence_holds_is_copied_not_prefilled(kv_unified: boo
     engine = _engine(kv_unified=kv_unified)
     fresh = _engine(kv_unified=kv_unified)
     try:
+
         def chat(user: str) -> list[int]:
-            text = (f"<|im_start|>system\n{SYSTEM}<|im_end|>\n<|im_start|>user\n{user}<|im_end|>\n"
-                    "<|im_start|>assistant\n")
+            text = (
+                f"<|im_start|>system\n{SYSTEM}<|im_end|>\n<|im_start|>user\n{user}<|im_end|>\n"
+                "<|im_start|>assistant\n"
+            )
             return list(engine.model.tokenize(text, add_special=False))
 
         a, b = chat(PROMPTS[1]), chat(PROMPTS[3])
@@ -489,6 +549,7 @@ def test_a_follow_up_sent_as_a_reply_ends_is_read_in_the_next_step(wait_ms: int)
 
     engine = _engine(follow_up_wait_ms=wait_ms)
     try:
+
         def prompt(user: str) -> list[int]:
             text = f"<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n"
             return list(engine.model.tokenize(text, add_special=False))

@@ -36,8 +36,9 @@ def reference(tiny_bert: Path) -> Any:
     from llama_cpp import Llama
 
     # the same attention kernels as the backend's context ("auto" picks flash attention on a CPU)
-    return Llama(model_path=str(tiny_bert), embedding=True, n_batch=128, n_ubatch=128, flash_attn=True,
-                 verbose=False)
+    return Llama(
+        model_path=str(tiny_bert), embedding=True, n_batch=128, n_ubatch=128, flash_attn=True, verbose=False
+    )
 
 
 def want(reference: Any, texts: list[str]) -> np.ndarray:
@@ -48,8 +49,14 @@ def want(reference: Any, texts: list[str]) -> np.ndarray:
 def gateway(tiny_bert: Path) -> Iterator[str]:
     config = {
         "backends": {
-            "embed": {"kind": "llamacpp", "model_path": str(tiny_bert), "parallel": 4, "n_batch": 64,
-                      "max_queue": 2, "n_threads": 2},
+            "embed": {
+                "kind": "llamacpp",
+                "model_path": str(tiny_bert),
+                "parallel": 4,
+                "n_batch": 64,
+                "max_queue": 2,
+                "n_threads": 2,
+            },
         },
         "models": {"tiny-embed": {"targets": ["embed"]}},
     }
@@ -76,8 +83,9 @@ def test_the_sdk_gets_the_vectors_llama_cpp_gives(client: openai.OpenAI, referen
     assert reply.model == "tiny-embed"
 
 
-def test_many_inputs_in_order_and_a_large_request_tokenized_off_the_loop(client: openai.OpenAI,
-                                                                         reference: Any) -> None:
+def test_many_inputs_in_order_and_a_large_request_tokenized_off_the_loop(
+    client: openai.OpenAI, reference: Any
+) -> None:
     # 300 inputs, 20 KB of text in all: tokenized in a worker thread, 75 decodes of 4
     texts = [" ".join(f"w{(i * 7 + k * k) % 59}" for k in range(16 + i % 5)) for i in range(300)]
     assert sum(map(len, texts)) > 16_384
@@ -89,10 +97,12 @@ def test_many_inputs_in_order_and_a_large_request_tokenized_off_the_loop(client:
 
 def test_float_and_base64_encodings_carry_the_same_vector(gateway: str, reference: Any) -> None:
     with httpx.Client(base_url=gateway, timeout=10) as http:
-        plain = http.post("/v1/embeddings", json={"model": "tiny-embed", "input": "w4",
-                                                  "encoding_format": "float"}).json()
-        packed = http.post("/v1/embeddings", json={"model": "tiny-embed", "input": "w4",
-                                                   "encoding_format": "base64"}).json()
+        plain = http.post(
+            "/v1/embeddings", json={"model": "tiny-embed", "input": "w4", "encoding_format": "float"}
+        ).json()
+        packed = http.post(
+            "/v1/embeddings", json={"model": "tiny-embed", "input": "w4", "encoding_format": "base64"}
+        ).json()
     assert plain["object"] == "list" and plain["data"][0]["object"] == "embedding"
     floats = np.array(plain["data"][0]["embedding"], dtype=np.float32)
     decoded = np.frombuffer(base64.b64decode(packed["data"][0]["embedding"]), dtype="<f4")
@@ -112,9 +122,8 @@ def test_token_lists_embed_like_their_text(client: openai.OpenAI, reference: Any
 async def test_concurrent_requests_each_get_their_own_vectors(gateway: str, reference: Any) -> None:
     aclient = openai.AsyncOpenAI(base_url=gateway + "/v1", api_key="unused", max_retries=0)
     # within max_queue: one running and two waiting
-    batches = [TEXTS[i:i + 2] for i in range(0, 6, 2)]
-    replies = await asyncio.gather(*(aclient.embeddings.create(model="tiny-embed", input=b)
-                                     for b in batches))
+    batches = [TEXTS[i : i + 2] for i in range(0, 6, 2)]
+    replies = await asyncio.gather(*(aclient.embeddings.create(model="tiny-embed", input=b) for b in batches))
     await aclient.close()
     for batch, reply in zip(batches, replies, strict=True):
         np.testing.assert_allclose([d.embedding for d in reply.data], want(reference, batch), atol=1e-5)
@@ -129,12 +138,16 @@ def test_dimensions_must_be_the_models_own(client: openai.OpenAI) -> None:
     assert "32-dimensional" in caught.value.body["message"]  # type: ignore[index]
 
 
-@pytest.mark.parametrize(("body", "param", "words"), [
-    ({"input": ["w1", ""]}, "input", "empty"),
-    ({"input": [[2, 6, 99999]]}, "input", "vocabulary"),
-    ({"input": " ".join(["w1"] * 200)}, "input", "maximum input length is 64 tokens"),
-    ({"input": "w1", "encoding_format": "hex"}, "encoding_format", ""),
-], ids=["empty-string", "token-out-of-vocab", "too-long", "bad-encoding"])
+@pytest.mark.parametrize(
+    ("body", "param", "words"),
+    [
+        ({"input": ["w1", ""]}, "input", "empty"),
+        ({"input": [[2, 6, 99999]]}, "input", "vocabulary"),
+        ({"input": " ".join(["w1"] * 200)}, "input", "maximum input length is 64 tokens"),
+        ({"input": "w1", "encoding_format": "hex"}, "encoding_format", ""),
+    ],
+    ids=["empty-string", "token-out-of-vocab", "too-long", "bad-encoding"],
+)
 def test_bad_embedding_requests_are_400s(gateway: str, body: dict[str, Any], param: str, words: str) -> None:
     response = httpx.post(gateway + "/v1/embeddings", json={"model": "tiny-embed", **body}, timeout=10)
     assert response.status_code == 400, response.text
@@ -158,8 +171,13 @@ def test_a_model_with_no_kv_cache_and_no_pooling_fails_start_up_clearly(tmp_path
     from gateway.config import parse_config
 
     path = write_tiny_bert(tmp_path / "no-pooling.gguf", pooling=None)
-    config = parse_config({"backends": {"b": {"kind": "llamacpp", "model_path": str(path)}},
-                           "models": {"m": {"targets": ["b"]}}}, "<test>")
+    config = parse_config(
+        {
+            "backends": {"b": {"kind": "llamacpp", "model_path": str(path)}},
+            "models": {"m": {"targets": ["b"]}},
+        },
+        "<test>",
+    )
     backend = LlamaCppBackend("b", config.backends["b"])  # type: ignore[arg-type]
     with pytest.raises(ModelLoadError, match=r"no-pooling\.gguf.*not a generative model"):
         asyncio.run(backend.start())
@@ -171,8 +189,9 @@ async def test_the_queue_is_bounded_and_counts_a_request_until_the_worker_lets_i
     from backends.llamacpp.embed import EmbeddingEngine, QueueFull
     from backends.llamacpp.model import Model
 
-    engine = EmbeddingEngine(Model(str(tiny_bert), n_gpu_layers=0), n_ctx=512, n_threads=1, n_batch=64,
-                             parallel=2, max_queue=1)
+    engine = EmbeddingEngine(
+        Model(str(tiny_bert), n_gpu_layers=0), n_ctx=512, n_threads=1, n_batch=64, parallel=2, max_queue=1
+    )
     gate = threading.Event()
     embed = engine._embed
     engine._embed = lambda inputs: (gate.wait(10), embed(inputs))[1]  # type: ignore[method-assign]
@@ -213,8 +232,12 @@ def last_token_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("gguf") / "smollm2-last.gguf"
     reader = gguf.GGUFReader(smollm2_gguf(), "r")
     writer = gguf.GGUFWriter(str(path), arch="llama", endianess=reader.endianess)
-    copy_with_new_metadata(reader, writer, {"llama.pooling_type": MetadataDetails(
-        gguf.GGUFValueType.UINT32, int(gguf.PoolingType.LAST))}, [])
+    copy_with_new_metadata(
+        reader,
+        writer,
+        {"llama.pooling_type": MetadataDetails(gguf.GGUFValueType.UINT32, int(gguf.PoolingType.LAST))},
+        [],
+    )
     return path
 
 
@@ -225,17 +248,33 @@ def test_a_model_with_a_kv_cache_embeds_batch_after_batch_like_llama_cpp(last_to
     from backends.llamacpp import LlamaCppBackend
     from gateway.config import parse_config
 
-    texts = [f"Sentence number {i} is about {topic}." for i, topic in
-             enumerate(["the sea", "a cat", "bread", "trains", "rain", "music", "stars"])]
+    texts = [
+        f"Sentence number {i} is about {topic}."
+        for i, topic in enumerate(["the sea", "a cat", "bread", "trains", "rain", "music", "stars"])
+    ]
     # flash attention off on both sides: llama-cpp-python's flag does not pick the same CPU
     # attention path as the context's "on", and this model's vectors differ by 1e-2 between them
-    reference = Llama(model_path=str(last_token_model), embedding=True, n_ctx=1024, flash_attn=False,
-                      verbose=False)
+    reference = Llama(
+        model_path=str(last_token_model), embedding=True, n_ctx=1024, flash_attn=False, verbose=False
+    )
     expected = np.array(reference.embed(texts, normalize=True), dtype=np.float32)
-    config = parse_config({"backends": {"b": {"kind": "llamacpp", "model_path": str(last_token_model),
-                                              "n_ctx": 1024, "parallel": 4, "n_batch": 512,
-                                              "n_threads": 2, "flash_attn": "off"}},
-                           "models": {"m": {"targets": ["b"]}}}, "<test>")
+    config = parse_config(
+        {
+            "backends": {
+                "b": {
+                    "kind": "llamacpp",
+                    "model_path": str(last_token_model),
+                    "n_ctx": 1024,
+                    "parallel": 4,
+                    "n_batch": 512,
+                    "n_threads": 2,
+                    "flash_attn": "off",
+                }
+            },
+            "models": {"m": {"targets": ["b"]}},
+        },
+        "<test>",
+    )
     backend = LlamaCppBackend("b", config.backends["b"])  # type: ignore[arg-type]
 
     async def run() -> tuple[Any, Any]:
@@ -243,8 +282,9 @@ def test_a_model_with_a_kv_cache_embeds_batch_after_batch_like_llama_cpp(last_to
         try:
             # 7 inputs over 4 sequences: two decodes, the cache cleared before each; an input may
             # use one sequence's cells, 1024 // 4, which binds before n_batch (512)
-            reply = await backend.complete(BackendRequest("embeddings", {"model": "m", "input": texts,
-                                                                         "encoding_format": "float"}, "r"))
+            reply = await backend.complete(
+                BackendRequest("embeddings", {"model": "m", "input": texts, "encoding_format": "float"}, "r")
+            )
             with pytest.raises(ContextLengthExceeded, match="maximum input length is 256 tokens"):
                 await backend.complete(BackendRequest("embeddings", {"model": "m", "input": "w " * 400}, "r"))
             # refused on its length alone (a BPE token is at most a few dozen characters)

@@ -27,8 +27,16 @@ HANG_S = 120
 
 def _config(**local: Any) -> dict[str, Any]:
     return {
-        "backends": {"local": {"kind": "llamacpp", "n_ctx": 2048, "parallel": 4, "n_threads": 2,
-                               "flash_attn": "on", **local}},
+        "backends": {
+            "local": {
+                "kind": "llamacpp",
+                "n_ctx": 2048,
+                "parallel": 4,
+                "n_threads": 2,
+                "flash_attn": "on",
+                **local,
+            }
+        },
         "models": {"smollm2": {"targets": ["local"]}},
     }
 
@@ -59,7 +67,8 @@ async def backend() -> AsyncIterator[Any]:
 
 def _chat(client: openai.OpenAI, content: str, max_tokens: int = 12, **options: Any) -> Any:
     return client.chat.completions.create(
-        model="smollm2", messages=[{"role": "user", "content": content}], max_tokens=max_tokens, **options)
+        model="smollm2", messages=[{"role": "user", "content": content}], max_tokens=max_tokens, **options
+    )
 
 
 def _events(chunk: bytes) -> list[dict[str, Any]]:
@@ -68,8 +77,10 @@ def _events(chunk: bytes) -> list[dict[str, Any]]:
 
 # ---- 1. sampling options at their limits; an engine thread that dies anyway --------------------
 
-def test_tiny_temperatures_and_top_p_are_greedy_and_the_engine_lives_on(gateway: str,
-                                                                        client: openai.OpenAI) -> None:
+
+def test_tiny_temperatures_and_top_p_are_greedy_and_the_engine_lives_on(
+    gateway: str, client: openai.OpenAI
+) -> None:
     prompt = "Name three colors."
     greedy = _chat(client, prompt, temperature=0).choices[0].message.content
     for temperature in (1e-300, 1e-45, 3e-39, 1e-6):
@@ -78,11 +89,12 @@ def test_tiny_temperatures_and_top_p_are_greedy_and_the_engine_lives_on(gateway:
     for top_p in (0, 1e-300):  # a nucleus of the most likely token alone
         reply = _chat(client, prompt, temperature=1.0, top_p=top_p, seed=3)
         assert reply.choices[0].message.content == greedy, top_p
-    for options in ({"temperature": 1e-300, "frequency_penalty": 2, "presence_penalty": 2},
-                    {"temperature": 1e-300, "frequency_penalty": -2, "presence_penalty": -2},
-                    {"temperature": 2, "top_p": 1e-300, "frequency_penalty": -2, "presence_penalty": 2},
-                    {"temperature": 2, "top_p": 1, "frequency_penalty": 2, "presence_penalty": -2,
-                     "seed": 1}):
+    for options in (
+        {"temperature": 1e-300, "frequency_penalty": 2, "presence_penalty": 2},
+        {"temperature": 1e-300, "frequency_penalty": -2, "presence_penalty": -2},
+        {"temperature": 2, "top_p": 1e-300, "frequency_penalty": -2, "presence_penalty": 2},
+        {"temperature": 2, "top_p": 1, "frequency_penalty": 2, "presence_penalty": -2, "seed": 1},
+    ):
         reply = _chat(client, "Repeat the word cat forever.", **options, max_tokens=16)
         assert reply.choices[0].finish_reason in ("stop", "length"), options
     assert httpx.get(gateway + "/health/ready", timeout=5).status_code == 200
@@ -99,7 +111,8 @@ def test_remote_backends_have_no_fatal_fault() -> None:
 
 
 async def test_an_engine_thread_that_dies_says_why_and_later_requests_fail_at_once(
-        backend: Any, caplog: pytest.LogCaptureFixture) -> None:
+    backend: Any, caplog: pytest.LogCaptureFixture
+) -> None:
     assert backend.fatal() is None
     engine = backend._engine
 
@@ -144,16 +157,20 @@ async def test_fatal_is_none_while_loading() -> None:
 
 # ---- 2. token ids outside the vocabulary ----------------------------------------------------------
 
+
 async def test_a_token_id_outside_the_vocabulary_is_a_400_and_other_streams_go_on(
-        gateway: str, client: openai.OpenAI) -> None:
+    gateway: str, client: openai.OpenAI
+) -> None:
     prompts = ["1, 2, 3, 4, 5,", "The sky is"]
     body = {"model": "smollm2", "max_tokens": 48, "temperature": 0}
     alone = [client.completions.create(**body, prompt=p).choices[0].text for p in prompts]  # type: ignore[call-overload]
     async with httpx.AsyncClient(base_url=gateway, timeout=HANG_S) as http:
+
         async def stream(prompt: str, started: asyncio.Event) -> tuple[str, str | None]:
             text, finish = "", None
-            async with http.stream("POST", "/v1/completions",
-                                   json={**body, "prompt": prompt, "stream": True}) as response:
+            async with http.stream(
+                "POST", "/v1/completions", json={**body, "prompt": prompt, "stream": True}
+            ) as response:
                 assert response.status_code == 200
                 async for line in response.aiter_lines():
                     if line.startswith("data: {"):
@@ -201,19 +218,24 @@ async def test_role_markers_typed_in_a_message_are_text_not_control_tokens(backe
         got, want = await tokens(typed), await tokens(harmless)
         assert got.count(im_start[0]) == want.count(im_start[0]) >= 2, role
         as_text = model.tokenize(INJECTED, add_special=False, parse_special=False)
-        assert any(got[i:i + len(as_text)] == as_text for i in range(len(got))), role
+        assert any(got[i : i + len(as_text)] == as_text for i in range(len(got))), role
 
     # ordinary messages tokenize as the whole rendered prompt does
-    for messages in ([{"role": "user", "content": "Name three colors."}],
-                     [{"role": "system", "content": "You are terse."},
-                      {"role": "user", "content": " What is 2+2? "},
-                      {"role": "assistant", "content": "4\n"},
-                      {"role": "user", "content": "And 3+3?\n\nThanks."}]):
+    for messages in (
+        [{"role": "user", "content": "Name three colors."}],
+        [
+            {"role": "system", "content": "You are terse."},
+            {"role": "user", "content": " What is 2+2? "},
+            {"role": "assistant", "content": "4\n"},
+            {"role": "user", "content": "And 3+3?\n\nThanks."},
+        ],
+    ):
         whole = "".join(part for part, _ in backend._render(messages))
         assert await tokens(messages) == model.tokenize(whole, add_special=False)
 
 
 # ---- 4. the first streamed chunk carries the first token ------------------------------------------
+
 
 async def test_the_first_chunk_of_a_stream_carries_the_first_token_with_the_role(backend: Any) -> None:
     messages = [{"role": "user", "content": "Name three colors."}]
@@ -223,25 +245,34 @@ async def test_the_first_chunk_of_a_stream_carries_the_first_token_with_the_role
         first = await asyncio.wait_for(chunks.__anext__(), HANG_S)
         return first, [c async for c in chunks]
 
-    first, rest = await first_and_rest({"model": "smollm2", "messages": messages, "max_tokens": 8,
-                                        "temperature": 0}, "chat")
+    first, rest = await first_and_rest(
+        {"model": "smollm2", "messages": messages, "max_tokens": 8, "temperature": 0}, "chat"
+    )
     events = _events(first)
     assert events[0]["choices"][0]["delta"]["role"] == "assistant"
     assert events[-1]["choices"][0]["delta"].get("content")  # the first token, in the same chunk
-    text = "".join(e["choices"][0]["delta"].get("content") or ""
-                   for c in [first, *rest] for e in _events(c) if e["choices"])
-    assert text and all("role" not in e["choices"][0]["delta"] for c in rest for e in _events(c)
-                        if e["choices"])
+    text = "".join(
+        e["choices"][0]["delta"].get("content") or ""
+        for c in [first, *rest]
+        for e in _events(c)
+        if e["choices"]
+    )
+    assert text and all(
+        "role" not in e["choices"][0]["delta"] for c in rest for e in _events(c) if e["choices"]
+    )
 
     # an empty reply (a stop string at once): the role comes with the finish
-    first, rest = await first_and_rest({"model": "smollm2", "messages": messages, "max_tokens": 8,
-                                        "temperature": 0, "stop": [text[0]]}, "chat")
+    first, rest = await first_and_rest(
+        {"model": "smollm2", "messages": messages, "max_tokens": 8, "temperature": 0, "stop": [text[0]]},
+        "chat",
+    )
     events = _events(first)
     assert events[0]["choices"][0]["delta"]["role"] == "assistant"
     assert events[-1]["choices"][0]["finish_reason"] == "stop"
     assert rest == [b"data: [DONE]\n\n"]
 
     # a completion has no role chunk: its first chunk is the first token
-    first, _ = await first_and_rest({"model": "smollm2", "prompt": "The sky is", "max_tokens": 4,
-                                     "temperature": 0}, "completions")
+    first, _ = await first_and_rest(
+        {"model": "smollm2", "prompt": "The sky is", "max_tokens": 4, "temperature": 0}, "completions"
+    )
     assert _events(first)[0]["choices"][0]["text"]

@@ -29,9 +29,11 @@ def test_greedy_rows_take_the_first_highest_logit_as_llama_cpp_does() -> None:
 def test_each_row_is_sampled_by_its_own_settings() -> None:
     # row 0 greedy, row 1 sampled with a nucleus that holds one token only, row 2 greedy
     logits = rows([0.0, 9.0, 0.0], [9.0, 0.0, 0.0], [0.0, 0.0, 9.0])
-    samplers = [TokenSampler(Sampling(temperature=0)),
-                TokenSampler(Sampling(temperature=1.0, top_p=0.5, seed=1)),
-                TokenSampler(Sampling(temperature=0))]
+    samplers = [
+        TokenSampler(Sampling(temperature=0)),
+        TokenSampler(Sampling(temperature=1.0, top_p=0.5, seed=1)),
+        TokenSampler(Sampling(temperature=0)),
+    ]
     for _ in range(20):
         assert sample_rows(logits, samplers) == [1, 0, 2]
 
@@ -121,8 +123,13 @@ def test_every_temperature_and_top_p_the_edge_admits_gives_a_token() -> None:
     for temperature in (0.0, 1e-300, 1e-45, 3e-39, 1e-20, 9e-6, 1e-5, 0.5, 2.0):
         for top_p in (0.0, 1e-300, 1e-45, 0.5, 1.0):
             for penalty in (-2.0, 0.0, 2.0):
-                settings = Sampling(temperature=temperature, top_p=top_p, seed=1,
-                                    frequency_penalty=penalty, presence_penalty=-penalty)
+                settings = Sampling(
+                    temperature=temperature,
+                    top_p=top_p,
+                    seed=1,
+                    frequency_penalty=penalty,
+                    presence_penalty=-penalty,
+                )
                 sampler = TokenSampler(settings)
                 for _ in range(5):
                     token = sample_rows(logits, [sampler, TokenSampler(Sampling(temperature=0))])

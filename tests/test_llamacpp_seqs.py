@@ -54,7 +54,7 @@ def test_a_longer_prefix_held_by_a_running_seq_is_copied() -> None:
 
 def test_a_copy_must_gain_enough_tokens_over_the_seqs_own_prefix() -> None:
     table = SeqTable(2, unified_kv=True)
-    short = SYSTEM[:COPY_MIN_GAIN - 1]
+    short = SYSTEM[: COPY_MIN_GAIN - 1]
     plan = take(table, [*short, 1])
     running = {plan.seq: [*short, 1]}
     assert take(table, [*short, 2], running).donor == -1  # 7 tokens: prefilling beats copying
@@ -70,5 +70,5 @@ def test_separate_kv_streams_prefer_a_seq_next_to_running_ones() -> None:
     table = SeqTable(8, unified_kv=False)
     plans = [take(table, [i]) for i in range(8)]
     for plan in plans:
-        table.release(plan.seq, [*SYSTEM[:RUN_COST_TOKENS * 2 + 2]] if plan.seq == 7 else [])
+        table.release(plan.seq, [*SYSTEM[: RUN_COST_TOKENS * 2 + 2]] if plan.seq == 7 else [])
     assert take(table, [*SYSTEM, 1], {3: [1], 4: [1]}).seq == 7

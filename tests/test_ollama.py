@@ -28,17 +28,30 @@ from tests.fakes import free_port
 from tests.ollama_sim import BUSY_MESSAGE, OllamaSim, count_tokens, embed_vector
 
 MODEL = "llama3.2:3b"
-WEATHER_TOOL = {"type": "function", "function": {
-    "name": "get_weather", "description": "Weather of a city",
-    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+WEATHER_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Weather of a city",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+    },
+}
 #: request-by-request mapping tests: one attempt each, circuits that never open
-QUIET = {"retry": {"attempts": 1}, "health_check": {"interval_s": 0},
-         "breaker": {"consecutive_failures": 1000, "window": 1000, "min_calls": 1000}}
+QUIET = {
+    "retry": {"attempts": 1},
+    "health_check": {"interval_s": 0},
+    "breaker": {"consecutive_failures": 1000, "window": 1000, "min_calls": 1000},
+}
 
 
 def ollama_backend(url: str, model: str = MODEL, **extra: Any) -> dict[str, Any]:
-    return {"kind": "ollama", "url": url, "model": model,
-            "timeouts": {"connect": 1.0, "first_token": 3.0, "total": 10.0}, **extra}
+    return {
+        "kind": "ollama",
+        "url": url,
+        "model": model,
+        "timeouts": {"connect": 1.0, "first_token": 3.0, "total": 10.0},
+        **extra,
+    }
 
 
 def nothing_listens() -> str:
@@ -54,12 +67,19 @@ def sim() -> Iterator[OllamaSim]:
 @pytest.fixture(scope="module")
 def gateway(sim: OllamaSim) -> Iterator[str]:
     config = {
-        "backends": {"ol": ollama_backend(sim.url, keep_alive="10m", num_ctx=2048),
-                     "ol-embed": ollama_backend(sim.url, "all-minilm"),
-                     # a 503 with Retry-After opens a circuit at once: its own backends
-                     "ol-busy": ollama_backend(sim.url), "ol-busy-after": ollama_backend(sim.url)},
-        "models": {"chat": {"targets": ["ol"]}, "embed": {"targets": ["ol-embed"]},
-                   "busy": {"targets": ["ol-busy"]}, "busy-after": {"targets": ["ol-busy-after"]}},
+        "backends": {
+            "ol": ollama_backend(sim.url, keep_alive="10m", num_ctx=2048),
+            "ol-embed": ollama_backend(sim.url, "all-minilm"),
+            # a 503 with Retry-After opens a circuit at once: its own backends
+            "ol-busy": ollama_backend(sim.url),
+            "ol-busy-after": ollama_backend(sim.url),
+        },
+        "models": {
+            "chat": {"targets": ["ol"]},
+            "embed": {"targets": ["ol-embed"]},
+            "busy": {"targets": ["ol-busy"]},
+            "busy-after": {"targets": ["ol-busy-after"]},
+        },
         "resilience": QUIET,
     }
     with run_gateway(config) as url:
@@ -84,7 +104,7 @@ def user(text: str) -> list[dict[str, Any]]:
 
 
 def sse_events(raw: bytes) -> list[str]:
-    return [line[len(b"data: "):].decode() for line in raw.split(b"\n") if line.startswith(b"data: ")]
+    return [line[len(b"data: ") :].decode() for line in raw.split(b"\n") if line.startswith(b"data: ")]
 
 
 # --- chat ---------------------------------------------------------------------------------------
@@ -92,7 +112,8 @@ def sse_events(raw: bytes) -> list[str]:
 
 def test_chat_non_stream(client: openai.OpenAI, sim: OllamaSim) -> None:
     reply = client.chat.completions.create(
-        model="chat", messages=[{"role": "developer", "content": "Be brief."}, *user("hello big world")])
+        model="chat", messages=[{"role": "developer", "content": "Be brief."}, *user("hello big world")]
+    )
     assert reply.object == "chat.completion"
     assert reply.model == "chat"
     choice = reply.choices[0]
@@ -105,13 +126,16 @@ def test_chat_non_stream(client: openai.OpenAI, sim: OllamaSim) -> None:
     assert reply.usage.total_tokens == 10
     sent = sim.last("/api/chat")
     assert sent["model"] == MODEL and sent["stream"] is False
-    assert sent["messages"] == [{"role": "system", "content": "Be brief."},
-                                {"role": "user", "content": "hello big world"}]
+    assert sent["messages"] == [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "hello big world"},
+    ]
 
 
 def test_chat_stream_with_usage(client: openai.OpenAI) -> None:
-    stream = client.chat.completions.create(model="chat", messages=user("stream this please"), stream=True,
-                                            stream_options={"include_usage": True})
+    stream = client.chat.completions.create(
+        model="chat", messages=user("stream this please"), stream=True, stream_options={"include_usage": True}
+    )
     chunks = list(stream)
     assert chunks[0].choices[0].delta.role == "assistant"
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
@@ -126,8 +150,9 @@ def test_chat_stream_with_usage(client: openai.OpenAI) -> None:
 
 
 def test_chat_stream_wire_format(http: httpx.Client, sim: OllamaSim) -> None:
-    response = http.post("/v1/chat/completions",
-                         json={"model": "chat", "messages": user("a b"), "stream": True})
+    response = http.post(
+        "/v1/chat/completions", json={"model": "chat", "messages": user("a b"), "stream": True}
+    )
     assert response.status_code == 200
     assert response.headers["content-type"].startswith("text/event-stream")
     assert response.content.endswith(b"data: [DONE]\n\n")
@@ -145,9 +170,15 @@ def test_chat_stream_wire_format(http: httpx.Client, sim: OllamaSim) -> None:
 @pytest.mark.parametrize("stream", [False, True])
 def test_max_tokens_gives_length(client: openai.OpenAI, sim: OllamaSim, stream: bool) -> None:
     if stream:
-        chunks = list(client.chat.completions.create(
-            model="chat", messages=user("one two three"), max_tokens=2, stream=True,
-            stream_options={"include_usage": True}))
+        chunks = list(
+            client.chat.completions.create(
+                model="chat",
+                messages=user("one two three"),
+                max_tokens=2,
+                stream=True,
+                stream_options={"include_usage": True},
+            )
+        )
         text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
         finish = next(c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason)
         usage = chunks[-1].usage
@@ -165,15 +196,31 @@ def test_max_tokens_gives_length(client: openai.OpenAI, sim: OllamaSim, stream: 
 
 def test_options_mapping(client: openai.OpenAI, sim: OllamaSim) -> None:
     reply = client.chat.completions.create(
-        model="chat", messages=user("one two STOP three"), temperature=0.3, top_p=0.9, seed=7,
-        stop=["STOP", "never"], max_tokens=50, presence_penalty=0.5, frequency_penalty=0.25,
-        extra_body={"top_k": 20})
+        model="chat",
+        messages=user("one two STOP three"),
+        temperature=0.3,
+        top_p=0.9,
+        seed=7,
+        stop=["STOP", "never"],
+        max_tokens=50,
+        presence_penalty=0.5,
+        frequency_penalty=0.25,
+        extra_body={"top_k": 20},
+    )
     assert reply.choices[0].message.content == "You said: one two"  # cut at the stop string
     assert reply.choices[0].finish_reason == "stop"
     sent = sim.last("/api/chat")
-    assert sent["options"] == {"temperature": 0.3, "top_p": 0.9, "seed": 7, "stop": ["STOP", "never"],
-                               "num_predict": 50, "presence_penalty": 0.5, "frequency_penalty": 0.25,
-                               "top_k": 20, "num_ctx": 2048}
+    assert sent["options"] == {
+        "temperature": 0.3,
+        "top_p": 0.9,
+        "seed": 7,
+        "stop": ["STOP", "never"],
+        "num_predict": 50,
+        "presence_penalty": 0.5,
+        "frequency_penalty": 0.25,
+        "top_k": 20,
+        "num_ctx": 2048,
+    }
     assert sent["keep_alive"] == "10m"
     assert "format" not in sent and "think" not in sent and "tools" not in sent
 
@@ -184,8 +231,9 @@ def test_only_given_options_are_sent(client: openai.OpenAI, sim: OllamaSim) -> N
 
 
 def test_json_object_format(client: openai.OpenAI, sim: OllamaSim) -> None:
-    reply = client.chat.completions.create(model="chat", messages=user("hi"),
-                                           response_format={"type": "json_object"})
+    reply = client.chat.completions.create(
+        model="chat", messages=user("hi"), response_format={"type": "json_object"}
+    )
     assert orjson.loads(reply.choices[0].message.content or "") == {"you_said": "hi"}
     assert sim.last("/api/chat")["format"] == "json"
 
@@ -193,16 +241,20 @@ def test_json_object_format(client: openai.OpenAI, sim: OllamaSim) -> None:
 def test_json_schema_format(client: openai.OpenAI, sim: OllamaSim) -> None:
     schema = {"type": "object", "properties": {"you_said": {"type": "string"}}, "required": ["you_said"]}
     client.chat.completions.create(
-        model="chat", messages=user("hi"), max_completion_tokens=5,
-        response_format={"type": "json_schema", "json_schema": {"name": "echo", "schema": schema}})
+        model="chat",
+        messages=user("hi"),
+        max_completion_tokens=5,
+        response_format={"type": "json_schema", "json_schema": {"name": "echo", "schema": schema}},
+    )
     sent = sim.last("/api/chat")
     assert sent["format"] == schema
     assert sent["options"]["num_predict"] == 5
 
 
 def test_reasoning_effort_maps_to_think(http: httpx.Client, sim: OllamaSim) -> None:
-    response = http.post("/v1/chat/completions", json={"model": "chat", "messages": user("why"),
-                                                       "reasoning_effort": "low"})
+    response = http.post(
+        "/v1/chat/completions", json={"model": "chat", "messages": user("why"), "reasoning_effort": "low"}
+    )
     assert response.status_code == 200, response.text
     message = response.json()["choices"][0]["message"]
     assert message["reasoning_content"] == "Thinking about it."
@@ -214,8 +266,9 @@ def test_reasoning_effort_maps_to_think(http: httpx.Client, sim: OllamaSim) -> N
 
 
 def test_tool_call_round_trip(client: openai.OpenAI, sim: OllamaSim) -> None:
-    first = client.chat.completions.create(model="chat", messages=user("weather in Tokyo?"),
-                                           tools=[WEATHER_TOOL])  # type: ignore[list-item]
+    first = client.chat.completions.create(
+        model="chat", messages=user("weather in Tokyo?"), tools=[WEATHER_TOOL]
+    )  # type: ignore[list-item]
     choice = first.choices[0]
     assert choice.finish_reason == "tool_calls"
     assert choice.message.content is None
@@ -227,20 +280,34 @@ def test_tool_call_round_trip(client: openai.OpenAI, sim: OllamaSim) -> None:
     assert orjson.loads(call.function.arguments) == {"text": "weather in Tokyo?"}
     assert sim.last("/api/chat")["tools"] == [WEATHER_TOOL]
 
-    messages: list[Any] = [*user("weather in Tokyo?"), choice.message.model_dump(exclude_none=True),
-                           {"role": "tool", "tool_call_id": call.id, "content": "11 degrees"}]
+    messages: list[Any] = [
+        *user("weather in Tokyo?"),
+        choice.message.model_dump(exclude_none=True),
+        {"role": "tool", "tool_call_id": call.id, "content": "11 degrees"},
+    ]
     second = client.chat.completions.create(model="chat", messages=messages, tools=[WEATHER_TOOL])  # type: ignore[list-item]
     assert second.choices[0].message.content == "Tool said: 11 degrees"
     sent = sim.last("/api/chat")["messages"]
-    assert sent[1]["tool_calls"] == [{"id": "call_sim0001", "function": {
-        "name": "get_weather", "arguments": {"text": "weather in Tokyo?"}}}]  # an object, not a string
-    assert sent[2] == {"role": "tool", "content": "11 degrees", "tool_call_id": "call_sim0001",
-                       "tool_name": "get_weather"}
+    assert sent[1]["tool_calls"] == [
+        {
+            "id": "call_sim0001",
+            "function": {"name": "get_weather", "arguments": {"text": "weather in Tokyo?"}},
+        }
+    ]  # an object, not a string
+    assert sent[2] == {
+        "role": "tool",
+        "content": "11 degrees",
+        "tool_call_id": "call_sim0001",
+        "tool_name": "get_weather",
+    }
 
 
 def test_tool_call_stream(client: openai.OpenAI) -> None:
-    chunks = list(client.chat.completions.create(model="chat", messages=user("call it"),
-                                                 tools=[WEATHER_TOOL], stream=True))  # type: ignore[list-item]
+    chunks = list(
+        client.chat.completions.create(
+            model="chat", messages=user("call it"), tools=[WEATHER_TOOL], stream=True
+        )
+    )  # type: ignore[list-item]
     deltas = [tc for c in chunks if c.choices for tc in c.choices[0].delta.tool_calls or ()]
     assert len(deltas) == 1
     assert deltas[0].index == 0 and deltas[0].id == "call_sim0001"
@@ -250,20 +317,28 @@ def test_tool_call_stream(client: openai.OpenAI) -> None:
 
 
 def test_tool_choice_none_drops_tools(client: openai.OpenAI, sim: OllamaSim) -> None:
-    reply = client.chat.completions.create(model="chat", messages=user("no tools"), tools=[WEATHER_TOOL],  # type: ignore[list-item]
-                                           tool_choice="none")
+    reply = client.chat.completions.create(
+        model="chat",
+        messages=user("no tools"),
+        tools=[WEATHER_TOOL],  # type: ignore[list-item]
+        tool_choice="none",
+    )
     assert reply.choices[0].message.content == "You said: no tools"
     assert "tools" not in sim.last("/api/chat")
 
 
 def test_base64_image_parts(client: openai.OpenAI, sim: OllamaSim) -> None:
     image = base64.b64encode(b"\x89PNG fake").decode()
-    content = [{"type": "text", "text": "what is "}, {"type": "text", "text": "this"},
-               {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{image}"}}]
+    content = [
+        {"type": "text", "text": "what is "},
+        {"type": "text", "text": "this"},
+        {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{image}"}},
+    ]
     reply = client.chat.completions.create(model="chat", messages=[{"role": "user", "content": content}])  # type: ignore[misc]
     assert reply.choices[0].message.content == "You said: what is this"
     assert sim.last("/api/chat")["messages"] == [
-        {"role": "user", "content": "what is this", "images": [image]}]
+        {"role": "user", "content": "what is this", "images": [image]}
+    ]
 
 
 # --- text completions ---------------------------------------------------------------------------
@@ -283,8 +358,11 @@ def test_completions_non_stream(client: openai.OpenAI, sim: OllamaSim) -> None:
 
 
 def test_completions_stream(client: openai.OpenAI) -> None:
-    chunks = list(client.completions.create(model="chat", prompt=["Hello there"], stream=True,
-                                            stream_options={"include_usage": True}))
+    chunks = list(
+        client.completions.create(
+            model="chat", prompt=["Hello there"], stream=True, stream_options={"include_usage": True}
+        )
+    )
     assert "".join(c.choices[0].text for c in chunks if c.choices) == "Continued: Hello there"
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
     assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 3
@@ -312,8 +390,10 @@ def test_embeddings_sdk_default_base64(client: openai.OpenAI, sim: OllamaSim) ->
 
 
 def test_embeddings_float_and_dimensions(http: httpx.Client, sim: OllamaSim) -> None:
-    response = http.post("/v1/embeddings", json={"model": "embed", "input": "green", "dimensions": 4,
-                                                  "encoding_format": "float"})
+    response = http.post(
+        "/v1/embeddings",
+        json={"model": "embed", "input": "green", "dimensions": 4, "encoding_format": "float"},
+    )
     assert response.status_code == 200, response.text
     body = response.json()
     assert body["object"] == "list"
@@ -330,8 +410,10 @@ def test_embeddings_base64_is_little_endian_float32(http: httpx.Client) -> None:
 
 def test_preloads_used_the_documented_load_requests(sim: OllamaSim) -> None:
     loads = [(p, b) for p, b in sim.requests if not (b.get("messages") or b.get("prompt") or b.get("input"))]
-    assert ("/api/chat", {"model": MODEL, "messages": [], "options": {"num_ctx": 2048},
-                          "keep_alive": "10m"}) in loads
+    assert (
+        "/api/chat",
+        {"model": MODEL, "messages": [], "options": {"num_ctx": 2048}, "keep_alive": "10m"},
+    ) in loads
     # all-minilm refuses chat (400 "does not support chat"), so it was loaded through /api/embed
     assert ("/api/chat", {"model": "all-minilm", "messages": []}) in loads
     assert ("/api/embed", {"model": "all-minilm", "input": []}) in loads
@@ -340,25 +422,45 @@ def test_preloads_used_the_documented_load_requests(sim: OllamaSim) -> None:
 # --- requests the backend refuses -----------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("path", "fields", "param"), [
-    ("/v1/chat/completions", {"n": 2}, "n"),
-    ("/v1/chat/completions", {"logprobs": True}, "logprobs"),
-    ("/v1/chat/completions", {"logit_bias": {"50256": -100}}, "logit_bias"),
-    ("/v1/chat/completions", {"tool_choice": "required", "tools": [WEATHER_TOOL]}, "tool_choice"),
-    ("/v1/chat/completions", {"messages": [{"role": "user", "content": [
-        {"type": "image_url", "image_url": {"url": "https://example.com/cat.png"}}]}]},
-     "messages[0].content"),
-    ("/v1/completions", {"prompt": ["one", "two"]}, "prompt"),
-    ("/v1/completions", {"prompt": [1, 2, 3]}, "prompt"),
-    ("/v1/completions", {"echo": True}, "echo"),
-    ("/v1/embeddings", {"model": "embed", "input": [1, 2, 3]}, "input"),
-])
-def test_unsupported_parameters_are_a_clear_400(http: httpx.Client, sim: OllamaSim, path: str,
-                                                fields: dict[str, Any], param: str) -> None:
+@pytest.mark.parametrize(
+    ("path", "fields", "param"),
+    [
+        ("/v1/chat/completions", {"n": 2}, "n"),
+        ("/v1/chat/completions", {"logprobs": True}, "logprobs"),
+        ("/v1/chat/completions", {"logit_bias": {"50256": -100}}, "logit_bias"),
+        ("/v1/chat/completions", {"tool_choice": "required", "tools": [WEATHER_TOOL]}, "tool_choice"),
+        (
+            "/v1/chat/completions",
+            {
+                "messages": [
+                    {
+                        "role": "user",
+                        "content": [
+                            {"type": "image_url", "image_url": {"url": "https://example.com/cat.png"}}
+                        ],
+                    }
+                ]
+            },
+            "messages[0].content",
+        ),
+        ("/v1/completions", {"prompt": ["one", "two"]}, "prompt"),
+        ("/v1/completions", {"prompt": [1, 2, 3]}, "prompt"),
+        ("/v1/completions", {"echo": True}, "echo"),
+        ("/v1/embeddings", {"model": "embed", "input": [1, 2, 3]}, "input"),
+    ],
+)
+def test_unsupported_parameters_are_a_clear_400(
+    http: httpx.Client, sim: OllamaSim, path: str, fields: dict[str, Any], param: str
+) -> None:
     before = len(sim.requests)
     base: dict[str, Any] = {"model": "chat"}
-    base.update({"/v1/chat/completions": {"messages": user("x")}, "/v1/completions": {"prompt": "x"},
-                 "/v1/embeddings": {}}[path])
+    base.update(
+        {
+            "/v1/chat/completions": {"messages": user("x")},
+            "/v1/completions": {"prompt": "x"},
+            "/v1/embeddings": {},
+        }[path]
+    )
     response = http.post(path, json={**base, **fields})
     assert response.status_code == 400, response.text
     error = response.json()["error"]
@@ -407,8 +509,9 @@ def test_busy_relays_a_retry_after_it_was_given(http: httpx.Client, sim: OllamaS
 
 @pytest.mark.parametrize("stream", [False, True])
 def test_ollama_500_before_streaming_is_502(http: httpx.Client, stream: bool) -> None:
-    response = http.post("/v1/chat/completions",
-                         json={"model": "chat", "messages": user("[fail500]"), "stream": stream})
+    response = http.post(
+        "/v1/chat/completions", json={"model": "chat", "messages": user("[fail500]"), "stream": stream}
+    )
     assert response.status_code == 502
     error = response.json()["error"]
     assert error["type"] == "upstream_error"
@@ -453,9 +556,11 @@ def test_error_line_mid_stream_is_an_sdk_error(client: openai.OpenAI) -> None:
 def test_client_disconnect_stops_ollama(gateway: str, sim: OllamaSim) -> None:
     sim.disconnected.clear()
     with httpx.Client(base_url=gateway, timeout=5) as http:
-        with http.stream("POST", "/v1/chat/completions",
-                         json={"model": "chat", "messages": user("[endless] 42"), "stream": True},
-                         ) as response:
+        with http.stream(
+            "POST",
+            "/v1/chat/completions",
+            json={"model": "chat", "messages": user("[endless] 42"), "stream": True},
+        ) as response:
             assert response.status_code == 200
             received = b""
             for piece in response.iter_raw():
@@ -483,8 +588,9 @@ async def test_closing_the_stream_early_closes_the_connection(sim: OllamaSim) ->
         config = OllamaConfig.model_validate(ollama_backend(sim.url, preload=False))
         backend = OllamaBackend("direct", config, Resources(http=http))
         sim.disconnected.clear()
-        request = BackendRequest("chat", {"model": "direct", "messages": user("[endless] direct")}, "r1",
-                                 stream=True)
+        request = BackendRequest(
+            "chat", {"model": "direct", "messages": user("[endless] direct")}, "r1", stream=True
+        )
         chunks = await backend.stream(request)
         assert backend.load().in_flight == 1
         await chunks.aclose()
@@ -501,12 +607,18 @@ async def test_closing_the_stream_early_closes_the_connection(sim: OllamaSim) ->
 @pytest.fixture(scope="module")
 def broken_gateway(sim: OllamaSim) -> Iterator[str]:
     config = {
-        "backends": {"missing": ollama_backend(sim.url, "mistral:7b"),
-                     "down": ollama_backend(nothing_listens()),
-                     "down-control": ollama_backend(nothing_listens()),
-                     "strict": ollama_backend(sim.url)},
-        "models": {"missing": {"targets": ["missing"]}, "down": {"targets": ["down"]},
-                   "down-control": {"targets": ["down-control"]}, "strict": {"targets": ["strict"]}},
+        "backends": {
+            "missing": ollama_backend(sim.url, "mistral:7b"),
+            "down": ollama_backend(nothing_listens()),
+            "down-control": ollama_backend(nothing_listens()),
+            "strict": ollama_backend(sim.url),
+        },
+        "models": {
+            "missing": {"targets": ["missing"]},
+            "down": {"targets": ["down"]},
+            "down-control": {"targets": ["down-control"]},
+            "strict": {"targets": ["strict"]},
+        },
         # the default breaker (5 failures in a row open it); no periodic checks, only requests count
         "resilience": {"retry": {"attempts": 1}, "health_check": {"interval_s": 0}},
     }
@@ -516,8 +628,9 @@ def broken_gateway(sim: OllamaSim) -> Iterator[str]:
 
 @pytest.mark.parametrize("legacy", [False, True])
 @pytest.mark.parametrize("stream", [False, True])
-def test_model_not_pulled_is_a_clear_404(broken_gateway: str, sim: OllamaSim, legacy: bool,
-                                         stream: bool) -> None:
+def test_model_not_pulled_is_a_clear_404(
+    broken_gateway: str, sim: OllamaSim, legacy: bool, stream: bool
+) -> None:
     sim.legacy_not_found = legacy
     try:
         with openai.OpenAI(base_url=broken_gateway + "/v1", api_key="k", max_retries=0) as client:
@@ -537,10 +650,16 @@ def test_model_not_pulled_is_a_clear_404(broken_gateway: str, sim: OllamaSim, le
 
 def test_readiness_names_the_missing_model_and_the_unreachable_host(sim: OllamaSim) -> None:
     config = {
-        "backends": {"missing": ollama_backend(sim.url, "mistral:7b"),
-                     "down": ollama_backend(nothing_listens()), "fine": ollama_backend(sim.url)},
-        "models": {"missing": {"targets": ["missing"]}, "down": {"targets": ["down"]},
-                   "fine": {"targets": ["fine"]}},
+        "backends": {
+            "missing": ollama_backend(sim.url, "mistral:7b"),
+            "down": ollama_backend(nothing_listens()),
+            "fine": ollama_backend(sim.url),
+        },
+        "models": {
+            "missing": {"targets": ["missing"]},
+            "down": {"targets": ["down"]},
+            "fine": {"targets": ["fine"]},
+        },
         "resilience": {"health_check": {"interval_s": 60}},  # the check after start-up is enough
     }
     with run_gateway(config) as url:
@@ -564,8 +683,9 @@ def test_not_pulled_is_not_counted_by_the_breaker(broken_gateway: str) -> None:
             assert response.status_code == 404
         # the control: an outage (nothing listening) does open the same default breaker
         for _ in range(5):
-            response = http.post("/v1/chat/completions",
-                                 json={"model": "down-control", "messages": user("x")})
+            response = http.post(
+                "/v1/chat/completions", json={"model": "down-control", "messages": user("x")}
+            )
             assert response.status_code == 502
         routes = http.get("/admin/routes").json()["routes"]
     breaker = routes["missing"]["order"][0]["breaker"]
@@ -574,13 +694,19 @@ def test_not_pulled_is_not_counted_by_the_breaker(broken_gateway: str) -> None:
     assert routes["down-control"]["order"][0]["breaker"]["state"] == "open"
 
 
-@pytest.mark.parametrize("schema", [{"$schema": "http://json-schema.org/draft-07/schema#"},
-                                    {"$ref": "https://example.com/order.json"}],
-                         ids=["empty", "external-ref"])
-def test_a_schema_ollama_cannot_use_is_a_400_not_an_outage(broken_gateway: str,
-                                                           schema: dict[str, Any]) -> None:
-    body = {"model": "strict", "messages": user("x"),
-            "response_format": {"type": "json_schema", "json_schema": {"name": "s", "schema": schema}}}
+@pytest.mark.parametrize(
+    "schema",
+    [{"$schema": "http://json-schema.org/draft-07/schema#"}, {"$ref": "https://example.com/order.json"}],
+    ids=["empty", "external-ref"],
+)
+def test_a_schema_ollama_cannot_use_is_a_400_not_an_outage(
+    broken_gateway: str, schema: dict[str, Any]
+) -> None:
+    body = {
+        "model": "strict",
+        "messages": user("x"),
+        "response_format": {"type": "json_schema", "json_schema": {"name": "s", "schema": schema}},
+    }
     with httpx.Client(base_url=broken_gateway, timeout=5) as http:
         for _ in range(6):  # more than the default breaker's 5 consecutive failures
             response = http.post("/v1/chat/completions", json=body)
@@ -601,8 +727,11 @@ def test_requests_during_the_preload_get_503_with_retry_after() -> None:
     with OllamaSim(load_s=1.0) as slow:
         # checks on, so readiness knows of the load; the refusal is busy, not a failure: no breaker
         resilience = {**QUIET, "health_check": {"interval_s": 0.1}}
-        config = {"backends": {"ol": ollama_backend(slow.url, keep_alive=-1)},
-                  "models": {"chat": {"targets": ["ol"]}}, "resilience": resilience}
+        config = {
+            "backends": {"ol": ollama_backend(slow.url, keep_alive=-1)},
+            "models": {"chat": {"targets": ["ol"]}},
+            "resilience": resilience,
+        }
         with run_gateway(config) as url, httpx.Client(base_url=url, timeout=5) as http:
             ready = http.get("/health/ready")
             assert ready.status_code == 503
@@ -635,24 +764,34 @@ def test_config_accepts_a_minimal_backend() -> None:
     assert backend.keep_alive == "1h30m"  # type: ignore[attr-defined]
 
 
-@pytest.mark.parametrize(("fields", "where", "text"), [
-    ({"url": "ftp://x", "model": "m"}, "backends.ol.url", "http:// or https://"),
-    ({"url": "http://x:11434/v1", "model": "m"}, "backends.ol.url", "kind: openai"),
-    ({"url": "http://x:11434"}, "backends.ol.model", ""),
-    ({"url": "http://x:11434", "model": "m", "keep_alive": "5 minutes"}, "backends.ol.keep_alive", "30s"),
-    ({"url": "http://x:11434", "model": "m", "num_ctx": 0}, "backends.ol.num_ctx", ""),
-])
+@pytest.mark.parametrize(
+    ("fields", "where", "text"),
+    [
+        ({"url": "ftp://x", "model": "m"}, "backends.ol.url", "http:// or https://"),
+        ({"url": "http://x:11434/v1", "model": "m"}, "backends.ol.url", "kind: openai"),
+        ({"url": "http://x:11434"}, "backends.ol.model", ""),
+        ({"url": "http://x:11434", "model": "m", "keep_alive": "5 minutes"}, "backends.ol.keep_alive", "30s"),
+        ({"url": "http://x:11434", "model": "m", "num_ctx": 0}, "backends.ol.num_ctx", ""),
+    ],
+)
 def test_config_rejects(fields: dict[str, Any], where: str, text: str) -> None:
     with pytest.raises(ConfigError) as caught:
         parse_config(_config(**fields))
-    assert any(path.startswith(where) and text in message for path, message in caught.value.problems), \
+    assert any(path.startswith(where) and text in message for path, message in caught.value.problems), (
         caught.value.problems
+    )
 
 
-@pytest.mark.parametrize(("a", "b"), [("llama3.2", "llama3.2:latest"), ("Llama3.2:3B", "llama3.2:3b"),
-                                      ("library/qwen3", "qwen3:latest"),
-                                      ("registry.ollama.ai/library/qwen3:8b", "qwen3:8b"),
-                                      ("myhost:5000/ns/model", "myhost:5000/ns/model:latest")])
+@pytest.mark.parametrize(
+    ("a", "b"),
+    [
+        ("llama3.2", "llama3.2:latest"),
+        ("Llama3.2:3B", "llama3.2:3b"),
+        ("library/qwen3", "qwen3:latest"),
+        ("registry.ollama.ai/library/qwen3:8b", "qwen3:8b"),
+        ("myhost:5000/ns/model", "myhost:5000/ns/model:latest"),
+    ],
+)
 def test_model_names_are_compared_normalised(a: str, b: str) -> None:
     assert normalise_model_name(a) == normalise_model_name(b)
 

@@ -48,8 +48,9 @@ def _check_burst(url: str, model: str, responses: list[httpx.Response], busy_sta
     assert (breaker["state"], breaker["failures_in_window"], breaker["trips"]) == ("closed", 0, 0)
     assert httpx.get(url + "/health/ready", timeout=5).status_code == 200
     # the first request after the burst is served at once: no circuit to wait out
-    after = httpx.post(url + "/v1/chat/completions", timeout=60,
-                       json={"model": model, "messages": MESSAGES, "max_tokens": 4})
+    after = httpx.post(
+        url + "/v1/chat/completions", timeout=60, json={"model": model, "messages": MESSAGES, "max_tokens": 4}
+    )
     assert after.status_code == 200, after.text
 
 
@@ -57,8 +58,16 @@ def _check_burst(url: str, model: str, responses: list[httpx.Response], busy_sta
 def test_a_burst_of_ten_times_the_embedded_engines_capacity() -> None:
     parallel, queue = 4, 16  # the embedded default's shape (8 + 64), smaller so the test is quick
     config = {
-        "backends": {"local": {"kind": "llamacpp", "model_path": smollm2_gguf(), "n_ctx": 2048,
-                               "parallel": parallel, "max_queue": queue, "n_threads": 2}},
+        "backends": {
+            "local": {
+                "kind": "llamacpp",
+                "model_path": smollm2_gguf(),
+                "n_ctx": 2048,
+                "parallel": parallel,
+                "max_queue": queue,
+                "n_threads": 2,
+            }
+        },
         "models": {"smollm2": {"targets": ["local"]}},
     }
     with run_gateway(config) as url:
@@ -88,12 +97,15 @@ class _CappedUpstream:
             else:
                 self.in_flight += 1
         if full:
-            return web.json_response({"error": {"message": "server busy", "type": "overloaded",
-                                                "param": None, "code": None}}, status=self.status)
+            return web.json_response(
+                {"error": {"message": "server busy", "type": "overloaded", "param": None, "code": None}},
+                status=self.status,
+            )
         try:
             await asyncio.sleep(0.05)
-            return web.Response(body=orjson.dumps(chat_completion(body["model"])),
-                                content_type="application/json")
+            return web.Response(
+                body=orjson.dumps(chat_completion(body["model"])), content_type="application/json"
+            )
         finally:
             with self._lock:
                 self.in_flight -= 1

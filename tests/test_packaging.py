@@ -58,8 +58,19 @@ def test_an_empty_config_variable_serves_the_embedded_default(monkeypatch: pytes
 def test_compose_file_follows_the_compose_spec() -> None:
     if importlib.util.find_spec("check_jsonschema") is None:
         pytest.skip("check-jsonschema is not installed (the test extra has it: scripts/test)")
-    run = subprocess.run([sys.executable, "-m", "check_jsonschema", "--builtin-schema", "vendor.compose-spec",
-                          str(ROOT / "docker-compose.yml")], capture_output=True, text=True, timeout=120)
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "check_jsonschema",
+            "--builtin-schema",
+            "vendor.compose-spec",
+            str(ROOT / "docker-compose.yml"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert run.returncode == 0, run.stdout + run.stderr
 
 
@@ -84,21 +95,28 @@ def test_the_image_installs_dependencies_before_the_source(tmp_path: Path) -> No
         return next(i for i, line in enumerate(lines) if re.search(pattern, line))
 
     requirements = first(r"^RUN python -c .*> requirements\.txt$")
-    assert (first(r"^COPY pyproject\.toml ") < requirements < first(r"pip install .*-r requirements\.txt")
-            < first(r"^COPY (gateway|backends|policies|README)") < first(r"pip install .*--no-deps \.$"))
-    assert not any(line.startswith("COPY") for line in lines[:first(r"^COPY pyproject\.toml ")])
+    assert (
+        first(r"^COPY pyproject\.toml ")
+        < requirements
+        < first(r"pip install .*-r requirements\.txt")
+        < first(r"^COPY (gateway|backends|policies|README)")
+        < first(r"pip install .*--no-deps \.$")
+    )
+    assert not any(line.startswith("COPY") for line in lines[: first(r"^COPY pyproject\.toml ")])
     # the layer's requirements are the package's own and its llamacpp extra's
     (tmp_path / "pyproject.toml").write_bytes((ROOT / "pyproject.toml").read_bytes())
     command = lines[requirements].removeprefix("RUN python").removesuffix("> requirements.txt")
-    listed = subprocess.run(f"{sys.executable} {command}", shell=True, cwd=tmp_path, check=True,
-                            capture_output=True, text=True).stdout.split("\n")
+    listed = subprocess.run(
+        f"{sys.executable} {command}", shell=True, cwd=tmp_path, check=True, capture_output=True, text=True
+    ).stdout.split("\n")
     assert "starlette>=0.40" in listed and any(r.startswith("llama-cpp-python>=") for r in listed)
 
 
 def test_a_second_setup_calls_no_pip_and_works_offline(tmp_path: Path) -> None:
     env = {**os.environ, "INTERLOCK_EXTRAS": "llamacpp,test"}
-    first = subprocess.run([str(ROOT / "scripts/setup")], env=env, capture_output=True, text=True,
-                           timeout=1800)
+    first = subprocess.run(
+        [str(ROOT / "scripts/setup")], env=env, capture_output=True, text=True, timeout=1800
+    )
     assert first.returncode == 0, first.stderr
     # Offline from here: any pip run would write PIP_LOG and find no index; `pip` on PATH is a trap.
     (tmp_path / "pip.conf").write_text("[global]\nindex-url = http://127.0.0.1:9/simple\n")
@@ -107,11 +125,18 @@ def test_a_second_setup_calls_no_pip_and_works_offline(tmp_path: Path) -> None:
     for name in ("pip", "pip3"):
         (trap / name).write_text(f"#!/bin/sh\ntouch {tmp_path}/trap-ran\nexit 1\n")
         (trap / name).chmod(0o755)
-    offline = {**env, "PIP_CONFIG_FILE": str(tmp_path / "pip.conf"), "PIP_INDEX_URL": "http://127.0.0.1:9/simple",
-               "PIP_NO_INDEX": "1", "PIP_LOG": str(tmp_path / "pip.log"), "PATH": f"{trap}:{env['PATH']}"}
+    offline = {
+        **env,
+        "PIP_CONFIG_FILE": str(tmp_path / "pip.conf"),
+        "PIP_INDEX_URL": "http://127.0.0.1:9/simple",
+        "PIP_NO_INDEX": "1",
+        "PIP_LOG": str(tmp_path / "pip.log"),
+        "PATH": f"{trap}:{env['PATH']}",
+    }
     started = time.monotonic()
-    second = subprocess.run([str(ROOT / "scripts/setup")], env=offline, capture_output=True, text=True,
-                            timeout=300)
+    second = subprocess.run(
+        [str(ROOT / "scripts/setup")], env=offline, capture_output=True, text=True, timeout=300
+    )
     took = time.monotonic() - started
     assert (second.returncode, second.stdout, second.stderr) == (0, "", "")
     assert not (tmp_path / "pip.log").exists(), "scripts/setup ran pip although nothing had changed"

@@ -36,8 +36,9 @@ def names(ranked: Sequence[Ranked]) -> list[str]:
     return [r.name for r in ranked]
 
 
-def run(policy: Policy, cands: Sequence[BackendView], req: RequestFacts = REQ, seed: int = 0,
-        **kw: Any) -> list[Ranked]:
+def run(
+    policy: Policy, cands: Sequence[BackendView], req: RequestFacts = REQ, seed: int = 0, **kw: Any
+) -> list[Ranked]:
     out = policy(cands, req, ctx(seed, **kw))
     assert_well_formed(cands, out)
     return out
@@ -53,14 +54,22 @@ def assert_well_formed(cands: Sequence[BackendView], out: Sequence[Ranked]) -> N
 
 # --- the registry and the contract every policy keeps ------------------------------------
 
+
 def test_registry_names() -> None:
     assert set(POLICIES) == {"ordered", "weighted", "least_busy", "cost", "latency", "balanced", "slo"}
     assert POLICIES["ordered"] is ordered.rank and POLICIES["slo"] is slo.rank
 
 
 MIXED = [
-    warm("fast-dear", ttft_ms=120.0, tpot_ms=5.0, input_per_mtok=10, output_per_mtok=30,
-         capacity=4, in_flight=3),
+    warm(
+        "fast-dear",
+        ttft_ms=120.0,
+        tpot_ms=5.0,
+        input_per_mtok=10,
+        output_per_mtok=30,
+        capacity=4,
+        in_flight=3,
+    ),
     warm("slow-free", ttft_base_ms=900.0, ttft_per_token_ms=0.5, tpot_ms=40.0, in_flight=1),
     warm("flaky", ttft_ms=80.0, error_rate=0.9, input_per_mtok=1, output_per_mtok=1),
     cold("new", samples=1, ttft_ms=300.0, input_per_mtok=2, output_per_mtok=2),
@@ -93,19 +102,27 @@ def test_same_seed_same_order(policy: str) -> None:
 
 # --- ordered ---------------------------------------------------------------------------
 
+
 def test_ordered_keeps_target_order() -> None:
     out = run(ordered.rank, [warm("b"), warm("a", ttft_ms=1.0), warm("c", error_rate=1.0)])
-    assert out == [Ranked("b", "position 1 in targets"), Ranked("a", "position 2 in targets"),
-                   Ranked("c", "position 3 in targets")]
+    assert out == [
+        Ranked("b", "position 1 in targets"),
+        Ranked("a", "position 2 in targets"),
+        Ranked("c", "position 3 in targets"),
+    ]
 
 
 # --- weighted --------------------------------------------------------------------------
 
-@pytest.mark.parametrize(("weights", "expected_share"), [
-    ({"a": 1, "b": 3, "z": 0}, {"a": 0.25, "b": 0.75}),
-    ({"a": 1, "b": 1, "c": 2}, {"a": 0.25, "b": 0.25, "c": 0.5}),
-    ({"a": 0.001, "b": 0.001}, {"a": 0.5, "b": 0.5}),  # tiny weights must not underflow into a bias
-])
+
+@pytest.mark.parametrize(
+    ("weights", "expected_share"),
+    [
+        ({"a": 1, "b": 3, "z": 0}, {"a": 0.25, "b": 0.75}),
+        ({"a": 1, "b": 1, "c": 2}, {"a": 0.25, "b": 0.25, "c": 0.5}),
+        ({"a": 0.001, "b": 0.001}, {"a": 0.5, "b": 0.5}),  # tiny weights must not underflow into a bias
+    ],
+)
 def test_weighted_first_place_share(weights: dict[str, float], expected_share: dict[str, float]) -> None:
     cands = [warm(n) for n in weights]
     context = ctx(1234, weights=weights)
@@ -141,12 +158,21 @@ def test_weighted_is_without_replacement() -> None:
 
 # --- least_busy ------------------------------------------------------------------------
 
-@pytest.mark.parametrize(("cands", "expected"), [
-    ([warm("a", in_flight=4, capacity=8), warm("b", in_flight=1, capacity=1), warm("c", in_flight=0)],
-     ["c", "a", "b"]),
-    ([warm("d", in_flight=2, capacity=0), warm("e", in_flight=3, capacity=4)], ["e", "d"]),  # 0 = unknown
-    ([warm("f", in_flight=5), warm("g", in_flight=2), warm("h", in_flight=9, capacity=10)], ["h", "g", "f"]),
-])
+
+@pytest.mark.parametrize(
+    ("cands", "expected"),
+    [
+        (
+            [warm("a", in_flight=4, capacity=8), warm("b", in_flight=1, capacity=1), warm("c", in_flight=0)],
+            ["c", "a", "b"],
+        ),
+        ([warm("d", in_flight=2, capacity=0), warm("e", in_flight=3, capacity=4)], ["e", "d"]),  # 0 = unknown
+        (
+            [warm("f", in_flight=5), warm("g", in_flight=2), warm("h", in_flight=9, capacity=10)],
+            ["h", "g", "f"],
+        ),
+    ],
+)
 def test_least_busy_order(cands: list[BackendView], expected: list[str]) -> None:
     out = run(least_busy.rank, cands)
     assert names(out) == expected
@@ -168,32 +194,80 @@ def test_least_busy_ties_broken_both_ways() -> None:
 
 # --- cost ------------------------------------------------------------------------------
 
-@pytest.mark.parametrize(("cands", "req", "expected"), [
-    pytest.param([warm("a", input_per_mtok=1, output_per_mtok=2), warm("b", input_per_mtok=0.5,
-                  output_per_mtok=0.5), warm("c", input_per_mtok=3, output_per_mtok=3)], REQ, ["b", "a", "c"],
-                 id="cheapest-first"),
-    pytest.param([warm("a", input_per_mtok=1, ttft_ms=500.0), warm("b", input_per_mtok=1, ttft_ms=200.0)],
-                 REQ, ["b", "a"], id="tie-by-latency"),
-    pytest.param([warm("a", error_rate=0.6), warm("b", input_per_mtok=9), warm("c", input_per_mtok=5,
-                  error_rate=0.49)], REQ, ["c", "b", "a"], id="error-demotion"),
-    pytest.param([warm("a", error_rate=0.5), warm("b", input_per_mtok=9)], REQ, ["b", "a"],
-                 id="half-errors-demoted"),
-    # prompt-heavy request: cheap input wins; output-heavy: cheap output wins
-    pytest.param([warm("a", input_per_mtok=0.1, output_per_mtok=10), warm("b", input_per_mtok=5,
-                  output_per_mtok=0.5)], RequestFacts(10_000, 10), ["a", "b"], id="long-prompt"),
-    pytest.param([warm("a", input_per_mtok=0.1, output_per_mtok=10), warm("b", input_per_mtok=5,
-                  output_per_mtok=0.5)], RequestFacts(10, 2000), ["b", "a"], id="long-reply"),
-    # cold but busy: not explored, placed by price like anyone else
-    pytest.param([warm("a", input_per_mtok=1), cold("n", samples=1, in_flight=1),
-                  warm("b", input_per_mtok=2)], REQ, ["n", "a", "b"], id="cold-in-flight-by-price"),
-])
+
+@pytest.mark.parametrize(
+    ("cands", "req", "expected"),
+    [
+        pytest.param(
+            [
+                warm("a", input_per_mtok=1, output_per_mtok=2),
+                warm("b", input_per_mtok=0.5, output_per_mtok=0.5),
+                warm("c", input_per_mtok=3, output_per_mtok=3),
+            ],
+            REQ,
+            ["b", "a", "c"],
+            id="cheapest-first",
+        ),
+        pytest.param(
+            [warm("a", input_per_mtok=1, ttft_ms=500.0), warm("b", input_per_mtok=1, ttft_ms=200.0)],
+            REQ,
+            ["b", "a"],
+            id="tie-by-latency",
+        ),
+        pytest.param(
+            [
+                warm("a", error_rate=0.6),
+                warm("b", input_per_mtok=9),
+                warm("c", input_per_mtok=5, error_rate=0.49),
+            ],
+            REQ,
+            ["c", "b", "a"],
+            id="error-demotion",
+        ),
+        pytest.param(
+            [warm("a", error_rate=0.5), warm("b", input_per_mtok=9)],
+            REQ,
+            ["b", "a"],
+            id="half-errors-demoted",
+        ),
+        # prompt-heavy request: cheap input wins; output-heavy: cheap output wins
+        pytest.param(
+            [
+                warm("a", input_per_mtok=0.1, output_per_mtok=10),
+                warm("b", input_per_mtok=5, output_per_mtok=0.5),
+            ],
+            RequestFacts(10_000, 10),
+            ["a", "b"],
+            id="long-prompt",
+        ),
+        pytest.param(
+            [
+                warm("a", input_per_mtok=0.1, output_per_mtok=10),
+                warm("b", input_per_mtok=5, output_per_mtok=0.5),
+            ],
+            RequestFacts(10, 2000),
+            ["b", "a"],
+            id="long-reply",
+        ),
+        # cold but busy: not explored, placed by price like anyone else
+        pytest.param(
+            [warm("a", input_per_mtok=1), cold("n", samples=1, in_flight=1), warm("b", input_per_mtok=2)],
+            REQ,
+            ["n", "a", "b"],
+            id="cold-in-flight-by-price",
+        ),
+    ],
+)
 def test_cost_order(cands: list[BackendView], req: RequestFacts, expected: list[str]) -> None:
     assert names(run(cost.rank, cands, req)) == expected
 
 
 def test_cost_reasons() -> None:
-    cands = [warm("a", input_per_mtok=0.1, output_per_mtok=0.2), warm("b", input_per_mtok=3),
-             warm("c", error_rate=0.75)]
+    cands = [
+        warm("a", input_per_mtok=0.1, output_per_mtok=0.2),
+        warm("b", input_per_mtok=3),
+        warm("c", error_rate=0.75),
+    ]
     assert run(cost.rank, cands) == [
         Ranked("a", "cheapest healthy: $0.12/1k req est."),
         Ranked("b", "$3.00/1k req est."),
@@ -208,31 +282,68 @@ STEEP = warm("steep", ttft_base_ms=100.0, ttft_per_token_ms=1.0)
 FLAT = warm("flat", ttft_base_ms=300.0, ttft_per_token_ms=0.01)
 
 
-@pytest.mark.parametrize(("cands", "req", "expected"), [
-    pytest.param([FLAT, STEEP], RequestFacts(50, 1), ["steep", "flat"], id="short-prompt"),
-    pytest.param([STEEP, FLAT], RequestFacts(2000, 1), ["flat", "steep"], id="long-prompt"),
-    pytest.param([warm("a", ttft_ms=100.0, tpot_ms=50.0), warm("b", ttft_ms=300.0, tpot_ms=10.0)],
-                 RequestFacts(10, 1), ["a", "b"], id="one-token-reply"),
-    pytest.param([warm("a", ttft_ms=100.0, tpot_ms=50.0), warm("b", ttft_ms=300.0, tpot_ms=10.0)],
-                 RequestFacts(10, 101), ["b", "a"], id="long-reply"),
-    pytest.param([warm("a", ttft_ms=100.0, error_rate=0.9), warm("b", ttft_ms=500.0),
-                  warm("c", ttft_ms=300.0)], REQ, ["c", "b", "a"], id="error-demotion"),
-    pytest.param([warm("a", ttft_ms=200.0, input_per_mtok=5), warm("b", ttft_ms=200.0, input_per_mtok=1)],
-                 REQ, ["b", "a"], id="tie-by-cost"),
-    # a busy cold backend counts as the best known figure (200ms): ties with a, cheaper
-    pytest.param([warm("a", ttft_ms=200.0, input_per_mtok=1), warm("b", ttft_ms=400.0),
-                  cold("n", samples=2, in_flight=1)], REQ, ["n", "a", "b"], id="cold-busy-optimistic-cheap"),
-    pytest.param([warm("a", ttft_ms=200.0), warm("b", ttft_ms=400.0),
-                  cold("n", samples=2, in_flight=1, input_per_mtok=10)], REQ, ["a", "n", "b"],
-                 id="cold-busy-optimistic-dear"),
-])
+@pytest.mark.parametrize(
+    ("cands", "req", "expected"),
+    [
+        pytest.param([FLAT, STEEP], RequestFacts(50, 1), ["steep", "flat"], id="short-prompt"),
+        pytest.param([STEEP, FLAT], RequestFacts(2000, 1), ["flat", "steep"], id="long-prompt"),
+        pytest.param(
+            [warm("a", ttft_ms=100.0, tpot_ms=50.0), warm("b", ttft_ms=300.0, tpot_ms=10.0)],
+            RequestFacts(10, 1),
+            ["a", "b"],
+            id="one-token-reply",
+        ),
+        pytest.param(
+            [warm("a", ttft_ms=100.0, tpot_ms=50.0), warm("b", ttft_ms=300.0, tpot_ms=10.0)],
+            RequestFacts(10, 101),
+            ["b", "a"],
+            id="long-reply",
+        ),
+        pytest.param(
+            [warm("a", ttft_ms=100.0, error_rate=0.9), warm("b", ttft_ms=500.0), warm("c", ttft_ms=300.0)],
+            REQ,
+            ["c", "b", "a"],
+            id="error-demotion",
+        ),
+        pytest.param(
+            [warm("a", ttft_ms=200.0, input_per_mtok=5), warm("b", ttft_ms=200.0, input_per_mtok=1)],
+            REQ,
+            ["b", "a"],
+            id="tie-by-cost",
+        ),
+        # a busy cold backend counts as the best known figure (200ms): ties with a, cheaper
+        pytest.param(
+            [
+                warm("a", ttft_ms=200.0, input_per_mtok=1),
+                warm("b", ttft_ms=400.0),
+                cold("n", samples=2, in_flight=1),
+            ],
+            REQ,
+            ["n", "a", "b"],
+            id="cold-busy-optimistic-cheap",
+        ),
+        pytest.param(
+            [
+                warm("a", ttft_ms=200.0),
+                warm("b", ttft_ms=400.0),
+                cold("n", samples=2, in_flight=1, input_per_mtok=10),
+            ],
+            REQ,
+            ["a", "n", "b"],
+            id="cold-busy-optimistic-dear",
+        ),
+    ],
+)
 def test_latency_order(cands: list[BackendView], req: RequestFacts, expected: list[str]) -> None:
     assert names(run(latency.rank, cands, req)) == expected
 
 
 def test_latency_reasons() -> None:
-    cands = [warm("a", ttft_ms=200.0, tpot_ms=2.0), warm("b", ttft_ms=400.0),
-             warm("f", ttft_ms=50.0, error_rate=1)]
+    cands = [
+        warm("a", ttft_ms=200.0, tpot_ms=2.0),
+        warm("b", ttft_ms=400.0),
+        warm("f", ttft_ms=50.0, error_rate=1),
+    ]
     assert run(latency.rank, cands, RequestFacts(10, 11)) == [
         Ranked("a", "fastest: predicted 220ms"),
         Ranked("b", "predicted 400ms"),
@@ -255,13 +366,16 @@ DEAR_FAST = warm("dear-fast", ttft_ms=250.0, input_per_mtok=1, output_per_mtok=1
 MID = warm("mid", ttft_ms=500.0, input_per_mtok=0.5, output_per_mtok=0.5)
 
 
-@pytest.mark.parametrize(("w", "expected"), [
-    (0.0, ["free-slow", "mid", "dear-fast"]),  # cost only
-    (0.5, ["free-slow", "mid", "dear-fast"]),  # 2.0 / 3.5 / 5.5
-    (0.8, ["mid", "dear-fast", "free-slow"]),  # 2.6 / 2.8 / 3.2
-    (0.9, ["dear-fast", "mid", "free-slow"]),  # 1.9 / 2.3 / 3.6
-    (1.0, ["dear-fast", "mid", "free-slow"]),  # latency only
-])
+@pytest.mark.parametrize(
+    ("w", "expected"),
+    [
+        (0.0, ["free-slow", "mid", "dear-fast"]),  # cost only
+        (0.5, ["free-slow", "mid", "dear-fast"]),  # 2.0 / 3.5 / 5.5
+        (0.8, ["mid", "dear-fast", "free-slow"]),  # 2.6 / 2.8 / 3.2
+        (0.9, ["dear-fast", "mid", "free-slow"]),  # 1.9 / 2.3 / 3.6
+        (1.0, ["dear-fast", "mid", "free-slow"]),  # latency only
+    ],
+)
 def test_balanced_weight_moves_the_winner(w: float, expected: list[str]) -> None:
     assert names(run(balanced.rank, [FREE_SLOW, DEAR_FAST, MID], latency_weight=w)) == expected
 
@@ -295,20 +409,45 @@ def budget(ms: float | None, prompt: int = 1000, max_tokens: int = 100) -> Reque
     return RequestFacts(prompt, max_tokens, ttft_budget_ms=ms)
 
 
-@pytest.mark.parametrize(("cands", "req", "expected"), [
-    pytest.param(SLO_ALL, budget(800), ["b", "a", "d", "c"], id="cheapest-meeting-then-fastest-missing"),
-    pytest.param(SLO_ALL, budget(200), ["a", "b", "d", "c"], id="none-meets"),
-    pytest.param(SLO_ALL, budget(None), ["d", "c", "b", "a"], id="no-budget-is-cost"),
-    pytest.param([warm("e", ttft_ms=400.0, tpot_ms=10.0), warm("f", ttft_ms=400.0, tpot_ms=1.0)], budget(800),
-                 ["f", "e"], id="meeting-tie-by-latency"),
-    pytest.param([SLO_A, warm("b", ttft_ms=600.0, error_rate=0.7), SLO_C, SLO_D], budget(800),
-                 ["a", "d", "c", "b"], id="error-demotion"),
-    # steep per-token TTFT: meets with a short prompt (600ms), misses with a long one (1100ms)
-    pytest.param([warm("s", ttft_base_ms=100.0, ttft_per_token_ms=1.0), warm("x", ttft_ms=400.0,
-                  input_per_mtok=9)], budget(800, prompt=500), ["s", "x"], id="short-prompt-meets"),
-    pytest.param([warm("s", ttft_base_ms=100.0, ttft_per_token_ms=1.0), warm("x", ttft_ms=400.0,
-                  input_per_mtok=9)], budget(800, prompt=1000), ["x", "s"], id="long-prompt-misses"),
-])
+@pytest.mark.parametrize(
+    ("cands", "req", "expected"),
+    [
+        pytest.param(SLO_ALL, budget(800), ["b", "a", "d", "c"], id="cheapest-meeting-then-fastest-missing"),
+        pytest.param(SLO_ALL, budget(200), ["a", "b", "d", "c"], id="none-meets"),
+        pytest.param(SLO_ALL, budget(None), ["d", "c", "b", "a"], id="no-budget-is-cost"),
+        pytest.param(
+            [warm("e", ttft_ms=400.0, tpot_ms=10.0), warm("f", ttft_ms=400.0, tpot_ms=1.0)],
+            budget(800),
+            ["f", "e"],
+            id="meeting-tie-by-latency",
+        ),
+        pytest.param(
+            [SLO_A, warm("b", ttft_ms=600.0, error_rate=0.7), SLO_C, SLO_D],
+            budget(800),
+            ["a", "d", "c", "b"],
+            id="error-demotion",
+        ),
+        # steep per-token TTFT: meets with a short prompt (600ms), misses with a long one (1100ms)
+        pytest.param(
+            [
+                warm("s", ttft_base_ms=100.0, ttft_per_token_ms=1.0),
+                warm("x", ttft_ms=400.0, input_per_mtok=9),
+            ],
+            budget(800, prompt=500),
+            ["s", "x"],
+            id="short-prompt-meets",
+        ),
+        pytest.param(
+            [
+                warm("s", ttft_base_ms=100.0, ttft_per_token_ms=1.0),
+                warm("x", ttft_ms=400.0, input_per_mtok=9),
+            ],
+            budget(800, prompt=1000),
+            ["x", "s"],
+            id="long-prompt-misses",
+        ),
+    ],
+)
 def test_slo_order(cands: list[BackendView], req: RequestFacts, expected: list[str]) -> None:
     assert names(run(slo.rank, cands, req)) == expected
 
@@ -373,8 +512,11 @@ def test_at_most_one_explorer_chosen_at_random(policy: str) -> None:
 @pytest.mark.parametrize("policy", sorted(DATA_POLICIES))
 def test_cold_backend_with_request_in_flight_is_not_explored(policy: str) -> None:
     # optimistic figures: "x" counts as 100ms (best known) and free, so it beats "b" by every rule
-    cands = [warm("b", ttft_ms=200.0, input_per_mtok=1), cold("x", in_flight=1), warm("a", ttft_ms=100.0,
-             input_per_mtok=1)]
+    cands = [
+        warm("b", ttft_ms=200.0, input_per_mtok=1),
+        cold("x", in_flight=1),
+        warm("a", ttft_ms=100.0, input_per_mtok=1),
+    ]
     for seed in range(10):
         out = run(DATA_POLICIES[policy], cands, COLD_REQ, seed=seed)
         assert not any(r.reason.startswith("exploring") for r in out)

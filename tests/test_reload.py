@@ -32,8 +32,12 @@ QUIET = {"health_check": {"interval_s": 0}}  # no active checks: only the tests'
 
 
 def routing(backends: dict[str, Any], models: dict[str, list[str]], **extra: Any) -> dict[str, Any]:
-    return {"backends": backends, "models": {m: {"targets": t} for m, t in models.items()},
-            "resilience": QUIET, **extra}
+    return {
+        "backends": backends,
+        "models": {m: {"targets": t} for m, t in models.items()},
+        "resilience": QUIET,
+        **extra,
+    }
 
 
 def write(path: Path, config: dict[str, Any] | str) -> None:
@@ -56,8 +60,11 @@ def models(url: str) -> set[str]:
 
 
 def chat(url: str, model: str) -> httpx.Response:
-    return httpx.post(url + "/v1/chat/completions", timeout=10,
-                      json={"model": model, "messages": [{"role": "user", "content": "hi"}]})
+    return httpx.post(
+        url + "/v1/chat/completions",
+        timeout=10,
+        json={"model": model, "messages": [{"role": "user", "content": "hi"}]},
+    )
 
 
 def admin_config(url: str) -> dict[str, Any]:
@@ -94,9 +101,12 @@ class Stream(threading.Thread):
 
     def finished_whole(self) -> bool:
         self.join(30)
-        return (self.error is None and self.lines[-1] == "data: [DONE]"
-                and sum(" more" in line for line in self.lines) == 40
-                and not any('"error"' in line for line in self.lines))
+        return (
+            self.error is None
+            and self.lines[-1] == "data: [DONE]"
+            and sum(" more" in line for line in self.lines) == 40
+            and not any('"error"' in line for line in self.lines)
+        )
 
 
 def test_valid_change_is_served_and_an_open_stream_finishes(tmp_path: Path) -> None:
@@ -108,8 +118,10 @@ def test_valid_change_is_served_and_an_open_stream_finishes(tmp_path: Path) -> N
         with run_gateway(path, reload_watch=False) as url:
             stream = Stream(url, "m")
             assert stream.started.wait(10)
-            write(path, routing({"a": long, "b": openai_backend(fake.base_url, "ok")},
-                                {"m": ["b"], "m2": ["b"]}))
+            write(
+                path,
+                routing({"a": long, "b": openai_backend(fake.base_url, "ok")}, {"m": ["b"], "m2": ["b"]}),
+            )
             response = reload(url)
             assert response.status_code == 200, response.text
             result = response.json()
@@ -140,8 +152,9 @@ def test_invalid_file_is_rejected_with_its_problems_and_the_old_config_serves(tm
             write(path, routing({"a": openai_backend(fake.base_url, "ok")}, {"m": ["a"], "x": ["nope"]}))
             response = reload(url)
             assert response.status_code == 400
-            assert {"path": "models.x.targets[0]", "message": "unknown backend 'nope'"} \
-                in response.json()["reload"]["problems"]
+            assert {"path": "models.x.targets[0]", "message": "unknown backend 'nope'"} in response.json()[
+                "reload"
+            ]["problems"]
 
             assert models(url) == {"m"} and chat(url, "m").status_code == 200
             state = admin_config(url)
@@ -167,7 +180,8 @@ def test_dry_run_changes_nothing(tmp_path: Path) -> None:
             response = reload(url, "?dry_run=1")
             assert response.status_code == 400
             assert response.json()["reload"]["problems"] == [
-                {"path": "models.m.targets[0]", "message": "unknown backend 'b'"}]
+                {"path": "models.m.targets[0]", "message": "unknown backend 'b'"}
+            ]
 
             assert models(url) == {"m"}
             state = admin_config(url)
@@ -183,6 +197,7 @@ def test_an_unchanged_backend_keeps_its_open_circuit_and_stats(tmp_path: Path) -
         config["resilience"] = {**QUIET, "breaker": breaker, "retry": {"attempts": 1}}
         write(path, config)
         with run_gateway(path, reload_watch=False) as url:
+
             def figures() -> tuple[dict[str, Any], dict[str, Any]]:
                 entry = httpx.get(url + "/admin/routes").json()["routes"]["m"]["order"][0]
                 return entry["breaker"], entry["stats"]
@@ -202,8 +217,9 @@ def test_an_unchanged_backend_keeps_its_open_circuit_and_stats(tmp_path: Path) -
             assert chat(url, "m2").status_code == 200
 
 
-def test_a_removed_backend_is_closed_after_its_stream_finished(tmp_path: Path,
-                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_removed_backend_is_closed_after_its_stream_finished(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     closed: list[tuple[str, bool]] = []  # (backend, whether the stream had finished by then)
     original = OpenAIBackend.close
     stream: Stream | None = None
@@ -237,9 +253,16 @@ def test_a_backend_that_cannot_start_fails_the_reload_and_changes_nothing(tmp_pa
         write(path, routing({"a": openai_backend(fake.base_url, "ok")}, {"m": ["a"]}))
         with run_gateway(path, reload_watch=False) as url:
             before = admin_config(url)["hash"]
-            write(path, routing({"a": openai_backend(fake.base_url, "ok"),
-                                 "local": {"kind": "llamacpp", "model_path": str(broken)}},
-                                {"m": ["a"], "l": ["local"]}))
+            write(
+                path,
+                routing(
+                    {
+                        "a": openai_backend(fake.base_url, "ok"),
+                        "local": {"kind": "llamacpp", "model_path": str(broken)},
+                    },
+                    {"m": ["a"], "l": ["local"]},
+                ),
+            )
             response = reload(url)
             assert response.status_code == 500
             body = response.json()
@@ -249,8 +272,9 @@ def test_a_backend_that_cannot_start_fails_the_reload_and_changes_nothing(tmp_pa
             assert admin_config(url)["results"] == {"failed": 1}
 
 
-def test_a_changed_in_process_model_loads_beside_the_old_one(tmp_path: Path,
-                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_changed_in_process_model_loads_beside_the_old_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from backends.llamacpp import LlamaCppBackend
     from tests.tiny_gguf import write_tiny_bert
 
@@ -312,7 +336,7 @@ def test_a_half_written_file_is_never_loaded(tmp_path: Path) -> None:
                 state = admin_config(url)
                 assert state["hash"] == before and models(url) == {"m"}
                 assert state["results"] == {"invalid": 1}
-                f.write(text[len(text) // 2:])
+                f.write(text[len(text) // 2 :])
             wait_for(lambda: "m2" in models(url))
             state = admin_config(url)
             assert state["results"] == {"invalid": 1, "ok": 1}
@@ -345,8 +369,10 @@ def test_admin_config_shows_the_hash_and_counts(tmp_path: Path) -> None:
 
 
 def test_reload_is_refused_without_a_routing_file() -> None:
-    with FakeUpstream() as fake, \
-            run_gateway(routing({"a": openai_backend(fake.base_url, "ok")}, {"m": ["a"]})) as url:
+    with (
+        FakeUpstream() as fake,
+        run_gateway(routing({"a": openai_backend(fake.base_url, "ok")}, {"m": ["a"]})) as url,
+    ):
         response = reload(url)
         assert response.status_code == 400 and response.json()["error"]["code"] == "reload_unavailable"
 
@@ -374,13 +400,30 @@ def test_sighup_reloads_the_file(tmp_path: Path) -> None:
         port = free_port()
         url = f"http://127.0.0.1:{port}"
         proc = subprocess.Popen(
-            [sys.executable, "-c", "import sys; from gateway.cli import main; main(sys.argv[1:])",
-             "serve", "--config", str(path), "--port", str(port), "--log-level", "warning"],
-            cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT), "INTERLOCK_RELOAD_WATCH": "0",
-                           "INTERLOCK_SHUTDOWN_DELAY_S": "0"},
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            [
+                sys.executable,
+                "-c",
+                "import sys; from gateway.cli import main; main(sys.argv[1:])",
+                "serve",
+                "--config",
+                str(path),
+                "--port",
+                str(port),
+                "--log-level",
+                "warning",
+            ],
+            cwd=ROOT,
+            env={
+                **os.environ,
+                "PYTHONPATH": str(ROOT),
+                "INTERLOCK_RELOAD_WATCH": "0",
+                "INTERLOCK_SHUTDOWN_DELAY_S": "0",
+            },
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
         try:
+
             def up() -> bool:
                 assert proc.poll() is None, "gateway exited"
                 try:
@@ -399,4 +442,3 @@ def test_sighup_reloads_the_file(tmp_path: Path) -> None:
         finally:
             proc.terminate()
             proc.wait(20)
-

@@ -57,8 +57,12 @@ def order_of(url: str, route: str, key: str | None = None) -> dict[str, dict[str
 
 
 def chat(url: str, model: str, headers: dict[str, str] | None = None, **fields: Any) -> httpx.Response:
-    return httpx.post(url + "/v1/chat/completions", headers=headers, timeout=10,
-                      json={"model": model, "messages": MESSAGES, **fields})
+    return httpx.post(
+        url + "/v1/chat/completions",
+        headers=headers,
+        timeout=10,
+        json={"model": model, "messages": MESSAGES, **fields},
+    )
 
 
 def eventually(probe: Callable[[], T], done: Callable[[T], bool], what: str, timeout: float = 30) -> T:
@@ -94,8 +98,10 @@ FAILURE_CODES = {
 def test_clients_are_served_while_one_upstream_fails(mode: str) -> None:
     with ChaosUpstream(mode=mode) as bad, ChaosUpstream() as good:
         config = {
-            "backends": {"bad": openai_backend(bad.base_url, first_token=0.3),
-                         "good": openai_backend(good.base_url, first_token=2.0)},
+            "backends": {
+                "bad": openai_backend(bad.base_url, first_token=0.3),
+                "good": openai_backend(good.base_url, first_token=2.0),
+            },
             "models": {"m": {"targets": ["bad", "good"]}},
             "resilience": resilience(),
         }
@@ -108,11 +114,13 @@ def test_clients_are_served_while_one_upstream_fails(mode: str) -> None:
                 assert raw.parse().choices[0].message.content == "Hello there."
             for _ in range(20):
                 raw_stream = client.chat.completions.with_raw_response.create(
-                    model="m", messages=MESSAGES, stream=True)
+                    model="m", messages=MESSAGES, stream=True
+                )
                 assert raw_stream.headers["x-interlock-backend"] == "good"
                 reasons.append(raw_stream.headers["x-interlock-route-reason"])
-                text = "".join(event.choices[0].delta.content or ""
-                               for event in raw_stream.parse() if event.choices)
+                text = "".join(
+                    event.choices[0].delta.content or "" for event in raw_stream.parse() if event.choices
+                )
                 assert text == "Hello there."
 
             # the first requests tried the bad upstream first; after that its circuit was open (three
@@ -126,12 +134,17 @@ def test_clients_are_served_while_one_upstream_fails(mode: str) -> None:
             # a reset is retried once inside the HTTP client (it looks like a stale keep-alive)
             assert trips_after <= bad.received <= (6 if mode == "reset" else trips_after)
             assert bad.completed == 0
-            eventually(lambda: (good.received, good.completed), lambda seen: seen == (70, 70),
-                       "good upstream's (received, completed)")
+            eventually(
+                lambda: (good.received, good.completed),
+                lambda seen: seen == (70, 70),
+                "good upstream's (received, completed)",
+            )
 
-            order = eventually(lambda: order_of(url, "m"),
-                               lambda o: (o["good"]["stats"]["samples"], o["good"]["stats"]["in_flight"])
-                               == (70, 0), "good's stats")
+            order = eventually(
+                lambda: order_of(url, "m"),
+                lambda o: (o["good"]["stats"]["samples"], o["good"]["stats"]["in_flight"]) == (70, 0),
+                "good's stats",
+            )
             assert [name for name in order] == ["bad", "good"]
             breaker = order["bad"]["breaker"]
             bad_stats = order["bad"]["stats"]
@@ -153,8 +166,9 @@ def test_a_rate_limited_upstream_is_skipped_for_its_retry_after_with_its_circuit
         config = {
             "backends": {"limited": openai_backend(limited.base_url)},
             "models": {"m": {"targets": ["limited"]}},
-            "resilience": resilience(breaker={"consecutive_failures": 1, "cooldown_s": 1,
-                                              "max_cooldown_s": 5}),
+            "resilience": resilience(
+                breaker={"consecutive_failures": 1, "cooldown_s": 1, "max_cooldown_s": 5}
+            ),
         }
         with run_gateway(config) as url:
             first = chat(url, "m")
@@ -178,12 +192,15 @@ def test_a_rate_limited_upstream_is_skipped_for_its_retry_after_with_its_circuit
 def test_readiness_follows_the_only_backend_of_a_route() -> None:
     with ChaosUpstream() as solo, ChaosUpstream() as other:
         config = {
-            "backends": {"solo-up": openai_backend(solo.base_url),
-                         "other-up": openai_backend(other.base_url)},
-            "models": {"solo": {"targets": ["solo-up"], "attempts": 1},
-                       "other": {"targets": ["other-up"]}},
-            "resilience": resilience(breaker={"consecutive_failures": 2, "cooldown_s": 1.5},
-                                     health_check={"interval_s": 0.1, "timeout_s": 1}),
+            "backends": {
+                "solo-up": openai_backend(solo.base_url),
+                "other-up": openai_backend(other.base_url),
+            },
+            "models": {"solo": {"targets": ["solo-up"], "attempts": 1}, "other": {"targets": ["other-up"]}},
+            "resilience": resilience(
+                breaker={"consecutive_failures": 2, "cooldown_s": 1.5},
+                health_check={"interval_s": 0.1, "timeout_s": 1},
+            ),
         }
         with run_gateway(config) as url:
             wait_ready(url, timeout=10)
@@ -221,8 +238,11 @@ def test_active_health_checks_ask_the_upstream() -> None:
             "resilience": resilience(health_check={"interval_s": 0.05, "timeout_s": 1}),
         }
         with run_gateway(config) as url:
-            entry = eventually(lambda: order_of(url, "m")["dead"], lambda e: e["healthy"] is False,
-                               "the dead upstream's health")
+            entry = eventually(
+                lambda: order_of(url, "m")["dead"],
+                lambda e: e["healthy"] is False,
+                "the dead upstream's health",
+            )
             assert dead.models_requests >= 1
             assert entry["healthy"] is False
 
@@ -243,13 +263,18 @@ def keyed() -> Iterator[tuple[str, ChaosUpstream, ChaosUpstream]]:
         good = stack.enter_context(ChaosUpstream())
         cutter = stack.enter_context(ChaosUpstream(mode="cut"))
         config = {
-            "auth": {"keys": [{"name": "client", "sha256": sha256(CLIENT_KEY)},
-                              {"name": "ops", "sha256": sha256(ADMIN_KEY), "admin": True}]},
-            "backends": {"priced": openai_backend(good.base_url, price=PRICE),
-                         "free": openai_backend(good.base_url),
-                         "cutter": openai_backend(cutter.base_url)},
-            "models": {"m": {"targets": ["priced", "free"], "attempts": 2},
-                       "cut": {"targets": ["cutter"]}},
+            "auth": {
+                "keys": [
+                    {"name": "client", "sha256": sha256(CLIENT_KEY)},
+                    {"name": "ops", "sha256": sha256(ADMIN_KEY), "admin": True},
+                ]
+            },
+            "backends": {
+                "priced": openai_backend(good.base_url, price=PRICE),
+                "free": openai_backend(good.base_url),
+                "cutter": openai_backend(cutter.base_url),
+            },
+            "models": {"m": {"targets": ["priced", "free"], "attempts": 2}, "cut": {"targets": ["cutter"]}},
             "resilience": resilience(),
         }
         url = stack.enter_context(run_gateway(config))
@@ -286,8 +311,9 @@ def test_cost_header_is_usage_times_price(keyed: tuple[str, ChaosUpstream, Chaos
         assert response.headers["x-interlock-backend"] == "priced"
         usage = response.json()["usage"]
         assert (usage["prompt_tokens"], usage["completion_tokens"]) == (PROMPT_TOKENS, COMPLETION_TOKENS)
-        expected = (PROMPT_TOKENS * PRICE["input_per_mtok"]
-                    + COMPLETION_TOKENS * PRICE["output_per_mtok"]) / 1e6
+        expected = (
+            PROMPT_TOKENS * PRICE["input_per_mtok"] + COMPLETION_TOKENS * PRICE["output_per_mtok"]
+        ) / 1e6
         assert response.headers["x-interlock-cost-usd"] == f"{expected:.8f}" == "0.00004000"
     assert order_of(url, "m", ADMIN_KEY)["priced"]["stats"]["samples"] == before + 3
 
@@ -306,8 +332,9 @@ def test_bad_ttft_budget_header_is_a_400_naming_it(keyed: tuple[str, ChaosUpstre
         error = response.json()["error"]
         assert (error["type"], error["param"]) == ("invalid_request_error", "x-interlock-max-ttft-ms")
     with sdk(url, CLIENT_KEY) as client, pytest.raises(openai.BadRequestError) as caught:
-        client.chat.completions.create(model="m", messages=MESSAGES,
-                                       extra_headers={"x-interlock-max-ttft-ms": "abc"})
+        client.chat.completions.create(
+            model="m", messages=MESSAGES, extra_headers={"x-interlock-max-ttft-ms": "abc"}
+        )
     assert caught.value.body["param"] == "x-interlock-max-ttft-ms"  # type: ignore[index]
     assert good.received == received, "a request with a bad header reached an upstream"
     assert chat(url, "m", {**auth, "x-interlock-max-ttft-ms": "250"}).status_code == 200
@@ -329,9 +356,11 @@ def test_mid_stream_cut_is_an_sdk_error_and_a_failure_in_stats(
     assert not isinstance(caught.value, openai.APIStatusError)  # the status was 200: raised mid-stream
     assert caught.value.body["code"] == "backend_unavailable"  # type: ignore[index]
     assert cutter.by_mode["cut"] >= 1
-    stats = eventually(lambda: order_of(url, "cut", ADMIN_KEY)["cutter"]["stats"],
-                       lambda s: s["samples"] == before["samples"] + 1 and s["in_flight"] == 0,
-                       "cutter's stats")
+    stats = eventually(
+        lambda: order_of(url, "cut", ADMIN_KEY)["cutter"]["stats"],
+        lambda s: s["samples"] == before["samples"] + 1 and s["in_flight"] == 0,
+        "cutter's stats",
+    )
     assert stats["error_rate"] > 0
     assert stats["in_flight"] == 0
 
@@ -351,8 +380,9 @@ def ttfts(url: str, model: str, n: int) -> list[float]:
     with httpx.Client(base_url=url, timeout=10) as http:
         for _ in range(n):
             started = time.perf_counter()
-            with http.stream("POST", "/v1/chat/completions",
-                             json={"model": model, "messages": MESSAGES, "stream": True}) as response:
+            with http.stream(
+                "POST", "/v1/chat/completions", json={"model": model, "messages": MESSAGES, "stream": True}
+            ) as response:
                 assert response.status_code == 200
                 chunks = response.iter_raw()
                 first = next(chunks)
@@ -367,14 +397,21 @@ def test_hedging_cuts_the_slow_tail() -> None:
         return ChaosUpstream(mode="slow_first_byte", chance=0.1, seed=TAIL_SEED, slow_s=SLOW_S)
 
     with tail() as tail_h, ChaosUpstream() as fast_h, tail() as tail_p, ChaosUpstream() as fast_p:
+
         def backend(upstream: ChaosUpstream) -> dict[str, object]:
             return openai_backend(upstream.base_url, first_token=3.0)
 
         config = {
-            "backends": {"tail-h": backend(tail_h), "fast-h": backend(fast_h),
-                         "tail-p": backend(tail_p), "fast-p": backend(fast_p)},
-            "models": {"hedged": {"targets": ["tail-h", "fast-h"], "hedge": True},
-                       "plain": {"targets": ["tail-p", "fast-p"]}},
+            "backends": {
+                "tail-h": backend(tail_h),
+                "fast-h": backend(fast_h),
+                "tail-p": backend(tail_p),
+                "fast-p": backend(fast_p),
+            },
+            "models": {
+                "hedged": {"targets": ["tail-h", "fast-h"], "hedge": True},
+                "plain": {"targets": ["tail-p", "fast-p"]},
+            },
             "resilience": resilience(),
         }
         with run_gateway(config) as url:

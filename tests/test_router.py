@@ -45,8 +45,14 @@ def request(stream: bool = False) -> BackendRequest:
     return BackendRequest(endpoint="chat", body=body, request_id="req-test", stream=stream)
 
 
-def target(backend: FakeBackend, clock: Clock, breaker: BreakerConfig | None = None, *,
-           price: Price | None = None, max_in_flight: int | None = None) -> Target:
+def target(
+    backend: FakeBackend,
+    clock: Clock,
+    breaker: BreakerConfig | None = None,
+    *,
+    price: Price | None = None,
+    max_in_flight: int | None = None,
+) -> Target:
     return Target(
         backend=backend,
         stats=BackendStats(backend.name, clock=clock),
@@ -57,8 +63,9 @@ def target(backend: FakeBackend, clock: Clock, breaker: BreakerConfig | None = N
 
 
 def router(clock: Clock, *, budget: RetryBudget | None = None, backoff_s: float = 0.0) -> Router:
-    return Router(budget=budget or RetryBudget(min_per_s=1000, clock=clock),
-                  backoff_initial_s=backoff_s, clock=clock)
+    return Router(
+        budget=budget or RetryBudget(min_per_s=1000, clock=clock), backoff_initial_s=backoff_s, clock=clock
+    )
 
 
 def record(t: Target) -> list[Transition]:
@@ -140,8 +147,11 @@ async def test_breaker_opens_then_skips_then_half_open_probe_closes_it() -> None
     served = await r.complete(route, request(), FACTS)
     assert served.target is a
     assert sick.calls == 4
-    assert seen == [("sick", "closed", "open"), ("sick", "open", "half_open"),
-                    ("sick", "half_open", "closed")]
+    assert seen == [
+        ("sick", "closed", "open"),
+        ("sick", "open", "half_open"),
+        ("sick", "half_open", "closed"),
+    ]
     assert a.breaker.snapshot()["trips"] == 1
 
 
@@ -163,10 +173,14 @@ async def test_failed_probe_reopens_with_a_doubled_cool_down() -> None:
     assert a.breaker.retry_in() == pytest.approx(20)
 
 
-@pytest.mark.parametrize("error", [
-    InvalidRequest("messages must not be empty", param="messages"),
-    UpstreamHTTPError(400, {"message": "bad request", "type": "invalid_request_error"}),
-], ids=["InvalidRequest", "upstream-400"])
+@pytest.mark.parametrize(
+    "error",
+    [
+        InvalidRequest("messages must not be empty", param="messages"),
+        UpstreamHTTPError(400, {"message": "bad request", "type": "invalid_request_error"}),
+    ],
+    ids=["InvalidRequest", "upstream-400"],
+)
 async def test_client_errors_are_not_retried_and_not_held_against_the_backend(error: Exception) -> None:
     clock = Clock()
     config = BreakerConfig(consecutive_failures=1)
@@ -282,10 +296,14 @@ async def test_backoff_only_when_coming_back_to_a_backend_that_failed(sleeps: li
 # --- streams ---------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("before_first", [
-    BackendUnavailable("refused"),
-    None,  # an empty stream: it ends before its first byte
-], ids=["refused", "empty"])
+@pytest.mark.parametrize(
+    "before_first",
+    [
+        BackendUnavailable("refused"),
+        None,  # an empty stream: it ends before its first byte
+    ],
+    ids=["refused", "empty"],
+)
 async def test_stream_failing_before_its_first_chunk_falls_back(before_first: Exception | None) -> None:
     clock = Clock()
 
@@ -293,8 +311,9 @@ async def test_stream_failing_before_its_first_chunk_falls_back(before_first: Ex
         return
         yield b""  # pragma: no cover  (makes this an async generator)
 
-    broken = FakeBackend("broken", stream_handler=stream_of(before_first=before_first) if before_first
-                         else empty)
+    broken = FakeBackend(
+        "broken", stream_handler=stream_of(before_first=before_first) if before_first else empty
+    )
     good = FakeBackend("good")
     a, b = target(broken, clock), target(good, clock)
     opened = await router(clock).stream(Route("m", (a, b)), request(stream=True), FACTS)
@@ -453,8 +472,12 @@ async def hedged_pair(
 ) -> tuple[Router, Route, FakeBackend, FakeBackend]:
     """A hedging route [primary, backup] whose primary has a p95 TTFT of ``primary.fast_s``."""
     first, second = FakeBackend("primary", primary), FakeBackend("backup", backup)
-    route = Route("m", (target(first, clock, NEVER_OPEN), target(second, clock, NEVER_OPEN)),
-                  hedge=True, attempts=attempts)
+    route = Route(
+        "m",
+        (target(first, clock, NEVER_OPEN), target(second, clock, NEVER_OPEN)),
+        hedge=True,
+        attempts=attempts,
+    )
     r = router(clock)
     for _ in range(5):  # primary's p95 TTFT becomes fast_s
         assert (await r.complete(route, request(), FACTS)).target.name == "primary"
@@ -626,16 +649,24 @@ async def test_a_full_backend_is_skipped_without_taking_its_half_open_probe() ->
     assert (await r.complete(route, request(), FACTS)).target is a  # the probe slot was still free
 
 
-@pytest.mark.parametrize("primary_error", [unavailable, lambda: UpstreamHTTPError(500, {"message": "boom"}),
-                                           busy, lambda: BackendOverloaded("slow down", status=429)])
+@pytest.mark.parametrize(
+    "primary_error",
+    [
+        unavailable,
+        lambda: UpstreamHTTPError(500, {"message": "boom"}),
+        busy,
+        lambda: BackendOverloaded("slow down", status=429),
+    ],
+)
 async def test_fallbacks_are_not_charged_to_the_retry_budget(primary_error: Callable[[], Exception]) -> None:
     clock = Clock()
     failing_primary, healthy = FakeBackend("primary", failing(primary_error)), FakeBackend("fallback")
     route = Route("m", (target(failing_primary, clock, NEVER_OPEN),), fallback=(target(healthy, clock),))
     # an empty budget: not a single retry may be spent
     r = router(clock, budget=RetryBudget(ratio=0, min_per_s=0, clock=clock))
-    results = await asyncio.gather(*(r.complete(route, request(), FACTS) for _ in range(200)),
-                                   return_exceptions=True)
+    results = await asyncio.gather(
+        *(r.complete(route, request(), FACTS) for _ in range(200)), return_exceptions=True
+    )
     lost = [x for x in results if isinstance(x, BaseException)]
     assert not lost, f"{len(lost)} of 200 requests lost: {lost[0]!r}"
     assert healthy.calls == 200

@@ -38,7 +38,10 @@ def expected(direct: openai.OpenAI) -> str:
 def test_sync_chat_matches_the_upstream(gateway: str, expected: str) -> None:
     client = openai.OpenAI(base_url=gateway, api_key="unused", max_retries=0)
     raw = client.chat.completions.with_raw_response.create(
-        model="chat", messages=MESSAGES, max_tokens=16, temperature=0,
+        model="chat",
+        messages=MESSAGES,
+        max_tokens=16,
+        temperature=0,
         extra_headers={"x-request-id": "trace-42"},
     )
     assert raw.headers["x-request-id"] == "trace-42"
@@ -63,8 +66,13 @@ def _collect(stream: openai.Stream) -> tuple[str, str | None, object]:
 
 def test_sync_stream_relays_the_upstream(gateway: str, direct: openai.OpenAI, expected: str) -> None:
     client = openai.OpenAI(base_url=gateway, api_key="unused", max_retries=0)
-    args = {"messages": MESSAGES, "max_tokens": 16, "temperature": 0, "stream": True,
-            "stream_options": {"include_usage": True}}
+    args = {
+        "messages": MESSAGES,
+        "max_tokens": 16,
+        "temperature": 0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
     text, finish, usage = _collect(client.chat.completions.create(model="chat", **args))
     want_text, want_finish, want_usage = _collect(direct.chat.completions.create(model="smollm2", **args))
     assert text == expected == want_text
@@ -96,8 +104,9 @@ def test_text_completions(gateway: str, direct: openai.OpenAI) -> None:
     assert got.choices[0].text == want.choices[0].text
     streamed = "".join(
         c.choices[0].text
-        for c in client.completions.create(model="chat", prompt="The sky is", max_tokens=8, temperature=0,
-                                           stream=True)
+        for c in client.completions.create(
+            model="chat", prompt="The sky is", max_tokens=8, temperature=0, stream=True
+        )
         if c.choices
     )
     assert streamed == want.choices[0].text

@@ -24,23 +24,45 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 @contextmanager
-def serving(tmp_path: Path, upstream_url: str, behaviour: str,
-            **env: str) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
+def serving(
+    tmp_path: Path, upstream_url: str, behaviour: str, **env: str
+) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
     """``interlock serve`` in a process of its own, model ``m`` on the fake's ``behaviour``, ready."""
     config = tmp_path / "routing.yaml"
-    config.write_text(json.dumps({
-        "backends": {"up": openai_backend(upstream_url, behaviour, first_token=5, total=30)},
-        "models": {"m": {"targets": ["up"]}},
-        "resilience": {"health_check": {"interval_s": 0}},
-    }))
+    config.write_text(
+        json.dumps(
+            {
+                "backends": {"up": openai_backend(upstream_url, behaviour, first_token=5, total=30)},
+                "models": {"m": {"targets": ["up"]}},
+                "resilience": {"health_check": {"interval_s": 0}},
+            }
+        )
+    )
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     proc = subprocess.Popen(
-        [sys.executable, "-c", "import sys; from gateway.cli import main; main(sys.argv[1:])",
-         "serve", "--config", str(config), "--port", str(port), "--log-level", "warning"],
-        cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT), "INTERLOCK_GRACEFUL_SHUTDOWN_S": "10",
-                       "INTERLOCK_SHUTDOWN_DELAY_S": "0", **env},
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        [
+            sys.executable,
+            "-c",
+            "import sys; from gateway.cli import main; main(sys.argv[1:])",
+            "serve",
+            "--config",
+            str(config),
+            "--port",
+            str(port),
+            "--log-level",
+            "warning",
+        ],
+        cwd=ROOT,
+        env={
+            **os.environ,
+            "PYTHONPATH": str(ROOT),
+            "INTERLOCK_GRACEFUL_SHUTDOWN_S": "10",
+            "INTERLOCK_SHUTDOWN_DELAY_S": "0",
+            **env,
+        },
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
     )
     try:
         deadline = time.monotonic() + 30
@@ -120,8 +142,10 @@ def test_sigterm_finishes_in_flight_streams_then_exits(tmp_path: Path) -> None:
 
 def test_readiness_turns_503_while_the_port_still_accepts(tmp_path: Path) -> None:
     """A load balancer probing readiness sees 503 (and moves traffic away) before the port closes."""
-    with FakeUpstream() as fake, \
-            serving(tmp_path, fake.base_url, "ok", INTERLOCK_SHUTDOWN_DELAY_S="1.5") as (proc, url):
+    with (
+        FakeUpstream() as fake,
+        serving(tmp_path, fake.base_url, "ok", INTERLOCK_SHUTDOWN_DELAY_S="1.5") as (proc, url),
+    ):
         signalled = time.monotonic()
         proc.send_signal(signal.SIGTERM)
         answers = readiness_after_the_signal(url)
@@ -132,8 +156,10 @@ def test_readiness_turns_503_while_the_port_still_accepts(tmp_path: Path) -> Non
 
 
 def test_a_second_signal_skips_the_shutdown_delay(tmp_path: Path) -> None:
-    with FakeUpstream() as fake, \
-            serving(tmp_path, fake.base_url, "ok", INTERLOCK_SHUTDOWN_DELAY_S="120") as (proc, url):
+    with (
+        FakeUpstream() as fake,
+        serving(tmp_path, fake.base_url, "ok", INTERLOCK_SHUTDOWN_DELAY_S="120") as (proc, url),
+    ):
         proc.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + 20
         while httpx.get(url + "/health/ready", timeout=2).status_code != 503:
@@ -145,8 +171,10 @@ def test_a_second_signal_skips_the_shutdown_delay(tmp_path: Path) -> None:
 def test_streams_the_grace_period_cannot_wait_for_end_with_an_error_event(tmp_path: Path) -> None:
     """A 2 s grace and a stream that would run 100 s: it ends with the documented error event and
     [DONE], framed whole, before uvicorn gives up on it."""
-    with FakeUpstream() as fake, \
-            serving(tmp_path, fake.base_url, "endless", INTERLOCK_GRACEFUL_SHUTDOWN_S="2") as (proc, url):
+    with (
+        FakeUpstream() as fake,
+        serving(tmp_path, fake.base_url, "endless", INTERLOCK_GRACEFUL_SHUTDOWN_S="2") as (proc, url),
+    ):
         reader = StreamReader(url)
         assert reader.started.wait(10)
         proc.send_signal(signal.SIGTERM)
@@ -156,7 +184,12 @@ def test_streams_the_grace_period_cannot_wait_for_end_with_an_error_event(tmp_pa
     assert reader.error is None, f"the stream was cut: {reader.error!r}"
     lines = reader.lines
     assert lines[-1] == "data: [DONE]"
-    assert json.loads(lines[-2].removeprefix("data: ")) == {"error": {
-        "message": "the gateway is shutting down", "type": "server_error", "param": None,
-        "code": "shutting_down"}}
+    assert json.loads(lines[-2].removeprefix("data: ")) == {
+        "error": {
+            "message": "the gateway is shutting down",
+            "type": "server_error",
+            "param": None,
+            "code": "shutting_down",
+        }
+    }
     assert len(lines) - 2 > chunks_at_signal, "the stream did not run on during the grace period"

@@ -33,16 +33,22 @@ KINDS: dict[str, tuple[bytes, bytes | None]] = {
     "nothing": (b"", None),
     "half_request_line": (b"GET /health/li", b"v"),
     "headers_without_end": (b"GET /health/live HTTP/1.1\r\nhost: x\r\n", b"x-a: b\r\n"),
-    "body_byte_by_byte": (b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\n"
-                          b"content-type: application/json\r\ncontent-length: 100000\r\n\r\n{", b" "),
+    "body_byte_by_byte": (
+        b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\n"
+        b"content-type: application/json\r\ncontent-length: 100000\r\n\r\n{",
+        b" ",
+    ),
 }
 #: a trickle every this long: under the body's gap deadline, far under its minimum rate
 EVERY_S = 0.3
 
 
 def config(upstream: FakeUpstream) -> dict[str, object]:
-    return {"backends": {"up": openai_backend(upstream.base_url, "ok")}, "models": {"m": {"targets": ["up"]}},
-            "resilience": {"health_check": {"interval_s": 0}}}
+    return {
+        "backends": {"up": openai_backend(upstream.base_url, "ok")},
+        "models": {"m": {"targets": ["up"]}},
+        "resilience": {"health_check": {"interval_s": 0}},
+    }
 
 
 @pytest.fixture(scope="module")
@@ -53,8 +59,9 @@ def upstream() -> Iterator[FakeUpstream]:
 
 @pytest.fixture(scope="module")
 def gateway(upstream: FakeUpstream) -> Iterator[str]:
-    with run_gateway(config(upstream), header_timeout_s=HEAD_S, body_timeout_s=BODY_S,
-                     body_min_bytes_per_s=MIN_RATE) as url:
+    with run_gateway(
+        config(upstream), header_timeout_s=HEAD_S, body_timeout_s=BODY_S, body_min_bytes_per_s=MIN_RATE
+    ) as url:
         yield url
 
 
@@ -159,11 +166,13 @@ def test_a_slow_body_above_the_minimum_rate_is_not_cut(gateway: str) -> None:
     """3 KB in 300-byte pieces every 0.2 s: longer than the body deadline, but never stalled."""
     body = orjson.dumps({**CHAT, "messages": [{"role": "user", "content": "a" * 3000}]})
     with connect(gateway) as sock:
-        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
-                     b"content-length: " + str(len(body)).encode() + b"\r\n\r\n")
+        sock.sendall(
+            b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+            b"content-length: " + str(len(body)).encode() + b"\r\n\r\n"
+        )
         started = time.monotonic()
         for at in range(0, len(body), 300):
-            sock.sendall(body[at:at + 300])
+            sock.sendall(body[at : at + 300])
             time.sleep(0.2)  # the pace under test, not a wait for a condition
         assert time.monotonic() - started > BODY_S
         reply = sock.recv(65536)
@@ -188,8 +197,10 @@ def test_the_head_deadline_runs_from_the_end_of_the_previous_response(gateway: s
 
 
 def test_an_idle_keep_alive_connection_is_closed_quietly(upstream: FakeUpstream) -> None:
-    with run_gateway(config(upstream), keepalive_timeout_s=0.3, header_timeout_s=30) as url, \
-            connect(url) as sock:
+    with (
+        run_gateway(config(upstream), keepalive_timeout_s=0.3, header_timeout_s=30) as url,
+        connect(url) as sock,
+    ):
         sock.sendall(b"GET /health/live HTTP/1.1\r\nhost: x\r\n\r\n")
         received = b""
         while piece := sock.recv(65536):
@@ -218,3 +229,34 @@ def test_connections_past_the_limit_get_503_and_are_closed(upstream: FakeUpstrea
         assert response.status_code == 200
         for sock in held:
             sock.close()
+
+
+def test_a_client_waiting_for_100_continue_gets_it_and_is_served(gateway: str) -> None:
+    """The app is started before the body only for such a client: it sends the 100 Continue."""
+    body = orjson.dumps(CHAT)
+    with connect(gateway) as sock:
+        sock.sendall(
+            b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+            b"expect: 100-continue\r\ncontent-length: " + str(len(body)).encode() + b"\r\n\r\n"
+        )
+        interim = sock.recv(65536)
+        assert interim.startswith(b"HTTP/1.1 100 "), interim[:100]
+        sock.sendall(body)
+        reply = sock.recv(65536)
+    assert reply.startswith(b"HTTP/1.1 200 "), reply[:200]
+
+
+def test_pipelined_requests_with_bodies_are_answered_in_order(gateway: str) -> None:
+    body = orjson.dumps(CHAT)
+    one = (
+        b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+        b"content-length: " + str(len(body)).encode() + b"\r\n\r\n" + body
+    )
+    with connect(gateway) as sock:
+        sock.sendall(one + one[: len(one) - 5])  # the second body not all there yet
+        last = b"GET /health/live HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n"
+        sock.sendall(one[len(one) - 5 :] + last)
+        replies = b""
+        while piece := sock.recv(65536):
+            replies += piece
+    assert replies.count(b"HTTP/1.1 200 ") == 3

@@ -48,20 +48,24 @@ class Hostile:
         if model == "huge":  # a JSON-looking body that never ends short of 1 GiB
             response = web.StreamResponse(headers={"content-type": "application/json"})
             await response.prepare(request)
-            await response.write(b'{"id": "x", "object": "chat.completion", "choices": [{"message": '
-                                 b'{"role": "assistant", "content": "')
+            await response.write(
+                b'{"id": "x", "object": "chat.completion", "choices": [{"message": '
+                b'{"role": "assistant", "content": "'
+            )
             piece = b"a" * MIB
             for _ in range(GIB // MIB):
                 await response.write(piece)
             await response.write(b'"}}]}')
             return response
         if model == "bomb":
-            return web.Response(body=self.bomb, headers={"content-type": "application/json",
-                                                         "content-encoding": "gzip"})
+            return web.Response(
+                body=self.bomb, headers={"content-type": "application/json", "content-encoding": "gzip"}
+            )
         if model == "gzipped":  # an honest compressed reply under the cap
             body = zlib.compress(orjson.dumps(chat_completion(model, "z" * MIB)), wbits=31)
-            return web.Response(body=body, headers={"content-type": "application/json",
-                                                    "content-encoding": "gzip"})
+            return web.Response(
+                body=body, headers={"content-type": "application/json", "content-encoding": "gzip"}
+            )
         if model == "firehose":  # SSE as fast as the reader takes it, up to 1 GiB
             response = web.StreamResponse(headers={"content-type": "text/event-stream"})
             await response.prepare(request)
@@ -94,8 +98,11 @@ def gateway(hostile: Hostile) -> Iterator[str]:
     backends = {n: openai_backend(hostile.base_url, n, first_token=10, total=60) for n in names}
     models: dict[str, Any] = {n: {"targets": [n]} for n in names}
     models["huge-then-ok"] = {"targets": ["huge", "ok"], "policy": "ordered", "attempts": 2}
-    config = {"backends": backends, "models": models,
-              "resilience": {"health_check": {"interval_s": 0}, "retry": {"attempts": 1}}}
+    config = {
+        "backends": backends,
+        "models": models,
+        "resilience": {"health_check": {"interval_s": 0}, "retry": {"attempts": 1}},
+    }
     with run_gateway(config, max_reply_bytes=CAP) as url:
         yield url
 
@@ -129,8 +136,9 @@ def peak_rss_growth() -> Iterator[list[int]]:
 
 
 @pytest.mark.parametrize("model", ["huge", "bomb"])
-def test_an_oversized_reply_is_a_502_naming_the_limit_and_memory_stays_bounded(gateway: str,
-                                                                              model: str) -> None:
+def test_an_oversized_reply_is_a_502_naming_the_limit_and_memory_stays_bounded(
+    gateway: str, model: str
+) -> None:
     with peak_rss_growth() as growth:
         response = httpx.post(gateway + "/v1/chat/completions", json={**CHAT, "model": model}, timeout=60)
     assert response.status_code == 502, response.text[:300]
@@ -156,9 +164,15 @@ def test_an_oversized_reply_counts_as_the_backends_failure_and_the_route_falls_b
 def test_a_stream_the_client_does_not_read_holds_bounded_buffers(gateway: str, hostile: Hostile) -> None:
     """The client stops reading: backpressure must reach the upstream, not pile up in the gateway."""
     hostile.stream_sent = 0
-    with peak_rss_growth() as growth, httpx.stream(
-            "POST", gateway + "/v1/chat/completions", json={**CHAT, "model": "firehose", "stream": True},
-            timeout=60) as response:
+    with (
+        peak_rss_growth() as growth,
+        httpx.stream(
+            "POST",
+            gateway + "/v1/chat/completions",
+            json={**CHAT, "model": "firehose", "stream": True},
+            timeout=60,
+        ) as response,
+    ):
         assert response.status_code == 200
         # wait until the upstream is held back (what it sent stops growing), bounded
         deadline, last, still_since = time.monotonic() + 30, -1, time.monotonic()

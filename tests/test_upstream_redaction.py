@@ -39,8 +39,16 @@ class Echoing:
         body = await request.json()
         model = body["model"]
         if model == "upper500":
-            return web.json_response({"error": {"message": self.leak(), "type": "server_error",
-                                                "code": f"at {UPSTREAM_KEY.lower()}"}}, status=500)
+            return web.json_response(
+                {
+                    "error": {
+                        "message": self.leak(),
+                        "type": "server_error",
+                        "code": f"at {UPSTREAM_KEY.lower()}",
+                    }
+                },
+                status=500,
+            )
         if not body.get("stream"):  # "echo": a reply that quotes the same strings as content
             return web.json_response(chat_completion(model, self.leak()))
         response = web.StreamResponse(headers={"content-type": "text/event-stream"})
@@ -48,8 +56,13 @@ class Echoing:
         await response.write(chunk(model, {"role": "assistant", "content": ""}))
         await response.write(chunk(model, {"content": self.leak()}))
         if model == "stream_error":
-            event = b"data: " + orjson.dumps({"error": {"message": self.leak(), "type": "server_error",
-                                                        "param": None, "code": None}}) + b"\n\n"
+            event = (
+                b"data: "
+                + orjson.dumps(
+                    {"error": {"message": self.leak(), "type": "server_error", "param": None, "code": None}}
+                )
+                + b"\n\n"
+            )
             cut = event.index(UPSTREAM_KEY.upper().encode()) + 4  # split inside the key
             await response.write(event[:cut])
             await asyncio.sleep(0.05)  # two reads on the gateway's side, most likely
@@ -107,8 +120,9 @@ def test_an_in_stream_error_event_is_redacted(gateway: str, echoing: Echoing) ->
 
 
 @pytest.mark.parametrize("stream", [False, True])
-def test_a_normal_completion_quoting_the_same_strings_is_untouched(gateway: str, echoing: Echoing,
-                                                                   stream: bool) -> None:
+def test_a_normal_completion_quoting_the_same_strings_is_untouched(
+    gateway: str, echoing: Echoing, stream: bool
+) -> None:
     body = {**CHAT, "model": "echo", "stream": stream}
     response = httpx.post(gateway + "/v1/chat/completions", json=body, timeout=10)
     assert response.status_code == 200
@@ -129,12 +143,16 @@ def _events(chunks: list[bytes]) -> bytes:
 
 
 def test_error_events_are_redacted_wherever_the_chunks_split() -> None:
-    stream = (b'data: {"choices": [{"delta": {"content": "sk-Secret data: {\\"error\\": 1}"}}]}\n\n'
-              b'data: {"error": {"message": "bad SK-SECRET"}}\r\n\r\n'
-              b'data:{"error":"sk-secret again"}\n\ndata: [DONE]\n\n')
-    expected = (b'data: {"choices": [{"delta": {"content": "sk-Secret data: {\\"error\\": 1}"}}]}\n\n'
-                b'data: {"error":{"message":"bad [redacted]"}}\r\n\r\n'
-                b'data: {"error":{"message":"[redacted] again"}}\n\ndata: [DONE]\n\n')
+    stream = (
+        b'data: {"choices": [{"delta": {"content": "sk-Secret data: {\\"error\\": 1}"}}]}\n\n'
+        b'data: {"error": {"message": "bad SK-SECRET"}}\r\n\r\n'
+        b'data:{"error":"sk-secret again"}\n\ndata: [DONE]\n\n'
+    )
+    expected = (
+        b'data: {"choices": [{"delta": {"content": "sk-Secret data: {\\"error\\": 1}"}}]}\n\n'
+        b'data: {"error":{"message":"bad [redacted]"}}\r\n\r\n'
+        b'data: {"error":{"message":"[redacted] again"}}\n\ndata: [DONE]\n\n'
+    )
     assert _events([stream]) == expected
     for cut in range(1, len(stream)):
         assert _events([stream[:cut], stream[cut:]]) == expected, cut
@@ -145,7 +163,7 @@ def test_a_stream_without_error_events_passes_byte_for_byte_in_its_chunks() -> N
     stream = b"".join(chunk("m", {"content": f"piece {i} sk-Secret"}) for i in range(20))
     stream += b"data: [DONE]\n\n"
     for size in (1, 7, 100, len(stream)):
-        pieces = [stream[i:i + size] for i in range(0, len(stream), size)]
+        pieces = [stream[i : i + size] for i in range(0, len(stream), size)]
         events = ErrorEvents(lambda error: error)
         out = []
         for piece in pieces:
@@ -155,8 +173,14 @@ def test_a_stream_without_error_events_passes_byte_for_byte_in_its_chunks() -> N
 
 
 def test_ollama_error_text_is_redacted_in_any_case() -> None:
-    config = OllamaConfig.model_validate({"kind": "ollama", "url": "http://ollama-box:11434", "model": "m",
-                                          "headers": {"x-api-key": "Key-0123456789"}})
+    config = OllamaConfig.model_validate(
+        {
+            "kind": "ollama",
+            "url": "http://ollama-box:11434",
+            "model": "m",
+            "headers": {"x-api-key": "Key-0123456789"},
+        }
+    )
     backend = OllamaBackend("o", config, Resources(http=HttpClient()))
     text = backend._redact("KEY-0123456789 at HTTP://OLLAMA-BOX:11434 (ollama-box)")
     assert text == "[redacted] at [redacted] ([redacted])"

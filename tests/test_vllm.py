@@ -43,8 +43,16 @@ def serve(config: dict[str, Any]) -> Iterator[tuple[str, Gateway]]:
     """The real app under uvicorn in a thread, like ``tests.conftest.run_gateway``, also giving the
     ``Gateway`` so that tests can read the pool's own figures."""
     port = free_port()
-    uv = uvicorn.Config(app=None, host="127.0.0.1", port=port, lifespan="on",  # type: ignore[arg-type]
-                        log_level="warning", access_log=False, loop="asyncio", http="httptools")
+    uv = uvicorn.Config(
+        app=None,
+        host="127.0.0.1",
+        port=port,
+        lifespan="on",  # type: ignore[arg-type]
+        log_level="warning",
+        access_log=False,
+        loop="asyncio",
+        http="httptools",
+    )
     server = uvicorn.Server(uv)
     app = create_app(parse_config(config, "<test>"), Settings(port=port), server)
     uv.app = app
@@ -64,9 +72,16 @@ def serve(config: dict[str, Any]) -> Iterator[tuple[str, Gateway]]:
 
 
 def vllm_block(urls: list[str], **extra: Any) -> dict[str, Any]:
-    return {"kind": "vllm", "endpoints": urls, "model": "smollm2", "api_key": UPSTREAM_KEY,
-            "scrape_interval_s": 0.05, "health_interval_s": 0.1,
-            "timeouts": {"connect": 1.0, "first_token": 5.0, "total": 10.0}, **extra}
+    return {
+        "kind": "vllm",
+        "endpoints": urls,
+        "model": "smollm2",
+        "api_key": UPSTREAM_KEY,
+        "scrape_interval_s": 0.05,
+        "health_interval_s": 0.1,
+        "timeouts": {"connect": 1.0, "first_token": 5.0, "total": 10.0},
+        **extra,
+    }
 
 
 @pytest.fixture(scope="module")
@@ -79,13 +94,21 @@ def sims() -> Iterator[list[VllmSim]]:
 def gateway(sims: list[VllmSim]) -> Iterator[tuple[str, Gateway]]:
     urls = [s.base_url for s in sims]
     config = {
-        "backends": {"pool": vllm_block(urls), "misnamed": vllm_block(urls, model="nope"),
-                     "half-dead": vllm_block([urls[0], closed_url()])},
-        "models": {"smollm2": {"targets": ["pool"]}, "misnamed": {"targets": ["misnamed"]},
-                   "half-dead": {"targets": ["half-dead"]}},
+        "backends": {
+            "pool": vllm_block(urls),
+            "misnamed": vllm_block(urls, model="nope"),
+            "half-dead": vllm_block([urls[0], closed_url()]),
+        },
+        "models": {
+            "smollm2": {"targets": ["pool"]},
+            "misnamed": {"targets": ["misnamed"]},
+            "half-dead": {"targets": ["half-dead"]},
+        },
         # one attempt per request and circuits that stay closed: each test sees the pool's own answer
-        "resilience": {"retry": {"attempts": 1},
-                       "breaker": {"consecutive_failures": 1000, "window": 1000, "min_calls": 1000}},
+        "resilience": {
+            "retry": {"attempts": 1},
+            "breaker": {"consecutive_failures": 1000, "window": 1000, "min_calls": 1000},
+        },
     }
     with serve(config) as served:
         yield served
@@ -130,7 +153,8 @@ def normalised(raw: str) -> str:
 
 def test_chat_reply(client: openai.OpenAI, sims: list[VllmSim]) -> None:
     reply = client.chat.completions.with_raw_response.create(
-        model="smollm2", messages=QUESTION, max_tokens=24, temperature=0)
+        model="smollm2", messages=QUESTION, max_tokens=24, temperature=0
+    )
     assert reply.headers["x-interlock-backend"] == "pool"
     completion = reply.parse()
     assert completion.choices[0].message.content == "".join(CHAT_TOKENS)
@@ -154,8 +178,9 @@ def test_chat_stream_bytes_are_relayed_untouched(url: str, sims: list[VllmSim]) 
 
 
 def test_chat_stream_with_the_sdk(client: openai.OpenAI) -> None:
-    stream = client.chat.completions.create(model="smollm2", messages=QUESTION,
-                                            max_tokens=8, temperature=0, stream=True)
+    stream = client.chat.completions.create(
+        model="smollm2", messages=QUESTION, max_tokens=8, temperature=0, stream=True
+    )
     chunks = list(stream)
     assert chunks[0].choices[0].delta.role == "assistant"
     assert "".join(c.choices[0].delta.content or "" for c in chunks) == "".join(CHAT_TOKENS[:8])
@@ -164,8 +189,13 @@ def test_chat_stream_with_the_sdk(client: openai.OpenAI) -> None:
 
 def test_include_usage_ends_with_a_chunk_without_choices(client: openai.OpenAI) -> None:
     stream = client.chat.completions.create(
-        model="smollm2", messages=QUESTION, max_tokens=24, temperature=0,
-        stream=True, stream_options={"include_usage": True})
+        model="smollm2",
+        messages=QUESTION,
+        max_tokens=24,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
     chunks = list(stream)
     assert chunks[-1].choices == []
     assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 24
@@ -176,8 +206,14 @@ def test_completions(client: openai.OpenAI) -> None:
     completion = client.completions.create(model="smollm2", prompt="The sky is", max_tokens=8, temperature=0)
     assert completion.choices[0].text == " a canvas of colors, a canvas of"
     assert completion.usage is not None and completion.usage.prompt_tokens == 3
-    stream = client.completions.create(model="smollm2", prompt="The sky is", max_tokens=6, temperature=0,
-                                       stream=True, stream_options={"include_usage": True})
+    stream = client.completions.create(
+        model="smollm2",
+        prompt="The sky is",
+        max_tokens=6,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
     chunks = list(stream)
     assert "".join(c.choices[0].text for c in chunks if c.choices) == " a canvas of colors, a"
     assert chunks[-1].choices == [] and chunks[-1].usage is not None
@@ -197,15 +233,13 @@ def test_a_prompt_over_the_context_is_a_400_with_the_numbers(client: openai.Open
     words: list[ChatCompletionMessageParam] = [{"role": "user", "content": "word " * 6000}]
     for stream in (False, True):
         with pytest.raises(openai.BadRequestError) as caught:
-            client.chat.completions.create(model="smollm2", messages=words,
-                                           max_tokens=8, stream=stream)
+            client.chat.completions.create(model="smollm2", messages=words, max_tokens=8, stream=stream)
         assert caught.value.code == "context_length_exceeded"
         assert caught.value.param == "messages"
         assert "maximum context length is 4096 tokens" in caught.value.message
         assert "at least 4089 input tokens" in caught.value.message
     with pytest.raises(openai.BadRequestError) as caught:
-        client.chat.completions.create(model="smollm2", messages=QUESTION,
-                                       max_tokens=100_000)
+        client.chat.completions.create(model="smollm2", messages=QUESTION, max_tokens=100_000)
     assert caught.value.code == "context_length_exceeded" and caught.value.param == "max_tokens"
     assert "max_tokens=100000 cannot be greater than max_model_len" in caught.value.message
 
@@ -213,8 +247,11 @@ def test_a_prompt_over_the_context_is_a_400_with_the_numbers(client: openai.Open
 def test_vllms_own_400s_keep_their_message(client: openai.OpenAI) -> None:
     function = {"name": "f", "parameters": {"type": "object", "properties": {}}}
     with pytest.raises(openai.BadRequestError) as caught:
-        client.chat.completions.create(model="smollm2", messages=QUESTION, extra_body={
-            "tools": [{"type": "function", "function": function}], "tool_choice": "auto"})
+        client.chat.completions.create(
+            model="smollm2",
+            messages=QUESTION,
+            extra_body={"tools": [{"type": "function", "function": function}], "tool_choice": "auto"},
+        )
     assert "--enable-auto-tool-choice" in caught.value.message
     assert caught.value.type == "invalid_request_error"
 
@@ -227,15 +264,20 @@ def test_an_upstream_model_the_pool_lacks_is_a_502_not_a_404(client: openai.Open
     assert "The model `nope` does not exist." in caught.value.message
 
 
-@pytest.mark.parametrize(("raw", "says"), [
-    (b'{"model": "smollm2", "messages": []}', "messages"),
-    (b"[1,2]", "JSON object"),
-    (b'{"messages": [{"role": "user", "content": "hi"}]}', "model"),
-])
-def test_rough_edges_of_vllm_never_reach_a_client(url: str, sims: list[VllmSim], raw: bytes,
-                                                  says: str) -> None:
-    response = httpx.post(url + "/v1/chat/completions", content=raw,
-                          headers={"content-type": "application/json"}, timeout=10)
+@pytest.mark.parametrize(
+    ("raw", "says"),
+    [
+        (b'{"model": "smollm2", "messages": []}', "messages"),
+        (b"[1,2]", "JSON object"),
+        (b'{"messages": [{"role": "user", "content": "hi"}]}', "model"),
+    ],
+)
+def test_rough_edges_of_vllm_never_reach_a_client(
+    url: str, sims: list[VllmSim], raw: bytes, says: str
+) -> None:
+    response = httpx.post(
+        url + "/v1/chat/completions", content=raw, headers={"content-type": "application/json"}, timeout=10
+    )
     assert response.status_code == 400
     assert says in response.json()["error"]["message"]
     assert all(s.served == 0 for s in sims)
@@ -244,8 +286,11 @@ def test_rough_edges_of_vllm_never_reach_a_client(url: str, sims: list[VllmSim],
 async def test_the_backend_itself_never_sends_shapes_vllm_mishandles() -> None:
     """The gateway validates first; the pool checks again (it may be used behind other callers)."""
     backend = VllmBackend("pool", VllmConfig(kind="vllm", endpoints=[closed_url()]), Resources())
-    for body in ({"model": "m", "messages": []}, {"model": "m", "messages": "hi"},
-                 {"messages": [{"role": "user", "content": "hi"}]}):
+    for body in (
+        {"model": "m", "messages": []},
+        {"model": "m", "messages": "hi"},
+        {"messages": [{"role": "user", "content": "hi"}]},
+    ):
         with pytest.raises(InvalidRequest):
             await backend.complete(BackendRequest("chat", body, "r"))
     with pytest.raises(InvalidRequest):
@@ -271,8 +316,10 @@ def test_a_client_that_leaves_cancels_the_upstream(url: str, sims: list[VllmSim]
         sim.decode_s_per_token = 0.005
     try:
         body = {"model": "smollm2", "messages": QUESTION, "max_tokens": 2000, "stream": True}
-        with (httpx.Client(timeout=10) as http,
-              http.stream("POST", url + "/v1/chat/completions", json=body) as response):
+        with (
+            httpx.Client(timeout=10) as http,
+            http.stream("POST", url + "/v1/chat/completions", json=body) as response,
+        ):
             lines = response.iter_lines()
             assert next(lines).startswith("data: ")
             assert sum(e["in_flight"] for e in pool.endpoints()) == 1
@@ -285,11 +332,18 @@ def test_a_client_that_leaves_cancels_the_upstream(url: str, sims: list[VllmSim]
             sim.decode_s_per_token = VllmSim.decode_s_per_token
 
 
-def test_scraped_metrics_are_visible_per_endpoint(client: openai.OpenAI, sims: list[VllmSim],
-                                                  pool: VllmBackend) -> None:
+def test_scraped_metrics_are_visible_per_endpoint(
+    client: openai.OpenAI, sims: list[VllmSim], pool: VllmBackend
+) -> None:
     for i in range(3):
-        client.chat.completions.create(model="smollm2", max_tokens=2, messages=[
-            {"role": "system", "content": LONG_PROMPT}, {"role": "user", "content": f"question {i}"}])
+        client.chat.completions.create(
+            model="smollm2",
+            max_tokens=2,
+            messages=[
+                {"role": "system", "content": LONG_PROMPT},
+                {"role": "user", "content": f"question {i}"},
+            ],
+        )
     home = next(i for i, s in enumerate(sims) if s.served)
     assert sims[home].served == 3, "the shared prompt keeps them on one server"
     sims[home].extra_running, sims[home].extra_waiting = 2, 7
@@ -313,8 +367,9 @@ def test_a_dead_endpoint_is_listed_and_skipped(client: openai.OpenAI, gateway: t
     assert [r["healthy"] for r in rows] == [True, False]
     assert rows[1]["reason"] == "cannot connect"
     for i in range(4):
-        client.chat.completions.create(model="half-dead", messages=[
-            {"role": "user", "content": f"q{i}"}], max_tokens=2)
+        client.chat.completions.create(
+            model="half-dead", messages=[{"role": "user", "content": f"q{i}"}], max_tokens=2
+        )
     ready = httpx.get(gateway[0] + "/health/ready", timeout=5)
     assert ready.status_code == 200
 
@@ -329,8 +384,9 @@ def captured_page(name: str) -> str:
 
 def test_the_captured_metrics_page_parses() -> None:
     idle = parse_metrics(captured_page("metrics_idle"))
-    assert idle == MetricsSnapshot(running=0.0, waiting=0.0, kv_cache_usage=0.0,
-                                   prefix_queries=0.0, prefix_hits=0.0)
+    assert idle == MetricsSnapshot(
+        running=0.0, waiting=0.0, kv_cache_usage=0.0, prefix_queries=0.0, prefix_hits=0.0
+    )
     snapshot = parse_metrics(captured_page("metrics_after"))
     assert (snapshot.prefix_queries, snapshot.prefix_hits) == (314.0, 240.0)
     rate = PrefixRate()
@@ -339,36 +395,49 @@ def test_the_captured_metrics_page_parses() -> None:
 
 
 def test_older_metric_names_are_aliases() -> None:
-    old = (captured_page("metrics_idle").replace("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc")
-           .replace("vllm:prefix_cache_queries_total{engine=\"0\",model_name=\"smollm2\"} 0.0",
-                    "vllm:gpu_prefix_cache_queries_total{engine=\"0\",model_name=\"smollm2\"} 50.0")
-           .replace("vllm:prefix_cache_hits_total{engine=\"0\",model_name=\"smollm2\"} 0.0",
-                    "vllm:gpu_prefix_cache_hits_total{engine=\"0\",model_name=\"smollm2\"} 20.0")
-           .replace("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc"))
-    old = old.replace('vllm:gpu_cache_usage_perc{engine="0",model_name="smollm2"} 0.0',
-                      'vllm:gpu_cache_usage_perc{engine="0",model_name="smollm2"} 0.25')
+    old = (
+        captured_page("metrics_idle")
+        .replace("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc")
+        .replace(
+            'vllm:prefix_cache_queries_total{engine="0",model_name="smollm2"} 0.0',
+            'vllm:gpu_prefix_cache_queries_total{engine="0",model_name="smollm2"} 50.0',
+        )
+        .replace(
+            'vllm:prefix_cache_hits_total{engine="0",model_name="smollm2"} 0.0',
+            'vllm:gpu_prefix_cache_hits_total{engine="0",model_name="smollm2"} 20.0',
+        )
+        .replace("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc")
+    )
+    old = old.replace(
+        'vllm:gpu_cache_usage_perc{engine="0",model_name="smollm2"} 0.0',
+        'vllm:gpu_cache_usage_perc{engine="0",model_name="smollm2"} 0.25',
+    )
     snapshot = parse_metrics(old)
     assert snapshot.kv_cache_usage == 0.25
     assert (snapshot.prefix_queries, snapshot.prefix_hits) == (50.0, 20.0)
-    bare = ("vllm:gpu_prefix_cache_queries 10\nvllm:gpu_prefix_cache_hits 4\n"
-            "vllm:gpu_prefix_cache_hits_created 9e9\n")
+    bare = (
+        "vllm:gpu_prefix_cache_queries 10\nvllm:gpu_prefix_cache_hits 4\n"
+        "vllm:gpu_prefix_cache_hits_created 9e9\n"
+    )
     assert (parse_metrics(bare).prefix_queries, parse_metrics(bare).prefix_hits) == (10.0, 4.0)
 
 
 def test_series_are_summed_over_label_sets() -> None:
-    page = "\n".join([
-        "# TYPE vllm:num_requests_running gauge",
-        'vllm:num_requests_running{engine="0",model_name="a"} 3.0',
-        'vllm:num_requests_running{engine="1",model_name="a"} 4.0',
-        'vllm:num_requests_waiting{engine="0",model_name="we}ird \\"x\\" name"} 2.0 1700000000000',
-        'vllm:num_requests_waiting{engine="1",model_name="a"} NaN',
-        'vllm:kv_cache_usage_perc{engine="0"} 0.5',
-        'vllm:kv_cache_usage_perc{engine="1"} 0.7',
-        "vllm:prefix_cache_queries_total 100",
-        "vllm:prefix_cache_hits_total not-a-number",
-        'vllm:num_requests_running{engine="2" 9.0',  # malformed: skipped
-        "vllm:num_requests_waiting_by_reason{reason=\"capacity\"} 99.0",
-    ])
+    page = "\n".join(
+        [
+            "# TYPE vllm:num_requests_running gauge",
+            'vllm:num_requests_running{engine="0",model_name="a"} 3.0',
+            'vllm:num_requests_running{engine="1",model_name="a"} 4.0',
+            'vllm:num_requests_waiting{engine="0",model_name="we}ird \\"x\\" name"} 2.0 1700000000000',
+            'vllm:num_requests_waiting{engine="1",model_name="a"} NaN',
+            'vllm:kv_cache_usage_perc{engine="0"} 0.5',
+            'vllm:kv_cache_usage_perc{engine="1"} 0.7',
+            "vllm:prefix_cache_queries_total 100",
+            "vllm:prefix_cache_hits_total not-a-number",
+            'vllm:num_requests_running{engine="2" 9.0',  # malformed: skipped
+            'vllm:num_requests_waiting_by_reason{reason="capacity"} 99.0',
+        ]
+    )
     snapshot = parse_metrics(page)
     assert snapshot.running == 7.0
     assert snapshot.waiting == 2.0
@@ -394,16 +463,19 @@ def test_endpoint_urls_are_normalised() -> None:
     assert endpoint_root("https://gpu.example/vllm/v1") == "https://gpu.example/vllm"
 
 
-@pytest.mark.parametrize(("block", "says"), [
-    ({"endpoints": ["http://a:8000"], "dns": "vllm:8000"}, "exactly one of endpoints"),
-    ({}, "exactly one of endpoints"),
-    ({"endpoints": []}, "at least one URL"),
-    ({"endpoints": ["ftp://a:8000"]}, "not an http"),
-    ({"endpoints": ["http://a:8000", "http://a:8000/v1"]}, "twice"),
-    ({"dns": "vllm"}, "host:port"),
-    ({"dns": "vllm:http"}, "host:port"),
-    ({"endpoints": ["http://a:8000"], "routing": "fastest"}, "routing"),
-])
+@pytest.mark.parametrize(
+    ("block", "says"),
+    [
+        ({"endpoints": ["http://a:8000"], "dns": "vllm:8000"}, "exactly one of endpoints"),
+        ({}, "exactly one of endpoints"),
+        ({"endpoints": []}, "at least one URL"),
+        ({"endpoints": ["ftp://a:8000"]}, "not an http"),
+        ({"endpoints": ["http://a:8000", "http://a:8000/v1"]}, "twice"),
+        ({"dns": "vllm"}, "host:port"),
+        ({"dns": "vllm:http"}, "host:port"),
+        ({"endpoints": ["http://a:8000"], "routing": "fastest"}, "routing"),
+    ],
+)
 def test_bad_pool_configs_are_refused(block: dict[str, Any], says: str) -> None:
     config = {"backends": {"pool": {"kind": "vllm", **block}}, "models": {"m": {"targets": ["pool"]}}}
     with pytest.raises(ConfigError) as caught:
@@ -412,23 +484,50 @@ def test_bad_pool_configs_are_refused(block: dict[str, Any], says: str) -> None:
 
 
 def test_a_good_config_loads_with_documented_defaults() -> None:
-    loaded = parse_config({"backends": {"pool": {"kind": "vllm", "dns": "vllm.internal:8000"}},
-                           "models": {"m": {"targets": ["pool"]}}}, "<test>", env={})
+    loaded = parse_config(
+        {
+            "backends": {"pool": {"kind": "vllm", "dns": "vllm.internal:8000"}},
+            "models": {"m": {"targets": ["pool"]}},
+        },
+        "<test>",
+        env={},
+    )
     config = loaded.backends["pool"]
     assert isinstance(config, VllmConfig)
     assert (config.routing, config.load_guard, config.prefix_block_chars, config.prefix_ttl_s) == (
-        "auto", 4096, 256, 600.0)
+        "auto",
+        4096,
+        256,
+        600.0,
+    )
     assert (config.scrape_interval_s, config.health_interval_s, config.dns_refresh_s) == (2.0, 5.0, 30.0)
 
 
 # --- the simulator against the captured fixtures ----------------------------------------------
 
 
-@pytest.mark.parametrize("name", ["chat", "chat_stream", "chat_stream_usage", "chat_stop_seq", "completions",
-                                  "completions_stream", "err_unknown_model", "err_wrong_type",
-                                  "err_malformed_json", "err_json_array", "err_max_tokens_over_context",
-                                  "err_prompt_over_context", "chat_tools_auto_not_enabled",
-                                  "embeddings_on_generative", "err_wrong_path", "health", "version"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "chat",
+        "chat_stream",
+        "chat_stream_usage",
+        "chat_stop_seq",
+        "completions",
+        "completions_stream",
+        "err_unknown_model",
+        "err_wrong_type",
+        "err_malformed_json",
+        "err_json_array",
+        "err_max_tokens_over_context",
+        "err_prompt_over_context",
+        "chat_tools_auto_not_enabled",
+        "embeddings_on_generative",
+        "err_wrong_path",
+        "health",
+        "version",
+    ],
+)
 def test_the_simulator_reproduces_the_fixture(sims: list[VllmSim], name: str) -> None:
     captured = fixture(name)
     root = endpoint_root(sims[0].base_url)
@@ -437,8 +536,9 @@ def test_the_simulator_reproduces_the_fixture(sims: list[VllmSim], name: str) ->
         response = httpx.get(root + captured["path"], timeout=5)
     else:
         content = request.encode() if isinstance(request, str) else orjson.dumps(request)
-        response = httpx.post(root + captured["path"], content=content, timeout=5,
-                              headers={"content-type": "application/json"})
+        response = httpx.post(
+            root + captured["path"], content=content, timeout=5, headers={"content-type": "application/json"}
+        )
     assert response.status_code == captured["status"]
     assert response.headers.get("content-type") == captured["headers"].get("Content-Type")
     assert normalised(response.text) == normalised(captured["body"])

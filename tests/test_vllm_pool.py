@@ -45,8 +45,12 @@ async def http() -> AsyncIterator[HttpClient]:
 
 def config(urls: list[str] | None = None, **extra: Any) -> VllmConfig:
     fields: dict[str, Any] = {
-        "kind": "vllm", "model": "smollm2", "scrape_interval_s": 0.05, "health_interval_s": 0.1,
-        "timeouts": {"connect": 1.0, "first_token": 5.0, "total": 10.0}, **extra,
+        "kind": "vllm",
+        "model": "smollm2",
+        "scrape_interval_s": 0.05,
+        "health_interval_s": 0.1,
+        "timeouts": {"connect": 1.0, "first_token": 5.0, "total": 10.0},
+        **extra,
     }
     if urls is not None:
         fields["endpoints"] = urls
@@ -54,10 +58,12 @@ def config(urls: list[str] | None = None, **extra: Any) -> VllmConfig:
 
 
 @asynccontextmanager
-async def pool(http: HttpClient, sims: list[VllmSim], *, seed: int = 1, **extra: Any
-               ) -> AsyncIterator[VllmBackend]:
-    backend = VllmBackend("pool", config([s.base_url for s in sims], **extra), Resources(http=http),
-                          rng=random.Random(seed))
+async def pool(
+    http: HttpClient, sims: list[VllmSim], *, seed: int = 1, **extra: Any
+) -> AsyncIterator[VllmBackend]:
+    backend = VllmBackend(
+        "pool", config([s.base_url for s in sims], **extra), Resources(http=http), rng=random.Random(seed)
+    )
     await backend.start()
     try:
         yield backend
@@ -65,8 +71,14 @@ async def pool(http: HttpClient, sims: list[VllmSim], *, seed: int = 1, **extra:
         await backend.close()
 
 
-def chat(user: str, *, system: str | None = None, max_tokens: int = 4, session: str | None = None,
-         stream: bool = False) -> BackendRequest:
+def chat(
+    user: str,
+    *,
+    system: str | None = None,
+    max_tokens: int = 4,
+    session: str | None = None,
+    stream: bool = False,
+) -> BackendRequest:
     messages = [{"role": "system", "content": system}] if system else []
     messages.append({"role": "user", "content": user})
     body: dict[str, Any] = {"model": "chat", "messages": messages, "max_tokens": max_tokens}
@@ -104,10 +116,12 @@ def test_block_keys_chain_whole_prefixes() -> None:
     assert len(keys) == 4 and len(block_keys(text + "tail", 256)) == 4  # full blocks only
     assert block_keys(text[:600] + "changed", 256)[:2] == keys[:2]
     assert block_keys("x" + text[1:], 256)[1:] != keys[1:], "a key stands for all that precedes it"
+
     # every message counts, with its role, not the first one only
     def rendered(last: str) -> str:
-        return render_prompt("chat", {"messages": [{"role": "system", "content": "s"},
-                                                   {"role": "user", "content": last}]})
+        return render_prompt(
+            "chat", {"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": last}]}
+        )
 
     one, two = rendered("a"), rendered("b")
     assert one != two and one.startswith("<|system|>\ns")
@@ -131,7 +145,8 @@ def test_the_index_matches_leading_blocks_expires_and_evicts_tails_first() -> No
 
 
 async def test_requests_sharing_a_long_system_prompt_land_on_one_endpoint(
-        http: HttpClient, sims: list[VllmSim]) -> None:
+    http: HttpClient, sims: list[VllmSim]
+) -> None:
     pair = sims[:2]
     async with pool(http, pair) as backend:
         for i in range(8):
@@ -147,8 +162,11 @@ async def test_a_growing_conversation_follows_its_prefix(http: HttpClient, sims:
         history: list[dict[str, str]] = [{"role": "system", "content": SYSTEM}]
         for turn in range(5):
             history.append({"role": "user", "content": f"turn {turn}: " + "details " * 40})
-            await backend.complete(BackendRequest("chat", {"model": "chat", "messages": list(history),
-                                                           "max_tokens": 4}, f"t{turn}"))
+            await backend.complete(
+                BackendRequest(
+                    "chat", {"model": "chat", "messages": list(history), "max_tokens": 4}, f"t{turn}"
+                )
+            )
             history.append({"role": "assistant", "content": "The most obvious"})
     assert sorted(served(sims)) == [0, 0, 5]
 
@@ -156,13 +174,15 @@ async def test_a_growing_conversation_follows_its_prefix(http: HttpClient, sims:
 async def test_distinct_prompts_spread_over_the_pool(http: HttpClient, sims: list[VllmSim]) -> None:
     pair = sims[:2]
     async with pool(http, pair) as backend:
-        await asyncio.gather(*(backend.complete(chat("go", system=f"Persona {i}. " + SYSTEM, max_tokens=16))
-                               for i in range(8)))
+        await asyncio.gather(
+            *(backend.complete(chat("go", system=f"Persona {i}. " + SYSTEM, max_tokens=16)) for i in range(8))
+        )
     assert sorted(served(pair)) == [4, 4]
 
 
 async def test_the_load_guard_bypasses_a_busy_affinity_endpoint(
-        http: HttpClient, sims: list[VllmSim]) -> None:
+    http: HttpClient, sims: list[VllmSim]
+) -> None:
     """Long streams sharing a prompt: with the guard they spread once one server is busier by more than
     it; without one (a huge guard) they all pile onto the server that has the prompt cached."""
     pair = sims[:2]
@@ -172,8 +192,9 @@ async def test_the_load_guard_bypasses_a_busy_affinity_endpoint(
     async def open_streams(backend: VllmBackend) -> list[int]:
         streams = []
         for i in range(4):
-            streams.append(await backend.stream(chat(f"story {i}", system=SYSTEM, max_tokens=2000,
-                                                     stream=True)))
+            streams.append(
+                await backend.stream(chat(f"story {i}", system=SYSTEM, max_tokens=2000, stream=True))
+            )
         loads = [e["in_flight"] for e in backend.endpoints()]
         for chunks in streams:
             await chunks.aclose()  # type: ignore[attr-defined]
@@ -189,7 +210,8 @@ async def test_the_load_guard_bypasses_a_busy_affinity_endpoint(
 
 
 async def test_a_scrape_showing_foreign_load_bypasses_the_affinity_endpoint(
-        http: HttpClient, sims: list[VllmSim]) -> None:
+    http: HttpClient, sims: list[VllmSim]
+) -> None:
     """Other gateway replicas' requests show up only in /metrics: many waiting there weighs more than
     the cached prefix once past the load guard."""
     pair = sims[:2]
@@ -210,7 +232,8 @@ async def test_a_scrape_showing_foreign_load_bypasses_the_affinity_endpoint(
 
 
 async def test_the_session_key_breaks_ties_alike_in_every_replica(
-        http: HttpClient, sims: list[VllmSim]) -> None:
+    http: HttpClient, sims: list[VllmSim]
+) -> None:
     async with pool(http, sims, seed=1) as one, pool(http, sims, seed=2) as other:
         for n in range(20):
             request = chat("hi", session=f"conversation-{n}")
@@ -224,8 +247,11 @@ async def test_the_session_key_breaks_ties_alike_in_every_replica(
 
 
 async def test_ties_are_broken_randomly_per_process(http: HttpClient, sims: list[VllmSim]) -> None:
-    async with (pool(http, sims, seed=1) as first, pool(http, sims, seed=2) as second,
-                pool(http, sims, seed=1) as again):
+    async with (
+        pool(http, sims, seed=1) as first,
+        pool(http, sims, seed=2) as second,
+        pool(http, sims, seed=1) as again,
+    ):
         request = chat("hi")
         picks = [[b.choose(request) for _ in range(32)] for b in (first, second, again)]
     assert picks[0] != picks[1], "two replicas must not herd onto the same endpoints"
@@ -237,7 +263,8 @@ async def test_ties_are_broken_randomly_per_process(http: HttpClient, sims: list
 
 
 async def test_dns_answers_add_and_remove_endpoints(
-        http: HttpClient, monkeypatch: pytest.MonkeyPatch) -> None:
+    http: HttpClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
     port = free_port()
     answer: list[str] = ["127.0.0.1"]
     asked: list[tuple[str, int]] = []
@@ -250,8 +277,9 @@ async def test_dns_answers_add_and_remove_endpoints(
 
     monkeypatch.setattr(asyncio.get_running_loop(), "getaddrinfo", getaddrinfo)
     with VllmSim(host="127.0.0.1", port=port) as one, VllmSim(host="127.0.0.2", port=port) as two:
-        backend = VllmBackend("pool", config(dns=f"vllm.test:{port}", dns_refresh_s=0.05),
-                              Resources(http=http))
+        backend = VllmBackend(
+            "pool", config(dns=f"vllm.test:{port}", dns_refresh_s=0.05), Resources(http=http)
+        )
 
         def urls() -> list[str]:
             return sorted(e["url"] for e in backend.endpoints())
@@ -287,11 +315,13 @@ async def test_dns_answers_add_and_remove_endpoints(
 
 
 async def test_an_endpoint_killed_mid_load_fails_no_request_and_returns_after_revive(
-        http: HttpClient, sims: list[VllmSim]) -> None:
+    http: HttpClient, sims: list[VllmSim]
+) -> None:
     pair = sims[:2]
     for sim in pair:
         sim.decode_s_per_token = 0.003
     async with pool(http, pair) as backend:
+
         async def one(i: int) -> bytes:
             reply = await backend.complete(chat(f"question {i}", system=f"{i} " + SYSTEM, max_tokens=40))
             return reply.body
@@ -322,7 +352,8 @@ async def test_an_endpoint_killed_mid_load_fails_no_request_and_returns_after_re
 
 
 async def test_a_stream_is_retried_elsewhere_only_before_its_first_byte(
-        http: HttpClient, sims: list[VllmSim]) -> None:
+    http: HttpClient, sims: list[VllmSim]
+) -> None:
     pair = sims[:2]
     async with pool(http, pair, routing="round_robin", health_interval_s=30) as backend:
         pair[0].kill()  # not yet noticed: the health check is 30 s away
@@ -346,7 +377,8 @@ async def test_a_stream_is_retried_elsewhere_only_before_its_first_byte(
 
 
 async def test_5xx_are_retried_on_another_endpoint_and_eject_after_three(
-        http: HttpClient, sims: list[VllmSim]) -> None:
+    http: HttpClient, sims: list[VllmSim]
+) -> None:
     pair = sims[:2]
     pair[0].fail_next = 3
     async with pool(http, pair, routing="round_robin", health_interval_s=0.3) as backend:
@@ -364,7 +396,8 @@ async def test_5xx_are_retried_on_another_endpoint_and_eject_after_three(
 
 
 async def test_a_health_check_begun_before_an_ejection_does_not_undo_it(
-        http: HttpClient, sims: list[VllmSim]) -> None:
+    http: HttpClient, sims: list[VllmSim]
+) -> None:
     pair = sims[:2]
     async with pool(http, pair, routing="round_robin", health_interval_s=60.0) as backend:
         first = next(iter(backend.members))
@@ -385,7 +418,8 @@ async def test_a_health_check_begun_before_an_ejection_does_not_undo_it(
 
 
 async def test_a_failed_health_check_takes_an_endpoint_out_until_it_passes(
-        http: HttpClient, sims: list[VllmSim]) -> None:
+    http: HttpClient, sims: list[VllmSim]
+) -> None:
     pair = sims[:2]
     async with pool(http, pair) as backend:
         pair[0].healthy = False
@@ -435,8 +469,9 @@ async def test_least_in_flight_ignores_prefixes(http: HttpClient, sims: list[Vll
     for sim in pair:
         sim.decode_s_per_token = 0.01
     async with pool(http, pair, routing="least_in_flight") as backend:
-        streams = [await backend.stream(chat(f"s{i}", system=SYSTEM, max_tokens=500, stream=True))
-                   for i in range(4)]
+        streams = [
+            await backend.stream(chat(f"s{i}", system=SYSTEM, max_tokens=500, stream=True)) for i in range(4)
+        ]
         assert sorted(e["in_flight"] for e in backend.endpoints()) == [2, 2]
         for chunks in streams:
             await chunks.aclose()  # type: ignore[attr-defined]
@@ -444,13 +479,16 @@ async def test_least_in_flight_ignores_prefixes(http: HttpClient, sims: list[Vll
 
 
 async def test_conversation_hash_keeps_a_conversation_whatever_the_load(
-        http: HttpClient, sims: list[VllmSim]) -> None:
+    http: HttpClient, sims: list[VllmSim]
+) -> None:
     for sim in sims:
         sim.decode_s_per_token = 0.01
     async with pool(http, sims, routing="conversation_hash") as backend:
         home = backend.choose(chat("x", session="alice"))
-        streams = [await backend.stream(chat(f"s{i}", session="alice", max_tokens=500, stream=True))
-                   for i in range(3)]
+        streams = [
+            await backend.stream(chat(f"s{i}", session="alice", max_tokens=500, stream=True))
+            for i in range(3)
+        ]
         busy = {e["url"]: e["in_flight"] for e in backend.endpoints()}
         assert home is not None and busy[home] == 3
         assert backend.choose(chat("y", session="alice")) == home
@@ -459,9 +497,20 @@ async def test_conversation_hash_keeps_a_conversation_whatever_the_load(
         assert len({backend.choose(chat("x", session=f"user-{n}")) for n in range(60)}) == 3
         # without a session, the conversation's opening messages are the key
         opening = chat("first question", system="persona A")
-        later = BackendRequest("chat", {"model": "chat", "max_tokens": 4, "messages": [
-            {"role": "system", "content": "persona A"}, {"role": "user", "content": "first question"},
-            {"role": "assistant", "content": "an answer"}, {"role": "user", "content": "a follow-up"}]}, "r")
+        later = BackendRequest(
+            "chat",
+            {
+                "model": "chat",
+                "max_tokens": 4,
+                "messages": [
+                    {"role": "system", "content": "persona A"},
+                    {"role": "user", "content": "first question"},
+                    {"role": "assistant", "content": "an answer"},
+                    {"role": "user", "content": "a follow-up"},
+                ],
+            },
+            "r",
+        )
         assert backend.choose(opening) == backend.choose(later)
 
 
@@ -477,8 +526,12 @@ async def test_a_mixed_version_pool_is_scraped_alike(http: HttpClient) -> None:
                 sim.extra_running, sim.extra_waiting = 2, 5
             for i in range(4):
                 await backend.complete(chat(f"q{i % 2}", system=SYSTEM))
-            await until(lambda: all(e["running"] == 2 and e["waiting"] == 5 and e["prefix_hit_rate"]
-                                    for e in backend.endpoints()))
+            await until(
+                lambda: all(
+                    e["running"] == 2 and e["waiting"] == 5 and e["prefix_hit_rate"]
+                    for e in backend.endpoints()
+                )
+            )
             for row in backend.endpoints():
                 assert row["kv_cache_usage"] == 0.0
                 assert 0 < row["prefix_hit_rate"] <= 1

@@ -16,8 +16,9 @@ import numpy as np
 WORDS = [f"w{i}" for i in range(59)]
 
 
-def write_tiny_bert(path: Path, *, pooling: gguf.PoolingType | None = gguf.PoolingType.MEAN,
-                    n_ctx: int = 128) -> Path:
+def write_tiny_bert(
+    path: Path, *, pooling: gguf.PoolingType | None = gguf.PoolingType.MEAN, n_ctx: int = 128
+) -> Path:
     rng = np.random.default_rng(0)
     n_embd, n_ff, n_layer = 32, 64, 2
     specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]

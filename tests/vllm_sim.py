@@ -52,13 +52,37 @@ from tests.fakes import free_port
 
 T = TypeVar("T")
 
-FIXTURES = Path(os.environ.get("INTERLOCK_VLLM_FIXTURES")
-                or Path(__file__).resolve().parent / "fixtures" / "vllm-0.26.0")
+FIXTURES = Path(
+    os.environ.get("INTERLOCK_VLLM_FIXTURES") or Path(__file__).resolve().parent / "fixtures" / "vllm-0.26.0"
+)
 FINGERPRINT = "vllm-0.26.0-fad12e9d"
 #: the captured chat reply to "Name three colors." (temperature 0), token by token
-CHAT_TOKENS = ["The", " most", " obvious", " color", " is", " red", ",", " but", " there", " are", " many",
-               " more", ".", " Some", " examples", " include", " blue", ",", " green", ",", " and",
-               " yellow", ",", " while"]
+CHAT_TOKENS = [
+    "The",
+    " most",
+    " obvious",
+    " color",
+    " is",
+    " red",
+    ",",
+    " but",
+    " there",
+    " are",
+    " many",
+    " more",
+    ".",
+    " Some",
+    " examples",
+    " include",
+    " blue",
+    ",",
+    " green",
+    ",",
+    " and",
+    " yellow",
+    ",",
+    " while",
+]
 #: the captured completion of "The sky is"
 COMPLETION_TOKENS = [" a", " canvas", " of", " colors", ","]
 #: tokens a reply has when the request sets no max_tokens (then finish_reason is "stop")
@@ -66,10 +90,17 @@ NATURAL_LENGTH = 16
 SMOLLM2_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
 
 _TOKEN = re.compile(r"<\|[a-z_]+\|>|\w+|[^\w\s]")
-_LIVE_SERIES = ("vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc",
-                "vllm:prefix_cache_queries_total", "vllm:prefix_cache_hits_total")
-_LEGACY_NAMES = (("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc"),
-                 ("vllm:prefix_cache_", "vllm:gpu_prefix_cache_"))
+_LIVE_SERIES = (
+    "vllm:num_requests_running",
+    "vllm:num_requests_waiting",
+    "vllm:kv_cache_usage_perc",
+    "vllm:prefix_cache_queries_total",
+    "vllm:prefix_cache_hits_total",
+)
+_LEGACY_NAMES = (
+    ("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc"),
+    ("vllm:prefix_cache_", "vllm:gpu_prefix_cache_"),
+)
 
 
 def fixture(name: str) -> dict[str, Any]:
@@ -159,8 +190,9 @@ class VllmSim:
             if self.legacy_metrics:
                 for new, old in _LEGACY_NAMES:
                     canonical = canonical.replace(old, new)
-            if canonical in _LIVE_SERIES or (canonical == "vllm:num_requests_waiting_by_reason"
-                                             and 'reason="capacity"' in line):
+            if canonical in _LIVE_SERIES or (
+                canonical == "vllm:num_requests_waiting_by_reason" and 'reason="capacity"' in line
+            ):
                 self._live.append((i, canonical))
         self._started = time.time()
 
@@ -223,8 +255,7 @@ class VllmSim:
         app.router.add_get("/v1/models", self._models)
         app.router.add_get("/metrics", self._metrics)
         # vLLM aborts a request whose client went away; handler cancellation does the same here
-        self._runner = web.AppRunner(app, handle_signals=False, handler_cancellation=True,
-                                     access_log=None)
+        self._runner = web.AppRunner(app, handle_signals=False, handler_cancellation=True, access_log=None)
         await self._runner.setup()
         await self._listen()
 
@@ -243,8 +274,9 @@ class VllmSim:
         self._call(self._kill)
 
     @web.middleware
-    async def _dead_gate(self, request: web.Request, handler: Callable[[web.Request],
-                         Awaitable[web.StreamResponse]]) -> web.StreamResponse:
+    async def _dead_gate(
+        self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
         # A connection accepted while kill() ran can outlive it; a dead server answers nothing on it.
         if self._dead:
             if request.transport is not None:
@@ -287,14 +319,38 @@ class VllmSim:
 
     async def _models(self, _: web.Request) -> web.Response:
         created = int(time.time())
-        permission = {"id": f"modelperm-{os.urandom(8).hex()}", "object": "model_permission",
-                      "created": created, "allow_create_engine": False, "allow_sampling": True,
-                      "allow_logprobs": True, "allow_search_indices": False, "allow_view": True,
-                      "allow_fine_tuning": False, "organization": "*", "group": None, "is_blocking": False}
-        return _json(200, {"object": "list", "data": [{
-            "id": self.model, "object": "model", "created": created, "owned_by": "vllm",
-            "root": "/tmp/smollm2-hf", "parent": None, "max_model_len": self.max_model_len,
-            "permission": [permission]}]})
+        permission = {
+            "id": f"modelperm-{os.urandom(8).hex()}",
+            "object": "model_permission",
+            "created": created,
+            "allow_create_engine": False,
+            "allow_sampling": True,
+            "allow_logprobs": True,
+            "allow_search_indices": False,
+            "allow_view": True,
+            "allow_fine_tuning": False,
+            "organization": "*",
+            "group": None,
+            "is_blocking": False,
+        }
+        return _json(
+            200,
+            {
+                "object": "list",
+                "data": [
+                    {
+                        "id": self.model,
+                        "object": "model",
+                        "created": created,
+                        "owned_by": "vllm",
+                        "root": "/tmp/smollm2-hf",
+                        "parent": None,
+                        "max_model_len": self.max_model_len,
+                        "permission": [permission],
+                    }
+                ],
+            },
+        )
 
     def metrics_text(self) -> str:
         values = {
@@ -308,12 +364,14 @@ class VllmSim:
         lines = list(self._metric_lines)
         for i, series in self._live:
             line = lines[i]
-            lines[i] = line[:line.rindex(" ") + 1] + _fmt(values[series])
+            lines[i] = line[: line.rindex(" ") + 1] + _fmt(values[series])
         return "\n".join(lines)
 
     async def _metrics(self, _: web.Request) -> web.Response:
-        return web.Response(body=self.metrics_text().encode(),
-                            headers={"Content-Type": "text/plain; version=1.0.0; charset=utf-8"})
+        return web.Response(
+            body=self.metrics_text().encode(),
+            headers={"Content-Type": "text/plain; version=1.0.0; charset=utf-8"},
+        )
 
     # -- generation -----------------------------------------------------------------------------
 
@@ -328,12 +386,18 @@ class VllmSim:
         try:
             body = json.loads(raw)
         except json.JSONDecodeError as exc:
-            detail = {"type": "json_invalid", "loc": ("body", exc.pos), "msg": "JSON decode error",
-                      "input": {}, "ctx": {"error": exc.msg}}
+            detail = {
+                "type": "json_invalid",
+                "loc": ("body", exc.pos),
+                "msg": "JSON decode error",
+                "input": {},
+                "ctx": {"error": exc.msg},
+            }
             return _error(400, f"1 validation error:\n  {detail}", "Bad Request", f"body.{exc.pos}")
         if not isinstance(body, dict):
-            return _error(500, f"'{type(body).__name__}' object has no attribute 'get'",
-                          "InternalServerError")
+            return _error(
+                500, f"'{type(body).__name__}' object has no attribute 'get'", "InternalServerError"
+            )
         if kind == "chat" and body.get("messages") == []:
             _reset_connection(request)
             return web.Response()
@@ -342,16 +406,24 @@ class VllmSim:
             return problem
         if self.fail_next > 0:
             self.fail_next -= 1
-            return _error(500, "EngineCore encountered an issue. See stack trace (above) for the root cause.",
-                          "InternalServerError")
+            return _error(
+                500,
+                "EngineCore encountered an issue. See stack trace (above) for the root cause.",
+                "InternalServerError",
+            )
         prompt = self._render(kind, body)
         prompt_tokens = count_tokens(prompt)
         max_tokens = body.get("max_tokens") or body.get("max_completion_tokens")
         too_long = self._over_context(prompt_tokens, max_tokens)
         if too_long is not None:
             return too_long
-        record: dict[str, Any] = {"kind": kind, "body": body, "prompt_chars": len(prompt), "cached_chars": 0,
-                                  "headers": {k.lower(): v for k, v in request.headers.items()}}
+        record: dict[str, Any] = {
+            "kind": kind,
+            "body": body,
+            "prompt_chars": len(prompt),
+            "cached_chars": 0,
+            "headers": {k.lower(): v for k, v in request.headers.items()},
+        }
         self.requests.append(record)
         self.waiting += 1
         try:
@@ -367,8 +439,9 @@ class VllmSim:
             self.prefix_queries += prompt_tokens
             self.prefix_hits += min(prompt_tokens, round(prompt_tokens * cached / max(1, len(prompt))))
             tokens, finish, stop = self._reply_tokens(kind, body, max_tokens, prompt_tokens)
-            await asyncio.sleep((self.base_ttft_s + (len(prompt) - cached) * self.prefill_s_per_char)
-                                * self._slowdown())
+            await asyncio.sleep(
+                (self.base_ttft_s + (len(prompt) - cached) * self.prefill_s_per_char) * self._slowdown()
+            )
             if body.get("stream"):
                 return await self._stream(request, kind, body, tokens, finish, stop, prompt_tokens)
             await asyncio.sleep(self.decode_s_per_token * len(tokens) * self._slowdown())
@@ -389,30 +462,46 @@ class VllmSim:
         for name in ("temperature", "top_p"):
             value = body.get(name)
             if isinstance(value, str):
-                detail = {"type": "float_parsing", "loc": ("body", name),
-                          "msg": "Input should be a valid number, unable to parse string as a number",
-                          "input": value}
+                detail = {
+                    "type": "float_parsing",
+                    "loc": ("body", name),
+                    "msg": "Input should be a valid number, unable to parse string as a number",
+                    "input": value,
+                }
                 return _error(400, f"1 validation error:\n  {detail}", "Bad Request", f"body.{name}")
         if body.get("tool_choice") == "auto":
-            return _error(400, '"auto" tool choice requires --enable-auto-tool-choice and '
-                          "--tool-call-parser to be set", "BadRequestError")
+            return _error(
+                400,
+                '"auto" tool choice requires --enable-auto-tool-choice and --tool-call-parser to be set',
+                "BadRequestError",
+            )
         return None
 
     def _over_context(self, prompt_tokens: int, max_tokens: int | None) -> web.Response | None:
         limit = self.max_model_len
         if max_tokens is not None and max_tokens > limit:
-            return _error(400, f"max_tokens={max_tokens} cannot be greater than "
-                          f"max_model_len=max_total_tokens={limit}. Please request fewer output tokens. "
-                          f"(parameter=max_tokens, value={max_tokens})", "BadRequestError", "max_tokens")
+            return _error(
+                400,
+                f"max_tokens={max_tokens} cannot be greater than "
+                f"max_model_len=max_total_tokens={limit}. Please request fewer output tokens. "
+                f"(parameter=max_tokens, value={max_tokens})",
+                "BadRequestError",
+                "max_tokens",
+            )
         wanted = max_tokens or 1
         if prompt_tokens + wanted <= limit:
             return None
         at_least = min(prompt_tokens, limit - wanted + 1)
-        return _error(400, f"This model's maximum context length is {limit} tokens. However, you requested "
-                      f"{wanted} output tokens and your prompt contains at least {at_least} input tokens, "
-                      f"for a total of at least {at_least + wanted} tokens. Please reduce the length of "
-                      f"the input prompt or the number of requested output tokens. "
-                      f"(parameter=input_tokens, value={at_least})", "BadRequestError", "input_tokens")
+        return _error(
+            400,
+            f"This model's maximum context length is {limit} tokens. However, you requested "
+            f"{wanted} output tokens and your prompt contains at least {at_least} input tokens, "
+            f"for a total of at least {at_least + wanted} tokens. Please reduce the length of "
+            f"the input prompt or the number of requested output tokens. "
+            f"(parameter=input_tokens, value={at_least})",
+            "BadRequestError",
+            "input_tokens",
+        )
 
     @staticmethod
     def _render(kind: str, body: dict[str, Any]) -> str:
@@ -434,8 +523,9 @@ class VllmSim:
         """Characters of the prompt's prefix already cached here; the prompt's blocks are cached now."""
         cached, hit, previous = 0, True, b""
         for start in range(0, len(prompt) - self.block_chars + 1, self.block_chars):
-            previous = hashlib.blake2b(previous + prompt[start:start + self.block_chars].encode(),
-                                       digest_size=12).digest()
+            previous = hashlib.blake2b(
+                previous + prompt[start : start + self.block_chars].encode(), digest_size=12
+            ).digest()
             if hit and previous in self._cache:
                 cached += self.block_chars
             else:
@@ -449,13 +539,15 @@ class VllmSim:
     def _slowdown(self) -> float:
         return 1.0 + self.slowdown_per_running * max(0, self.running - 1)
 
-    def _reply_tokens(self, kind: str, body: dict[str, Any], max_tokens: int | None,
-                      prompt_tokens: int) -> tuple[list[str], str, str | None]:
+    def _reply_tokens(
+        self, kind: str, body: dict[str, Any], max_tokens: int | None, prompt_tokens: int
+    ) -> tuple[list[str], str, str | None]:
         """The reply's tokens, finish reason and stop reason (a matched stop string is generated,
         counted in usage, and not returned, as vLLM does)."""
         source = CHAT_TOKENS if kind == "chat" else COMPLETION_TOKENS
-        count = (max_tokens if max_tokens is not None
-                 else min(NATURAL_LENGTH, self.max_model_len - prompt_tokens))
+        count = (
+            max_tokens if max_tokens is not None else min(NATURAL_LENGTH, self.max_model_len - prompt_tokens)
+        )
         stops = body.get("stop")
         stops = [stops] if isinstance(stops, str) else list(stops or ())
         tokens: list[str] = []
@@ -467,69 +559,171 @@ class VllmSim:
             tokens.append(token)
         return tokens, "length" if max_tokens is not None else "stop", None
 
-    def _reply(self, kind: str, body: dict[str, Any], tokens: list[str], finish: str, stop: str | None,
-               prompt_tokens: int) -> dict[str, Any]:
+    def _reply(
+        self,
+        kind: str,
+        body: dict[str, Any],
+        tokens: list[str],
+        finish: str,
+        stop: str | None,
+        prompt_tokens: int,
+    ) -> dict[str, Any]:
         text = "".join(tokens)
         n = int(body.get("n") or 1)
         generated = n * (len(tokens) + (stop is not None))
-        usage = {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens + generated,
-                 "completion_tokens": generated, "prompt_tokens_details": None}
-        head = {"id": _id(kind), "object": "chat.completion" if kind == "chat" else "text_completion",
-                "created": int(time.time()), "model": self.model}
+        usage = {
+            "prompt_tokens": prompt_tokens,
+            "total_tokens": prompt_tokens + generated,
+            "completion_tokens": generated,
+            "prompt_tokens_details": None,
+        }
+        head = {
+            "id": _id(kind),
+            "object": "chat.completion" if kind == "chat" else "text_completion",
+            "created": int(time.time()),
+            "model": self.model,
+        }
         if kind == "chat":
-            choices = [{"index": i, "message": {"role": "assistant", "content": text, "refusal": None,
-                                                "annotations": None, "audio": None, "function_call": None,
-                                                "reasoning": None},
-                        "logprobs": None, "finish_reason": finish, "stop_reason": stop, "token_ids": None,
-                        "routed_experts": None} for i in range(n)]
-            return {**head, "choices": choices, "service_tier": None, "system_fingerprint": FINGERPRINT,
-                    "usage": usage, "prompt_logprobs": None, "prompt_token_ids": None, "prompt_text": None,
-                    "kv_transfer_params": None, "ec_transfer_params": None, "metrics": None}
-        choices = [{"index": i, "text": text, "logprobs": None, "finish_reason": finish, "stop_reason": stop,
-                    "token_ids": None, "prompt_logprobs": None, "prompt_token_ids": None,
-                    "routed_experts": None} for i in range(n)]
-        return {**head, "choices": choices, "service_tier": None, "system_fingerprint": FINGERPRINT,
-                "usage": usage, "kv_transfer_params": None, "ec_transfer_params": None, "metrics": None}
+            choices = [
+                {
+                    "index": i,
+                    "message": {
+                        "role": "assistant",
+                        "content": text,
+                        "refusal": None,
+                        "annotations": None,
+                        "audio": None,
+                        "function_call": None,
+                        "reasoning": None,
+                    },
+                    "logprobs": None,
+                    "finish_reason": finish,
+                    "stop_reason": stop,
+                    "token_ids": None,
+                    "routed_experts": None,
+                }
+                for i in range(n)
+            ]
+            return {
+                **head,
+                "choices": choices,
+                "service_tier": None,
+                "system_fingerprint": FINGERPRINT,
+                "usage": usage,
+                "prompt_logprobs": None,
+                "prompt_token_ids": None,
+                "prompt_text": None,
+                "kv_transfer_params": None,
+                "ec_transfer_params": None,
+                "metrics": None,
+            }
+        choices = [
+            {
+                "index": i,
+                "text": text,
+                "logprobs": None,
+                "finish_reason": finish,
+                "stop_reason": stop,
+                "token_ids": None,
+                "prompt_logprobs": None,
+                "prompt_token_ids": None,
+                "routed_experts": None,
+            }
+            for i in range(n)
+        ]
+        return {
+            **head,
+            "choices": choices,
+            "service_tier": None,
+            "system_fingerprint": FINGERPRINT,
+            "usage": usage,
+            "kv_transfer_params": None,
+            "ec_transfer_params": None,
+            "metrics": None,
+        }
 
-    async def _stream(self, request: web.Request, kind: str, body: dict[str, Any], tokens: list[str],
-                      finish: str, stop: str | None, prompt_tokens: int) -> web.StreamResponse:
+    async def _stream(
+        self,
+        request: web.Request,
+        kind: str,
+        body: dict[str, Any],
+        tokens: list[str],
+        finish: str,
+        stop: str | None,
+        prompt_tokens: int,
+    ) -> web.StreamResponse:
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream; charset=utf-8"})
         await response.prepare(request)
         options = body.get("stream_options") or {}
         usage = bool(options.get("include_usage"))
-        head = {"id": _id(kind), "object": "chat.completion.chunk" if kind == "chat" else "text_completion",
-                "created": int(time.time()), "model": self.model}
+        head = {
+            "id": _id(kind),
+            "object": "chat.completion.chunk" if kind == "chat" else "text_completion",
+            "created": int(time.time()),
+            "model": self.model,
+        }
 
         async def send(event: dict[str, Any]) -> None:
             await response.write(b"data: " + orjson.dumps(event) + b"\n\n")
 
         if kind == "chat":
-            await send({**head, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
-                                             "logprobs": None, "finish_reason": None}],
-                        "prompt_token_ids": None, "prompt_text": None})
+            await send(
+                {
+                    **head,
+                    "choices": [
+                        {
+                            "index": 0,
+                            "delta": {"role": "assistant", "content": ""},
+                            "logprobs": None,
+                            "finish_reason": None,
+                        }
+                    ],
+                    "prompt_token_ids": None,
+                    "prompt_text": None,
+                }
+            )
         for i, token in enumerate(tokens):
             if i:
                 await asyncio.sleep(self.decode_s_per_token * self._slowdown())
             last = i == len(tokens) - 1
             if kind == "chat":
-                choice: dict[str, Any] = {"index": 0, "delta": {"content": token}, "logprobs": None,
-                                          "finish_reason": finish if last else None}
+                choice: dict[str, Any] = {
+                    "index": 0,
+                    "delta": {"content": token},
+                    "logprobs": None,
+                    "finish_reason": finish if last else None,
+                }
                 if last:
                     choice["stop_reason"] = stop
                 choice["token_ids"] = None
             else:
-                choice = {"index": 0, "text": token, "logprobs": None,
-                          "finish_reason": finish if last else None, "stop_reason": stop if last else None,
-                          "prompt_token_ids": None, "token_ids": None}
+                choice = {
+                    "index": 0,
+                    "text": token,
+                    "logprobs": None,
+                    "finish_reason": finish if last else None,
+                    "stop_reason": stop if last else None,
+                    "prompt_token_ids": None,
+                    "token_ids": None,
+                }
             event = {**head, "choices": [choice]}
             if last and not usage:
                 event["system_fingerprint"] = FINGERPRINT
             await send(event)
         if usage:
             generated = len(tokens) + (stop is not None)
-            await send({**head, "choices": [], "usage": {
-                "prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens + generated,
-                "completion_tokens": generated}, "system_fingerprint": FINGERPRINT})
+            await send(
+                {
+                    **head,
+                    "choices": [],
+                    "usage": {
+                        "prompt_tokens": prompt_tokens,
+                        "total_tokens": prompt_tokens + generated,
+                        "completion_tokens": generated,
+                    },
+                    "system_fingerprint": FINGERPRINT,
+                }
+            )
         await response.write(b"data: [DONE]\n\n")
         await response.write_eof()
         return response
@@ -558,8 +752,9 @@ def _reset_connection(request: web.Request) -> None:
 
 
 @web.middleware
-async def _json_404(request: web.Request,
-                    handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
+async def _json_404(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
     """FastAPI's bodies for unknown paths and methods, as vLLM sends them."""
     try:
         return await handler(request)
@@ -596,9 +791,14 @@ def main(argv: list[str] | None = None) -> None:
     # blocked before the server's thread starts (it inherits the mask), so only sigwait sees them
     stop = {signal.SIGTERM, signal.SIGINT}
     signal.pthread_sigmask(signal.SIG_BLOCK, stop)
-    with VllmSim(model=args.model, port=args.port, max_model_len=args.max_model_len,
-                 max_num_seqs=args.max_num_seqs, prefill_s_per_char=args.prefill_s_per_char,
-                 decode_s_per_token=args.decode_s_per_token):
+    with VllmSim(
+        model=args.model,
+        port=args.port,
+        max_model_len=args.max_model_len,
+        max_num_seqs=args.max_num_seqs,
+        prefill_s_per_char=args.prefill_s_per_char,
+        decode_s_per_token=args.decode_s_per_token,
+    ):
         if args.pid_file:
             args.pid_file.write_text(str(os.getpid()), encoding="utf-8")
         signal.sigwait(stop)

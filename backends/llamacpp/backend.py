@@ -140,17 +140,32 @@ class LlamaCppBackend:
         except Exception as exc:
             self._state = f"model failed to load: {exc}"
             log.error("%s: %s", self.name, self._state)
-            raise ModelLoadError(f"llamacpp backend {self.name!r}: cannot load model "
-                                 f"{self.model_path}: {exc}") from exc
+            raise ModelLoadError(
+                f"llamacpp backend {self.name!r}: cannot load model {self.model_path}: {exc}"
+            ) from exc
         if self._embedder is not None:
             m = self._embedder
-            log.info("%s: loaded embedding model %s in %.1fs: %d dimensions, %s pooling, inputs of "
-                     "up to %d tokens", self.name, self.model_id, m.model.load_seconds, m.n_embd,
-                     m.pooling, m.max_input_tokens)
+            log.info(
+                "%s: loaded embedding model %s in %.1fs: %d dimensions, %s pooling, inputs of "
+                "up to %d tokens",
+                self.name,
+                self.model_id,
+                m.model.load_seconds,
+                m.n_embd,
+                m.pooling,
+                m.max_input_tokens,
+            )
         elif (e := self._engine) is not None:
-            log.info("%s: loaded %s in %.1fs: n_ctx %d = %d sequences x %d tokens, n_batch %d",
-                     self.name, self.model_id, e.model.load_seconds, e.n_ctx, e.parallel, e.n_ctx_seq,
-                     self.config.n_batch)
+            log.info(
+                "%s: loaded %s in %.1fs: n_ctx %d = %d sequences x %d tokens, n_batch %d",
+                self.name,
+                self.model_id,
+                e.model.load_seconds,
+                e.n_ctx,
+                e.parallel,
+                e.n_ctx_seq,
+                self.config.n_batch,
+            )
 
     def _load(self) -> None:
         # These load libllama: only here, never at import.
@@ -164,16 +179,33 @@ class LlamaCppBackend:
             if model.embedding:
                 self._embed_mod = llamacpp_embed
                 self._embedder = llamacpp_embed.EmbeddingEngine(
-                    model, n_ctx=c.n_ctx, n_threads=c.n_threads, n_batch=c.n_batch,
-                    parallel=c.parallel, max_queue=c.max_queue, flash_attn=c.flash_attn)
+                    model,
+                    n_ctx=c.n_ctx,
+                    n_threads=c.n_threads,
+                    n_batch=c.n_batch,
+                    parallel=c.parallel,
+                    max_queue=c.max_queue,
+                    flash_attn=c.flash_attn,
+                )
                 return
             engine = llamacpp_engine.Engine(
-                model, n_ctx=c.n_ctx, n_threads=c.n_threads, n_batch=c.n_batch,
-                parallel=c.parallel, max_queue=c.max_queue, flash_attn=c.flash_attn,
+                model,
+                n_ctx=c.n_ctx,
+                n_threads=c.n_threads,
+                n_batch=c.n_batch,
+                parallel=c.parallel,
+                max_queue=c.max_queue,
+                flash_attn=c.flash_attn,
                 prefill_chunk=c.prefill_chunk or (c.n_batch if c.n_gpu_layers != 0 else CPU_PREFILL_CHUNK),
-                follow_up_wait_ms=(c.follow_up_wait_ms if c.follow_up_wait_ms is not None
-                                   else 0.0 if c.n_gpu_layers != 0 else CPU_FOLLOW_UP_WAIT_MS),
-                kv_unified=c.n_gpu_layers != 0 if c.kv_unified is None else c.kv_unified)
+                follow_up_wait_ms=(
+                    c.follow_up_wait_ms
+                    if c.follow_up_wait_ms is not None
+                    else 0.0
+                    if c.n_gpu_layers != 0
+                    else CPU_FOLLOW_UP_WAIT_MS
+                ),
+                kv_unified=c.n_gpu_layers != 0 if c.kv_unified is None else c.kv_unified,
+            )
         except BaseException:
             model.free()
             raise
@@ -199,8 +231,10 @@ class LlamaCppBackend:
         return Health(True)
 
     def describe(self) -> dict[str, object]:
-        return {"model": self.model_id, "state": self._state if self._engine is None and
-                self._embedder is None else "running"}
+        return {
+            "model": self.model_id,
+            "state": self._state if self._engine is None and self._embedder is None else "running",
+        }
 
     def fatal(self) -> str | None:
         """Why the engine thread died, once it has (not while loading, not after close())."""
@@ -213,13 +247,18 @@ class LlamaCppBackend:
         e = self._engine or self._embedder
         if e is None:
             return Load(capacity=self.config.parallel)
-        return Load(in_flight=e.n_active, queued=e.n_waiting, capacity=e.parallel,
-                    full=e.n_active + e.n_waiting >= e.parallel + e.max_queue)
+        return Load(
+            in_flight=e.n_active,
+            queued=e.n_waiting,
+            capacity=e.parallel,
+            full=e.n_active + e.n_waiting >= e.parallel + e.max_queue,
+        )
 
     async def complete(self, request: BackendRequest) -> BackendResponse:
         if request.endpoint == "embeddings" and self._embedder is not None:
-            return await self._embed_mod.answer(self._embedder, request.body, backend=self.name,
-                                                model_id=self.model_id)
+            return await self._embed_mod.answer(
+                self._embedder, request.body, backend=self.name, model_id=self.model_id
+            )
         job, queue, frames = await self._submit(request)
         parts: list[str] = []
         try:
@@ -250,49 +289,64 @@ class LlamaCppBackend:
 
     async def _submit(self, request: BackendRequest) -> tuple[Job, asyncio.Queue[Any], ReplyFrames]:
         if self._embedder is not None:
-            raise UnsupportedEndpoint(f"the llamacpp backend {self.name!r} serves an embedding model "
-                                      f"({self.model_id}): use /v1/embeddings")
+            raise UnsupportedEndpoint(
+                f"the llamacpp backend {self.name!r} serves an embedding model "
+                f"({self.model_id}): use /v1/embeddings"
+            )
         engine = self._engine
         if engine is None or not engine.alive:
-            raise BackendUnavailable(f"llamacpp backend {self.name!r} is not ready: "
-                                     f"{engine.error if engine else self._state}")
+            raise BackendUnavailable(
+                f"llamacpp backend {self.name!r} is not ready: {engine.error if engine else self._state}"
+            )
         body = request.body
         if request.endpoint == "embeddings":
-            raise UnsupportedEndpoint(f"the llamacpp backend {self.name!r} serves a generative model "
-                                      f"({self.model_id}) and has no embeddings")
+            raise UnsupportedEndpoint(
+                f"the llamacpp backend {self.name!r} serves a generative model "
+                f"({self.model_id}) and has no embeddings"
+            )
         sampling = sampling_of(body, request.endpoint)
         tokens, param = await self._prompt_tokens(body, request.endpoint, engine)
         if len(tokens) >= engine.n_ctx_seq:
-            raise _too_long(engine, param, f"resulted in {len(tokens)} tokens, which leaves no room "
-                                           "for a reply")
+            raise _too_long(
+                engine, param, f"resulted in {len(tokens)} tokens, which leaves no room for a reply"
+            )
         queue: asyncio.Queue[Any] = asyncio.Queue()
         job = engine.submit(tokens, sampling, queue)
         if job is None:
             raise BackendOverloaded(
                 f"llamacpp backend {self.name!r} is busy: {engine.parallel} requests running and "
-                f"{engine.max_queue} waiting", retry_after=1.0)
+                f"{engine.max_queue} waiting",
+                retry_after=1.0,
+            )
         options = body.get("stream_options")
         include_usage = isinstance(options, dict) and bool(options.get("include_usage"))
         model = body.get("model")
-        frames = ReplyFrames(request.endpoint == "chat", model if isinstance(model, str) else self.model_id,
-                             include_usage=include_usage)
+        frames = ReplyFrames(
+            request.endpoint == "chat",
+            model if isinstance(model, str) else self.model_id,
+            include_usage=include_usage,
+        )
         return job, queue, frames
 
-    async def _prompt_tokens(self, body: dict[str, Any], endpoint: str,
-                             engine: Engine) -> tuple[list[int], str]:
+    async def _prompt_tokens(
+        self, body: dict[str, Any], endpoint: str, engine: Engine
+    ) -> tuple[list[int], str]:
         if endpoint == "chat":
             messages = body.get("messages")
             if not isinstance(messages, list) or not messages:
                 raise InvalidRequest("messages must be a non-empty list", param="messages")
             if self._render is None:
-                raise UnsupportedEndpoint(f"model {self.model_id} has no chat template; set "
-                                          "chat_template in the backend config", param="messages")
+                raise UnsupportedEndpoint(
+                    f"model {self.model_id} has no chat template; set chat_template in the backend config",
+                    param="messages",
+                )
             # Only the template's own text holds special tokens (BOS included): the messages' text
             # is tokenized as text, so a "<|im_start|>" a user types stays characters.
             parts = self._render(messages)
             text = "".join(part for part, _ in parts)
-            return await self._tokenize(engine, text, "messages",
-                                        lambda: engine.model.tokenize_parts(parts)), "messages"
+            return await self._tokenize(
+                engine, text, "messages", lambda: engine.model.tokenize_parts(parts)
+            ), "messages"
         prompt = body.get("prompt")
         if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
             prompt = prompt[0]
@@ -301,24 +355,36 @@ class LlamaCppBackend:
             n_vocab = engine.model.n_vocab
             if min(prompt) < 0 or max(prompt) >= n_vocab:
                 i, bad = next((i, t) for i, t in enumerate(prompt) if not 0 <= t < n_vocab)
-                raise InvalidRequest(f"prompt[{i}] is token id {bad}, outside this model's vocabulary "
-                                     f"of {n_vocab} tokens (ids 0 to {n_vocab - 1})", param="prompt")
+                raise InvalidRequest(
+                    f"prompt[{i}] is token id {bad}, outside this model's vocabulary "
+                    f"of {n_vocab} tokens (ids 0 to {n_vocab - 1})",
+                    param="prompt",
+                )
             return list(prompt), "prompt"
         if not isinstance(prompt, str):
-            raise InvalidRequest("prompt must be a string or a list of one string (batched prompts "
-                                 "are not supported by the llamacpp backend)", param="prompt")
+            raise InvalidRequest(
+                "prompt must be a string or a list of one string (batched prompts "
+                "are not supported by the llamacpp backend)",
+                param="prompt",
+            )
         # A prompt is all the caller's own text: its special-token text is parsed, as llama.cpp's
         # server and OpenAI's completions do (a hand-written ChatML prompt works).
-        tokens = [] if not prompt else await self._tokenize(
-            engine, prompt, "prompt", lambda: engine.model.tokenize(prompt, add_special=True))
+        tokens = (
+            []
+            if not prompt
+            else await self._tokenize(
+                engine, prompt, "prompt", lambda: engine.model.tokenize(prompt, add_special=True)
+            )
+        )
         if not tokens:
             if engine.model.bos_id < 0:
                 raise InvalidRequest("prompt must not be empty", param="prompt")
             tokens = [engine.model.bos_id]
         return tokens, "prompt"
 
-    async def _tokenize(self, engine: Engine, text: str, param: str,
-                        tokenize: Callable[[], list[int]]) -> list[int]:
+    async def _tokenize(
+        self, engine: Engine, text: str, param: str, tokenize: Callable[[], list[int]]
+    ) -> list[int]:
         """``tokenize()``, the tokens of ``text``; a text far too long for the context is refused
         before tokenizing."""
         floor = engine.model.min_tokens(text)
@@ -331,14 +397,17 @@ def _too_long(engine: Engine, param: str, what: str) -> ContextLengthExceeded:
     return ContextLengthExceeded(
         f"This model's context is {engine.n_ctx_seq} tokens per request (n_ctx {engine.n_ctx} "
         f"shared by {engine.parallel} parallel sequences). However, your {param} {what}. Please "
-        f"reduce the length of the {param}.", param=param)
+        f"reduce the length of the {param}.",
+        param=param,
+    )
 
 
 class _SSEStream:
     """The stream() iterator. Closing it, cancelling its reader or dropping it frees the sequence."""
 
-    def __init__(self, backend: LlamaCppBackend, job: Job, queue: asyncio.Queue[Any],
-                 frames: ReplyFrames) -> None:
+    def __init__(
+        self, backend: LlamaCppBackend, job: Job, queue: asyncio.Queue[Any], frames: ReplyFrames
+    ) -> None:
         self._backend = backend
         self._job: Job | None = job
         self._queue = queue
@@ -366,8 +435,9 @@ class _SSEStream:
             return role + self._frames.delta_chunk(event)
         self._job = None
         if isinstance(event, self._backend._mod.Finished):
-            self._ready.extend(self._frames.final_chunks(
-                event.reason, Usage(event.prompt_tokens, event.completion_tokens)))
+            self._ready.extend(
+                self._frames.final_chunks(event.reason, Usage(event.prompt_tokens, event.completion_tokens))
+            )
             return role + self._ready.popleft()
         raise BackendUnavailable(f"llamacpp backend {self._backend.name!r}: {event.message}")
 

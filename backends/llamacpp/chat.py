@@ -17,8 +17,9 @@ from backends.errors import InvalidRequest
 T = TypeVar("T")
 
 
-def make_chat_renderer(template: str, bos_token: str,
-                       eos_token: str) -> Callable[[list[Any]], list[tuple[str, bool]]]:
+def make_chat_renderer(
+    template: str, bos_token: str, eos_token: str
+) -> Callable[[list[Any]], list[tuple[str, bool]]]:
     """A function from OpenAI ``messages`` to the prompt text, generation prompt appended, as
     ``(text, is_template)`` parts: the template's own text, whose special-token text is meant as
     special tokens, and the messages' contents, which are plain text whatever they hold.
@@ -47,8 +48,9 @@ def make_chat_renderer(template: str, bos_token: str,
         except InvalidRequest:
             raise
         except Exception as exc:  # templates raise_exception() on role orders they refuse
-            raise InvalidRequest(f"the chat template rejected these messages: {exc}",
-                                 param="messages") from exc
+            raise InvalidRequest(
+                f"the chat template rejected these messages: {exc}", param="messages"
+            ) from exc
         # pieces: template text, a message index, template text, ...
         contents = [str(plain[int(i)]["content"]) for i in pieces[1::2]]
         for form in (contents, [c.strip() for c in contents]):  # as given, or as a template trims
@@ -78,8 +80,10 @@ def _plain_message(message: Any) -> dict[str, Any]:
         for part in content:
             if not (isinstance(part, dict) and part.get("type") == "text"):
                 kind = part.get("type") if isinstance(part, dict) else type(part).__name__
-                raise InvalidRequest(f"content parts of type {kind!r} are not supported by the "
-                                     "llamacpp backend (text only)", param="messages")
+                raise InvalidRequest(
+                    f"content parts of type {kind!r} are not supported by the llamacpp backend (text only)",
+                    param="messages",
+                )
             texts.append(str(part.get("text", "")))
         content = "".join(texts)
     elif content is None:
@@ -98,6 +102,7 @@ async def tokenize_sized(chars: int, tokenize: Callable[[], T]) -> T:
     in a worker thread (4 MB took SmolLM2's tokenizer ~0.7 s, every stream paused meanwhile)."""
     return await asyncio.to_thread(tokenize) if chars > INLINE_TOKENIZE_CHARS else tokenize()
 
+
 #: OpenAI's limit on the inputs of one embeddings request
 MAX_EMBEDDING_INPUTS = 2048
 
@@ -111,13 +116,16 @@ def embedding_inputs(value: Any, n_vocab: int) -> list[str | list[int]]:
     elif isinstance(value, list):
         items = value
     else:
-        raise InvalidRequest("input must be a string, a list of strings or a list of token lists",
-                             param="input")
+        raise InvalidRequest(
+            "input must be a string, a list of strings or a list of token lists", param="input"
+        )
     if not items:
         raise InvalidRequest("input must not be empty", param="input")
     if len(items) > MAX_EMBEDDING_INPUTS:
-        raise InvalidRequest(f"input holds {len(items)} items; at most {MAX_EMBEDDING_INPUTS} "
-                             "fit in one request", param="input")
+        raise InvalidRequest(
+            f"input holds {len(items)} items; at most {MAX_EMBEDDING_INPUTS} fit in one request",
+            param="input",
+        )
     for i, item in enumerate(items):
         if isinstance(item, str):
             if not item:
@@ -125,16 +133,29 @@ def embedding_inputs(value: Any, n_vocab: int) -> list[str | list[int]]:
         elif not (isinstance(item, list) and item and all(type(t) is int for t in item)):
             raise InvalidRequest(f"input {i} is neither a string nor a list of token ids", param="input")
         elif not all(0 <= t < n_vocab for t in item):
-            raise InvalidRequest(f"input {i} holds a token id outside this model's vocabulary "
-                                 f"(0..{n_vocab - 1})", param="input")
+            raise InvalidRequest(
+                f"input {i} holds a token id outside this model's vocabulary (0..{n_vocab - 1})",
+                param="input",
+            )
     return items
 
 
 def embeddings_body(vectors: Sequence[Any], model: str, n_tokens: int, *, base64: bool) -> bytes:
     """The ``/v1/embeddings`` reply: unit vectors (numpy rows) as float lists, or as base64 of
     their little-endian float32 bytes (what the ``openai`` SDK asks for by default)."""
-    data = [{"object": "embedding", "index": i,
-             "embedding": b64encode(v.astype("<f4").tobytes()).decode() if base64 else v.tolist()}
-            for i, v in enumerate(vectors)]
-    return orjson.dumps({"object": "list", "data": data, "model": model,
-                         "usage": {"prompt_tokens": n_tokens, "total_tokens": n_tokens}})
+    data = [
+        {
+            "object": "embedding",
+            "index": i,
+            "embedding": b64encode(v.astype("<f4").tobytes()).decode() if base64 else v.tolist(),
+        }
+        for i, v in enumerate(vectors)
+    ]
+    return orjson.dumps(
+        {
+            "object": "list",
+            "data": data,
+            "model": model,
+            "usage": {"prompt_tokens": n_tokens, "total_tokens": n_tokens},
+        }
+    )

@@ -31,27 +31,36 @@ from backends.errors import BackendOverloaded, BackendUnavailable, ContextLength
 from backends.llamacpp.chat import embedding_inputs, embeddings_body, tokenize_sized
 from backends.llamacpp.model import FLASH_ATTN, Model
 
-_POOLING = {C.LLAMA_POOLING_TYPE_MEAN: "mean", C.LLAMA_POOLING_TYPE_CLS: "cls",
-            C.LLAMA_POOLING_TYPE_LAST: "last"}
+_POOLING = {
+    C.LLAMA_POOLING_TYPE_MEAN: "mean",
+    C.LLAMA_POOLING_TYPE_CLS: "cls",
+    C.LLAMA_POOLING_TYPE_LAST: "last",
+}
 
 
-async def answer(embedder: EmbeddingEngine, body: dict[str, Any], *, backend: str,
-                 model_id: str) -> BackendResponse:
+async def answer(
+    embedder: EmbeddingEngine, body: dict[str, Any], *, backend: str, model_id: str
+) -> BackendResponse:
     """``/v1/embeddings`` on an embedding model: OpenAI's request and reply shapes."""
     model = embedder.model
     inputs = embedding_inputs(body.get("input"), model.n_vocab)
     dimensions = body.get("dimensions")
     if dimensions is not None and dimensions != embedder.n_embd:
-        raise InvalidRequest(f"model {model_id} gives {embedder.n_embd}-dimensional embeddings and "
-                             "cannot shorten them", param="dimensions")
+        raise InvalidRequest(
+            f"model {model_id} gives {embedder.n_embd}-dimensional embeddings and cannot shorten them",
+            param="dimensions",
+        )
     encoding = body.get("encoding_format") or "float"
     if encoding not in ("float", "base64"):
         raise InvalidRequest("encoding_format must be 'float' or 'base64'", param="encoding_format")
     limit = embedder.max_input_tokens
 
     def too_long(index: int, what: str) -> ContextLengthExceeded:
-        return ContextLengthExceeded(f"This model's maximum input length is {limit} tokens. However, "
-                                     f"input {index} is {what}. Please shorten it.", param="input")
+        return ContextLengthExceeded(
+            f"This model's maximum input length is {limit} tokens. However, "
+            f"input {index} is {what}. Please shorten it.",
+            param="input",
+        )
 
     for index, text in enumerate(inputs):
         floor = model.min_tokens(text) if isinstance(text, str) else 0
@@ -59,22 +68,28 @@ async def answer(embedder: EmbeddingEngine, body: dict[str, Any], *, backend: st
             raise too_long(index, f"{len(text):,} characters: at least {floor:,} tokens")
     tokens = await tokenize_sized(
         sum(len(i) for i in inputs if isinstance(i, str)),
-        lambda: [model.tokenize(i, add_special=True, parse_special=False) if isinstance(i, str) else i
-                 for i in inputs])
+        lambda: [
+            model.tokenize(i, add_special=True, parse_special=False) if isinstance(i, str) else i
+            for i in inputs
+        ],
+    )
     for index, one in enumerate(tokens):
         if len(one) > limit:
             raise too_long(index, f"{len(one)} tokens")
     try:
         vectors = await embedder.embed(tokens)
     except QueueFull:
-        raise BackendOverloaded(f"llamacpp backend {backend!r} is busy: {embedder.max_queue} "
-                                "embedding requests waiting", retry_after=1.0) from None
+        raise BackendOverloaded(
+            f"llamacpp backend {backend!r} is busy: {embedder.max_queue} embedding requests waiting",
+            retry_after=1.0,
+        ) from None
     except RuntimeError as exc:
         raise BackendUnavailable(f"llamacpp backend {backend!r}: {exc}") from exc
     n_tokens = sum(len(one) for one in tokens)
     name = body.get("model")
-    reply = embeddings_body(vectors, name if isinstance(name, str) else model_id, n_tokens,
-                            base64=encoding == "base64")
+    reply = embeddings_body(
+        vectors, name if isinstance(name, str) else model_id, n_tokens, base64=encoding == "base64"
+    )
     return BackendResponse(reply, Usage(n_tokens, 0))
 
 
@@ -85,8 +100,17 @@ class QueueFull(Exception):
 class EmbeddingEngine:
     """Owns a context of ``model`` (and frees both on ``close``); blocking to create."""
 
-    def __init__(self, model: Model, *, n_ctx: int, n_threads: int | None, n_batch: int,
-                 parallel: int, max_queue: int, flash_attn: str = "auto") -> None:
+    def __init__(
+        self,
+        model: Model,
+        *,
+        n_ctx: int,
+        n_threads: int | None,
+        n_batch: int,
+        parallel: int,
+        max_queue: int,
+        flash_attn: str = "auto",
+    ) -> None:
         self.model = model
         params = C.llama_context_default_params()
         params.n_ctx = max(n_ctx, n_batch)
@@ -101,9 +125,11 @@ class EmbeddingEngine:
         pooling = C.llama_pooling_type(self._ctx)
         if pooling not in _POOLING:
             C.llama_free(self._ctx)
-            raise RuntimeError(f"{model.path} pools its tokens as type {pooling} (a reranker or no "
-                               "pooling): the llamacpp backend serves embeddings of mean, CLS or "
-                               "last-token pooling")
+            raise RuntimeError(
+                f"{model.path} pools its tokens as type {pooling} (a reranker or no "
+                "pooling): the llamacpp backend serves embeddings of mean, CLS or "
+                "last-token pooling"
+            )
         self.pooling = _POOLING[pooling]
         self._mem = C.llama_get_memory(self._ctx)  # None for BERT-like models: nothing to clear
         self.n_embd = model.n_embd

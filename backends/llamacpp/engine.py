@@ -86,12 +86,31 @@ class Job:
     """One request's life inside the engine; fields are touched by the engine thread only."""
 
     __slots__ = (
-        "admitted", "generated", "loop", "max_new", "n_fed", "n_gen",
-        "next_token", "pos", "queue", "reused", "sampler", "sampling", "seq", "text", "tokens",
+        "admitted",
+        "generated",
+        "loop",
+        "max_new",
+        "n_fed",
+        "n_gen",
+        "next_token",
+        "pos",
+        "queue",
+        "reused",
+        "sampler",
+        "sampling",
+        "seq",
+        "text",
+        "tokens",
     )
 
-    def __init__(self, tokens: list[int], sampling: Sampling, queue: asyncio.Queue[Any],
-                 loop: asyncio.AbstractEventLoop, max_new: int) -> None:
+    def __init__(
+        self,
+        tokens: list[int],
+        sampling: Sampling,
+        queue: asyncio.Queue[Any],
+        loop: asyncio.AbstractEventLoop,
+        max_new: int,
+    ) -> None:
         self.tokens = tokens
         self.sampling = sampling
         self.queue = queue
@@ -114,9 +133,20 @@ class Engine:
     """Runs the batching thread over a context of ``model`` (which it frees on ``close``).
     Blocking to create: call it in a worker thread."""
 
-    def __init__(self, model: Model, *, n_ctx: int, n_threads: int | None, n_batch: int,
-                 parallel: int, max_queue: int, flash_attn: str = "auto", kv_unified: bool = False,
-                 prefill_chunk: int | None = None, follow_up_wait_ms: float = 0.0) -> None:
+    def __init__(
+        self,
+        model: Model,
+        *,
+        n_ctx: int,
+        n_threads: int | None,
+        n_batch: int,
+        parallel: int,
+        max_queue: int,
+        flash_attn: str = "auto",
+        kv_unified: bool = False,
+        prefill_chunk: int | None = None,
+        follow_up_wait_ms: float = 0.0,
+    ) -> None:
         threads = n_threads or available_cpus()  # a container's CPU quota, not the host's cores
         self.model = model
         cparams = C.llama_context_default_params()
@@ -128,13 +158,15 @@ class Engine:
         cparams.n_threads = cparams.n_threads_batch = threads
         self._ctx = C.llama_init_from_model(model.ptr, cparams)
         if not self._ctx:
-            raise RuntimeError(f"llama.cpp could not create a context for {model.path} "
-                               f"(n_ctx={n_ctx}, parallel={parallel})")
+            raise RuntimeError(
+                f"llama.cpp could not create a context for {model.path} (n_ctx={n_ctx}, parallel={parallel})"
+            )
         mem = C.llama_get_memory(self._ctx)
         if not mem:  # e.g. a BERT without pooling metadata: it cannot generate
             C.llama_free(self._ctx)
-            raise RuntimeError(f"{model.path} ({model.architecture}) keeps no KV cache: it is not a "
-                               "generative model")
+            raise RuntimeError(
+                f"{model.path} ({model.architecture}) keeps no KV cache: it is not a generative model"
+            )
         self._vocab = model.vocab
         self._n_vocab = model.n_vocab
         self.n_ctx: int = C.llama_n_ctx(self._ctx)
@@ -248,8 +280,7 @@ class Engine:
                     self._await_follow_up()
         except BaseException as exc:  # a bug: fail loudly and never leave a client hanging
             self.error = f"engine thread died: {exc!r}"
-            log.exception("llamacpp %s: %s; every request fails until a restart", self.model.path,
-                          self.error)
+            log.exception("llamacpp %s: %s; every request fails until a restart", self.model.path, self.error)
             with self._lock:  # a submit from here on is answered at once (see submit)
                 self._stopping = True
             self._fail_all(self.error, release=False)  # the crash may have left the KV bookkeeping bad
@@ -318,7 +349,7 @@ class Engine:
             if take <= 0:
                 break
             seq, start = job.seq, job.n_fed
-            for i, tok in enumerate(job.tokens[start:start + take], start):
+            for i, tok in enumerate(job.tokens[start : start + take], start):
                 token[n] = tok
                 pos[n] = i
                 slots[n][0] = seq
@@ -369,8 +400,9 @@ class Engine:
         else:
             job.next_token = tok
 
-    def _finish(self, job: Job, reason: str, out: dict[Any, list[tuple[Any, Any]]], *,
-                flush: bool = True) -> None:
+    def _finish(
+        self, job: Job, reason: str, out: dict[Any, list[tuple[Any, Any]]], *, flush: bool = True
+    ) -> None:
         """Report the end of a job and free its sequence; ``flush=False`` after a stop string."""
         if flush:  # a partial stop string or split character that never completed is real text
             tail = job.text.flush()
@@ -400,9 +432,9 @@ class Engine:
         if keep:
             n_prompt = len(job.tokens)
             if job.n_fed < n_prompt:  # still prefilling (cancelled)
-                kept = job.tokens[:job.n_fed]
+                kept = job.tokens[: job.n_fed]
             else:  # job.pos: positions decoded; the last sampled token was never decoded
-                kept = job.tokens + job.generated[:job.pos - n_prompt]
+                kept = job.tokens + job.generated[: job.pos - n_prompt]
         self._active.remove(job)
         self._kv.release(job.seq, kept)
         self._freed = True

@@ -54,8 +54,12 @@ class KvCells:
             if p == 0:
                 C.llama_memory_seq_rm(self._mem, seq, -1, -1)
         if p and C.llama_memory_seq_pos_max(self._mem, seq) != p - 1:  # never expected: be safe
-            log.warning("seq %d: KV holds up to position %d, expected %d; clearing it", seq,
-                        C.llama_memory_seq_pos_max(self._mem, seq), p - 1)
+            log.warning(
+                "seq %d: KV holds up to position %d, expected %d; clearing it",
+                seq,
+                C.llama_memory_seq_pos_max(self._mem, seq),
+                p - 1,
+            )
             C.llama_memory_seq_rm(self._mem, seq, -1, -1)
             p = 0
         self.reused_tokens += p

@@ -71,7 +71,9 @@ class Model:
         #: keep every character (BPE, SentencePiece); WordPiece and Unigram drop whitespace.
         self.chars_per_token_max = (
             self._longest_token()
-            if C.llama_vocab_type(self.vocab) in (C.LLAMA_VOCAB_TYPE_BPE, C.LLAMA_VOCAB_TYPE_SPM) else 0)
+            if C.llama_vocab_type(self.vocab) in (C.LLAMA_VOCAB_TYPE_BPE, C.LLAMA_VOCAB_TYPE_SPM)
+            else 0
+        )
         self.load_seconds = time.perf_counter() - started
 
     def tokenize(self, text: str, *, add_special: bool, parse_special: bool = True) -> list[int]:

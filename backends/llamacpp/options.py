@@ -21,8 +21,11 @@ UNSUPPORTED: list[tuple[str, Callable[[Any], bool], str]] = [
     ("echo", lambda v: bool(v), "echo"),
     ("suffix", lambda v: bool(v), "suffix"),
     ("best_of", lambda v: v != 1, "best_of>1"),
-    ("response_format", lambda v: not (isinstance(v, dict) and v.get("type") == "text"),
-     "response_format other than text"),
+    (
+        "response_format",
+        lambda v: not (isinstance(v, dict) and v.get("type") == "text"),
+        "response_format other than text",
+    ),
 ]
 
 

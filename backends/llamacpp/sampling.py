@@ -132,8 +132,9 @@ def sample_rows(logits: np.ndarray, samplers: Sequence[TokenSampler]) -> list[in
         plain = [i for i, s in enumerate(samplers) if not (s.greedy or s.penalised)]
         if plain:  # one scaling and one exp for all of them; logits[plain] is a copy
             weights = logits[plain]
-            weights *= np.array([1.0 / samplers[i].settings.temperature for i in plain],
-                                dtype=np.float32)[:, None]
+            weights *= np.array([1.0 / samplers[i].settings.temperature for i in plain], dtype=np.float32)[
+                :, None
+            ]
             weights -= weights.max(axis=1, keepdims=True)
             np.exp(weights, out=weights)
             for row, i in enumerate(plain):

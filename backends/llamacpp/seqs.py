@@ -64,8 +64,7 @@ class SeqTable:
     def resident(self, seq: int) -> list[int]:
         return self._resident[seq]
 
-    def take(self, tokens: list[int], running: Collection[int],
-             held: Callable[[int], list[int]]) -> SeqPlan:
+    def take(self, tokens: list[int], running: Collection[int], held: Callable[[int], list[int]]) -> SeqPlan:
         """Take a free seq for a prompt (at least one is free). ``running``: the seq ids decoding
         now; ``held(seq)``: the tokens in any seq's cells, a running one's included."""
         limit = len(tokens) - 1  # one prompt token is always decoded, for its logits

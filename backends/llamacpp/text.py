@@ -34,8 +34,8 @@ class ReplyText:
             self._held = ""
             return text[:cut], True
         keep = stop_prefix_len(text, self._stops)
-        self._held = text[len(text) - keep:] if keep else ""
-        return text[:len(text) - keep], False
+        self._held = text[len(text) - keep :] if keep else ""
+        return text[: len(text) - keep], False
 
     def flush(self) -> str:
         """What is still held when the reply ends otherwise: a partial stop string that never

@@ -132,8 +132,10 @@ class OllamaConfig(BackendConfig):
     def _http_url(cls, value: str) -> str:
         value = http_base_url(value)
         if value.endswith(("/v1", "/api")):
-            raise ValueError("must be the Ollama server's base URL, without /api or /v1 "
-                             "(for Ollama's OpenAI-compatible /v1 API use kind: openai)")
+            raise ValueError(
+                "must be the Ollama server's base URL, without /api or /v1 "
+                "(for Ollama's OpenAI-compatible /v1 API use kind: openai)"
+            )
         return value
 
     @field_validator("keep_alive")
@@ -174,8 +176,11 @@ class OllamaBackend:
         self._host = parts.hostname or "?"
         if parts.port:
             self._host = f"{self._host}:{parts.port}"
-        self._secrets = tuple(s for s in (config.url, parts.netloc, *(
-            v for v in self._extra_headers.values() if len(v) >= 8)) if s)
+        self._secrets = tuple(
+            s
+            for s in (config.url, parts.netloc, *(v for v in self._extra_headers.values() if len(v) >= 8))
+            if s
+        )
         t = config.timeouts
         self._upstream = self._make_upstream(t.build())
         self._in_flight = 0
@@ -184,8 +189,13 @@ class OllamaBackend:
     def _make_upstream(self, timeouts: Timeouts) -> OpenAICompatibleUpstream:
         # Only its POST (timeouts, one retry on a stale pooled connection, failure mapping) and its
         # redaction are used: Ollama speaks NDJSON, not SSE, so replies are read here.
-        return OpenAICompatibleUpstream(http=self._http, base_url=self.config.url, headers=self._headers,
-                                        timeouts=timeouts, secrets=self._secrets)
+        return OpenAICompatibleUpstream(
+            http=self._http,
+            base_url=self.config.url,
+            headers=self._headers,
+            timeouts=timeouts,
+            secrets=self._secrets,
+        )
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -217,8 +227,9 @@ class OllamaBackend:
             reason = exc.message if isinstance(exc, InterlockError) else repr(exc)
             log.warning("%s: could not preload model %s: %s", self.name, self.config.model, reason)
             return
-        log.info("%s: ollama loaded model %s in %.1fs", self.name, self.config.model,
-                 time.monotonic() - started)
+        log.info(
+            "%s: ollama loaded model %s in %.1fs", self.name, self.config.model, time.monotonic() - started
+        )
 
     # -- requests -------------------------------------------------------------------------------
 
@@ -226,7 +237,8 @@ class OllamaBackend:
         if self._loading():
             raise BackendOverloaded(
                 f"the model {self.config.model} is still loading into Ollama; retry shortly",
-                retry_after=_LOADING_RETRY_AFTER_S)
+                retry_after=_LOADING_RETRY_AFTER_S,
+            )
 
     async def complete(self, request: BackendRequest) -> BackendResponse:
         path, payload = self._payload(request, stream=False)  # a bad request is a 400 even while loading
@@ -256,25 +268,37 @@ class OllamaBackend:
         except BaseException:
             self._in_flight -= 1
             raise
-        relay = NdjsonRelay(response, shape, idle=self.config.timeouts.idle,
-                            parse=self._parse, unavailable=self._upstream.unavailable,
-                            on_done=lambda data: self._log_timings(request.request_id, data),
-                            on_end=self._stream_ended)
+        relay = NdjsonRelay(
+            response,
+            shape,
+            idle=self.config.timeouts.idle,
+            parse=self._parse,
+            unavailable=self._upstream.unavailable,
+            on_done=lambda data: self._log_timings(request.request_id, data),
+            on_end=self._stream_ended,
+        )
         try:
             async with asyncio.timeout(self.config.timeouts.first_token):
                 await relay.prime()
         except TimeoutError:
             await relay.aclose()
-            raise BackendTimeout(f"no first token from ollama within "
-                                 f"{self.config.timeouts.first_token:g}s") from None
+            raise BackendTimeout(
+                f"no first token from ollama within {self.config.timeouts.first_token:g}s"
+            ) from None
         except BaseException:
             await relay.aclose()
             raise
         return relay
 
     def _payload(self, request: BackendRequest, *, stream: bool) -> tuple[str, dict[str, Any]]:
-        return request_payload(request.body, request.endpoint, model=self.config.model, stream=stream,
-                               num_ctx=self.config.num_ctx, keep_alive=self.config.keep_alive)
+        return request_payload(
+            request.body,
+            request.endpoint,
+            model=self.config.model,
+            stream=stream,
+            num_ctx=self.config.num_ctx,
+            keep_alive=self.config.keep_alive,
+        )
 
     def _common(self) -> dict[str, Any]:
         """What every request carries so that Ollama keeps (not reloads) the same model instance."""
@@ -282,8 +306,15 @@ class OllamaBackend:
 
     # -- HTTP -----------------------------------------------------------------------------------
 
-    async def _post(self, upstream: OpenAICompatibleUpstream, path: str, payload: dict[str, Any],
-                    request_id: str, *, stream: bool) -> aiohttp.ClientResponse:
+    async def _post(
+        self,
+        upstream: OpenAICompatibleUpstream,
+        path: str,
+        payload: dict[str, Any],
+        request_id: str,
+        *,
+        stream: bool,
+    ) -> aiohttp.ClientResponse:
         """POST and return the response once its status is known good; every failure is mapped."""
         response = await upstream.send(path, orjson.dumps(payload), request_id)
         if response.status >= 400:
@@ -294,12 +325,15 @@ class OllamaBackend:
         ctype = response.content_type
         if ctype not in ("application/json", "application/x-ndjson"):
             response.close()
-            raise BackendUnavailable(f"ollama answered {path} with {ctype or 'no content type'}, "
-                                     f"not {'NDJSON' if stream else 'JSON'}")
+            raise BackendUnavailable(
+                f"ollama answered {path} with {ctype or 'no content type'}, "
+                f"not {'NDJSON' if stream else 'JSON'}"
+            )
         return response
 
-    async def _call(self, upstream: OpenAICompatibleUpstream, path: str, payload: dict[str, Any],
-                    request_id: str) -> dict[str, Any]:
+    async def _call(
+        self, upstream: OpenAICompatibleUpstream, path: str, payload: dict[str, Any], request_id: str
+    ) -> dict[str, Any]:
         """A non-streamed call: the reply's JSON object."""
         response = await self._post(upstream, path, payload, request_id, stream=False)
         try:
@@ -337,12 +371,17 @@ class OllamaBackend:
         retry_after = retry_after_s(response.headers.get("retry-after"))
         if status == 404 and _NOT_FOUND.match(message):
             model = self.config.model
-            return ModelNotPulled(f"the model {model} is not pulled on the Ollama server of backend "
-                                  f"{self.name!r} (ollama said: {message}); an operator must run "
-                                  f"`ollama pull {model}`", param="model")
+            return ModelNotPulled(
+                f"the model {model} is not pulled on the Ollama server of backend "
+                f"{self.name!r} (ollama said: {message}); an operator must run "
+                f"`ollama pull {model}`",
+                param="model",
+            )
         if status == 404:
-            return UnsupportedEndpoint(f"this backend's Ollama server does not serve {path} "
-                                       f"({message}); it may be too old", param="model")
+            return UnsupportedEndpoint(
+                f"this backend's Ollama server does not serve {path} ({message}); it may be too old",
+                param="model",
+            )
         if status == 400:
             if "does not support" in message:
                 for word, param in _CAPABILITY_PARAMS:
@@ -359,8 +398,9 @@ class OllamaBackend:
         if status == 500 and _FORMAT_REJECTED.match(message):
             # Ollama reports a schema it cannot turn into a grammar on its generic 500 path: the
             # request is at fault, not the server, so it must not count against the breaker.
-            return InvalidRequest(f"ollama cannot use this response_format: {message}",
-                                  param="response_format")
+            return InvalidRequest(
+                f"ollama cannot use this response_format: {message}", param="response_format"
+            )
         return UpstreamHTTPError(status, {"message": f"ollama: {message}"}, retry_after=retry_after)
 
     # -- health and load ------------------------------------------------------------------------
@@ -368,18 +408,21 @@ class OllamaBackend:
     async def health(self) -> Health:
         timeout = aiohttp.ClientTimeout(total=_HEALTH_TIMEOUT_S, sock_connect=self.config.timeouts.connect)
         try:
-            async with self._http.session.get(self.config.url + "/api/tags", headers=self._extra_headers,
-                                              timeout=timeout) as response:
+            async with self._http.session.get(
+                self.config.url + "/api/tags", headers=self._extra_headers, timeout=timeout
+            ) as response:
                 if response.status != 200:
-                    return Health(False, f"ollama at {self._host} answered GET /api/tags with "
-                                         f"HTTP {response.status}")
+                    return Health(
+                        False, f"ollama at {self._host} answered GET /api/tags with HTTP {response.status}"
+                    )
                 raw = await response.read()
         except (aiohttp.ClientError, TimeoutError, OSError):
             return Health(False, f"cannot reach ollama at {self._host}")
         try:
             data = orjson.loads(raw)
-            names = {normalise_model_name(str(m.get("name") or m.get("model") or ""))
-                     for m in data["models"] or ()}
+            names = {
+                normalise_model_name(str(m.get("name") or m.get("model") or "")) for m in data["models"] or ()
+            }
         except (orjson.JSONDecodeError, KeyError, TypeError, AttributeError):
             return Health(False, f"the server at {self._host} did not answer GET /api/tags like Ollama")
         model = self.config.model
@@ -404,13 +447,26 @@ class OllamaBackend:
     def _log_timings(self, request_id: str, data: dict[str, Any]) -> None:
         load_ns = int_or_zero(data.get("load_duration"))
         if load_ns > 1e9:
-            log.info("%s: %s waited %.1fs for ollama to load %s", self.name, request_id, load_ns / 1e9,
-                     self.config.model)
+            log.info(
+                "%s: %s waited %.1fs for ollama to load %s",
+                self.name,
+                request_id,
+                load_ns / 1e9,
+                self.config.model,
+            )
         if log.isEnabledFor(logging.DEBUG):
             prompt_n, eval_n = int_or_zero(data.get("prompt_eval_count")), int_or_zero(data.get("eval_count"))
             eval_ns = int_or_zero(data.get("eval_duration"))
-            log.debug("%s: %s ollama timings: total %.1f ms, load %.1f ms, prompt %d tokens in %.1f ms, "
-                      "reply %d tokens in %.1f ms (%.1f tokens/s)", self.name, request_id,
-                      int_or_zero(data.get("total_duration")) / 1e6, load_ns / 1e6, prompt_n,
-                      int_or_zero(data.get("prompt_eval_duration")) / 1e6, eval_n, eval_ns / 1e6,
-                      eval_n / eval_ns * 1e9 if eval_ns else 0.0)
+            log.debug(
+                "%s: %s ollama timings: total %.1f ms, load %.1f ms, prompt %d tokens in %.1f ms, "
+                "reply %d tokens in %.1f ms (%.1f tokens/s)",
+                self.name,
+                request_id,
+                int_or_zero(data.get("total_duration")) / 1e6,
+                load_ns / 1e6,
+                prompt_n,
+                int_or_zero(data.get("prompt_eval_duration")) / 1e6,
+                eval_n,
+                eval_ns / 1e6,
+                eval_n / eval_ns * 1e9 if eval_ns else 0.0,
+            )

@@ -33,10 +33,17 @@ class NdjsonRelay:
     ``prime()`` is done (the caller bounds the wait for the first ones).
     """
 
-    def __init__(self, response: aiohttp.ClientResponse, shape: Shape, *, idle: float | None = None,
-                 parse: Callable[[bytes], dict[str, Any]],
-                 unavailable: Callable[[aiohttp.ClientError], InterlockError],
-                 on_done: Callable[[dict[str, Any]], None], on_end: Callable[[], None]) -> None:
+    def __init__(
+        self,
+        response: aiohttp.ClientResponse,
+        shape: Shape,
+        *,
+        idle: float | None = None,
+        parse: Callable[[bytes], dict[str, Any]],
+        unavailable: Callable[[aiohttp.ClientError], InterlockError],
+        on_done: Callable[[dict[str, Any]], None],
+        on_end: Callable[[], None],
+    ) -> None:
         self._response: aiohttp.ClientResponse | None = response
         self._shape = shape
         self._parse = parse
@@ -98,7 +105,7 @@ class NdjsonRelay:
             at = buffer.find(b"\n", self._scanned)
             if at >= 0:
                 line = bytes(buffer[:at])
-                del buffer[:at + 1]
+                del buffer[: at + 1]
                 self._scanned = 0
                 if line.strip():
                     return line

@@ -69,8 +69,15 @@ def load_fields(num_ctx: int | None, keep_alive: str | int | None) -> dict[str, 
     return out
 
 
-def request_payload(body: dict[str, Any], endpoint: str, *, model: str, stream: bool,
-                    num_ctx: int | None, keep_alive: str | int | None) -> tuple[str, dict[str, Any]]:
+def request_payload(
+    body: dict[str, Any],
+    endpoint: str,
+    *,
+    model: str,
+    stream: bool,
+    num_ctx: int | None,
+    keep_alive: str | int | None,
+) -> tuple[str, dict[str, Any]]:
     """An OpenAI chat / completions / embeddings body → Ollama's path and payload (bad input: 400)."""
     if endpoint == "embeddings":
         return "/api/embed", embed_payload(body, model=model, num_ctx=num_ctx, keep_alive=keep_alive)
@@ -104,12 +111,14 @@ def request_payload(body: dict[str, Any], endpoint: str, *, model: str, stream: 
     return path, payload
 
 
-def embed_payload(body: dict[str, Any], *, model: str, num_ctx: int | None,
-                  keep_alive: str | int | None) -> dict[str, Any]:
+def embed_payload(
+    body: dict[str, Any], *, model: str, num_ctx: int | None, keep_alive: str | int | None
+) -> dict[str, Any]:
     value = body.get("input")
     if isinstance(value, list) and not all(isinstance(v, str) for v in value):
-        raise InvalidRequest("token-id inputs are not supported by the ollama backend; send text",
-                             param="input")
+        raise InvalidRequest(
+            "token-id inputs are not supported by the ollama backend; send text", param="input"
+        )
     if not isinstance(value, str | list):
         raise InvalidRequest("input must be a string or a list of strings", param="input")
     payload: dict[str, Any] = {"model": model, "input": value, **load_fields(num_ctx, keep_alive)}
@@ -126,8 +135,9 @@ def client_model(request: BackendRequest) -> str:
 def _refuse_unsupported(body: dict[str, Any], endpoint: str) -> None:
     n = body.get("n")
     if n is not None and n != 1:
-        raise InvalidRequest("n > 1 is not supported by the ollama backend (one choice per request)",
-                             param="n")
+        raise InvalidRequest(
+            "n > 1 is not supported by the ollama backend (one choice per request)", param="n"
+        )
     if body.get("logprobs") not in (None, False):
         raise InvalidRequest("logprobs are not supported by the ollama backend", param="logprobs")
     if body.get("top_logprobs") not in (None, 0):
@@ -141,14 +151,19 @@ def _refuse_unsupported(body: dict[str, Any], endpoint: str) -> None:
             raise InvalidRequest("best_of > 1 is not supported by the ollama backend", param="best_of")
     choice = body.get("tool_choice")
     if choice not in (None, "auto", "none"):
-        raise InvalidRequest("tool_choice must be auto or none with the ollama backend "
-                             "(Ollama lets the model decide)", param="tool_choice")
+        raise InvalidRequest(
+            "tool_choice must be auto or none with the ollama backend (Ollama lets the model decide)",
+            param="tool_choice",
+        )
 
 
 #: vLLM-style sampling extras an Ollama option of the same meaning exists for: name -> (option, type)
-_EXTRAS: dict[str, tuple[str, type]] = {"top_k": ("top_k", int), "min_p": ("min_p", float),
-                                        "repeat_penalty": ("repeat_penalty", float),
-                                        "repetition_penalty": ("repeat_penalty", float)}
+_EXTRAS: dict[str, tuple[str, type]] = {
+    "top_k": ("top_k", int),
+    "min_p": ("min_p", float),
+    "repeat_penalty": ("repeat_penalty", float),
+    "repetition_penalty": ("repeat_penalty", float),
+}
 
 
 def _sampling(body: dict[str, Any], endpoint: str) -> dict[str, Any]:
@@ -187,8 +202,10 @@ def _messages(messages: Any) -> list[dict[str, Any]]:
             raise InvalidRequest("each message must be an object", param=where)
         role = message.get("role")
         text, images = _content(message.get("content"), where)
-        entry: dict[str, Any] = {"role": {"developer": "system", "function": "tool"}.get(str(role), role),
-                                 "content": text}
+        entry: dict[str, Any] = {
+            "role": {"developer": "system", "function": "tool"}.get(str(role), role),
+            "content": text,
+        }
         if images:
             entry["images"] = images
         for call in message.get("tool_calls") or ():
@@ -224,8 +241,11 @@ def _content(content: Any, where: str) -> tuple[str, list[str]]:
         elif kind == "image_url":
             images.append(_image(part.get("image_url"), f"{where}.content"))
         else:
-            raise InvalidRequest(f"content parts of type {kind!r} are not supported by the ollama backend "
-                                 "(text and base64 image_url only)", param=f"{where}.content")
+            raise InvalidRequest(
+                f"content parts of type {kind!r} are not supported by the ollama backend "
+                "(text and base64 image_url only)",
+                param=f"{where}.content",
+            )
     return "".join(texts), images
 
 
@@ -235,8 +255,11 @@ def _image(value: Any, where: str) -> str:
         header, sep, data = url.partition(",")
         if sep and header.endswith(";base64") and data:
             return data
-    raise InvalidRequest("the ollama backend takes images as base64 data: URLs "
-                         "(data:image/png;base64,...), not links it would have to fetch", param=where)
+    raise InvalidRequest(
+        "the ollama backend takes images as base64 data: URLs "
+        "(data:image/png;base64,...), not links it would have to fetch",
+        param=where,
+    )
 
 
 def _tool_call_in(call: Any, where: str) -> dict[str, Any]:
@@ -269,8 +292,9 @@ def _format(response_format: Any) -> Any:
         spec = response_format.get("json_schema")
         schema = spec.get("schema") if isinstance(spec, dict) else None
         if not isinstance(schema, dict):
-            raise InvalidRequest("response_format json_schema needs json_schema.schema (an object)",
-                                 param="response_format")
+            raise InvalidRequest(
+                "response_format json_schema needs json_schema.schema (an object)", param="response_format"
+            )
         return schema
     raise InvalidRequest("response_format must be text, json_object or json_schema", param="response_format")
 
@@ -282,8 +306,9 @@ def _think(effort: Any) -> bool | str | None:
         return False
     if effort in ("low", "medium", "high"):
         return str(effort)
-    raise InvalidRequest("reasoning_effort must be none, low, medium or high with the ollama backend",
-                         param="reasoning_effort")
+    raise InvalidRequest(
+        "reasoning_effort must be none, low, medium or high with the ollama backend", param="reasoning_effort"
+    )
 
 
 def _prompt(prompt: Any) -> str:
@@ -292,10 +317,15 @@ def _prompt(prompt: Any) -> str:
     if isinstance(prompt, str):
         return prompt
     if isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
-        raise InvalidRequest("several prompts in one request are not supported by the ollama backend "
-                             "(send one request per prompt)", param="prompt")
-    raise InvalidRequest("the ollama backend takes the prompt as text (a string or a list of one string), "
-                         "not token ids", param="prompt")
+        raise InvalidRequest(
+            "several prompts in one request are not supported by the ollama backend "
+            "(send one request per prompt)",
+            param="prompt",
+        )
+    raise InvalidRequest(
+        "the ollama backend takes the prompt as text (a string or a list of one string), not token ids",
+        param="prompt",
+    )
 
 
 # --- reply translation -------------------------------------------------------------------------
@@ -323,9 +353,12 @@ def _tool_call_out(call: Any, index: int | None) -> dict[str, Any]:
     call_id = call.get("id") if isinstance(call, dict) else None
     out["id"] = call_id if isinstance(call_id, str) and call_id else "call_" + uuid.uuid4().hex[:24]
     out["type"] = "function"
-    out["function"] = {"name": str(fn.get("name") or ""),
-                       "arguments": arguments if isinstance(arguments, str)
-                       else orjson.dumps(arguments if arguments is not None else {}).decode()}
+    out["function"] = {
+        "name": str(fn.get("name") or ""),
+        "arguments": arguments
+        if isinstance(arguments, str)
+        else orjson.dumps(arguments if arguments is not None else {}).decode(),
+    }
     return out
 
 
@@ -378,8 +411,11 @@ class Shape:
             message = message if isinstance(message, dict) else {}
             content = message.get("content") if isinstance(message.get("content"), str) else ""
             calls = message.get("tool_calls") if isinstance(message.get("tool_calls"), list) else []
-            reply: dict[str, Any] = {"role": "assistant", "content": content or (None if calls else ""),
-                                     "refusal": None}
+            reply: dict[str, Any] = {
+                "role": "assistant",
+                "content": content or (None if calls else ""),
+                "refusal": None,
+            }
             thinking = message.get("thinking")
             if isinstance(thinking, str) and thinking:
                 reply["reasoning_content"] = thinking
@@ -404,6 +440,12 @@ def embeddings_reply(data: dict[str, Any], model: str, encoding: Any) -> Backend
             value = base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode()
         items.append({"object": "embedding", "index": index, "embedding": value})
     prompt_tokens = int_or_zero(data.get("prompt_eval_count"))
-    body = orjson.dumps({"object": "list", "data": items, "model": model,
-                         "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens}})
+    body = orjson.dumps(
+        {
+            "object": "list",
+            "data": items,
+            "model": model,
+            "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens},
+        }
+    )
     return BackendResponse(body=body, usage=Usage(prompt_tokens, 0))

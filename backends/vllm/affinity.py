@@ -61,8 +61,12 @@ def _text(value: object) -> str:
         return value
     if isinstance(value, list) and all(isinstance(p, dict) for p in value):
         # content parts: text as text, anything else (images, audio) by its JSON
-        return "".join(p["text"] if p.get("type") == "text" and isinstance(p.get("text"), str)
-                       else orjson.dumps(p, option=orjson.OPT_SORT_KEYS).decode() for p in value)
+        return "".join(
+            p["text"]
+            if p.get("type") == "text" and isinstance(p.get("text"), str)
+            else orjson.dumps(p, option=orjson.OPT_SORT_KEYS).decode()
+            for p in value
+        )
     return orjson.dumps(value, option=orjson.OPT_SORT_KEYS).decode()
 
 
@@ -83,7 +87,7 @@ def block_keys(text: str, block_chars: int) -> list[int]:
     keys = []
     previous = 0
     for start in range(0, len(text) - block_chars + 1, block_chars):
-        previous = hash((previous, text[start:start + block_chars]))
+        previous = hash((previous, text[start : start + block_chars]))
         keys.append(previous)
     return keys
 
@@ -194,8 +198,16 @@ class Ask:
     conversation: str = ""
 
 
-def choose(routing: Routing, candidates: Sequence[Candidate], ask: Ask, *, block_tokens: float,
-           load_guard: float, rng: random.Random, turn: int = 0) -> Candidate:
+def choose(
+    routing: Routing,
+    candidates: Sequence[Candidate],
+    ask: Ask,
+    *,
+    block_tokens: float,
+    load_guard: float,
+    rng: random.Random,
+    turn: int = 0,
+) -> Candidate:
     """The endpoint a request goes to; ``turn`` counts the calls, for ``round_robin``."""
     ordered = sorted(candidates, key=lambda c: c.name)
     if routing == "round_robin":
@@ -209,8 +221,7 @@ def choose(routing: Routing, candidates: Sequence[Candidate], ask: Ask, *, block
     longest = max(c.cached_blocks for c in ordered)
     if longest > 0:
         least = min(c.queued_tokens for c in ordered)
-        holders = [c for c in ordered
-                   if c.cached_blocks == longest and c.queued_tokens - least <= load_guard]
+        holders = [c for c in ordered if c.cached_blocks == longest and c.queued_tokens - least <= load_guard]
         pool = holders or ordered  # none within the guard: the prefix is ignored
 
     def score(c: Candidate) -> float:

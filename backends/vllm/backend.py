@@ -133,10 +133,15 @@ class VllmBackend:
         self._block_tokens = config.prefix_block_chars / CHARS_PER_TOKEN
         self._typical = _TYPICAL_TOKENS
         self._turn = 0
-        self._members = Members(name, config, resources.http, headers=self._headers, secret=self._key,
-                                timeouts=Timeouts(connect=t.connect, first_token=t.first_token,
-                                                  total=t.total, idle=t.idle),
-                                clock=clock)
+        self._members = Members(
+            name,
+            config,
+            resources.http,
+            headers=self._headers,
+            secret=self._key,
+            timeouts=Timeouts(connect=t.connect, first_token=t.first_token, total=t.total, idle=t.idle),
+            clock=clock,
+        )
 
     @property
     def members(self) -> Members:
@@ -164,13 +169,19 @@ class VllmBackend:
         if request.endpoint == "chat":
             messages = body["messages"]
             first_user = next((i for i, m in enumerate(messages) if m.get("role") == "user"), 0)
-            conversation = render_prompt("chat", {"messages": messages[:first_user + 1]})
+            conversation = render_prompt("chat", {"messages": messages[: first_user + 1]})
         else:
             conversation = rendered[:block]
-        return _Plan(path=ENDPOINT_PATHS[request.endpoint], body=body, keys=keys,
-                     tokens=prompt_tokens(request.endpoint, body, rendered), decode=decode,
-                     session=request.session, conversation=conversation,
-                     prompt_field=_PROMPT_FIELD[request.endpoint])
+        return _Plan(
+            path=ENDPOINT_PATHS[request.endpoint],
+            body=body,
+            keys=keys,
+            tokens=prompt_tokens(request.endpoint, body, rendered),
+            decode=decode,
+            session=request.session,
+            conversation=conversation,
+            prompt_field=_PROMPT_FIELD[request.endpoint],
+        )
 
     def _shape(self, request: BackendRequest) -> dict[str, Any]:
         """The body vLLM gets, in shapes it handles: it resets the connection on ``messages: []``,
@@ -180,17 +191,22 @@ class VllmBackend:
             raise InvalidRequest("The request body must be a JSON object.", code="invalid_json")
         model = self.config.model or body.get("model")
         if not isinstance(model, str) or not model:
-            raise InvalidRequest("Missing required parameter: 'model'.", param="model",
-                                 code="missing_required_parameter")
+            raise InvalidRequest(
+                "Missing required parameter: 'model'.", param="model", code="missing_required_parameter"
+            )
         field = _PROMPT_FIELD[request.endpoint]
         value = body.get(field)
         if request.endpoint == "chat":
             if not isinstance(value, list) or not value or not all(isinstance(m, dict) for m in value):
-                raise InvalidRequest("'messages' must be a non-empty array of message objects.",
-                                     param="messages", code="invalid_value")
+                raise InvalidRequest(
+                    "'messages' must be a non-empty array of message objects.",
+                    param="messages",
+                    code="invalid_value",
+                )
         elif value is None or value == []:
-            raise InvalidRequest(f"Missing required parameter: '{field}'.", param=field,
-                                 code="missing_required_parameter")
+            raise InvalidRequest(
+                f"Missing required parameter: '{field}'.", param=field, code="missing_required_parameter"
+            )
         shaped = {**body, "model": model}
         if not request.stream and shaped.get("stream"):
             shaped["stream"] = False
@@ -212,12 +228,26 @@ class VllmBackend:
             return None
         now = self._clock()
         auto = self.config.routing == "auto"
-        candidates = [Candidate(e.root, e.index.match(plan.keys, now) if auto else 0,
-                                self._queued(e) if auto else 0.0, e.in_flight) for e in endpoints.values()]
+        candidates = [
+            Candidate(
+                e.root,
+                e.index.match(plan.keys, now) if auto else 0,
+                self._queued(e) if auto else 0.0,
+                e.in_flight,
+            )
+            for e in endpoints.values()
+        ]
         ask = Ask(plan.tokens, plan.session, plan.conversation)
         self._turn += 1
-        chosen = choose(self.config.routing, candidates, ask, block_tokens=self._block_tokens,
-                        load_guard=self.config.load_guard, rng=self._rng, turn=self._turn - 1)
+        chosen = choose(
+            self.config.routing,
+            candidates,
+            ask,
+            block_tokens=self._block_tokens,
+            load_guard=self.config.load_guard,
+            rng=self._rng,
+            turn=self._turn - 1,
+        )
         return endpoints[chosen.name]
 
     def choose(self, request: BackendRequest) -> str | None:
@@ -301,16 +331,20 @@ class VllmBackend:
         if exc.status in (400, 422):
             return InvalidRequest(message, param=exc.param)
         if exc.status == 404 and exc.param == "model":
-            return BackendUnavailable(f"the vLLM pool does not serve its model: {message}",
-                                      code="upstream_model_not_found")
+            return BackendUnavailable(
+                f"the vLLM pool does not serve its model: {message}", code="upstream_model_not_found"
+            )
         if exc.status == 404:
             return BackendUnavailable("the upstream has no such route (is it a vLLM server?)")
         return exc
 
     def _none_healthy(self) -> BackendUnavailable:
         total = len(self._members)
-        return BackendUnavailable(f"no healthy endpoint in the vLLM pool ({total} of {total} down)"
-                                  if total else "the vLLM pool has no endpoints")
+        return BackendUnavailable(
+            f"no healthy endpoint in the vLLM pool ({total} of {total} down)"
+            if total
+            else "the vLLM pool has no endpoints"
+        )
 
     # -- what the gateway reads -----------------------------------------------------------------
 

@@ -60,8 +60,9 @@ class Endpoint:
     def restore(self) -> None:
         self.healthy, self.reason, self.failures = True, "", 0
 
-    async def probe(self, session: aiohttp.ClientSession, headers: Mapping[str, str],
-                    limit_s: float) -> str | None:
+    async def probe(
+        self, session: aiohttp.ClientSession, headers: Mapping[str, str], limit_s: float
+    ) -> str | None:
         """``GET /health``: None when it answers 200, else why not."""
         try:
             async with asyncio.timeout(limit_s):
@@ -74,8 +75,9 @@ class Endpoint:
         except aiohttp.ClientError as exc:
             return f"GET /health failed ({type(exc).__name__})"
 
-    async def read_metrics(self, session: aiohttp.ClientSession, headers: Mapping[str, str],
-                           limit_s: float, now: float) -> None:
+    async def read_metrics(
+        self, session: aiohttp.ClientSession, headers: Mapping[str, str], limit_s: float, now: float
+    ) -> None:
         """Scrape ``/metrics``; a failure keeps the last snapshot (it goes stale by age)."""
         ours = self.in_flight
         try:

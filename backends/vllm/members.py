@@ -26,9 +26,17 @@ log = logging.getLogger("interlock.backends.vllm")
 
 
 class Members:
-    def __init__(self, name: str, config: VllmConfig, http: HttpClient, *,
-                 headers: Mapping[str, str], secret: str, timeouts: Timeouts,
-                 clock: Callable[[], float]) -> None:
+    def __init__(
+        self,
+        name: str,
+        config: VllmConfig,
+        http: HttpClient,
+        *,
+        headers: Mapping[str, str],
+        secret: str,
+        timeouts: Timeouts,
+        clock: Callable[[], float],
+    ) -> None:
         self.name = name
         self.config = config
         self._http = http
@@ -86,19 +94,25 @@ class Members:
     def _add(self, root: str) -> Endpoint:
         netloc = urlsplit(root).netloc
         upstream = OpenAICompatibleUpstream(
-            http=self._http, base_url=root + "/v1", headers=dict(self._headers), timeouts=self._timeouts,
+            http=self._http,
+            base_url=root + "/v1",
+            headers=dict(self._headers),
+            timeouts=self._timeouts,
             secrets=tuple(s for s in (self._secret, root, netloc, self.config.dns) if s),
         )
-        endpoint = Endpoint(root, upstream, PrefixIndex(self.config.prefix_ttl_s,
-                                                         self.config.prefix_index_blocks))
+        endpoint = Endpoint(
+            root, upstream, PrefixIndex(self.config.prefix_ttl_s, self.config.prefix_index_blocks)
+        )
         self._endpoints[root] = endpoint
         if self._running:
             self._watch(endpoint)
         return endpoint
 
     def _watch(self, endpoint: Endpoint) -> None:
-        endpoint.tasks = [asyncio.create_task(self._health_loop(endpoint)),
-                          asyncio.create_task(self._scrape_loop(endpoint))]
+        endpoint.tasks = [
+            asyncio.create_task(self._health_loop(endpoint)),
+            asyncio.create_task(self._scrape_loop(endpoint)),
+        ]
 
     def _remove(self, root: str) -> None:
         endpoint = self._endpoints.pop(root)
@@ -133,8 +147,9 @@ class Members:
     async def _dns_loop(self) -> None:
         while True:
             # an empty pool (the name did not resolve yet) asks again soon
-            await asyncio.sleep(self.config.dns_refresh_s if self._endpoints
-                                else min(1.0, self.config.dns_refresh_s))
+            await asyncio.sleep(
+                self.config.dns_refresh_s if self._endpoints else min(1.0, self.config.dns_refresh_s)
+            )
             await self.refresh_dns()
 
     # -- health and scrapes ---------------------------------------------------------------------
@@ -166,8 +181,9 @@ class Members:
 
     async def _scrape_loop(self, endpoint: Endpoint) -> None:
         while True:
-            await endpoint.read_metrics(self._http.session, self._headers, self._scrape_timeout,
-                                        self._clock())
+            await endpoint.read_metrics(
+                self._http.session, self._headers, self._scrape_timeout, self._clock()
+            )
             await asyncio.sleep(self.config.scrape_interval_s)
 
 

@@ -26,10 +26,16 @@ ALIASES: dict[str, tuple[str, ...]] = {
     "running": ("vllm:num_requests_running",),
     "waiting": ("vllm:num_requests_waiting",),
     "kv_cache_usage": ("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc"),
-    "prefix_queries": ("vllm:prefix_cache_queries_total", "vllm:gpu_prefix_cache_queries_total",
-                       "vllm:gpu_prefix_cache_queries"),
-    "prefix_hits": ("vllm:prefix_cache_hits_total", "vllm:gpu_prefix_cache_hits_total",
-                    "vllm:gpu_prefix_cache_hits"),
+    "prefix_queries": (
+        "vllm:prefix_cache_queries_total",
+        "vllm:gpu_prefix_cache_queries_total",
+        "vllm:gpu_prefix_cache_queries",
+    ),
+    "prefix_hits": (
+        "vllm:prefix_cache_hits_total",
+        "vllm:gpu_prefix_cache_hits_total",
+        "vllm:gpu_prefix_cache_hits",
+    ),
 }
 _AVERAGED = {"kv_cache_usage"}
 _WANTED = {name for names in ALIASES.values() for name in names}
@@ -93,7 +99,7 @@ def _sample(line: str) -> tuple[str, float] | None:
             i += 1
         else:
             return None  # no closing brace
-        rest = line[i + 1:]
+        rest = line[i + 1 :]
     elif space != -1:
         name, rest = line[:space], line[space:]
     else:

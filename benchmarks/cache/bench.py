@@ -108,10 +108,22 @@ ROW_TITLES = {
     "paused": "5. miss, cache on, Redis paused",
 }
 #: the route each row sends to, and the cache result every one of its replies must carry
-ROW_ROUTE = {"nocache": "chat-nocache", "unique": "chat-unique", "hit": "chat", "stream_hit": "chat-stream",
-             "stream_hit_1": "chat-stream", "paused": "chat-unique"}
-ROW_EXPECT = {"nocache": None, "unique": "miss", "hit": "hit", "stream_hit": "hit", "stream_hit_1": "hit",
-              "paused": None}
+ROW_ROUTE = {
+    "nocache": "chat-nocache",
+    "unique": "chat-unique",
+    "hit": "chat",
+    "stream_hit": "chat-stream",
+    "stream_hit_1": "chat-stream",
+    "paused": "chat-unique",
+}
+ROW_EXPECT = {
+    "nocache": None,
+    "unique": "miss",
+    "hit": "hit",
+    "stream_hit": "hit",
+    "stream_hit_1": "hit",
+    "paused": None,
+}
 
 
 # --- small HTTP and process helpers ------------------------------------------------------------
@@ -119,8 +131,9 @@ ROW_EXPECT = {"nocache": None, "unique": "miss", "hit": "hit", "stream_hit": "hi
 _OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
-def http(method: str, url: str, body: bytes | None = None,
-         extra: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
+def http(
+    method: str, url: str, body: bytes | None = None, extra: dict[str, str] | None = None
+) -> tuple[int, dict[str, str], bytes]:
     """(status, lower-cased headers, body)."""
     headers = {**({"content-type": "application/json"} if body else {}), **(extra or {})}
     request = urllib.request.Request(url, data=body, method=method, headers=headers)
@@ -140,13 +153,20 @@ def lua_body(script: Path) -> bytes:
 
 def unique_body(model: str, tag: str) -> bytes:
     """What unique.lua sends, for the checks."""
-    return (f'{{"model":"{model}","messages":[{{"role":"user","content":"Name three colors. ({tag})"}}],'
-            '"max_tokens":24,"temperature":0}').encode()
+    return (
+        f'{{"model":"{model}","messages":[{{"role":"user","content":"Name three colors. ({tag})"}}],'
+        '"max_tokens":24,"temperature":0}'
+    ).encode()
 
 
 def redis_cli(port: int, *args: str, timeout: float = 10.0) -> str:
-    done = subprocess.run(["redis-cli", "-h", "127.0.0.1", "-p", str(port), "-n", REDIS_DB, *args],
-                          capture_output=True, text=True, timeout=timeout, check=False)
+    done = subprocess.run(
+        ["redis-cli", "-h", "127.0.0.1", "-p", str(port), "-n", REDIS_DB, *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
     if done.returncode != 0:
         raise BenchError(f"redis-cli -p {port} {shlex.join(args)}: {done.stdout}{done.stderr}")
     return done.stdout.strip()
@@ -158,8 +178,9 @@ def cache_results(origin: str) -> Counter[tuple[str, str]]:
     if status != 200:
         raise BenchError(f"GET {origin}/metrics: HTTP {status}")
     out: Counter[tuple[str, str]] = Counter()
-    for m in re.finditer(r'^interlock_cache_results(?:_total)?\{([^}]*)\}\s+([\d.e+]+)$', body.decode(),
-                         re.MULTILINE):
+    for m in re.finditer(
+        r"^interlock_cache_results(?:_total)?\{([^}]*)\}\s+([\d.e+]+)$", body.decode(), re.MULTILINE
+    ):
         labels = dict(re.findall(r'(\w+)="([^"]*)"', m.group(1)))
         out[labels.get("route", ""), labels.get("result", "")] += round(float(m.group(2)))
     return out
@@ -245,27 +266,59 @@ class Gateway:
         return self.origin + "/v1/chat/completions"
 
     def shown(self) -> str:
-        env = " ".join(f"{k}={self.env[k]}" for k in ("INTERLOCK_REDIS_URL", "INTERLOCK_SHUTDOWN_DELAY_S",
-                                                       "INTERLOCK_RELOAD_WATCH"))
+        env = " ".join(
+            f"{k}={self.env[k]}"
+            for k in ("INTERLOCK_REDIS_URL", "INTERLOCK_SHUTDOWN_DELAY_S", "INTERLOCK_RELOAD_WATCH")
+        )
         return f"{env} {shlex.join(self.argv)}"
 
 
 def gateway(name: str, redis_url: str, routing: Path) -> Gateway:
     port = free_port()
-    argv = ["taskset", "-c", GATEWAY_CPU, str(INTERLOCK.relative_to(REPO)), "serve",
-            "--config", str(routing), "--port", str(port), "--log-level", "warning"]
-    env = {**os.environ, "INTERLOCK_REDIS_URL": redis_url, "INTERLOCK_SHUTDOWN_DELAY_S": "0",
-           "INTERLOCK_RELOAD_WATCH": "false"}
+    argv = [
+        "taskset",
+        "-c",
+        GATEWAY_CPU,
+        str(INTERLOCK.relative_to(REPO)),
+        "serve",
+        "--config",
+        str(routing),
+        "--port",
+        str(port),
+        "--log-level",
+        "warning",
+    ]
+    env = {
+        **os.environ,
+        "INTERLOCK_REDIS_URL": redis_url,
+        "INTERLOCK_SHUTDOWN_DELAY_S": "0",
+        "INTERLOCK_RELOAD_WATCH": "false",
+    }
     return Gateway(name, redis_url, port, argv, env)
 
 
 # --- wrk ---------------------------------------------------------------------------------------
 
 
-def wrk_argv(connections: int | str, duration: int | str, url: str, script: Path,
-             args: Sequence[str] = ()) -> list[str]:
-    return ["taskset", "-c", LOAD_CPU, "wrk", "-t1", f"-c{connections}", f"-d{duration}s", "--latency",
-            "--timeout", "10s", "-s", str(script), url, *(["--", *args] if args else [])]
+def wrk_argv(
+    connections: int | str, duration: int | str, url: str, script: Path, args: Sequence[str] = ()
+) -> list[str]:
+    return [
+        "taskset",
+        "-c",
+        LOAD_CPU,
+        "wrk",
+        "-t1",
+        f"-c{connections}",
+        f"-d{duration}s",
+        "--latency",
+        "--timeout",
+        "10s",
+        "-s",
+        str(script),
+        url,
+        *(["--", *args] if args else []),
+    ]
 
 
 def run_wrk(argv: list[str], log: Path, duration: int) -> WrkResult:
@@ -276,8 +329,9 @@ def run_wrk(argv: list[str], log: Path, duration: int) -> WrkResult:
     with log.open("a") as f:
         f.write(f"$ {shlex.join(argv)}\n{done.stdout}{done.stderr}\n")
     if done.returncode != 0:
-        raise BenchError(f"wrk exited with status {done.returncode}: {shlex.join(argv)}\n{done.stdout}"
-                         f"{done.stderr}")
+        raise BenchError(
+            f"wrk exited with status {done.returncode}: {shlex.join(argv)}\n{done.stdout}{done.stderr}"
+        )
     try:
         result = parse_wrk(done.stdout)
     except ValueError as exc:
@@ -316,16 +370,17 @@ def _chunked(data: bytes) -> tuple[bytes, bool]:
         size = int(data[pos:eol].split(b";")[0], 16)
         start = eol + 2
         if size == 0:
-            return bytes(payload), data.find(b"\r\n\r\n", eol) >= 0 or data[start:start + 2] == b"\r\n"
+            return bytes(payload), data.find(b"\r\n\r\n", eol) >= 0 or data[start : start + 2] == b"\r\n"
         if len(data) < start + size + 2:
-            payload += data[start:start + size]
+            payload += data[start : start + size]
             return bytes(payload), False
-        payload += data[start:start + size]
+        payload += data[start : start + size]
         pos = start + size + 2
 
 
-async def _one(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, request: bytes,
-               result: TtfbResult | None) -> None:
+async def _one(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, request: bytes, result: TtfbResult | None
+) -> None:
     t0 = time.perf_counter()
     writer.write(request)
     buf = b""
@@ -365,8 +420,10 @@ async def _one(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, reque
 
 
 async def _ttfb(port: int, body: bytes, concurrency: int, requests: int, warmup: int) -> TtfbResult:
-    request = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-               b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+    request = (
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+        b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body
+    )
     result = TtfbResult()
     share = [requests // concurrency + (i < requests % concurrency) for i in range(concurrency)]
 
@@ -424,10 +481,28 @@ def pausing(port: int, log: Path) -> Iterator[list[float]]:
         while not stop.is_set():
             issued.append(time.monotonic() - t0)
             with log.open("ab") as out:
-                procs.append(subprocess.Popen(
-                    ["taskset", "-c", LOAD_CPU, "redis-cli", "-h", "127.0.0.1", "-p", str(port),
-                     "-n", REDIS_DB, "CLIENT", "PAUSE", str(PAUSE_MS)], stdout=out, stderr=subprocess.STDOUT,
-                    stdin=subprocess.DEVNULL))
+                procs.append(
+                    subprocess.Popen(
+                        [
+                            "taskset",
+                            "-c",
+                            LOAD_CPU,
+                            "redis-cli",
+                            "-h",
+                            "127.0.0.1",
+                            "-p",
+                            str(port),
+                            "-n",
+                            REDIS_DB,
+                            "CLIENT",
+                            "PAUSE",
+                            str(PAUSE_MS),
+                        ],
+                        stdout=out,
+                        stderr=subprocess.STDOUT,
+                        stdin=subprocess.DEVNULL,
+                    )
+                )
             k += 1
             stop.wait(max(0.0, t0 + k * PAUSE_EVERY_S - time.monotonic()))
 
@@ -491,8 +566,9 @@ def self_ticks() -> int:
     return round((t.user + t.system) * CLK_TCK) + children_ticks()
 
 
-def measure(args: argparse.Namespace, gws: dict[str, Gateway], load_pids: list[int], work: Path,
-            wrk_log: Path) -> list[Run]:
+def measure(
+    args: argparse.Namespace, gws: dict[str, Gateway], load_pids: list[int], work: Path, wrk_log: Path
+) -> list[Run]:
     runs: list[Run] = []
     a, b = gws["shared"], gws["private"]
     stream_body = lua_body(STREAM_LUA)
@@ -522,8 +598,11 @@ def measure(args: argparse.Namespace, gws: dict[str, Gateway], load_pids: list[i
                 if row in TTFB_ROWS:
                     t = run_ttfb(gw.port, stream_body, conc, ttfb_requests)
                 else:
-                    issued = stack.enter_context(pausing(args.private_port, work / "pause.log")) \
-                        if row == "paused" else None
+                    issued = (
+                        stack.enter_context(pausing(args.private_port, work / "pause.log"))
+                        if row == "paused"
+                        else None
+                    )
                     w = run_wrk(wrk_argv(n, d, gw.url(), script, extra), wrk_log, d)
                     if issued is not None:
                         note += f"; pauses issued: {len(issued)}"
@@ -534,23 +613,48 @@ def measure(args: argparse.Namespace, gws: dict[str, Gateway], load_pids: list[i
                 assert g.proc is not None
                 g.proc.ensure_alive()
             if row in TTFB_ROWS:
-                run = Run(row, r, t.requests / t.elapsed_s, percentile(t.ttfb_ms, 50),
-                          percentile(t.ttfb_ms, 99), t.requests, t.errors, core.stolen, load.stolen,
-                          gw_us / max(1, t.requests), cache,
-                          f"whole response p50 {percentile(t.total_ms, 50):.2f} ms"
-                          + (f"; problems {dict(t.problems)}" if t.problems else ""))
+                run = Run(
+                    row,
+                    r,
+                    t.requests / t.elapsed_s,
+                    percentile(t.ttfb_ms, 50),
+                    percentile(t.ttfb_ms, 99),
+                    t.requests,
+                    t.errors,
+                    core.stolen,
+                    load.stolen,
+                    gw_us / max(1, t.requests),
+                    cache,
+                    f"whole response p50 {percentile(t.total_ms, 50):.2f} ms"
+                    + (f"; problems {dict(t.problems)}" if t.problems else ""),
+                )
             else:
                 tail = re.search(r"^tail: p99\.9 (\d+) us, max (\d+) us$", w.output, re.MULTILINE)
                 if tail:
                     p999, top = (int(v) / 1e3 for v in tail.groups())
                     note += f"; p99.9 {p999:.1f} ms, max {top:.1f} ms"
-                run = Run(row, r, w.rps, w.p50_ms, w.p99_ms, w.requests, w.errors, core.stolen, load.stolen,
-                          gw_us / max(1, w.requests), cache, note.strip("; "))
+                run = Run(
+                    row,
+                    r,
+                    w.rps,
+                    w.p50_ms,
+                    w.p99_ms,
+                    w.requests,
+                    w.errors,
+                    core.stolen,
+                    load.stolen,
+                    gw_us / max(1, w.requests),
+                    cache,
+                    note.strip("; "),
+                )
             runs.append(run)
-            print(f"cache bench: round {r + 1} {ROW_TITLES[row]}: {run.rps:,.0f} req/s, "
-                  f"p50 {run.p50_ms:.2f} ms, p99 {run.p99_ms:.2f} ms, {run.errors} errors, "
-                  f"cache {dict(run.cache)}, "
-                  f"others CPU0 {run.stolen0:.0%} CPU1 {run.stolen1:.0%} {run.note}", file=sys.stderr)
+            print(
+                f"cache bench: round {r + 1} {ROW_TITLES[row]}: {run.rps:,.0f} req/s, "
+                f"p50 {run.p50_ms:.2f} ms, p99 {run.p99_ms:.2f} ms, {run.errors} errors, "
+                f"cache {dict(run.cache)}, "
+                f"others CPU0 {run.stolen0:.0%} CPU1 {run.stolen1:.0%} {run.note}",
+                file=sys.stderr,
+            )
     return runs
 
 
@@ -577,26 +681,35 @@ def check_replies(a: Gateway, b: Gateway) -> None:
         tag = f"check-{uuid.uuid4().hex[:8]}"
         status, headers, body = http("POST", gw.url(), unique_body("chat-nocache", tag))
         if status != 200 or body != json_reply or "x-interlock-cache" in headers:
-            raise BenchError(f"{gw.name} chat-nocache: HTTP {status}, cache "
-                             f"{headers.get('x-interlock-cache')}, {body[:200]!r}")
+            raise BenchError(
+                f"{gw.name} chat-nocache: HTTP {status}, cache "
+                f"{headers.get('x-interlock-cache')}, {body[:200]!r}"
+            )
         for want in ("miss", "hit"):
             status, headers, body = http("POST", gw.url(), unique_body("chat-unique", tag))
             if status != 200 or headers.get("x-interlock-cache") != want:
-                raise BenchError(f"{gw.name} chat-unique: HTTP {status}, cache "
-                                 f"{headers.get('x-interlock-cache')} (want {want}), {body[:200]!r}")
+                raise BenchError(
+                    f"{gw.name} chat-unique: HTTP {status}, cache "
+                    f"{headers.get('x-interlock-cache')} (want {want}), {body[:200]!r}"
+                )
     # The hit rows' requests are fixed (post.lua, stream.lua), so their keys are the same in every
     # run: the first of each goes with no-cache, which stores a fresh entry, else one left in the
     # shared Redis by an earlier run could expire in the middle of this one.
     for want, control in (("miss", {"cache-control": "no-cache"}), ("hit", {}), ("hit", {})):
         status, headers, body = http("POST", a.url(), lua_body(POST_LUA), control)
         if status != 200 or headers.get("x-interlock-cache") != want:
-            raise BenchError(f"chat: HTTP {status}, cache {headers.get('x-interlock-cache')} (want {want}), "
-                             f"{body[:200]!r}")
+            raise BenchError(
+                f"chat: HTTP {status}, cache {headers.get('x-interlock-cache')} (want {want}), {body[:200]!r}"
+            )
         status, headers, body = http("POST", a.url(), lua_body(STREAM_LUA), control)
-        if (status != 200 or headers.get("x-interlock-cache") != want
-                or not body.endswith(b"data: [DONE]\n\n")):
-            raise BenchError(f"chat-stream: HTTP {status}, cache {headers.get('x-interlock-cache')}, "
-                             f"{body[-200:]!r}")
+        if (
+            status != 200
+            or headers.get("x-interlock-cache") != want
+            or not body.endswith(b"data: [DONE]\n\n")
+        ):
+            raise BenchError(
+                f"chat-stream: HTTP {status}, cache {headers.get('x-interlock-cache')}, {body[-200:]!r}"
+            )
     for gw in (a, b):
         if not ready_cache(gw.origin).endswith("cache ok"):
             raise BenchError(f"{gw.name}: Redis is not ok before the run: {ready_cache(gw.origin)}")
@@ -609,11 +722,14 @@ def redis_commands_per_miss(gw: Gateway, port: int) -> str:
     for i in range(REDIS_PROBE):
         status, headers, _ = http("POST", gw.url(), unique_body("chat-unique", f"probe-{tag}-{i}"))
         if status != 200 or headers.get("x-interlock-cache") != "miss":
-            raise BenchError(f"{gw.name}: probe request {i}: HTTP {status}, cache "
-                             f"{headers.get('x-interlock-cache')}")
+            raise BenchError(
+                f"{gw.name}: probe request {i}: HTTP {status}, cache {headers.get('x-interlock-cache')}"
+            )
     stats = redis_cli(port, "INFO", "commandstats")
-    calls = {m.group(1): int(m.group(2))
-             for m in re.finditer(r"^cmdstat_([\w|]+):calls=(\d+)", stats, re.MULTILINE)}
+    calls = {
+        m.group(1): int(m.group(2))
+        for m in re.finditer(r"^cmdstat_([\w|]+):calls=(\d+)", stats, re.MULTILINE)
+    }
     ignored = {"select", "config|resetstat", "info", "ping", "hello", "client|setinfo", "client|setname"}
     per = {k.upper(): v / REDIS_PROBE for k, v in sorted(calls.items()) if k not in ignored}
     return f"{sum(per.values()):g} ({', '.join(f'{v:g} {k}' for k, v in per.items())})"
@@ -637,16 +753,25 @@ def yes(ok: bool) -> str:
 
 
 def markdown(header: Sequence[str], body: Sequence[Sequence[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" if i == 0 else "---:"
-                                                         for i in range(len(header))) + "|"]
+    lines = [
+        "| " + " | ".join(header) + " |",
+        "|" + "|".join("---" if i == 0 else "---:" for i in range(len(header))) + "|",
+    ]
     lines += ["| " + " | ".join(row) + " |" for row in body]
     return "\n".join(lines)
 
 
-def report(runs: Sequence[Run], args: argparse.Namespace,
-           redis_per_miss: str) -> tuple[str, list[tuple[str, bool]]]:
-    m = {row: (med(runs, row, lambda r: r.rps), med(runs, row, lambda r: r.p50_ms),
-               med(runs, row, lambda r: r.p99_ms)) for row in ROWS}
+def report(
+    runs: Sequence[Run], args: argparse.Namespace, redis_per_miss: str
+) -> tuple[str, list[tuple[str, bool]]]:
+    m = {
+        row: (
+            med(runs, row, lambda r: r.rps),
+            med(runs, row, lambda r: r.p50_ms),
+            med(runs, row, lambda r: r.p99_ms),
+        )
+        for row in ROWS
+    }
     added50 = paired(runs, "unique", "nocache", lambda x, y: x.p50_ms - y.p50_ms)
     added99 = paired(runs, "unique", "nocache", lambda x, y: x.p99_ms - y.p99_ms)
     added_cpu = paired(runs, "unique", "nocache", lambda x, y: x.cpu_us - y.cpu_us)
@@ -656,15 +781,23 @@ def report(runs: Sequence[Run], args: argparse.Namespace,
     sent = sum(r.requests for r in runs if r.row == "paused")
     ttfb50 = m["stream_hit"][1]
     targets = [
-        (f"row 2 adds at most {TARGET_P50_ADDED_MS:g} ms p50 to row 1: {added50:+.2f} ms",
-         added50 <= TARGET_P50_ADDED_MS),
-        (f"row 2 adds at most {TARGET_P99_ADDED_MS:g} ms p99 to row 1: {added99:+.2f} ms",
-         added99 <= TARGET_P99_ADDED_MS),
-        (f"row 3 req/s at least {TARGET_HIT_RPS_RATIO:g}x row 1's: {ratio:.2f}x",
-         ratio >= TARGET_HIT_RPS_RATIO),
+        (
+            f"row 2 adds at most {TARGET_P50_ADDED_MS:g} ms p50 to row 1: {added50:+.2f} ms",
+            added50 <= TARGET_P50_ADDED_MS,
+        ),
+        (
+            f"row 2 adds at most {TARGET_P99_ADDED_MS:g} ms p99 to row 1: {added99:+.2f} ms",
+            added99 <= TARGET_P99_ADDED_MS,
+        ),
+        (
+            f"row 3 req/s at least {TARGET_HIT_RPS_RATIO:g}x row 1's: {ratio:.2f}x",
+            ratio >= TARGET_HIT_RPS_RATIO,
+        ),
         (f"row 4 TTFB p50 at most {TARGET_TTFB_P50_MS:g} ms: {ttfb50:.2f} ms", ttfb50 <= TARGET_TTFB_P50_MS),
-        (f"row 5 p99 at most {TARGET_PAUSED_P99_ADDED_MS:g} ms above row 2's: {paused99:+.2f} ms",
-         paused99 <= TARGET_PAUSED_P99_ADDED_MS),
+        (
+            f"row 5 p99 at most {TARGET_PAUSED_P99_ADDED_MS:g} ms above row 2's: {paused99:+.2f} ms",
+            paused99 <= TARGET_PAUSED_P99_ADDED_MS,
+        ),
         (f"row 5 no failed request: {failed} of {sent:,}", failed == 0),
     ]
     compared = {
@@ -675,95 +808,145 @@ def report(runs: Sequence[Run], args: argparse.Namespace,
         "stream_hit_1": "as row 4, one request at a time",
         "paused": f"{paused99:+.2f} ms p99 vs row 2; {failed} failed",
     }
-    verdict = {"nocache": "", "unique": yes(targets[0][1] and targets[1][1]), "hit": yes(targets[2][1]),
-               "stream_hit": yes(targets[3][1]), "stream_hit_1": "(no target)",
-               "paused": yes(targets[4][1] and targets[5][1])}
+    verdict = {
+        "nocache": "",
+        "unique": yes(targets[0][1] and targets[1][1]),
+        "hit": yes(targets[2][1]),
+        "stream_hit": yes(targets[3][1]),
+        "stream_hit_1": "(no target)",
+        "paused": yes(targets[4][1] and targets[5][1]),
+    }
     main = markdown(
-        ["row", "req/s", "p50 ms", "p99 ms", "compared", "target", "gateway CPU us/req",
-         "others' CPU0 / CPU1"],
-        [[ROW_TITLES[row], f"{m[row][0]:,.0f}", f"{m[row][1]:.2f}", f"{m[row][2]:.2f}", compared[row],
-          verdict[row], f"{med(runs, row, lambda r: r.cpu_us):.0f}",
-          f"{med(runs, row, lambda r: r.stolen0):.0%} / {med(runs, row, lambda r: r.stolen1):.0%}"]
-         for row in ROWS])
+        [
+            "row",
+            "req/s",
+            "p50 ms",
+            "p99 ms",
+            "compared",
+            "target",
+            "gateway CPU us/req",
+            "others' CPU0 / CPU1",
+        ],
+        [
+            [
+                ROW_TITLES[row],
+                f"{m[row][0]:,.0f}",
+                f"{m[row][1]:.2f}",
+                f"{m[row][2]:.2f}",
+                compared[row],
+                verdict[row],
+                f"{med(runs, row, lambda r: r.cpu_us):.0f}",
+                f"{med(runs, row, lambda r: r.stolen0):.0%} / {med(runs, row, lambda r: r.stolen1):.0%}",
+            ]
+            for row in ROWS
+        ],
+    )
     rounds = markdown(
-        ["row", "round", "req/s", "p50 ms", "p99 ms", "requests", "failed", "x-interlock-cache",
-         "others' CPU0 / CPU1", "note"],
-        [[ROW_TITLES[r.row], str(r.round_ + 1), f"{r.rps:,.0f}", f"{r.p50_ms:.2f}", f"{r.p99_ms:.2f}",
-          f"{r.requests:,}", str(r.errors),
-          ", ".join(f"{k} {v:,}" for k, v in sorted(r.cache.items())) or "none",
-          f"{r.stolen0:.0%} / {r.stolen1:.0%}", r.note or ""]
-         for row in ROWS for r in runs if r.row == row])
+        [
+            "row",
+            "round",
+            "req/s",
+            "p50 ms",
+            "p99 ms",
+            "requests",
+            "failed",
+            "x-interlock-cache",
+            "others' CPU0 / CPU1",
+            "note",
+        ],
+        [
+            [
+                ROW_TITLES[r.row],
+                str(r.round_ + 1),
+                f"{r.rps:,.0f}",
+                f"{r.p50_ms:.2f}",
+                f"{r.p99_ms:.2f}",
+                f"{r.requests:,}",
+                str(r.errors),
+                ", ".join(f"{k} {v:,}" for k, v in sorted(r.cache.items())) or "none",
+                f"{r.stolen0:.0%} / {r.stolen1:.0%}",
+                r.note or "",
+            ]
+            for row in ROWS
+            for r in runs
+            if r.row == row
+        ],
+    )
     stolen0 = [r.stolen0 for r in runs]
     stolen1 = [r.stolen1 for r in runs]
-    text = "\n".join([
-        f"Medians of {args.rounds} interleaved rounds of {args.duration} s at {args.connections} "
-        f"connections (rows 4 and 4b: {args.ttfb_requests:,} and {args.ttfb_requests // 4:,} requests a "
-        "round; their req/s is the Python client's pace). Deltas and ratios are the medians of the "
-        "per-round ones (each round runs every row once, back to back).",
-        "",
-        main,
-        "",
-        "Targets (issue 16):",
-        "",
-        *[f"- {t}: {yes(ok)}" for t, ok in targets],
-        "",
-        f"Other processes' share of each core during the measured runs: CPU 0 (the gateway's) median "
-        f"{statistics.median(stolen0):.0%}, max {max(stolen0):.0%}; CPU 1 (the load's) median "
-        f"{statistics.median(stolen1):.0%}, max {max(stolen1):.0%}.",
-        "",
-        f"Redis commands per miss (the row-5 gateway's private Redis, `INFO commandstats` over "
-        f"{REDIS_PROBE} unique misses before the run): {redis_per_miss}; per hit: none (the in-process "
-        "tier answers).",
-    ])
+    text = "\n".join(
+        [
+            f"Medians of {args.rounds} interleaved rounds of {args.duration} s at {args.connections} "
+            f"connections (rows 4 and 4b: {args.ttfb_requests:,} and {args.ttfb_requests // 4:,} requests a "
+            "round; their req/s is the Python client's pace). Deltas and ratios are the medians of the "
+            "per-round ones (each round runs every row once, back to back).",
+            "",
+            main,
+            "",
+            "Targets (issue 16):",
+            "",
+            *[f"- {t}: {yes(ok)}" for t, ok in targets],
+            "",
+            f"Other processes' share of each core during the measured runs: CPU 0 (the gateway's) median "
+            f"{statistics.median(stolen0):.0%}, max {max(stolen0):.0%}; CPU 1 (the load's) median "
+            f"{statistics.median(stolen1):.0%}, max {max(stolen1):.0%}.",
+            "",
+            f"Redis commands per miss (the row-5 gateway's private Redis, `INFO commandstats` over "
+            f"{REDIS_PROBE} unique misses before the run): {redis_per_miss}; per hit: none (the in-process "
+            "tier answers).",
+        ]
+    )
     return text + "\n\nPer round:\n\n" + rounds, targets
 
 
 def render(text: str, facts: dict[str, str]) -> str:
-    return "\n".join([
-        "# Response cache benchmark",
-        "",
-        "What the response cache costs on a miss and saves on a hit, against a static upstream (nginx "
-        "with `benchmarks/proxy_overhead`'s canned replies, `finish_reason` made `stop`), "
-        "with the gateway pinned to one core. Written by `benchmarks/cache/bench.py`.",
-        "",
-        f"- Command: `{facts['command']}`",
-        f"- Date: {facts['date']}",
-        f"- Commit: {facts['commit']}",
-        f"- CPU: {facts['cpu']}",
-        f"- CPU busy with other work just before the run: {facts['busy']} of both cores; during the "
-        "measured runs, the others' share of each core is in the tables (the shared Redis on 6379, used "
-        "by rows 2 to 4, counts as the others')",
-        f"- Gateway (rows 1-4): `{facts['gateway_a']}`",
-        f"- Gateway (row 5): `{facts['gateway_b']}`",
-        f"- Private Redis (row 5): `{facts['redis']}`; paused by `{facts['pause']}` every "
-        f"{PAUSE_EVERY_S:g} s through the measured run",
-        f"- Upstream: `{facts['nginx']}`",
-        f"- Load: rows 1, 2, 5 `{facts['wrk_unique']}`; row 3 `{facts['wrk_hit']}`; row 4 an asyncio "
-        "client over raw sockets (in bench.py, CPU 1) sending `stream.lua`'s body",
-        f"- Tools: {facts['tools']}",
-        "",
-        text,
-        "",
-        "Notes:",
-        "",
-        "- At 8 connections the gateway's core is saturated, so latency is about 8 requests' worth of "
-        "its CPU time: a cost added per request shows up in p50 about 8-fold (the CPU column says "
-        "where it goes). Row 4b, one stream at a time, is the hit's own time to first byte.",
-        "- A hit is answered from the gateway's in-process tier (the entry is also in Redis); row 2's "
-        "miss makes the Redis round trips of a lookup, the single-flight lock, the store and the unlock.",
-        "- Row 5 runs on a second gateway process with a private Redis (pinned to CPU 1), so its "
-        "comparison with row 2 (the shared Redis) also holds the difference of the two Redis servers. "
-        "Before each row-5 run the gateway is driven until its readiness says the cache is `ok` again "
-        "(the Redis breaker closed), so every round starts from a healthy cache.",
-        "- Two cores shared with other agents' work: the ratios and paired deltas are the numbers "
-        "to read, not the absolute ones.",
-        "- WORK is the run's scratch directory; `<port>`s were free ports of the run. The routing file:",
-        "",
-        "```yaml",
-        facts["routing"].rstrip("\n"),
-        "```",
-        "",
-    ])
+    return "\n".join(
+        [
+            "# Response cache benchmark",
+            "",
+            "What the response cache costs on a miss and saves on a hit, against a static upstream (nginx "
+            "with `benchmarks/proxy_overhead`'s canned replies, `finish_reason` made `stop`), "
+            "with the gateway pinned to one core. Written by `benchmarks/cache/bench.py`.",
+            "",
+            f"- Command: `{facts['command']}`",
+            f"- Date: {facts['date']}",
+            f"- Commit: {facts['commit']}",
+            f"- CPU: {facts['cpu']}",
+            f"- CPU busy with other work just before the run: {facts['busy']} of both cores; during the "
+            "measured runs, the others' share of each core is in the tables (the shared Redis on 6379, used "
+            "by rows 2 to 4, counts as the others')",
+            f"- Gateway (rows 1-4): `{facts['gateway_a']}`",
+            f"- Gateway (row 5): `{facts['gateway_b']}`",
+            f"- Private Redis (row 5): `{facts['redis']}`; paused by `{facts['pause']}` every "
+            f"{PAUSE_EVERY_S:g} s through the measured run",
+            f"- Upstream: `{facts['nginx']}`",
+            f"- Load: rows 1, 2, 5 `{facts['wrk_unique']}`; row 3 `{facts['wrk_hit']}`; row 4 an asyncio "
+            "client over raw sockets (in bench.py, CPU 1) sending `stream.lua`'s body",
+            f"- Tools: {facts['tools']}",
+            "",
+            text,
+            "",
+            "Notes:",
+            "",
+            "- At 8 connections the gateway's core is saturated, so latency is about 8 requests' worth of "
+            "its CPU time: a cost added per request shows up in p50 about 8-fold (the CPU column says "
+            "where it goes). Row 4b, one stream at a time, is the hit's own time to first byte.",
+            "- A hit is answered from the gateway's in-process tier (the entry is also in Redis); row 2's "
+            "miss makes the Redis round trips of a lookup, the single-flight lock, the store and the unlock.",
+            "- Row 5 runs on a second gateway process with a private Redis (pinned to CPU 1), so its "
+            "comparison with row 2 (the shared Redis) also holds the difference of the two Redis servers. "
+            "Before each row-5 run the gateway is driven until its readiness says the cache is `ok` again "
+            "(the Redis breaker closed), so every round starts from a healthy cache.",
+            "- Two cores shared with other agents' work: the ratios and paired deltas are the numbers "
+            "to read, not the absolute ones.",
+            "- WORK is the run's scratch directory; `<port>`s were free ports of the run. The routing file:",
+            "",
+            "```yaml",
+            facts["routing"].rstrip("\n"),
+            "```",
+            "",
+        ]
+    )
 
 
 # --- main --------------------------------------------------------------------------------------
@@ -812,21 +995,49 @@ def bench(args: argparse.Namespace) -> bool:
     wrk_log = work / "wrk.log"
     nginx_port = free_port()
     upstream = f"http://127.0.0.1:{nginx_port}"
-    nginx_cmd = ["taskset", "-c", LOAD_CPU, "nginx", "-c", str(render_nginx(work, nginx_port)),
-                 "-p", str(work), "-e", str(work / "error.log")]
+    nginx_cmd = [
+        "taskset",
+        "-c",
+        LOAD_CPU,
+        "nginx",
+        "-c",
+        str(render_nginx(work, nginx_port)),
+        "-p",
+        str(work),
+        "-e",
+        str(work / "error.log"),
+    ]
     args.private_port = free_port()
-    redis_cmd = ["taskset", "-c", LOAD_CPU, "redis-server", "--port", str(args.private_port),
-                 "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", str(work)]
+    redis_cmd = [
+        "taskset",
+        "-c",
+        LOAD_CPU,
+        "redis-server",
+        "--port",
+        str(args.private_port),
+        "--bind",
+        "127.0.0.1",
+        "--save",
+        "",
+        "--appendonly",
+        "no",
+        "--dir",
+        str(work),
+    ]
     routing = write_routing(work, upstream)
     private = f"redis://127.0.0.1:{args.private_port}/{REDIS_DB}"
-    gws = {"shared": gateway("gateway (rows 1-4)", SHARED_REDIS, routing),
-           "private": gateway("gateway (row 5)", private, routing)}
+    gws = {
+        "shared": gateway("gateway (rows 1-4)", SHARED_REDIS, routing),
+        "private": gateway("gateway (row 5)", private, routing),
+    }
     commit = git_state(REPO)  # what the gateways load is what the checkout holds as they start
     with ExitStack() as stack:
         nginx = stack.enter_context(started("nginx", nginx_cmd, work / "nginx.log"))
         wait_until(nginx, f"{upstream}/", None)
-        nginx_workers = [int(p) for p in
-                         Path(f"/proc/{nginx.popen.pid}/task/{nginx.popen.pid}/children").read_text().split()]
+        nginx_workers = [
+            int(p)
+            for p in Path(f"/proc/{nginx.popen.pid}/task/{nginx.popen.pid}/children").read_text().split()
+        ]
         redis = stack.enter_context(started("redis", redis_cmd, work / "redis.log"))
         deadline = time.monotonic() + 10
         while True:
@@ -850,8 +1061,10 @@ def bench(args: argparse.Namespace) -> bool:
     print(text)
     problems = check_runs(runs)
     if problems:
-        print("cache bench: FAILED: " + "; ".join(problems) + f"; results.md left as it was; logs in {work}",
-              file=sys.stderr)
+        print(
+            "cache bench: FAILED: " + "; ".join(problems) + f"; results.md left as it was; logs in {work}",
+            file=sys.stderr,
+        )
         return False
     names = {work: "WORK"}
     url = "<gateway>/v1/chat/completions"
@@ -866,12 +1079,16 @@ def bench(args: argparse.Namespace) -> bool:
         "redis": shlex.join(redis_cmd),
         "pause": f"redis-cli -p <port> -n {REDIS_DB} CLIENT PAUSE {PAUSE_MS}",
         "nginx": shlex.join(nginx_cmd),
-        "wrk_unique": shlex.join(wrk_argv(args.connections, args.duration, url, UNIQUE_LUA,
-                                          ["<route>", "<fresh prefix>"])),
+        "wrk_unique": shlex.join(
+            wrk_argv(args.connections, args.duration, url, UNIQUE_LUA, ["<route>", "<fresh prefix>"])
+        ),
         "wrk_hit": shlex.join(wrk_argv(args.connections, args.duration, url, POST_LUA)),
-        "tools": "; ".join([*(tool_version(a) for a in (["wrk", "-v"], ["nginx", "-v"],
-                                                        ["redis-server", "--version"])),
-                            f"Python {sys.version.split()[0]}"]),
+        "tools": "; ".join(
+            [
+                *(tool_version(a) for a in (["wrk", "-v"], ["nginx", "-v"], ["redis-server", "--version"])),
+                f"Python {sys.version.split()[0]}",
+            ]
+        ),
         "routing": re.sub(r"127\.0\.0\.1:\d+", "127.0.0.1:<port>", routing.read_text()),
     }
     markdown_text = scrub(render(text, facts), names)
@@ -881,8 +1098,11 @@ def bench(args: argparse.Namespace) -> bool:
     if leaked:
         raise BenchError(f"results.md would hold paths of this machine: {leaked}; logs in {work}")
     RESULTS.write_text(markdown_text.rstrip("\n") + "\n")
-    print(f"\ncache bench: wrote {RESULTS.relative_to(REPO)}; targets met: "
-          f"{sum(ok for _, ok in targets)} of {len(targets)}", file=sys.stderr)
+    print(
+        f"\ncache bench: wrote {RESULTS.relative_to(REPO)}; targets met: "
+        f"{sum(ok for _, ok in targets)} of {len(targets)}",
+        file=sys.stderr,
+    )
     shutil.rmtree(work, ignore_errors=True)
     return True
 

@@ -37,17 +37,42 @@ from benchmarks.common import free_port  # noqa: E402
 
 def serve(gguf: str, threads: int, port: int, work: Path) -> subprocess.Popen[bytes]:
     config = work / "embed.yaml"
-    config.write_text(json.dumps({
-        "backends": {"embed": {"kind": "llamacpp", "model_path": gguf, "n_threads": threads,
-                               "n_batch": 512, "parallel": 8}},
-        "models": {"minilm": {"targets": ["embed"]}},
-    }))
+    config.write_text(
+        json.dumps(
+            {
+                "backends": {
+                    "embed": {
+                        "kind": "llamacpp",
+                        "model_path": gguf,
+                        "n_threads": threads,
+                        "n_batch": 512,
+                        "parallel": 8,
+                    }
+                },
+                "models": {"minilm": {"targets": ["embed"]}},
+            }
+        )
+    )
     log = open(work / "gateway.log", "wb")  # lives as long as the process
     cli = "import sys; from gateway.cli import main; main(sys.argv[1:])"
-    proc = subprocess.Popen([sys.executable, "-c", cli, "serve", "--config", str(config), "--port", str(port),
-                             "--log-level", "warning"],
-                            stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
-                            env={**os.environ, "PYTHONPATH": str(REPO)})
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            cli,
+            "serve",
+            "--config",
+            str(config),
+            "--port",
+            str(port),
+            "--log-level",
+            "warning",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
     for _ in range(600):
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/health/ready", timeout=1) as r:
@@ -78,15 +103,19 @@ def main() -> None:
     proc = serve(args.gguf, args.threads, port, Path(tempfile.mkdtemp(prefix="embed-check-")))
     try:
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0)
-        got = np.array([d.embedding for d in client.embeddings.create(model="minilm", input=SENTENCES).data],
-                       dtype=np.float32)
+        got = np.array(
+            [d.embedding for d in client.embeddings.create(model="minilm", input=SENTENCES).data],
+            dtype=np.float32,
+        )
         cosines = (got * want).sum(axis=1)
         print(f"model: {Path(args.gguf).name}; reference: sentence-transformers ({reference['model']})\n")
         print("| sentence | cosine(Interlock, sentence-transformers) |\n|---|---:|")
         for sentence, cosine in zip(SENTENCES, cosines, strict=True):
             print(f"| {sentence} | {cosine:.6f} |")
-        print(f"\nlowest cosine: {cosines.min():.6f}; largest difference in any component: "
-              f"{np.abs(got - want).max():.2e}")
+        print(
+            f"\nlowest cosine: {cosines.min():.6f}; largest difference in any component: "
+            f"{np.abs(got - want).max():.2e}"
+        )
         similarity = got @ got.T
         np.fill_diagonal(similarity, -1)
         print("\n| pair | cosine | nearest other | pair nearest |\n|---|---:|---:|---|")
@@ -97,8 +126,9 @@ def main() -> None:
         corpus = [SENTENCES[k % len(SENTENCES)] + f" ({k})" for k in range(args.batch)]
 
         async def load() -> float:
-            aclient = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused",
-                                         max_retries=0)
+            aclient = openai.AsyncOpenAI(
+                base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0
+            )
             gate = asyncio.Semaphore(4)
 
             async def one() -> None:
@@ -119,16 +149,27 @@ def main() -> None:
 
     from llama_cpp import Llama
 
-    llm = Llama(model_path=args.gguf, embedding=True, n_threads=args.threads, n_threads_batch=args.threads,
-                n_batch=512, n_ubatch=512, n_seq_max=8, flash_attn=True, verbose=False)
+    llm = Llama(
+        model_path=args.gguf,
+        embedding=True,
+        n_threads=args.threads,
+        n_threads_batch=args.threads,
+        n_batch=512,
+        n_ubatch=512,
+        n_seq_max=8,
+        flash_attn=True,
+        verbose=False,
+    )
     llm.embed(corpus, normalize=True)  # warm-up
     started = time.perf_counter()
     for _ in range(args.batches):
         llm.embed(corpus, normalize=True)
     direct_s = time.perf_counter() - started
     n = args.batch * args.batches
-    print(f"\n| path | sentences/s ({args.batches} requests of {args.batch}, {args.threads} threads) |\n"
-          "|---|---:|")
+    print(
+        f"\n| path | sentences/s ({args.batches} requests of {args.batch}, {args.threads} threads) |\n"
+        "|---|---:|"
+    )
     print(f"| Interlock /v1/embeddings, openai SDK, 4 concurrent | {n / gateway_s:,.0f} |")
     print(f"| llama-cpp-python Llama.embed, in process | {n / direct_s:,.0f} |")
     print(f"\nInterlock / direct: {direct_s / gateway_s:.2f}x")

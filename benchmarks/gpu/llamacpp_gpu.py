@@ -40,27 +40,66 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository r
 
 from benchmarks.common import SseStream, free_port, percentile
 
-SUBJECTS = ["the sea", "a lighthouse", "a dragon", "Mars", "a library", "a clockmaker", "winter", "a city",
-            "a river", "a fox", "the moon", "a violin", "a desert", "a robot", "a garden", "a storm"]
+SUBJECTS = [
+    "the sea",
+    "a lighthouse",
+    "a dragon",
+    "Mars",
+    "a library",
+    "a clockmaker",
+    "winter",
+    "a city",
+    "a river",
+    "a fox",
+    "the moon",
+    "a violin",
+    "a desert",
+    "a robot",
+    "a garden",
+    "a storm",
+]
 
 
 SAMPLING = {"greedy": {"temperature": 0}, "sampled": {"temperature": 0.7, "top_p": 0.9}}
 
 
-def start_gateway(model: str, parallel: int, n_ctx: int, port: int, work: Path,
-                  code: Path) -> subprocess.Popen[bytes]:
+def start_gateway(
+    model: str, parallel: int, n_ctx: int, port: int, work: Path, code: Path
+) -> subprocess.Popen[bytes]:
     config = work / f"gpu-{parallel}.yaml"
-    config.write_text(json.dumps({
-        "backends": {"local": {"kind": "llamacpp", "model_path": model, "n_gpu_layers": -1,
-                               "parallel": parallel, "n_ctx": n_ctx, "n_batch": 512,
-                               "max_queue": 1024}},
-        "models": {"smollm2": {"targets": ["local"]}},
-        "resilience": {"health_check": {"interval_s": 0}},
-    }))
+    config.write_text(
+        json.dumps(
+            {
+                "backends": {
+                    "local": {
+                        "kind": "llamacpp",
+                        "model_path": model,
+                        "n_gpu_layers": -1,
+                        "parallel": parallel,
+                        "n_ctx": n_ctx,
+                        "n_batch": 512,
+                        "max_queue": 1024,
+                    }
+                },
+                "models": {"smollm2": {"targets": ["local"]}},
+                "resilience": {"health_check": {"interval_s": 0}},
+            }
+        )
+    )
     log = open(work / f"gateway-{parallel}.log", "wb")  # lives as long as the process
     cli = "import sys; from gateway.cli import main; main(sys.argv[1:])"
-    argv = [sys.executable, "-c", cli, "serve", "--config", str(config), "--port", str(port),
-            "--log-level", "warning"]
+    argv = [
+        sys.executable,
+        "-c",
+        cli,
+        "serve",
+        "--config",
+        str(config),
+        "--port",
+        str(port),
+        "--log-level",
+        "warning",
+    ]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(code), os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, cwd=code, env=env)
     deadline = time.monotonic() + 180
@@ -78,10 +117,16 @@ def start_gateway(model: str, parallel: int, n_ctx: int, port: int, work: Path,
     raise SystemExit(f"gateway did not get ready:\n{(work / f'gateway-{parallel}.log').read_text()[-3000:]}")
 
 
-async def one(session: aiohttp.ClientSession, url: str, prompt: str,
-              max_tokens: int, sampling: dict[str, float]) -> tuple[float, int, bool]:
-    body = {"model": "smollm2", "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
-            "stream": True, **sampling}
+async def one(
+    session: aiohttp.ClientSession, url: str, prompt: str, max_tokens: int, sampling: dict[str, float]
+) -> tuple[float, int, bool]:
+    body = {
+        "model": "smollm2",
+        "messages": [{"role": "user", "content": prompt}],
+        "max_tokens": max_tokens,
+        "stream": True,
+        **sampling,
+    }
     started = time.perf_counter()
     ttft, tokens, finished = -1.0, 0, False
     stream = SseStream()
@@ -99,11 +144,13 @@ async def one(session: aiohttp.ClientSession, url: str, prompt: str,
     return ttft, tokens, finished and stream.done
 
 
-async def load(port: int, users: int, rounds: int, max_tokens: int,
-               sampling: dict[str, float]) -> dict[str, float]:
+async def load(
+    port: int, users: int, rounds: int, max_tokens: int, sampling: dict[str, float]
+) -> dict[str, float]:
     url = f"http://127.0.0.1:{port}/v1/chat/completions"
     results: list[tuple[float, int, bool]] = []
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
+
         async def user(u: int) -> None:
             for r in range(rounds):
                 prompt = f"Write a long story about {SUBJECTS[(u + r) % len(SUBJECTS)]} (user {u}, part {r})."
@@ -115,10 +162,15 @@ async def load(port: int, users: int, rounds: int, max_tokens: int,
         wall = time.perf_counter() - started
     ttfts = sorted(t for t, _, _ in results if t >= 0)
     tokens = sum(n for _, n, _ in results)
-    return {"tok_s": tokens / wall, "ttft_p50": 1000 * statistics.median(ttfts),
-            "ttft_p95": 1000 * (percentile(ttfts, 0.95, method="nearest") or 0.0),
-            "dropped": sum(not ok for *_, ok in results),
-            "requests": len(results), "tokens": tokens, "wall": wall}
+    return {
+        "tok_s": tokens / wall,
+        "ttft_p50": 1000 * statistics.median(ttfts),
+        "ttft_p95": 1000 * (percentile(ttfts, 0.95, method="nearest") or 0.0),
+        "dropped": sum(not ok for *_, ok in results),
+        "requests": len(results),
+        "tokens": tokens,
+        "wall": wall,
+    }
 
 
 def direct(model: str, max_tokens: int, rounds: int) -> float:
@@ -129,8 +181,9 @@ def direct(model: str, max_tokens: int, rounds: int) -> float:
     tokens, started = 0, time.perf_counter()
     for r in range(rounds):
         prompt = f"Write a long story about {SUBJECTS[r]} (user 0, part {r})."
-        for chunk in llm.create_chat_completion(messages=[{"role": "user", "content": prompt}],
-                                                max_tokens=max_tokens, temperature=0, stream=True):
+        for chunk in llm.create_chat_completion(
+            messages=[{"role": "user", "content": prompt}], max_tokens=max_tokens, temperature=0, stream=True
+        ):
             if chunk["choices"][0]["delta"].get("content"):
                 tokens += 1
     return tokens / (time.perf_counter() - started)
@@ -165,18 +218,23 @@ def main() -> None:
                 rows.append((name, mode, users, parallel, r))
                 print(f"{name} {mode} {users} users: {r}", flush=True)
     one_user = direct(args.model, args.max_tokens, args.rounds)
-    print("\n| code | sampling | users | parallel | requests | aggregate tok/s | TTFT p50 ms | TTFT p95 ms "
-          "| dropped |")
+    print(
+        "\n| code | sampling | users | parallel | requests | aggregate tok/s | TTFT p50 ms | TTFT p95 ms "
+        "| dropped |"
+    )
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
     for name, mode, users, parallel, r in rows:
-        print(f"| {name} | {mode} | {users} | {parallel} | {r['requests']} | {r['tok_s']:,.0f} | "
-              f"{r['ttft_p50']:.0f} | {r['ttft_p95']:.0f} | {r['dropped']} |")
+        print(
+            f"| {name} | {mode} | {users} | {parallel} | {r['requests']} | {r['tok_s']:,.0f} | "
+            f"{r['ttft_p50']:.0f} | {r['ttft_p95']:.0f} | {r['dropped']} |"
+        )
     if args.baseline:
         print(f"\nratio {codes[0][0]} / {args.baseline_name} (aggregate tok/s):")
         for name, mode, users, _, r in rows:
             if name == codes[0][0]:
-                base = next(b for n, m, u, _, b in rows
-                            if n == args.baseline_name and m == mode and u == users)
+                base = next(
+                    b for n, m, u, _, b in rows if n == args.baseline_name and m == mode and u == users
+                )
                 print(f"- {mode}, {users} users: {r['tok_s'] / base['tok_s']:.2f}x")
     print(f"\ndirect llama_cpp.Llama, 1 user, greedy, same GPU: {one_user:,.0f} tok/s")
     first = next((r for n, m, u, _, r in rows if n == codes[0][0] and m == "greedy" and u == 1), None)

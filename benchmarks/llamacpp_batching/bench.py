@@ -75,10 +75,22 @@ STREAM_TIMEOUT_S = 120.0
 START_TIMEOUT_S = 180.0
 
 SUBJECTS = (
-    "a lighthouse keeper", "a lost robot", "a dragon who bakes bread", "two rival chess players",
-    "a city under the sea", "a time-travelling cat", "a mountain rescue team", "an old violin",
-    "a ship of explorers", "a haunted library", "a farmer on Mars", "a clockmaker's apprentice",
-    "a desert caravan", "a talking tree", "a detective in Venice", "a girl who collects storms",
+    "a lighthouse keeper",
+    "a lost robot",
+    "a dragon who bakes bread",
+    "two rival chess players",
+    "a city under the sea",
+    "a time-travelling cat",
+    "a mountain rescue team",
+    "an old violin",
+    "a ship of explorers",
+    "a haunted library",
+    "a farmer on Mars",
+    "a clockmaker's apprentice",
+    "a desert caravan",
+    "a talking tree",
+    "a detective in Venice",
+    "a girl who collects storms",
 )
 
 
@@ -94,8 +106,10 @@ def prompt_for(user: int, round_: int) -> str:
     after the 1-user one would otherwise send prompts a server has already prefilled. Zero
     padded, so every prompt has the same token count."""
     subject = SUBJECTS[(user * 7 + round_) % len(SUBJECTS)]
-    return (f"Write a long story about {subject}, tale number {next(_SERIAL):04d}. Describe every "
-            "scene in great detail and do not stop early.")
+    return (
+        f"Write a long story about {subject}, tale number {next(_SERIAL):04d}. Describe every "
+        "scene in great detail and do not stop early."
+    )
 
 
 def smollm2_gguf() -> str:
@@ -114,8 +128,9 @@ def smollm2_gguf() -> str:
 # ---- client ------------------------------------------------------------------------------
 
 
-async def stream_one(session: Any, url: str, model: str, user: int, round_: int,
-                     max_tokens: int, extra: dict[str, Any]) -> Request:
+async def stream_one(
+    session: Any, url: str, model: str, user: int, round_: int, max_tokens: int, extra: dict[str, Any]
+) -> Request:
     import aiohttp
 
     req = Request(user, round_)
@@ -160,8 +175,16 @@ async def stream_one(session: Any, url: str, model: str, user: int, round_: int,
     return req
 
 
-async def load(url: str, model: str, server: str, users: int, rounds: int, max_tokens: int,
-               pid: int, extra: dict[str, Any]) -> Run:
+async def load(
+    url: str,
+    model: str,
+    server: str,
+    users: int,
+    rounds: int,
+    max_tokens: int,
+    pid: int,
+    extra: dict[str, Any],
+) -> Run:
     """``users`` concurrent users, each sending ``rounds`` requests back to back."""
     import aiohttp
 
@@ -177,8 +200,7 @@ async def load(url: str, model: str, server: str, users: int, rounds: int, max_t
         await stream_one(session, url, model, 0, 99, 8, extra)
 
         async def user(u: int) -> list[Request]:
-            return [await stream_one(session, url, model, u, r, max_tokens, extra)
-                    for r in range(rounds)]
+            return [await stream_one(session, url, model, u, r, max_tokens, extra) for r in range(rounds)]
 
         with CpuMeter([pid]) as meter:
             started = time.perf_counter()
@@ -199,34 +221,97 @@ class ServerSpec:
     env: dict[str, str] = field(default_factory=dict)
 
 
-def server_spec(name: str, port: int, gguf: str, llama_server: Path, tmp: Path,
-                threads: int, backend_options: dict[str, Any]) -> ServerSpec:
+def server_spec(
+    name: str,
+    port: int,
+    gguf: str,
+    llama_server: Path,
+    tmp: Path,
+    threads: int,
+    backend_options: dict[str, Any],
+) -> ServerSpec:
     py = sys.executable
     if name == "interlock" or name in VARIANTS:
         config = tmp / f"{name}.yaml"
         options = {**backend_options, **VARIANTS.get(name, {})}
-        config.write_text(json.dumps({  # JSON is YAML; no yaml import needed here
-            "backends": {"local": {"kind": "llamacpp", "model_path": gguf, "parallel": PARALLEL,
-                                   "n_threads": threads, "n_ctx": N_CTX, **options}},
-            "models": {"smollm2": {"targets": ["local"]}},
-        }))
+        config.write_text(
+            json.dumps(
+                {  # JSON is YAML; no yaml import needed here
+                    "backends": {
+                        "local": {
+                            "kind": "llamacpp",
+                            "model_path": gguf,
+                            "parallel": PARALLEL,
+                            "n_threads": threads,
+                            "n_ctx": N_CTX,
+                            **options,
+                        }
+                    },
+                    "models": {"smollm2": {"targets": ["local"]}},
+                }
+            )
+        )
         exe = Path(py).parent / "interlock"
         # The console script exists once the project is pip-installed; the repo checkout runs
         # the same entry point without it.
-        head = [str(exe)] if exe.exists() else [py, "-c", "import sys; from gateway.cli import main; "
-                                                "main(sys.argv[1:])"]
-        return ServerSpec([*head, "serve", "--config", str(config), "--port", str(port),
-                           "--log-level", "warning"], "/health/ready", {"PYTHONPATH": str(REPO)})
+        head = (
+            [str(exe)]
+            if exe.exists()
+            else [py, "-c", "import sys; from gateway.cli import main; main(sys.argv[1:])"]
+        )
+        return ServerSpec(
+            [*head, "serve", "--config", str(config), "--port", str(port), "--log-level", "warning"],
+            "/health/ready",
+            {"PYTHONPATH": str(REPO)},
+        )
     if name == "llamacpp-python":
-        return ServerSpec([py, "-m", "llama_cpp.server", "--model", gguf, "--port", str(port),
-                           "--host", "127.0.0.1", "--n_threads", str(threads),
-                           "--n_threads_batch", str(threads), "--n_ctx", str(N_CTX),
-                           "--model_alias", "smollm2", "--interrupt_requests", "False"],
-                          "/v1/models")
+        return ServerSpec(
+            [
+                py,
+                "-m",
+                "llama_cpp.server",
+                "--model",
+                gguf,
+                "--port",
+                str(port),
+                "--host",
+                "127.0.0.1",
+                "--n_threads",
+                str(threads),
+                "--n_threads_batch",
+                str(threads),
+                "--n_ctx",
+                str(N_CTX),
+                "--model_alias",
+                "smollm2",
+                "--interrupt_requests",
+                "False",
+            ],
+            "/v1/models",
+        )
     if name == "llama-server":
-        return ServerSpec([str(llama_server), "-m", gguf, "-np", str(PARALLEL), "-c", str(N_CTX),
-                           "-t", str(threads), "-tb", str(threads), "--host", "127.0.0.1",
-                           "--port", str(port), "-a", "smollm2"], "/health")
+        return ServerSpec(
+            [
+                str(llama_server),
+                "-m",
+                gguf,
+                "-np",
+                str(PARALLEL),
+                "-c",
+                str(N_CTX),
+                "-t",
+                str(threads),
+                "-tb",
+                str(threads),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "-a",
+                "smollm2",
+            ],
+            "/health",
+        )
     raise ValueError(name)
 
 
@@ -261,22 +346,33 @@ def running(spec: ServerSpec, port: int, log: Path) -> Iterator[tuple[str, int]]
     with log.open("wb") as out:
         # Output goes to a file, never a pipe nobody reads: a full pipe would stall the server.
         # A session of its own keeps a terminal's Ctrl-C away from it: stop() ends it, in order.
-        proc = subprocess.Popen(spec.argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out,
-                                env={**os.environ, **spec.env}, cwd=REPO, start_new_session=True)
+        proc = subprocess.Popen(
+            spec.argv,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=out,
+            env={**os.environ, **spec.env},
+            cwd=REPO,
+            start_new_session=True,
+        )
     try:
         deadline = time.monotonic() + START_TIMEOUT_S
         while True:
             if proc.poll() is not None:
-                raise SystemExit(f"bench: {spec.argv[0]} exited with {proc.returncode} before it was "
-                                 f"ready; command: {' '.join(spec.argv)}\n--- its output (tail) ---\n"
-                                 f"{tail(log)}")
+                raise SystemExit(
+                    f"bench: {spec.argv[0]} exited with {proc.returncode} before it was "
+                    f"ready; command: {' '.join(spec.argv)}\n--- its output (tail) ---\n"
+                    f"{tail(log)}"
+                )
             with contextlib.suppress(urllib.error.URLError, OSError):
                 with urllib.request.urlopen(url + spec.ready_path, timeout=2) as resp:
                     if resp.status == 200:
                         break
             if time.monotonic() > deadline:
-                raise SystemExit(f"bench: {' '.join(spec.argv)} not ready after {START_TIMEOUT_S:.0f}s"
-                                 f"\n--- its output (tail) ---\n{tail(log)}")
+                raise SystemExit(
+                    f"bench: {' '.join(spec.argv)} not ready after {START_TIMEOUT_S:.0f}s"
+                    f"\n--- its output (tail) ---\n{tail(log)}"
+                )
             time.sleep(0.2)
         yield url, proc.pid
     finally:
@@ -290,8 +386,9 @@ def direct_worker(gguf: str, rounds: int, max_tokens: int, threads: int) -> None
     """Child-process side of the "direct" row: prints one JSON object per measured call."""
     import llama_cpp  # before anything that may import numpy
 
-    llm = llama_cpp.Llama(model_path=gguf, n_ctx=N_CTX, n_threads=threads, n_threads_batch=threads,
-                          verbose=False)
+    llm = llama_cpp.Llama(
+        model_path=gguf, n_ctx=N_CTX, n_threads=threads, n_threads_batch=threads, verbose=False
+    )
 
     def call(round_: int, tokens_max: int) -> dict[str, Any]:
         started = time.perf_counter()
@@ -302,7 +399,10 @@ def direct_worker(gguf: str, rounds: int, max_tokens: int, threads: int) -> None
         # stream=True makes it an iterator of chunk dicts; its annotation is the union of both
         chunks: Iterator[dict[str, Any]] = llm.create_chat_completion(  # type: ignore[assignment]
             messages=[{"role": "user", "content": prompt_for(0, round_)}],
-            max_tokens=tokens_max, temperature=0, stream=True)
+            max_tokens=tokens_max,
+            temperature=0,
+            stream=True,
+        )
         for chunk in chunks:
             if ttfb is None:
                 ttfb = time.perf_counter() - started
@@ -312,8 +412,13 @@ def direct_worker(gguf: str, rounds: int, max_tokens: int, threads: int) -> None
                     ttft = time.perf_counter() - started
                 tokens += 1
             finish = choice.get("finish_reason") or finish
-        return {"tokens": tokens, "ttft": ttft, "ttfb": ttfb, "total": time.perf_counter() - started,
-                "ok": finish is not None}
+        return {
+            "tokens": tokens,
+            "ttft": ttft,
+            "ttfb": ttfb,
+            "total": time.perf_counter() - started,
+            "ok": finish is not None,
+        }
 
     call(99, 8)  # warm-up, as the servers get
     for r in range(rounds):
@@ -321,11 +426,28 @@ def direct_worker(gguf: str, rounds: int, max_tokens: int, threads: int) -> None
 
 
 def run_direct(gguf: str, rounds: int, max_tokens: int, threads: int, log: Path) -> Run:
-    argv = [sys.executable, __file__, "--direct-worker", "--rounds", str(rounds),
-            "--max-tokens", str(max_tokens), "--threads", str(threads), "--gguf", gguf]
+    argv = [
+        sys.executable,
+        __file__,
+        "--direct-worker",
+        "--rounds",
+        str(rounds),
+        "--max-tokens",
+        str(max_tokens),
+        "--threads",
+        str(threads),
+        "--gguf",
+        gguf,
+    ]
     with log.open("wb") as err:
-        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=err,
-                                cwd=REPO, start_new_session=True)
+        proc = subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=err,
+            cwd=REPO,
+            start_new_session=True,
+        )
     try:
         # Includes the model load; the child's CPU counts as ours once communicate() reaped it.
         with CpuMeter([]) as meter:
@@ -337,8 +459,9 @@ def run_direct(gguf: str, rounds: int, max_tokens: int, threads: int, log: Path)
     run = Run("direct Llama", 1, rounds)
     for line in out.decode().splitlines():
         d = json.loads(line)
-        run.requests.append(Request(0, tokens=d["tokens"], ttft=d["ttft"], ttfb=d["ttfb"],
-                                    total=d["total"], ok=d["ok"]))
+        run.requests.append(
+            Request(0, tokens=d["tokens"], ttft=d["ttft"], ttfb=d["ttfb"], total=d["total"], ok=d["ok"])
+        )
     # One user, calls back to back: the run's wall time is the time spent in calls.
     run.wall = sum(r.total for r in run.requests)
     run.foreign = meter.cores
@@ -349,8 +472,20 @@ def run_direct(gguf: str, rounds: int, max_tokens: int, threads: int, log: Path)
 
 
 def run_raw(users: int, threads: int) -> list[dict[str, float]]:
-    proc = subprocess.run([sys.executable, str(HERE / "raw_decode.py"), "--json", "--seqs", str(users),
-                           "--threads", str(threads)], capture_output=True, text=True, check=False)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(HERE / "raw_decode.py"),
+            "--json",
+            "--seqs",
+            str(users),
+            "--threads",
+            str(threads),
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     if proc.returncode != 0:
         print(f"bench: raw_decode.py failed:\n{proc.stderr[-2000:]}", file=sys.stderr)
         return []
@@ -364,23 +499,46 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--users", type=int, default=8)
     p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--passes", type=int, default=3,
-                   help="times over the whole server list, interleaved; the summary shows medians")
+    p.add_argument(
+        "--passes",
+        type=int,
+        default=3,
+        help="times over the whole server list, interleaved; the summary shows medians",
+    )
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--threads", type=int, default=THREADS, help="llama.cpp threads, every server")
-    p.add_argument("--servers", default=",".join(SERVERS),
-                   help=f"comma-separated, in run order; known: {', '.join([*SERVERS, *VARIANTS])}")
+    p.add_argument(
+        "--servers",
+        default=",".join(SERVERS),
+        help=f"comma-separated, in run order; known: {', '.join([*SERVERS, *VARIANTS])}",
+    )
     p.add_argument("--llama-server-bin", type=Path, default=DEFAULT_LLAMA_SERVER)
-    p.add_argument("--extra-body", type=json.loads, default={},
-                   help='JSON merged into every request, e.g. \'{"cache_prompt": false}\' '
-                        "(llama-server's prompt cache); servers only, not direct")
-    p.add_argument("--interlock-options", type=json.loads, default={},
-                   help='JSON merged into Interlock\'s llamacpp backend, e.g. \'{"prefill_chunk": 256}\'')
+    p.add_argument(
+        "--extra-body",
+        type=json.loads,
+        default={},
+        help="JSON merged into every request, e.g. '{\"cache_prompt\": false}' "
+        "(llama-server's prompt cache); servers only, not direct",
+    )
+    p.add_argument(
+        "--interlock-options",
+        type=json.loads,
+        default={},
+        help="JSON merged into Interlock's llamacpp backend, e.g. '{\"prefill_chunk\": 256}'",
+    )
     p.add_argument("--no-write", action="store_true", help="print only; leave results.md alone")
-    p.add_argument("--quiet-wait", type=float, default=120.0,
-                   help="seconds to wait, before each run, for other processes to go idle (0: none)")
-    p.add_argument("--retries", type=int, default=2,
-                   help=f"measure a run again when others used >= {NOISY} cores during it")
+    p.add_argument(
+        "--quiet-wait",
+        type=float,
+        default=120.0,
+        help="seconds to wait, before each run, for other processes to go idle (0: none)",
+    )
+    p.add_argument(
+        "--retries",
+        type=int,
+        default=2,
+        help=f"measure a run again when others used >= {NOISY} cores during it",
+    )
     p.add_argument("-v", "--verbose", action="store_true", help="print every request's numbers")
     p.add_argument("--direct-worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--gguf", help=argparse.SUPPRESS)
@@ -396,8 +554,11 @@ def quiet(pids: Sequence[int], limit_s: float) -> None:
         return
     others = wait_quiet(pids, limit_s)
     if others >= 0.1:
-        print(f"bench: the machine is not quiet (others use {others:.2f} cores); measuring anyway",
-              file=sys.stderr, flush=True)
+        print(
+            f"bench: the machine is not quiet (others use {others:.2f} cores); measuring anyway",
+            file=sys.stderr,
+            flush=True,
+        )
 
 
 NOISY = 0.1  # cores of other people's work above which a run is measured again
@@ -410,8 +571,11 @@ def measure(label: str, once: Callable[[], Run], retries: int) -> Run:
     for _ in range(retries):
         if best.foreign < NOISY:
             break
-        print(f"bench: {label}: others used {best.foreign:.2f} cores meanwhile; measuring again",
-              file=sys.stderr, flush=True)
+        print(
+            f"bench: {label}: others used {best.foreign:.2f} cores meanwhile; measuring again",
+            file=sys.stderr,
+            flush=True,
+        )
         again = once()
         if again.foreign < best.foreign:
             best = again
@@ -425,12 +589,12 @@ def direct_once(gguf: str, args: argparse.Namespace, log: Path) -> Run:
 
 def serve_once(url: str, name: str, users: int, pid: int, args: argparse.Namespace) -> Run:
     quiet([pid], args.quiet_wait)
-    return asyncio.run(load(url, "smollm2", name, users, args.rounds, args.max_tokens, pid,
-                            args.extra_body))
+    return asyncio.run(load(url, "smollm2", name, users, args.rounds, args.max_tokens, pid, args.extra_body))
 
 
-def one_server(name: str, gguf: str, tmp: Path, args: argparse.Namespace,
-               raws: list[list[dict[str, float]]]) -> list[Run]:
+def one_server(
+    name: str, gguf: str, tmp: Path, args: argparse.Namespace, raws: list[list[dict[str, float]]]
+) -> list[Run]:
     """Measure one server (1 user, then ``--users``); ``raw`` appends to ``raws`` instead."""
     if name == "raw":
         print("raw batched llama_decode", file=sys.stderr, flush=True)
@@ -442,11 +606,12 @@ def one_server(name: str, gguf: str, tmp: Path, args: argparse.Namespace,
         return [measure("direct Llama", direct, args.retries)]
     if name == "llama-server" and not os.access(args.llama_server_bin, os.X_OK):
         print(f"{args.llama_server_bin} not built (build_llama_server.sh)", file=sys.stderr)
-        return [Run(name, 1, args.rounds, note="not built"),
-                Run(name, args.users, args.rounds, note="not built")]
+        return [
+            Run(name, 1, args.rounds, note="not built"),
+            Run(name, args.users, args.rounds, note="not built"),
+        ]
     port = free_port()
-    spec = server_spec(name, port, gguf, args.llama_server_bin, tmp, args.threads,
-                       args.interlock_options)
+    spec = server_spec(name, port, gguf, args.llama_server_bin, tmp, args.threads, args.interlock_options)
     print(f"{name}: starting", file=sys.stderr, flush=True)
     runs = []
     with running(spec, port, tmp / f"{name}.log") as (url, pid):
@@ -459,8 +624,11 @@ def one_server(name: str, gguf: str, tmp: Path, args: argparse.Namespace,
                 if r.error:
                     print(f"bench: {name}: user {r.user}: {r.error}", file=sys.stderr)
                 if args.verbose:
-                    print(f"bench:   user {r.user}: {r.tokens} tokens, TTFT {ms(r.ttft)} ms,"
-                          f" total {r.total * 1000:.0f} ms", file=sys.stderr)
+                    print(
+                        f"bench:   user {r.user}: {r.tokens} tokens, TTFT {ms(r.ttft)} ms,"
+                        f" total {r.total * 1000:.0f} ms",
+                        file=sys.stderr,
+                    )
     return runs
 
 

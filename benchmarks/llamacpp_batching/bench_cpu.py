@@ -34,8 +34,9 @@ class CpuMeter:
     def own(self) -> float:
         t = os.times()
         # children_*: the direct worker, counted once it has been waited for
-        return t.user + t.system + t.children_user + t.children_system + sum(
-            process_cpu(p) for p in self.pids)
+        return (
+            t.user + t.system + t.children_user + t.children_system + sum(process_cpu(p) for p in self.pids)
+        )
 
     def __enter__(self) -> CpuMeter:
         self.t0, self.busy0, self.own0 = time.monotonic(), machine_busy(), self.own()
@@ -59,4 +60,3 @@ def wait_quiet(pids: Sequence[int], limit_s: float) -> float:
         calm = calm + 1 if meter.cores < 0.1 else 0
         if calm >= 3 or time.monotonic() > deadline:
             return meter.cores
-

@@ -77,9 +77,11 @@ class Run:
         return statistics.median(rates) if rates else 0.0
 
     def ttft(self, q: float, *, after_round_1: bool = False) -> float | None:
-        return percentile([r.ttft for r in self.requests
-                           if r.ttft is not None and (r.round_ > 0 or not after_round_1)], q,
-                          method="nearest")
+        return percentile(
+            [r.ttft for r in self.requests if r.ttft is not None and (r.round_ > 0 or not after_round_1)],
+            q,
+            method="nearest",
+        )
 
     def ttfb(self, q: float) -> float | None:
         return percentile([r.ttfb for r in self.requests if r.ttfb is not None], q, method="nearest")
@@ -88,8 +90,6 @@ class Run:
 def _extra_note(extra: dict[str, Any]) -> str:
     """What --extra-body changes in every request, for the workload line."""
     return f" (overridden for the servers by {json.dumps(extra)})" if extra else ""
-
-
 
 
 def ms(v: float | None) -> str:
@@ -125,42 +125,59 @@ def summarize(runs: list[Run]) -> list[Summary]:
             present = [v for v in values if v is not None]
             return statistics.median(present) if present else None
 
-        out.append(Summary(server, users, len(mine), statistics.median(r.aggregate for r in mine),
-                           statistics.median(r.per_user for r in mine),
-                           med([r.ttft(0.5) for r in mine]), med([r.ttft(0.95) for r in mine]),
-                           med([r.ttft(0.5, after_round_1=True) for r in mine]),
-                           med([r.ttfb(0.5) for r in mine]), sum(r.dropped for r in mine),
-                           sum(len(r.requests) for r in mine)))
+        out.append(
+            Summary(
+                server,
+                users,
+                len(mine),
+                statistics.median(r.aggregate for r in mine),
+                statistics.median(r.per_user for r in mine),
+                med([r.ttft(0.5) for r in mine]),
+                med([r.ttft(0.95) for r in mine]),
+                med([r.ttft(0.5, after_round_1=True) for r in mine]),
+                med([r.ttfb(0.5) for r in mine]),
+                sum(r.dropped for r in mine),
+                sum(len(r.requests) for r in mine),
+            )
+        )
     return out
 
 
 def summary_table(rows: list[Summary]) -> str:
-    lines = ["| server | users | runs | aggregate tok/s | per-user tok/s | TTFT p50 ms | TTFT p95 ms "
-             "| TTFT p50 after round 1 | first byte p50 ms | dropped |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        "| server | users | runs | aggregate tok/s | per-user tok/s | TTFT p50 ms | TTFT p95 ms "
+        "| TTFT p50 after round 1 | first byte p50 ms | dropped |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for s in rows:
         later = ms(s.ttft_p50_later) if s.users > 1 else "-"
-        lines.append(f"| {s.server} | {s.users} | {s.runs} | {s.aggregate:.1f} | {s.per_user:.1f} "
-                     f"| {ms(s.ttft_p50)} | {ms(s.ttft_p95)} | {later} | {ms(s.ttfb_p50)} "
-                     f"| {s.dropped}/{s.requests} |")
+        lines.append(
+            f"| {s.server} | {s.users} | {s.runs} | {s.aggregate:.1f} | {s.per_user:.1f} "
+            f"| {ms(s.ttft_p50)} | {ms(s.ttft_p95)} | {later} | {ms(s.ttfb_p50)} "
+            f"| {s.dropped}/{s.requests} |"
+        )
     return "\n".join(lines)
 
 
 def table(runs: list[Run]) -> str:
-    rows = ["| pass | server | users x rounds | tokens (mean/reply) | wall s | aggregate tok/s "
-            "| per-user tok/s (median) | TTFT p50 ms | TTFT p95 ms | first byte p50 ms | dropped "
-            "| other load |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    rows = [
+        "| pass | server | users x rounds | tokens (mean/reply) | wall s | aggregate tok/s "
+        "| per-user tok/s (median) | TTFT p50 ms | TTFT p95 ms | first byte p50 ms | dropped "
+        "| other load |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in runs:
         shape = f"{r.users} x {r.rounds}"
         if r.note:
             rows.append(f"| {r.pass_} | {r.server} | {shape} | {r.note} | | | | | | | | |")
             continue
         n = len(r.requests)
-        rows.append(f"| {r.pass_} | {r.server} | {shape} | {r.tokens} ({r.tokens / n:.1f}) | {r.wall:.2f} "
-                    f"| {r.aggregate:.1f} | {r.per_user:.1f} | {ms(r.ttft(0.5))} | {ms(r.ttft(0.95))} "
-                    f"| {ms(r.ttfb(0.5))} "
-                    f"| {r.dropped}/{n} | {r.foreign:.2f} |")
+        rows.append(
+            f"| {r.pass_} | {r.server} | {shape} | {r.tokens} ({r.tokens / n:.1f}) | {r.wall:.2f} "
+            f"| {r.aggregate:.1f} | {r.per_user:.1f} | {ms(r.ttft(0.5))} | {ms(r.ttft(0.95))} "
+            f"| {ms(r.ttfb(0.5))} "
+            f"| {r.dropped}/{n} | {r.foreign:.2f} |"
+        )
     return "\n".join(rows)
 
 
@@ -174,34 +191,44 @@ def find(rows: list[Summary], server: str, users: int) -> Summary | None:
 NEW_PROMPT_TOKENS = 30
 
 
-def ceiling(raws: list[list[dict[str, float]]], rows_: list[Summary], users: int,
-            max_tokens: int) -> list[str]:
+def ceiling(
+    raws: list[list[dict[str, float]]], rows_: list[Summary], users: int, max_tokens: int
+) -> list[str]:
     """The raw decode rates, medians over the passes that measured them."""
     raws = [r for r in raws if r]
     if not raws:
         return []
-    raw = [{key: statistics.median(p[i][key] for p in raws) for key in raws[0][i]}
-           for i in range(len(raws[0]))]
-    rows = ", ".join(f"{r['seqs']:.0f} seq{'s' if r['seqs'] > 1 else ''} {r['tok_s']:.0f} tok/s "
-                     f"({r['step_ms']:.1f} ms a step)" for r in raw)
-    lines = [f"- ceiling, raw batched llama_decode with no server and no prompts to prefill "
-             f"(raw_decode.py, median of {len(raws)}): {rows}; one 60-token prompt prefills in "
-             f"{raw[-1]['prefill_ms']:.0f} ms"]
+    raw = [
+        {key: statistics.median(p[i][key] for p in raws) for key in raws[0][i]} for i in range(len(raws[0]))
+    ]
+    rows = ", ".join(
+        f"{r['seqs']:.0f} seq{'s' if r['seqs'] > 1 else ''} {r['tok_s']:.0f} tok/s "
+        f"({r['step_ms']:.1f} ms a step)"
+        for r in raw
+    )
+    lines = [
+        f"- ceiling, raw batched llama_decode with no server and no prompts to prefill "
+        f"(raw_decode.py, median of {len(raws)}): {rows}; one 60-token prompt prefills in "
+        f"{raw[-1]['prefill_ms']:.0f} ms"
+    ]
     # Each reply also prefills its uncached prompt tokens, which cost nearly what decoded ones do
     # here (Q4_1 has no GEMM path on this CPU): at the raw rates, the most any server can deliver.
     last = raw[-1]
-    reply_ms = (max_tokens * last["step_ms"] / last["seqs"]
-                + NEW_PROMPT_TOKENS * last["prefill_ms"] / 60)
+    reply_ms = max_tokens * last["step_ms"] / last["seqs"] + NEW_PROMPT_TOKENS * last["prefill_ms"] / 60
     with_prompts = max_tokens / reply_ms * 1000
-    lines.append(f"- ceiling with the prompts (an estimate from the raw rates): {max_tokens} decoded "
-                 f"tokens at "
-                 f"{last['step_ms'] / last['seqs']:.1f} ms plus {NEW_PROMPT_TOKENS} prompt tokens at "
-                 f"{last['prefill_ms'] / 60:.1f} ms per reply: {with_prompts:.0f} tok/s")
+    lines.append(
+        f"- ceiling with the prompts (an estimate from the raw rates): {max_tokens} decoded "
+        f"tokens at "
+        f"{last['step_ms'] / last['seqs']:.1f} ms plus {NEW_PROMPT_TOKENS} prompt tokens at "
+        f"{last['prefill_ms'] / 60:.1f} ms per reply: {with_prompts:.0f} tok/s"
+    )
     ls = find(rows_, "llama-server", users)
     if ls and ls.aggregate:
-        lines.append(f"- 1.25x llama-server would be {1.25 * ls.aggregate:.0f} tok/s: "
-                     f"{1.25 * ls.aggregate / last['tok_s']:.0%} of the decode-only ceiling, "
-                     f"{1.25 * ls.aggregate / with_prompts:.0%} of the ceiling with the prompts")
+        lines.append(
+            f"- 1.25x llama-server would be {1.25 * ls.aggregate:.0f} tok/s: "
+            f"{1.25 * ls.aggregate / last['tok_s']:.0%} of the decode-only ceiling, "
+            f"{1.25 * ls.aggregate / with_prompts:.0%} of the ceiling with the prompts"
+        )
     return lines
 
 
@@ -222,16 +249,19 @@ def verdicts(rows: list[Summary], users: int) -> list[str]:
         def mark(ok: bool) -> str:
             return "met" if ok else "MISSED"
 
-        lines.append(f"- target: {users} users aggregate >= 180 tok/s: {il.aggregate:.1f} "
-                     f"({mark(il.aggregate >= 180)})")
+        lines.append(
+            f"- target: {users} users aggregate >= 180 tok/s: {il.aggregate:.1f} "
+            f"({mark(il.aggregate >= 180)})"
+        )
         if ratio_ls is not None:
             lines.append(f"- target: >= 1.25x llama-server: {ratio_ls:.2f}x ({mark(ratio_ls >= 1.25)})")
-        lines.append(f"- target: TTFT p50 < 150 ms: {ms(p50)} ms "
-                     f"({mark(p50 is not None and p50 < 0.150)})")
+        lines.append(f"- target: TTFT p50 < 150 ms: {ms(p50)} ms ({mark(p50 is not None and p50 < 0.150)})")
         lines.append(f"- target: zero dropped streams: {il.dropped} ({mark(il.dropped == 0)})")
         if ratio_direct is not None:
-            lines.append(f"- target: 1 user within 10% of direct Llama: {ratio_direct:.2f} "
-                         f"({mark(ratio_direct >= 0.9)})")
+            lines.append(
+                f"- target: 1 user within 10% of direct Llama: {ratio_direct:.2f} "
+                f"({mark(ratio_direct >= 0.9)})"
+            )
     return lines
 
 
@@ -243,8 +273,15 @@ def cpu_name() -> str:
     return platform.processor() or "unknown"
 
 
-def report(runs: list[Run], raws: list[list[dict[str, float]]], args: argparse.Namespace,
-           argv: list[str], *, n_ctx: int, parallel: int) -> str:
+def report(
+    runs: list[Run],
+    raws: list[list[dict[str, float]]],
+    args: argparse.Namespace,
+    argv: list[str],
+    *,
+    n_ctx: int,
+    parallel: int,
+) -> str:
     now = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
     header = [
         "# llama.cpp batching benchmark",
@@ -272,8 +309,19 @@ def report(runs: list[Run], raws: list[list[dict[str, float]]], args: argparse.N
         "",
     ]
     rows = summarize(runs)
-    return "\n".join([*header, f"Medians over {args.passes} interleaved pass(es) (every server, then "
-                       "every server again, ...):", "", summary_table(rows), "",
-                       *verdicts(rows, args.users), *ceiling(raws, rows, args.users, args.max_tokens), "",
-                       "Every run:", "", table(runs), ""])
-
+    return "\n".join(
+        [
+            *header,
+            f"Medians over {args.passes} interleaved pass(es) (every server, then every server again, ...):",
+            "",
+            summary_table(rows),
+            "",
+            *verdicts(rows, args.users),
+            *ceiling(raws, rows, args.users, args.max_tokens),
+            "",
+            "Every run:",
+            "",
+            table(runs),
+            "",
+        ]
+    )

@@ -72,14 +72,18 @@ PROMPT = 60
 def measure(gguf: str, threads: int, seqs: int, steps: int) -> dict[str, float]:
     ctx = Context(gguf, threads, seqs)
     try:
-        prefill = [ctx.decode([(100 + i, i, s, i == PROMPT - 1) for i in range(PROMPT)])
-                   for s in range(seqs)]
+        prefill = [ctx.decode([(100 + i, i, s, i == PROMPT - 1) for i in range(PROMPT)]) for s in range(seqs)]
         step_times = [ctx.decode([(200, PROMPT + k, s, True) for s in range(seqs)]) for k in range(steps)]
     finally:
         ctx.close()
     median = statistics.median(step_times)
-    return {"seqs": seqs, "steps": steps, "step_ms": median * 1000, "tok_s": seqs / median,
-            "prefill_ms": statistics.median(prefill) * 1000}
+    return {
+        "seqs": seqs,
+        "steps": steps,
+        "step_ms": median * 1000,
+        "tok_s": seqs / median,
+        "prefill_ms": statistics.median(prefill) * 1000,
+    }
 
 
 def main() -> None:

@@ -109,12 +109,33 @@ class Profile:
 
 
 POOL: tuple[Profile, ...] = (  # the route's target order: what ``ordered`` tries first
-    Profile("flaky", "flaky", Price(input_per_mtok=0.15, output_per_mtok=0.60),
-            ttft_base_ms=150, ttft_per_prompt_token_ms=0.0, tpot_ms=12, failure_rate=0.25, outage=True),
-    Profile("cheap-slow", "cheap", Price(input_per_mtok=0.05, output_per_mtok=0.10),
-            ttft_base_ms=400, ttft_per_prompt_token_ms=0.5, tpot_ms=30, capacity=16),
-    Profile("fast-expensive", "fast", Price(input_per_mtok=2.50, output_per_mtok=10.00),
-            ttft_base_ms=80, ttft_per_prompt_token_ms=0.05, tpot_ms=8),
+    Profile(
+        "flaky",
+        "flaky",
+        Price(input_per_mtok=0.15, output_per_mtok=0.60),
+        ttft_base_ms=150,
+        ttft_per_prompt_token_ms=0.0,
+        tpot_ms=12,
+        failure_rate=0.25,
+        outage=True,
+    ),
+    Profile(
+        "cheap-slow",
+        "cheap",
+        Price(input_per_mtok=0.05, output_per_mtok=0.10),
+        ttft_base_ms=400,
+        ttft_per_prompt_token_ms=0.5,
+        tpot_ms=30,
+        capacity=16,
+    ),
+    Profile(
+        "fast-expensive",
+        "fast",
+        Price(input_per_mtok=2.50, output_per_mtok=10.00),
+        ttft_base_ms=80,
+        ttft_per_prompt_token_ms=0.05,
+        tpot_ms=8,
+    ),
 )
 
 #: lognormal sigmas of the per-attempt noise (medians are the profile's figures)
@@ -195,8 +216,14 @@ class FakeBackend:
 
     kind = "simulated"
 
-    def __init__(self, profile: Profile, clock: SimClock, jobs: Mapping[str, Job], seed: int,
-                 outage: tuple[float, float] | None) -> None:
+    def __init__(
+        self,
+        profile: Profile,
+        clock: SimClock,
+        jobs: Mapping[str, Job],
+        seed: int,
+        outage: tuple[float, float] | None,
+    ) -> None:
         self.name = profile.name
         self.profile = profile
         self._clock = clock
@@ -274,9 +301,11 @@ class FakeBackend:
                 await self._wait(n * p.tpot_ms * tpot_noise)
                 left -= n
                 yield _chunk('{"choices":[{"index":0,"delta":{"content":"' + "t" * n + '"}}]}')
-            usage = (f'"usage":{{"prompt_tokens":{job.prompt_tokens},'
-                     f'"completion_tokens":{job.completion_tokens},'
-                     f'"total_tokens":{job.prompt_tokens + job.completion_tokens}}}')
+            usage = (
+                f'"usage":{{"prompt_tokens":{job.prompt_tokens},'
+                f'"completion_tokens":{job.completion_tokens},'
+                f'"total_tokens":{job.prompt_tokens + job.completion_tokens}}}'
+            )
             yield _chunk('{"choices":[{"index":0,"delta":{},"finish_reason":"stop"}],' + usage + "}")
             yield _chunk("[DONE]")
         finally:
@@ -411,8 +440,9 @@ class PolicyRun:
     slo_ms: float
 
 
-async def run_policy(policy: str, jobs: Sequence[Job], outage: tuple[float, float], args: argparse.Namespace,
-                     clock: SimClock) -> PolicyRun:
+async def run_policy(
+    policy: str, jobs: Sequence[Job], outage: tuple[float, float], args: argparse.Namespace, clock: SimClock
+) -> PolicyRun:
     clock.start()
     seen: Counter[str] = Counter()
     # tenacity's backoff jitter draws from the module-level random, not the router's rng: seed it
@@ -421,22 +451,34 @@ async def run_policy(policy: str, jobs: Sequence[Job], outage: tuple[float, floa
     by_id = {job.request_id: job for job in jobs}
     backends = {p.name: FakeBackend(p, clock, by_id, args.seed, outage) for p in POOL}
     targets = tuple(
-        Target(backend=backends[p.name], stats=BackendStats(p.name, clock=clock.now),
-               breaker=CircuitBreaker(p.name, clock=clock.now), price=p.price)
+        Target(
+            backend=backends[p.name],
+            stats=BackendStats(p.name, clock=clock.now),
+            breaker=CircuitBreaker(p.name, clock=clock.now),
+            price=p.price,
+        )
         for p in POOL
     )
     breakers = _BreakerLog(clock)
     for target in targets:
         target.breaker.listeners.append(breakers)
-    route = Route(name=ROUTE, targets=targets, policy=policy, attempts=ATTEMPTS,
-                  ttft_slo_ms=args.slo_ms if policy == "slo" else None)
+    route = Route(
+        name=ROUTE,
+        targets=targets,
+        policy=policy,
+        attempts=ATTEMPTS,
+        ttft_slo_ms=args.slo_ms if policy == "slo" else None,
+    )
     # The router's backoff sleeps on the loop's own clock (real seconds in --time-scale mode),
     # so its bounds are converted; everything else reads the simulated clock.
-    router = Router(budget=RetryBudget(clock=clock.now),
-                    backoff_initial_s=BACKOFF_INITIAL_S * clock.real_per_sim,
-                    backoff_max_s=BACKOFF_MAX_S * clock.real_per_sim,
-                    rng=random.Random(f"router:{args.seed}"), clock=clock.now,
-                    policies={policy: _watching(POLICIES[policy], seen)})
+    router = Router(
+        budget=RetryBudget(clock=clock.now),
+        backoff_initial_s=BACKOFF_INITIAL_S * clock.real_per_sim,
+        backoff_max_s=BACKOFF_MAX_S * clock.real_per_sim,
+        rng=random.Random(f"router:{args.seed}"),
+        clock=clock.now,
+        policies={policy: _watching(POLICIES[policy], seen)},
+    )
 
     tally = _LogTally()
     router_log = logging.getLogger("interlock.router")
@@ -452,9 +494,15 @@ async def run_policy(policy: str, jobs: Sequence[Job], outage: tuple[float, floa
         out.waited_for_slot = slots.locked()
         async with slots:
             request = BackendRequest(
-                endpoint="chat", request_id=job.request_id, stream=True,
-                body={"model": ROUTE, "messages": [{"role": "user", "content": "..."}],
-                      "max_tokens": job.max_tokens, "stream": True},
+                endpoint="chat",
+                request_id=job.request_id,
+                stream=True,
+                body={
+                    "model": ROUTE,
+                    "messages": [{"role": "user", "content": "..."}],
+                    "max_tokens": job.max_tokens,
+                    "stream": True,
+                },
             )
             # The real prompt size, where the gateway estimates it from the body's bytes: the
             # comparison is of policies, not of the estimate.
@@ -520,7 +568,8 @@ def run_all(args: argparse.Namespace) -> tuple[list[PolicyRun], tuple[float, flo
     for policy in args.policies:
         clock = SimClock(1.0 if virtual else args.time_scale)
         factory: Callable[[], asyncio.AbstractEventLoop] = (
-            VirtualClockLoop if virtual else asyncio.new_event_loop)
+            VirtualClockLoop if virtual else asyncio.new_event_loop
+        )
         with asyncio.Runner(loop_factory=factory) as runner:
             run = runner.run(run_policy(policy, jobs, outage, args, clock))
         runs.append(run)
@@ -562,8 +611,14 @@ def summarise(run: PolicyRun) -> Row:
         cost_per_1k=sum(o.cost_usd for o in outs) / n * 1000,
         share={p.name: served[p.name] / len(ok) if ok else 0.0 for p in POOL},
         within_slo=sum(1 for o in ok if o.ttft_ms is not None and o.ttft_ms <= run.slo_ms) / n,
-        long_p50=percentile([o.ttft_ms for o, j in zip(outs, run.jobs, strict=True)
-                             if o.ok and j.long and o.ttft_ms is not None], 0.5),
+        long_p50=percentile(
+            [
+                o.ttft_ms
+                for o, j in zip(outs, run.jobs, strict=True)
+                if o.ok and j.long and o.ttft_ms is not None
+            ],
+            0.5,
+        ),
         errors_before=sum(1 for o in outs if o.error and o.error.startswith("before")),
         errors_mid=sum(1 for o in outs if o.error and not o.error.startswith("before")),
         attempts_per_request=run.attempts / n,
@@ -585,8 +640,10 @@ def main_table(rows: Sequence[Row]) -> str:
         "|---|---:|---:|---:|---:|---:|---|",
     ]
     for r in rows:
-        lines.append(f"| {r.policy} | {r.requests:,} | {r.error_rate:.2%} | {_ms(r.p50)} | {_ms(r.p99)} "
-                     f"| {r.cost_per_1k:.3f} | {_share(r)} |")
+        lines.append(
+            f"| {r.policy} | {r.requests:,} | {r.error_rate:.2%} | {_ms(r.p50)} | {_ms(r.p99)} "
+            f"| {r.cost_per_1k:.3f} | {_share(r)} |"
+        )
     return "\n".join(lines)
 
 
@@ -603,7 +660,8 @@ def detail_table(rows: Sequence[Row], runs: Sequence[PolicyRun], slo_ms: float) 
             f"| {r.policy} | {r.attempts_per_request:.3f} | {run.budget_denials} | {run.trips['flaky']} "
             f"| {run.not_closed_s['flaky'] / run.makespan_s:.0%} | {run.flaky_demoted:.0%} "
             f"| {r.errors_before} | {r.errors_mid} | {r.within_slo:.1%} | {_ms(r.long_p50)} "
-            f"| {run.peak_queued['cheap-slow']} | {run.makespan_s:,.0f} |")
+            f"| {run.peak_queued['cheap-slow']} | {run.makespan_s:,.0f} |"
+        )
     return "\n".join(lines)
 
 
@@ -659,8 +717,10 @@ def interpretation(rows: Sequence[Row], runs: Sequence[PolicyRun], slo_ms: float
             f"${quickest.cost_per_1k:.3f}."
         )
     elif slo is not None:
-        parts.append(f"`slo` got the most requests a first token within {slo_ms:g} ms "
-                     f"({slo.within_slo:.1%}), at ${slo.cost_per_1k:.3f} per 1k.")
+        parts.append(
+            f"`slo` got the most requests a first token within {slo_ms:g} ms "
+            f"({slo.within_slo:.1%}), at ${slo.cost_per_1k:.3f} per 1k."
+        )
     return " ".join(parts)
 
 
@@ -668,26 +728,36 @@ def interpretation(rows: Sequence[Row], runs: Sequence[PolicyRun], slo_ms: float
 
 
 def pool_table() -> str:
-    lines = ["| backend | price in / out per Mtok | TTFT (median) | per output token | capacity | failures |",
-             "|---|---|---|---|---|---|"]
+    lines = [
+        "| backend | price in / out per Mtok | TTFT (median) | per output token | capacity | failures |",
+        "|---|---|---|---|---|---|",
+    ]
     for p in POOL:
-        ttft = f"{p.ttft_base_ms:g} ms" + (f" + {p.ttft_per_prompt_token_ms:g} ms/prompt token"
-                                           if p.ttft_per_prompt_token_ms else "")
+        ttft = f"{p.ttft_base_ms:g} ms" + (
+            f" + {p.ttft_per_prompt_token_ms:g} ms/prompt token" if p.ttft_per_prompt_token_ms else ""
+        )
         fails = (f"{p.failure_rate:.0%}" if p.failure_rate else "none") + (
-            f"; all during a {OUTAGE_S:g} s outage mid-run" if p.outage else "")
-        lines.append(f"| {p.name} | ${p.price.input_per_mtok:.2f} / ${p.price.output_per_mtok:.2f} | {ttft} "
-                     f"| {p.tpot_ms:g} ms | {p.capacity or 'unbounded'} | {fails} |")
+            f"; all during a {OUTAGE_S:g} s outage mid-run" if p.outage else ""
+        )
+        lines.append(
+            f"| {p.name} | ${p.price.input_per_mtok:.2f} / ${p.price.output_per_mtok:.2f} | {ttft} "
+            f"| {p.tpot_ms:g} ms | {p.capacity or 'unbounded'} | {fails} |"
+        )
     return "\n".join(lines)
 
 
-def report(args: argparse.Namespace, runs: Sequence[PolicyRun], outage: tuple[float, float],
-           jobs: Sequence[Job]) -> str:
+def report(
+    args: argparse.Namespace, runs: Sequence[PolicyRun], outage: tuple[float, float], jobs: Sequence[Job]
+) -> str:
     rows = [summarise(run) for run in runs]
     waited = sum(o.waited_for_slot for run in runs for o in run.outcomes)
     span = jobs[-1].arrival_s
     long_share = sum(j.long for j in jobs) / len(jobs)
-    clock = ("virtual clock (simulated ms are exact; no real sleeping)" if args.time_scale == 0
-             else f"real time, {args.time_scale:g} real s per simulated s")
+    clock = (
+        "virtual clock (simulated ms are exact; no real sleeping)"
+        if args.time_scale == 0
+        else f"real time, {args.time_scale:g} real s per simulated s"
+    )
     command = shlex.join([".venv/bin/python", "benchmarks/policies/simulate.py", *sys.argv[1:]])
     return f"""# Routing policies over a mixed pool (simulation)
 
@@ -732,18 +802,38 @@ Unexpected exceptions from the fake backends: {sum(run.contract_breaks for run i
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     parser.add_argument("--requests", type=int, default=2000, help="requests per policy (default 2000)")
-    parser.add_argument("--rate", type=float, default=2.0,
-                        help="Poisson arrival rate, requests per simulated second (default 2)")
-    parser.add_argument("--seed", type=int, default=1,
-                        help="seeds the workload, the backends' luck and the router's rng (default 1)")
-    parser.add_argument("--time-scale", type=float, default=0.0,
-                        help="real seconds per simulated second; 0 (default): a virtual clock")
-    parser.add_argument("--concurrency", type=int, default=128,
-                        help="most requests the client keeps open at once (default 128)")
-    parser.add_argument("--slo-ms", type=float, default=500.0,
-                        help="the slo route's TTFT budget, ms (default 500)")
-    parser.add_argument("--policies", default=",".join(POLICIES),
-                        help="comma-separated subset of POLICIES, in order (default: all)")
+    parser.add_argument(
+        "--rate",
+        type=float,
+        default=2.0,
+        help="Poisson arrival rate, requests per simulated second (default 2)",
+    )
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=1,
+        help="seeds the workload, the backends' luck and the router's rng (default 1)",
+    )
+    parser.add_argument(
+        "--time-scale",
+        type=float,
+        default=0.0,
+        help="real seconds per simulated second; 0 (default): a virtual clock",
+    )
+    parser.add_argument(
+        "--concurrency",
+        type=int,
+        default=128,
+        help="most requests the client keeps open at once (default 128)",
+    )
+    parser.add_argument(
+        "--slo-ms", type=float, default=500.0, help="the slo route's TTFT budget, ms (default 500)"
+    )
+    parser.add_argument(
+        "--policies",
+        default=",".join(POLICIES),
+        help="comma-separated subset of POLICIES, in order (default: all)",
+    )
     parser.add_argument("--no-write", action="store_true", help="print only; leave results.md alone")
     args = parser.parse_args(argv)
     args.policies = [p.strip() for p in args.policies.split(",") if p.strip()]
@@ -763,8 +853,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(text)
     broken = [r.policy for r in runs if r.contract_breaks]
     if broken:  # a fake backend raised outside backends.errors: the figures are not trustworthy
-        print(f"simulate: unexpected backend exceptions under {broken}; results.md not written",
-              file=sys.stderr)
+        print(
+            f"simulate: unexpected backend exceptions under {broken}; results.md not written", file=sys.stderr
+        )
         return 1
     if not args.no_write:
         RESULTS.write_text(text)

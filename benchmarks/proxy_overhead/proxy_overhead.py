@@ -116,17 +116,21 @@ class Proc:
 
     def ensure_alive(self) -> None:
         if not self.alive():
-            raise BenchError(f"{self.name} exited with status {self.popen.returncode}; "
-                             f"last lines of {self.log}:\n{self.log_tail()}")
+            raise BenchError(
+                f"{self.name} exited with status {self.popen.returncode}; "
+                f"last lines of {self.log}:\n{self.log_tail()}"
+            )
 
 
 @contextmanager
-def started(name: str, argv: Sequence[str], log: Path, cwd: Path = REPO,
-            env: dict[str, str] | None = None) -> Iterator[Proc]:
+def started(
+    name: str, argv: Sequence[str], log: Path, cwd: Path = REPO, env: dict[str, str] | None = None
+) -> Iterator[Proc]:
     """Runs ``argv`` for the duration of the block and always stops it, whatever ends the block."""
     with log.open("wb") as out:
-        popen = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                 cwd=cwd, env=env)
+        popen = subprocess.Popen(
+            argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=cwd, env=env
+        )
     proc = Proc(name, popen, log)
     try:
         yield proc
@@ -143,8 +147,10 @@ def stop(proc: Proc) -> None:
     try:
         proc.popen.wait(STOP_TIMEOUT_S)
     except subprocess.TimeoutExpired:
-        print(f"proxy_overhead: {proc.name} ignored SIGTERM for {STOP_TIMEOUT_S:g}s; killing it",
-              file=sys.stderr)
+        print(
+            f"proxy_overhead: {proc.name} ignored SIGTERM for {STOP_TIMEOUT_S:g}s; killing it",
+            file=sys.stderr,
+        )
         proc.popen.kill()
         proc.popen.wait()
 
@@ -163,8 +169,9 @@ _OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 def http(method: str, url: str, body: bytes | None = None) -> tuple[int, str, bytes]:
     """(status, content-type, body)."""
-    request = urllib.request.Request(url, data=body, method=method,
-                                     headers={"content-type": "application/json"} if body else {})
+    request = urllib.request.Request(
+        url, data=body, method=method, headers={"content-type": "application/json"} if body else {}
+    )
     try:
         with _OPENER.open(request, timeout=5) as response:
             return response.status, response.headers.get("content-type", ""), response.read()
@@ -187,8 +194,10 @@ def wait_until(proc: Proc, url: str, want_status: int | None) -> None:
                 return
             last = f"HTTP {status}: {body[:200]!r}"
         time.sleep(0.1)
-    raise BenchError(f"{proc.name} was not ready at {url} within {STARTUP_TIMEOUT_S:g}s ({last}); "
-                     f"last lines of {proc.log}:\n{proc.log_tail()}")
+    raise BenchError(
+        f"{proc.name} was not ready at {url} within {STARTUP_TIMEOUT_S:g}s ({last}); "
+        f"last lines of {proc.log}:\n{proc.log_tail()}"
+    )
 
 
 # --- nginx and the gateways ----------------------------------------------------
@@ -227,10 +236,19 @@ def write_routing(work: Path, upstream: str) -> Path:
     # JSON is YAML; writing it this way needs no YAML library in whatever Python runs this.
     lines = ["backends:"]
     for w in WORKLOADS.values():
-        lines += [f"  upstream_{w.name}:", "    kind: openai",
-                  f"    base_url: {upstream}{w.path.removesuffix('/chat/completions')}", "    model: smollm2"]
-    lines += ["models:", "  chat:", "    targets: [upstream_json]", "  chat-stream:",
-              "    targets: [upstream_stream]"]
+        lines += [
+            f"  upstream_{w.name}:",
+            "    kind: openai",
+            f"    base_url: {upstream}{w.path.removesuffix('/chat/completions')}",
+            "    model: smollm2",
+        ]
+    lines += [
+        "models:",
+        "  chat:",
+        "    targets: [upstream_json]",
+        "  chat-stream:",
+        "    targets: [upstream_stream]",
+    ]
     path = work / "routing.yaml"
     path.write_text("\n".join(lines) + "\n")
     return path
@@ -240,8 +258,19 @@ def write_routing(work: Path, upstream: str) -> Path:
 
 
 def wrk_argv(connections: int | str, duration: int, url: str, script: Path) -> list[str]:
-    return ["taskset", "-c", LOAD_CPU, "wrk", "-t1", f"-c{connections}", f"-d{duration}s", "--latency",
-            "-s", str(script), url]
+    return [
+        "taskset",
+        "-c",
+        LOAD_CPU,
+        "wrk",
+        "-t1",
+        f"-c{connections}",
+        f"-d{duration}s",
+        "--latency",
+        "-s",
+        str(script),
+        url,
+    ]
 
 
 def run_wrk(connections: int, duration: int, url: str, script: Path, log: Path) -> WrkResult:
@@ -253,8 +282,9 @@ def run_wrk(connections: int, duration: int, url: str, script: Path, log: Path) 
     with log.open("a") as f:
         f.write(f"$ {shlex.join(argv)}\n{done.stdout}{done.stderr}\n")
     if done.returncode != 0:
-        raise BenchError(f"wrk exited with status {done.returncode}: {shlex.join(argv)}\n"
-                         f"{done.stdout}{done.stderr}")
+        raise BenchError(
+            f"wrk exited with status {done.returncode}: {shlex.join(argv)}\n{done.stdout}{done.stderr}"
+        )
     try:
         result = parse_wrk(done.stdout)
     except ValueError as exc:
@@ -294,8 +324,9 @@ def check_reply(server: Server, w: Workload, request: bytes) -> None:
     want = w.reply.read_bytes().strip() if w.name == "json" else w.reply.read_bytes()
     kind = "application/json" if w.name == "json" else "text/event-stream"
     if status != 200 or body != want or not ctype.startswith(kind):
-        raise BenchError(f"{server.name} did not relay {w.reply.name}: HTTP {status}, {ctype}, "
-                         f"{body[:300]!r}")
+        raise BenchError(
+            f"{server.name} did not relay {w.reply.name}: HTTP {status}, {ctype}, {body[:300]!r}"
+        )
 
 
 # --- main ----------------------------------------------------------------------
@@ -321,23 +352,41 @@ def workload_list(value: str) -> list[Workload]:
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     p.add_argument("--duration", type=int, default=10, help="seconds per measured wrk run (default 10)")
-    p.add_argument("--connections", type=int_list, default=[1, 8, 32],
-                   help="comma-separated wrk connection counts (default 1,8,32)")
-    p.add_argument("--warmup", type=int, default=2,
-                   help="seconds of unmeasured load before each measured run (default 2)")
+    p.add_argument(
+        "--connections",
+        type=int_list,
+        default=[1, 8, 32],
+        help="comma-separated wrk connection counts (default 1,8,32)",
+    )
+    p.add_argument(
+        "--warmup",
+        type=int,
+        default=2,
+        help="seconds of unmeasured load before each measured run (default 2)",
+    )
     p.add_argument("--rounds", type=int, default=3, help="runs of each server, interleaved (default 3)")
-    p.add_argument("--workload", type=workload_list, default=list(WORKLOADS.values()),
-                   help="comma-separated: json (non-streamed), stream (SSE) (default json,stream)")
-    p.add_argument("--baseline", type=Path, metavar="DIR",
-                   help="a second checkout (git worktree add DIR <commit>), its gateway run beside")
+    p.add_argument(
+        "--workload",
+        type=workload_list,
+        default=list(WORKLOADS.values()),
+        help="comma-separated: json (non-streamed), stream (SSE) (default json,stream)",
+    )
+    p.add_argument(
+        "--baseline",
+        type=Path,
+        metavar="DIR",
+        help="a second checkout (git worktree add DIR <commit>), its gateway run beside",
+    )
     args = p.parse_args(argv)
     if args.duration < 1 or args.warmup < 0 or args.rounds < 1:
         p.error("--duration and --rounds must be >= 1 and --warmup >= 0")
     if args.baseline is not None:
         args.baseline = args.baseline.resolve()
         if not (args.baseline / "gateway" / "cli.py").is_file():
-            p.error(f"--baseline {args.baseline}: no gateway/cli.py there; make it with "
-                    "`git worktree add DIR <commit>`")
+            p.error(
+                f"--baseline {args.baseline}: no gateway/cli.py there; make it with "
+                "`git worktree add DIR <commit>`"
+            )
     return args
 
 
@@ -353,8 +402,9 @@ def preflight() -> None:
         raise BenchError(f"reply.sse should hold {SSE_EVENTS} chunks and [DONE], not {len(events)} events")
 
 
-def measure(args: argparse.Namespace, servers: Sequence[Server], nginx_workers: Sequence[int],
-            wrk_log: Path) -> Samples:
+def measure(
+    args: argparse.Namespace, servers: Sequence[Server], nginx_workers: Sequence[int], wrk_log: Path
+) -> Samples:
     samples = Samples()
     for w in args.workload:
         for n in args.connections:
@@ -367,19 +417,35 @@ def measure(args: argparse.Namespace, servers: Sequence[Server], nginx_workers: 
                         run_wrk(n, args.warmup, url, w.script, wrk_log)
                     # CPU time per request holds up under a noisy neighbour far better than RPS
                     # does, and the stolen shares say how noisy the neighbours were.
-                    with CoreShare(GATEWAY_CPU, server.pids) as core, \
-                            CoreShare(LOAD_CPU, nginx_workers, children_ticks) as load:
+                    with (
+                        CoreShare(GATEWAY_CPU, server.pids) as core,
+                        CoreShare(LOAD_CPU, nginx_workers, children_ticks) as load,
+                    ):
                         result = run_wrk(n, args.duration, url, w.script, wrk_log)
                     for s in servers:
                         s.proc.ensure_alive()
                     # nginx is measured from wrk's core, and CPU 0, idle then, is anyone's
                     cpu_us = core.ours / CLK_TCK * 1e6 / result.requests if server.pids else None
-                    samples.runs.append(Sample(w.name, n, server.name, r, result, cpu_us,
-                                               core.stolen if server.pids else None, load.stolen))
-                    print(f"proxy_overhead: {w.name} {n} conn round {r + 1}: {server.name} "
-                          f"{result.rps:,.0f} req/s" + (f", {cpu_us:.0f} us CPU/req" if cpu_us else "")
-                          + f" (others: CPU {GATEWAY_CPU} {core.stolen:.0%}, CPU {LOAD_CPU} "
-                          f"{load.stolen:.0%})", file=sys.stderr)
+                    samples.runs.append(
+                        Sample(
+                            w.name,
+                            n,
+                            server.name,
+                            r,
+                            result,
+                            cpu_us,
+                            core.stolen if server.pids else None,
+                            load.stolen,
+                        )
+                    )
+                    print(
+                        f"proxy_overhead: {w.name} {n} conn round {r + 1}: {server.name} "
+                        f"{result.rps:,.0f} req/s"
+                        + (f", {cpu_us:.0f} us CPU/req" if cpu_us else "")
+                        + f" (others: CPU {GATEWAY_CPU} {core.stolen:.0%}, CPU {LOAD_CPU} "
+                        f"{load.stolen:.0%})",
+                        file=sys.stderr,
+                    )
     return samples
 
 
@@ -389,8 +455,11 @@ def bench(args: argparse.Namespace) -> bool:
     # The numbers are only as good as the machine is quiet: say so up front, and in results.md.
     busy = background_busy()
     if busy > 0.1:
-        print(f"proxy_overhead: warning: {busy:.0%} of the CPUs were busy with other work just before "
-              "the run; expect noisy numbers", file=sys.stderr)
+        print(
+            f"proxy_overhead: warning: {busy:.0%} of the CPUs were busy with other work just before "
+            "the run; expect noisy numbers",
+            file=sys.stderr,
+        )
     WORK_ROOT.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="proxy_overhead-", dir=WORK_ROOT))
     wrk_log = work / "wrk.log"
@@ -405,25 +474,49 @@ def bench(args: argparse.Namespace) -> bool:
     nginx_port, thin_port = free_port(), free_port()
     upstream = f"http://127.0.0.1:{nginx_port}"
     nginx_conf = render_nginx(work, nginx_port, WORKLOADS["json"].reply.read_text().strip())
-    nginx_cmd = ["taskset", "-c", LOAD_CPU, "nginx", "-c", str(nginx_conf), "-p", str(work),
-                 "-e", str(work / "error.log")]  # -e: else nginx first tries /var/log/nginx
-    thin_cmd = ["taskset", "-c", GATEWAY_CPU, str(VENV_BIN / "python"), str(HERE / "thin_proxy.py"),
-                upstream, str(thin_port)]
+    nginx_cmd = [
+        "taskset",
+        "-c",
+        LOAD_CPU,
+        "nginx",
+        "-c",
+        str(nginx_conf),
+        "-p",
+        str(work),
+        "-e",
+        str(work / "error.log"),
+    ]  # -e: else nginx first tries /var/log/nginx
+    thin_cmd = [
+        "taskset",
+        "-c",
+        GATEWAY_CPU,
+        str(VENV_BIN / "python"),
+        str(HERE / "thin_proxy.py"),
+        upstream,
+        str(thin_port),
+    ]
     routing = write_routing(work, upstream)
     python = VENV_BIN / "python"
     if not python.exists():
         raise BenchError(f"no {python}: run scripts/setup first")
-    gateways = [launch(name, checkout, python, GATEWAY_CPU, routing, free_port(), work)
-                for name, checkout in (("baseline", args.baseline), ("gateway", REPO)) if checkout]
+    gateways = [
+        launch(name, checkout, python, GATEWAY_CPU, routing, free_port(), work)
+        for name, checkout in (("baseline", args.baseline), ("gateway", REPO))
+        if checkout
+    ]
 
     with ExitStack() as stack:
         nginx = stack.enter_context(started("nginx", nginx_cmd, work / "nginx.log"))
         wait_until(nginx, f"{upstream}/", None)
-        nginx_workers = [int(p) for p in
-                         Path(f"/proc/{nginx.popen.pid}/task/{nginx.popen.pid}/children").read_text().split()]
+        nginx_workers = [
+            int(p)
+            for p in Path(f"/proc/{nginx.popen.pid}/task/{nginx.popen.pid}/children").read_text().split()
+        ]
         thin = stack.enter_context(started("thin", thin_cmd, work / "thin.log"))
-        servers = [Server("direct", nginx, upstream, True),
-                   Server("thin", thin, f"http://127.0.0.1:{thin_port}", True, [thin.popen.pid])]
+        servers = [
+            Server("direct", nginx, upstream, True),
+            Server("thin", thin, f"http://127.0.0.1:{thin_port}", True, [thin.popen.pid]),
+        ]
         for g in gateways:
             proc = stack.enter_context(started(g.name, g.argv, work / f"{g.name}.log", g.checkout, g.env))
             servers.append(Server(g.name, proc, f"http://127.0.0.1:{g.port}", False, [proc.popen.pid]))
@@ -446,31 +539,53 @@ def bench(args: argparse.Namespace) -> bool:
         except ValueError as exc:
             raise BenchError(f"{g.name}: {exc}; logs in {work}") from None
 
-    text = report_text(samples, [w.name for w in args.workload], args.connections,
-                       [s.name for s in servers], args.rounds, rss, loaded)
+    text = report_text(
+        samples,
+        [w.name for w in args.workload],
+        args.connections,
+        [s.name for s in servers],
+        args.rounds,
+        rss,
+        loaded,
+    )
     print(text)
     bad = [s for s in samples.runs if s.result.errors]
     if bad:
         for s in bad:
-            print(f"proxy_overhead: {s.server} {s.workload} at {s.connections} connection(s): "
-                  f"{s.result.non_2xx} non-2xx responses, socket errors {s.result.socket_errors}",
-                  file=sys.stderr)
-        print(f"proxy_overhead: FAILED: wrk reported errors; results.md left as it was; logs in {work}",
-              file=sys.stderr)
+            print(
+                f"proxy_overhead: {s.server} {s.workload} at {s.connections} connection(s): "
+                f"{s.result.non_2xx} non-2xx responses, socket errors {s.result.socket_errors}",
+                file=sys.stderr,
+            )
+        print(
+            f"proxy_overhead: FAILED: wrk reported errors; results.md left as it was; logs in {work}",
+            file=sys.stderr,
+        )
         return False
     paths = {work: "WORK", **({args.baseline: "BASELINE"} if args.baseline else {})}
     facts = Facts(
-        busy_before=busy, rounds=args.rounds, warmup=args.warmup, connections=args.connections,
+        busy_before=busy,
+        rounds=args.rounds,
+        warmup=args.warmup,
+        connections=args.connections,
         workloads=[w.name for w in args.workload],
-        servers={"direct": shlex.join(nginx_cmd), "thin": shlex.join(thin_cmd),
-                 **{g.name: g.shown() for g in gateways}},
-        loads={w.name: shlex.join(wrk_argv("<N>", args.duration, f"<url>{w.path}", w.script))
-               for w in args.workload},
-        gateway_commit=commits["gateway"], baseline=args.baseline,
-        baseline_commit=commits.get("baseline", ""))
+        servers={
+            "direct": shlex.join(nginx_cmd),
+            "thin": shlex.join(thin_cmd),
+            **{g.name: g.shown() for g in gateways},
+        },
+        loads={
+            w.name: shlex.join(wrk_argv("<N>", args.duration, f"<url>{w.path}", w.script))
+            for w in args.workload
+        },
+        gateway_commit=commits["gateway"],
+        baseline=args.baseline,
+        baseline_commit=commits.get("baseline", ""),
+    )
     markdown = scrub(render(facts, text), paths)
-    leaked = [p for p in (REPO, work, args.baseline, Path(tempfile.gettempdir()))
-              if p and f"{p}/" in markdown]
+    leaked = [
+        p for p in (REPO, work, args.baseline, Path(tempfile.gettempdir())) if p and f"{p}/" in markdown
+    ]
     if leaked:
         raise BenchError(f"results.md would hold paths of this machine: {leaked}; logs in {work}")
     RESULTS.write_text(markdown.rstrip("\n") + "\n")

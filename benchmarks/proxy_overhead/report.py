@@ -53,8 +53,13 @@ def parse_wrk(output: str) -> WrkResult:
         raise ValueError(f"cannot parse wrk's output:\n{output}")
     non_2xx = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", output)
     sock = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", output)
-    socket_errors = dict(zip(("connect", "read", "write", "timeout"),
-                             (int(g) for g in sock.groups()) if sock else (0, 0, 0, 0), strict=True))
+    socket_errors = dict(
+        zip(
+            ("connect", "read", "write", "timeout"),
+            (int(g) for g in sock.groups()) if sock else (0, 0, 0, 0),
+            strict=True,
+        )
+    )
     return WrkResult(
         rps=float(rps.group(1)),
         p50_ms=_latency_ms(output, "50"),
@@ -64,8 +69,6 @@ def parse_wrk(output: str) -> WrkResult:
         socket_errors=socket_errors,
         output=output,
     )
-
-
 
 
 @dataclass
@@ -92,11 +95,18 @@ class Samples:
         self.runs: list[Sample] = []
 
     def of(self, workload: str, connections: int, server: str) -> list[Sample]:
-        return sorted((s for s in self.runs if (s.workload, s.connections, s.server)
-                       == (workload, connections, server)), key=lambda s: s.round_)
+        return sorted(
+            (
+                s
+                for s in self.runs
+                if (s.workload, s.connections, s.server) == (workload, connections, server)
+            ),
+            key=lambda s: s.round_,
+        )
 
-    def median(self, workload: str, connections: int, server: str,
-               value: Callable[[Sample], float | None]) -> float | None:
+    def median(
+        self, workload: str, connections: int, server: str, value: Callable[[Sample], float | None]
+    ) -> float | None:
         values = [v for s in self.of(workload, connections, server) if (v := value(s)) is not None]
         return statistics.median(values) if values else None
 
@@ -115,71 +125,129 @@ def markdown(header: Sequence[str], body: Sequence[Sequence[str]], left: int = 1
     widths = [max(len(line[i]) for line in [header, *body]) for i in range(len(header))]
 
     def fmt(cells: Sequence[str]) -> str:
-        return "| " + " | ".join(c.ljust(w) if i < left else c.rjust(w)
-                                 for i, (c, w) in enumerate(zip(cells, widths, strict=True))) + " |"
+        return (
+            "| "
+            + " | ".join(
+                c.ljust(w) if i < left else c.rjust(w)
+                for i, (c, w) in enumerate(zip(cells, widths, strict=True))
+            )
+            + " |"
+        )
 
-    rule = "|" + "|".join("-" * (w + 2) if i < left else "-" * (w + 1) + ":"
-                          for i, w in enumerate(widths)) + "|"
+    rule = (
+        "|" + "|".join("-" * (w + 2) if i < left else "-" * (w + 1) + ":" for i, w in enumerate(widths)) + "|"
+    )
     return "\n".join([fmt(header), rule, *(fmt(b) for b in body)])
 
 
-def medians_table(samples: Samples, workloads: Sequence[str], connections: Sequence[int],
-                  servers: Sequence[str]) -> str:
-    header = ["workload", "conn", "server", "req/s", "p50", "p99", "CPU/req", "CPU 0 others",
-              "CPU 1 others", "errors"]
+def medians_table(
+    samples: Samples, workloads: Sequence[str], connections: Sequence[int], servers: Sequence[str]
+) -> str:
+    header = [
+        "workload",
+        "conn",
+        "server",
+        "req/s",
+        "p50",
+        "p99",
+        "CPU/req",
+        "CPU 0 others",
+        "CPU 1 others",
+        "errors",
+    ]
     body = []
     for w in workloads:
         for n in connections:
             for server in servers:
-                def med(value: Callable[[Sample], float | None], w: str = w, n: int = n,
-                        server: str = server) -> float | None:
+
+                def med(
+                    value: Callable[[Sample], float | None], w: str = w, n: int = n, server: str = server
+                ) -> float | None:
                     return samples.median(w, n, server, value)
 
                 rps = med(lambda s: s.result.rps)
                 cpu = med(lambda s: s.cpu_us)
-                body.append([w, str(n), server, f"{rps:,.0f}" if rps is not None else "-",
-                             _ms(med(lambda s: s.result.p50_ms)), _ms(med(lambda s: s.result.p99_ms)),
-                             "-" if cpu is None else f"{cpu:.0f} us",
-                             _share(med(lambda s: s.stolen)), _share(med(lambda s: s.load_stolen)),
-                             str(sum(s.result.errors for s in samples.of(w, n, server)))])
+                body.append(
+                    [
+                        w,
+                        str(n),
+                        server,
+                        f"{rps:,.0f}" if rps is not None else "-",
+                        _ms(med(lambda s: s.result.p50_ms)),
+                        _ms(med(lambda s: s.result.p99_ms)),
+                        "-" if cpu is None else f"{cpu:.0f} us",
+                        _share(med(lambda s: s.stolen)),
+                        _share(med(lambda s: s.load_stolen)),
+                        str(sum(s.result.errors for s in samples.of(w, n, server))),
+                    ]
+                )
     return markdown(header, body, left=3)
 
 
 def ratio_table(samples: Samples, workloads: Sequence[str], connections: Sequence[int]) -> str:
     """Gateway against baseline: the ratio of the medians, each round's own ratio, CPU per request."""
-    header = ["workload", "conn", "baseline req/s", "gateway req/s", "gateway / baseline", "per round",
-              "p50 ratio", "CPU/req baseline", "CPU/req gateway", "CPU ratio", "gateway / thin",
-              f">= {WITHIN}"]
+    header = [
+        "workload",
+        "conn",
+        "baseline req/s",
+        "gateway req/s",
+        "gateway / baseline",
+        "per round",
+        "p50 ratio",
+        "CPU/req baseline",
+        "CPU/req gateway",
+        "CPU ratio",
+        "gateway / thin",
+        f">= {WITHIN}",
+    ]
     body = []
     for w in workloads:
         for n in connections:
-            def med(server: str, value: Callable[[Sample], float | None], w: str = w,
-                    n: int = n) -> float:
+
+            def med(server: str, value: Callable[[Sample], float | None], w: str = w, n: int = n) -> float:
                 return samples.median(w, n, server, value) or 0.0
 
             base, gw, thin = (med(s, lambda s: s.result.rps) for s in ("baseline", "gateway", "thin"))
-            rounds = [g.result.rps / b.result.rps for b, g in
-                      zip(samples.of(w, n, "baseline"), samples.of(w, n, "gateway"), strict=True)]
+            rounds = [
+                g.result.rps / b.result.rps
+                for b, g in zip(samples.of(w, n, "baseline"), samples.of(w, n, "gateway"), strict=True)
+            ]
             p50 = med("gateway", lambda s: s.result.p50_ms) / med("baseline", lambda s: s.result.p50_ms)
             cpu_b, cpu_g = med("baseline", lambda s: s.cpu_us), med("gateway", lambda s: s.cpu_us)
             ratio = gw / base
-            body.append([w, str(n), f"{base:,.0f}", f"{gw:,.0f}", f"{ratio:.3f}",
-                         " ".join(f"{r:.2f}" for r in rounds), f"{p50:.2f}", f"{cpu_b:.0f} us",
-                         f"{cpu_g:.0f} us", f"{cpu_g / cpu_b:.2f}" if cpu_b else "-",
-                         f"{gw / thin:.2f}" if thin else "-", "yes" if ratio >= WITHIN else "NO"])
+            body.append(
+                [
+                    w,
+                    str(n),
+                    f"{base:,.0f}",
+                    f"{gw:,.0f}",
+                    f"{ratio:.3f}",
+                    " ".join(f"{r:.2f}" for r in rounds),
+                    f"{p50:.2f}",
+                    f"{cpu_b:.0f} us",
+                    f"{cpu_g:.0f} us",
+                    f"{cpu_g / cpu_b:.2f}" if cpu_b else "-",
+                    f"{gw / thin:.2f}" if thin else "-",
+                    "yes" if ratio >= WITHIN else "NO",
+                ]
+            )
     return markdown(header, body, left=2)
 
 
 def rss_line(name: str, before: dict[str, int], after: dict[str, int]) -> str:
-    return (f"{name} idle RSS: {before['VmRSS'] / 1024:.1f} MiB before load, "
-            f"{after['VmRSS'] / 1024:.1f} MiB after (peak {after.get('VmHWM', 0) / 1024:.1f} MiB)")
+    return (
+        f"{name} idle RSS: {before['VmRSS'] / 1024:.1f} MiB before load, "
+        f"{after['VmRSS'] / 1024:.1f} MiB after (peak {after.get('VmHWM', 0) / 1024:.1f} MiB)"
+    )
 
 
 def noise_line(samples: Samples) -> str:
     """How much of each core other processes took over the measured runs."""
     parts = []
-    for label, values in (("CPU 0 (the relays')", [s.stolen for s in samples.runs if s.stolen is not None]),
-                          ("CPU 1 (nginx and wrk)", [s.load_stolen for s in samples.runs])):
+    for label, values in (
+        ("CPU 0 (the relays')", [s.stolen for s in samples.runs if s.stolen is not None]),
+        ("CPU 1 (nginx and wrk)", [s.load_stolen for s in samples.runs]),
+    ):
         if values:
             parts.append(f"{label}: median {statistics.median(values):.0%}, max {max(values):.0%}")
     return "Other processes' share of each core during the measured runs: " + "; ".join(parts)
@@ -187,9 +255,11 @@ def noise_line(samples: Samples) -> str:
 
 def git_state(checkout: Path) -> str:
     """HEAD of ``checkout``, and whether its gateway, backends or policies differ from it."""
+
     def git(*args: str) -> str:
-        return subprocess.run(["git", "-C", str(checkout), *args], capture_output=True, text=True,
-                              check=True).stdout.strip()
+        return subprocess.run(
+            ["git", "-C", str(checkout), *args], capture_output=True, text=True, check=True
+        ).stdout.strip()
 
     try:
         sha = git("rev-parse", "HEAD")
@@ -232,26 +302,41 @@ def scrub(text: str, names: dict[Path, str]) -> str:
     return text
 
 
-def report_text(samples: Samples, workloads: Sequence[str], connections: Sequence[int],
-                servers: Sequence[str], rounds: int, rss: dict[str, tuple[dict[str, int], dict[str, int]]],
-                loaded: dict[str, int]) -> str:
+def report_text(
+    samples: Samples,
+    workloads: Sequence[str],
+    connections: Sequence[int],
+    servers: Sequence[str],
+    rounds: int,
+    rss: dict[str, tuple[dict[str, int], dict[str, int]]],
+    loaded: dict[str, int],
+) -> str:
     """The tables and the notes under them, as printed and as results.md holds them."""
-    parts = [f"## Medians over {rounds} round(s)", medians_table(samples, workloads, connections, servers),
-             "CPU/req: the server process's CPU time per request. CPU 0 / CPU 1 others: the share of "
-             "that core other processes (other people's work on a shared machine) used during the run; "
-             "CPU 0 holds the relay measured, the bottleneck, so there it is time the relay lost; on "
-             "CPU 1 it is mostly time nginx and wrk left idle."]
+    parts = [
+        f"## Medians over {rounds} round(s)",
+        medians_table(samples, workloads, connections, servers),
+        "CPU/req: the server process's CPU time per request. CPU 0 / CPU 1 others: the share of "
+        "that core other processes (other people's work on a shared machine) used during the run; "
+        "CPU 0 holds the relay measured, the bottleneck, so there it is time the relay lost; on "
+        "CPU 1 it is mostly time nginx and wrk left idle.",
+    ]
     if "baseline" in servers:
-        parts += ["## Gateway / baseline",
-                  "req/s (streams/s for stream) and CPU time per request, medians; `per round`: each "
-                  "round's gateway req/s over that round's baseline req/s.",
-                  ratio_table(samples, workloads, connections)]
+        parts += [
+            "## Gateway / baseline",
+            "req/s (streams/s for stream) and CPU time per request, medians; `per round`: each "
+            "round's gateway req/s over that round's baseline req/s.",
+            ratio_table(samples, workloads, connections),
+        ]
     parts += [rss_line(name, before, after) for name, (before, after) in rss.items()]
-    parts += [noise_line(samples),
-              "Code loaded, checked by run_checkout.py at start and from its record at exit: "
-              + "; ".join(f"{name}: {n} modules of {'/'.join(PACKAGES)}, all from "
-                          f"{'BASELINE' if name == 'baseline' else 'this checkout'}"
-                          for name, n in loaded.items())]
+    parts += [
+        noise_line(samples),
+        "Code loaded, checked by run_checkout.py at start and from its record at exit: "
+        + "; ".join(
+            f"{name}: {n} modules of {'/'.join(PACKAGES)}, all from "
+            f"{'BASELINE' if name == 'baseline' else 'this checkout'}"
+            for name, n in loaded.items()
+        ),
+    ]
     return "\n\n".join(parts)
 
 
@@ -292,8 +377,10 @@ def render(facts: Facts, text: str) -> str:
     ]
     if facts.baseline is not None:
         sha = facts.baseline_commit.split()[0]
-        lines.append(f"- baseline: git commit {facts.baseline_commit}; BASELINE is a second checkout, "
-                     f"made with `git worktree add BASELINE {sha[:7]}`")
+        lines.append(
+            f"- baseline: git commit {facts.baseline_commit}; BASELINE is a second checkout, "
+            f"made with `git worktree add BASELINE {sha[:7]}`"
+        )
     lines += [f"- {name}: `{cmd}`" for name, cmd in facts.servers.items()]
     lines += [f"- load ({w}): `{cmd}`" for w, cmd in facts.loads.items()]
     lines += [

@@ -55,13 +55,26 @@ class Launch:
         return f"cd {self.checkout} && {env} {shlex.join(self.argv)}"
 
 
-def launch(name: str, checkout: Path, python: Path, cpu: str, config: Path, port: int,
-           work: Path) -> Launch:
+def launch(name: str, checkout: Path, python: Path, cpu: str, config: Path, port: int, work: Path) -> Launch:
     """``interlock serve`` from ``checkout`` by ``python`` through this script, pinned to ``cpu``,
     with ``checkout`` as cwd and first on PYTHONPATH, and no 503 period on SIGTERM."""
     record = work / f"{name}-modules.json"
-    argv = ["taskset", "-c", cpu, str(python), str(Path(__file__).resolve()), str(checkout), str(record),
-            "serve", "--config", str(config), "--port", str(port), "--log-level", "warning"]
+    argv = [
+        "taskset",
+        "-c",
+        cpu,
+        str(python),
+        str(Path(__file__).resolve()),
+        str(checkout),
+        str(record),
+        "serve",
+        "--config",
+        str(config),
+        "--port",
+        str(port),
+        "--log-level",
+        "warning",
+    ]
     path = os.pathsep.join(filter(None, [str(checkout), os.environ.get("PYTHONPATH")]))
     env = {**os.environ, "PYTHONPATH": path, "INTERLOCK_SHUTDOWN_DELAY_S": "0"}
     return Launch(name, checkout, argv, env, port, record)
@@ -74,9 +87,12 @@ def check_loaded(record: Path, checkout: Path) -> int:
         loaded: dict[str, list[str]] = json.loads(record.read_text())
     except (OSError, ValueError) as exc:
         raise ValueError(f"no record of the modules it loaded ({exc})") from None
-    stray = {name: files for name, files in loaded.items()
-             if not files or not all(Path(f).resolve().is_relative_to(checkout / name.partition(".")[0])
-                                     for f in files)}
+    stray = {
+        name: files
+        for name, files in loaded.items()
+        if not files
+        or not all(Path(f).resolve().is_relative_to(checkout / name.partition(".")[0]) for f in files)
+    }
     if stray or not {*PACKAGES} <= loaded.keys():
         raise ValueError(f"it did not run {checkout}'s code only: {stray or sorted(loaded)}")
     return len(loaded)
@@ -88,8 +104,9 @@ def _exit(signum: int, _frame: object) -> None:
 
 def main() -> None:
     checkout, record, args = Path(sys.argv[1]).resolve(), Path(sys.argv[2]), sys.argv[3:]
-    sys.meta_path[:] = [f for f in sys.meta_path
-                        if not getattr(f, "__module__", "").startswith("__editable__")]
+    sys.meta_path[:] = [
+        f for f in sys.meta_path if not getattr(f, "__module__", "").startswith("__editable__")
+    ]
     # In place of this script's directory, whose modules are the benchmark's, not the gateway's.
     sys.path[0] = str(checkout)
     atexit.register(lambda: record.write_text(json.dumps(loaded_files(), indent=1)))

@@ -32,8 +32,11 @@ session: aiohttp.ClientSession | None = None
 
 async def relay(request: Request) -> Response:
     assert session is not None
-    upstream = await session.post(UPSTREAM + request.scope["path"], data=await request.body(),
-                                  headers={"content-type": "application/json"})
+    upstream = await session.post(
+        UPSTREAM + request.scope["path"],
+        data=await request.body(),
+        headers={"content-type": "application/json"},
+    )
     if upstream.content_type == "text/event-stream":
         return StreamingResponse(relay_bytes(upstream), upstream.status, media_type="text/event-stream")
     async with upstream:
@@ -55,10 +58,20 @@ async def lifespan(_: Starlette) -> AsyncIterator[None]:
     await session.close()
 
 
-app = Starlette(routes=[Route(path, relay, methods=["POST"])
-                        for path in ("/v1/chat/completions", "/sse/v1/chat/completions")],
-                lifespan=lifespan)
+app = Starlette(
+    routes=[
+        Route(path, relay, methods=["POST"]) for path in ("/v1/chat/completions", "/sse/v1/chat/completions")
+    ],
+    lifespan=lifespan,
+)
 
 if __name__ == "__main__":
-    uvicorn.run(app, host="127.0.0.1", port=int(sys.argv[2]), loop="uvloop", http="httptools",
-                access_log=False, log_level="warning")
+    uvicorn.run(
+        app,
+        host="127.0.0.1",
+        port=int(sys.argv[2]),
+        loop="uvloop",
+        http="httptools",
+        access_log=False,
+        log_level="warning",
+    )

@@ -54,18 +54,32 @@ MODELS = ("chat", "chat2", "chat3")
 def configs(upstream: str) -> tuple[dict[str, Any], dict[str, Any]]:
     def long(total: float = 120) -> dict[str, object]:
         """A ``kind: openai`` backend on the fake's ``long`` model (42 chunks over ~2 s)."""
-        return {"kind": "openai", "base_url": upstream, "model": "long",
-                "timeouts": {"connect": 1.0, "first_token": 30, "total": total}}
+        return {
+            "kind": "openai",
+            "base_url": upstream,
+            "model": "long",
+            "timeouts": {"connect": 1.0, "first_token": 30, "total": total},
+        }
 
     common = {"resilience": {"health_check": {"interval_s": 0}}}
-    a = {"backends": {"kept": long(), "only_a": long(), "changed": long(120)},
-         "models": {"chat": {"targets": ["kept"]}, "chat2": {"targets": ["only_a"]},
-                    "chat3": {"targets": ["changed"]}}, **common}
-    b = {"backends": {"kept": long(), "only_b": long(), "changed": long(121)},
-         "models": {"chat": {"targets": ["kept", "only_b"], "policy": "least_busy"},
-                    "chat2": {"targets": ["only_b"]},
-                    "chat3": {"targets": ["changed"], "fallback": ["kept"]}},
-         **common}
+    a = {
+        "backends": {"kept": long(), "only_a": long(), "changed": long(120)},
+        "models": {
+            "chat": {"targets": ["kept"]},
+            "chat2": {"targets": ["only_a"]},
+            "chat3": {"targets": ["changed"]},
+        },
+        **common,
+    }
+    b = {
+        "backends": {"kept": long(), "only_b": long(), "changed": long(121)},
+        "models": {
+            "chat": {"targets": ["kept", "only_b"], "policy": "least_busy"},
+            "chat2": {"targets": ["only_b"]},
+            "chat3": {"targets": ["changed"], "fallback": ["kept"]},
+        },
+        **common,
+    }
     return a, b
 
 
@@ -77,16 +91,28 @@ def corrupt(text: str, rng: random.Random) -> tuple[str, str]:
     """One random corruption of a valid file, and its kind."""
     lines = text.splitlines(keepends=True)
     i = rng.randrange(len(lines))
-    kind = rng.choice(["truncate", "delete span", "insert junk", "unknown target", "indent", "tab",
-                       "drop line", "bad number", "duplicate key", "bad kind"])
+    kind = rng.choice(
+        [
+            "truncate",
+            "delete span",
+            "insert junk",
+            "unknown target",
+            "indent",
+            "tab",
+            "drop line",
+            "bad number",
+            "duplicate key",
+            "bad kind",
+        ]
+    )
     if kind == "truncate":
         return text[: rng.randrange(1, len(text) - 1)], kind
     if kind == "delete span":
         start = rng.randrange(len(text) - 2)
-        return text[:start] + text[start + rng.randrange(1, 40):], kind
+        return text[:start] + text[start + rng.randrange(1, 40) :], kind
     if kind == "insert junk":
         at = rng.randrange(len(text))
-        return text[:at] + rng.choice(["{", "]", ": :", "- [", "&x *y", "\"", "@"]) + text[at:], kind
+        return text[:at] + rng.choice(["{", "]", ": :", "- [", "&x *y", '"', "@"]) + text[at:], kind
     if kind == "unknown target":
         return text.replace("- kept", "- kpet", 1), kind
     if kind == "indent":
@@ -165,13 +191,22 @@ async def streamer(http: aiohttp.ClientSession, url: str, n: int, stop_at: float
             tally.truncation("no [DONE]")
         else:
             tally.whole += 1
-            mores = sum((choice.get("delta") or {}).get("content") == " more"
-                        for event in events for choice in event.get("choices") or ())
+            mores = sum(
+                (choice.get("delta") or {}).get("content") == " more"
+                for event in events
+                for choice in event.get("choices") or ()
+            )
             tally.other_length += mores != 40
 
 
-async def operator(http: aiohttp.ClientSession, url: str, path: Path, good: tuple[dict[str, Any], ...],
-                   args: argparse.Namespace, tally: Tally) -> None:
+async def operator(
+    http: aiohttp.ClientSession,
+    url: str,
+    path: Path,
+    good: tuple[dict[str, Any], ...],
+    args: argparse.Namespace,
+    tally: Tally,
+) -> None:
     rng = random.Random(args.seed)
     start = time.monotonic()
     every = 60 / args.reloads_per_min
@@ -223,7 +258,8 @@ async def operator(http: aiohttp.ClientSession, url: str, path: Path, good: tupl
 
 def table(args: argparse.Namespace, tally: Tally, config_state: dict[str, Any]) -> str:
     rows = [
-        ("streams started", tally.started, ""), ("streams finished whole", tally.whole, ""),
+        ("streams started", tally.started, ""),
+        ("streams finished whole", tally.whole, ""),
         ("**streams truncated**", tally.truncated, "must be 0"),
         ("**5xx replies**", tally.status_5xx, "must be 0"),
         ("other non-200 replies", tally.other_status, "must be 0"),
@@ -232,8 +268,11 @@ def table(args: argparse.Namespace, tally: Tally, config_state: dict[str, Any]) 
         ("valid reloads not ok", tally.reloads_bad, "must be 0"),
         ("corruptions rejected (400)", tally.rejected, f"of {args.corruptions}"),
         ("corruptions accepted", tally.accepted, "must be 0"),
-        ("random edits that left a valid file", tally.valid_draws,
-         "not corruptions (`interlock check` passes): drawn again"),
+        (
+            "random edits that left a valid file",
+            tally.valid_draws,
+            "not corruptions (`interlock check` passes): drawn again",
+        ),
         ("**routes lost after a rejected corruption**", tally.routes_lost, "must be 0"),
         ("config hash changed by a rejected corruption", tally.hash_changed, "must be 0"),
     ]
@@ -257,35 +296,57 @@ async def run(args: argparse.Namespace, url: str, path: Path, good: tuple[dict[s
         await asyncio.gather(*streams)
         async with http.get(url + "/admin/config") as r:
             config_state = await r.json()
-    print(f"{args.streams} live streams (FakeUpstream `long`, ~2 s each) for {args.duration:g} s, "
-          f"{args.reloads_per_min:g} reloads a minute alternating two valid configs, "
-          f"{args.corruptions} random corruptions (seed {args.seed})\n")
+    print(
+        f"{args.streams} live streams (FakeUpstream `long`, ~2 s each) for {args.duration:g} s, "
+        f"{args.reloads_per_min:g} reloads a minute alternating two valid configs, "
+        f"{args.corruptions} random corruptions (seed {args.seed})\n"
+    )
     print(table(args, tally, config_state))
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--duration", type=float, default=120)
     parser.add_argument("--streams", type=int, default=200)
     parser.add_argument("--reloads-per-min", type=float, default=20)
     parser.add_argument("--corruptions", type=int, default=50)
     parser.add_argument("--seed", type=int, default=1)
     args = parser.parse_args()
-    env = {**os.environ, "PYTHONPATH": str(REPO), "INTERLOCK_RELOAD_WATCH": "0",
-           "INTERLOCK_SHUTDOWN_DELAY_S": "0"}
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(REPO),
+        "INTERLOCK_RELOAD_WATCH": "0",
+        "INTERLOCK_SHUTDOWN_DELAY_S": "0",
+    }
     up_port, gw_port = free_port(), free_port()
-    upstream = subprocess.Popen([sys.executable, "-c", UPSTREAM.format(port=up_port)], cwd=REPO, env=env,
-                                stderr=subprocess.DEVNULL)  # aiohttp logs each client gone
+    upstream = subprocess.Popen(
+        [sys.executable, "-c", UPSTREAM.format(port=up_port)], cwd=REPO, env=env, stderr=subprocess.DEVNULL
+    )  # aiohttp logs each client gone
     good = configs(f"http://127.0.0.1:{up_port}/v1")
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "routing.yaml"
         path.write_text(to_yaml(good[0]))
         log = open(Path(tmp) / "gateway.log", "wb")  # closed below
         gateway = subprocess.Popen(
-            [sys.executable, "-c", "import sys; from gateway.cli import main; main(sys.argv[1:])", "serve",
-             "--config", str(path), "--port", str(gw_port), "--log-level", "warning"],
-            cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+            [
+                sys.executable,
+                "-c",
+                "import sys; from gateway.cli import main; main(sys.argv[1:])",
+                "serve",
+                "--config",
+                str(path),
+                "--port",
+                str(gw_port),
+                "--log-level",
+                "warning",
+            ],
+            cwd=REPO,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
         url = f"http://127.0.0.1:{gw_port}"
         try:
             deadline = time.monotonic() + 60
@@ -306,8 +367,11 @@ def main() -> None:
             gateway.wait(30)
             upstream.wait(10)
             log.close()
-            errors = [line for line in (Path(tmp) / "gateway.log").read_text().splitlines()
-                      if " ERROR " in line or "Traceback" in line]
+            errors = [
+                line
+                for line in (Path(tmp) / "gateway.log").read_text().splitlines()
+                if " ERROR " in line or "Traceback" in line
+            ]
             print(f"\ngateway log: {len(errors)} ERROR line(s)" + "".join(f"\n    {e}" for e in errors[:5]))
 
 

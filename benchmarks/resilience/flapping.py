@@ -37,11 +37,16 @@ from gateway.config import parse_config  # noqa: E402
 from gateway.server import create_app  # noqa: E402
 from gateway.settings import Settings  # noqa: E402
 
-REPLY = orjson.dumps({
-    "id": "c", "object": "chat.completion", "created": 1, "model": "m",
-    "choices": [{"index": 0, "message": {"role": "assistant", "content": "ok"}, "finish_reason": "stop"}],
-    "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
-})
+REPLY = orjson.dumps(
+    {
+        "id": "c",
+        "object": "chat.completion",
+        "created": 1,
+        "model": "m",
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": "ok"}, "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
+    }
+)
 
 
 class Upstream:
@@ -81,8 +86,16 @@ class Upstream:
 
 def serve_gateway(config: dict[str, object]) -> tuple[str, uvicorn.Server]:
     port = free_port()
-    uv = uvicorn.Config(app=None, host="127.0.0.1", port=port, lifespan="on",  # type: ignore[arg-type]
-                        log_level="error", access_log=False, loop="uvloop", http="httptools")
+    uv = uvicorn.Config(
+        app=None,
+        host="127.0.0.1",
+        port=port,
+        lifespan="on",  # type: ignore[arg-type]
+        log_level="error",
+        access_log=False,
+        loop="uvloop",
+        http="httptools",
+    )
     server = uvicorn.Server(uv)
     uv.app = create_app(parse_config(config, "<flapping>"), Settings(port=port), server)
     threading.Thread(target=server.run, daemon=True).start()
@@ -114,8 +127,10 @@ def scenario(fallback: bool, seconds: float, concurrency: int) -> tuple[str, Cou
     flapping, spare = Upstream(flap_s=1.0), Upstream(flap_s=0)
     flapping.start()
     spare.start()
-    backends = {"flapping": {"kind": "openai", "base_url": f"http://127.0.0.1:{flapping.port}/v1"},
-                "spare": {"kind": "openai", "base_url": f"http://127.0.0.1:{spare.port}/v1"}}
+    backends = {
+        "flapping": {"kind": "openai", "base_url": f"http://127.0.0.1:{flapping.port}/v1"},
+        "spare": {"kind": "openai", "base_url": f"http://127.0.0.1:{spare.port}/v1"},
+    }
     route: dict[str, object] = {"targets": ["flapping"]}
     if fallback:
         route["fallback"] = ["spare"]
@@ -151,11 +166,17 @@ def main() -> None:
         total = sum(seen.values())
         flap, spare = seen["served by flapping"], seen["served by spare"]
         failed = total - flap - spare
-        lines.append(f"| {name} | {total:,} | {flap / total:.1%} | {spare / total:.1%} "
-                     f"| {failed / total:.1%} |")
-    lines += ["", "Failures by status: " + "; ".join(
-        f"{name}: " + ", ".join(f"{k} {v:,}" for k, v in sorted(seen.items()) if k.startswith("HTTP"))
-        for name, seen in rows)]
+        lines.append(
+            f"| {name} | {total:,} | {flap / total:.1%} | {spare / total:.1%} | {failed / total:.1%} |"
+        )
+    lines += [
+        "",
+        "Failures by status: "
+        + "; ".join(
+            f"{name}: " + ", ".join(f"{k} {v:,}" for k, v in sorted(seen.items()) if k.startswith("HTTP"))
+            for name, seen in rows
+        ),
+    ]
     text = "\n".join(lines) + "\n"
     print(text)
     (HERE / "results.md").write_text(text)

@@ -51,15 +51,24 @@ KINDS: dict[str, tuple[bytes, bytes | None]] = {
     "nothing": (b"", None),
     "half request line": (b"POST /v1/chat/comp", b"l"),
     "headers without end": (b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\nx-slow: ", b"a"),
-    "body at a byte a second": (b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: "
-                              b"application/json\r\ncontent-length: 100000\r\n\r\n{", b" "),
+    "body at a byte a second": (
+        b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: "
+        b"application/json\r\ncontent-length: 100000\r\n\r\n{",
+        b" ",
+    ),
 }
-REPLY = json.dumps({
-    "id": "chatcmpl-1", "object": "chat.completion", "created": 1, "model": "m",
-    "choices": [{"index": 0, "message": {"role": "assistant", "content": "Hello there."},
-                 "finish_reason": "stop"}],
-    "usage": {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8},
-}).encode()
+REPLY = json.dumps(
+    {
+        "id": "chatcmpl-1",
+        "object": "chat.completion",
+        "created": 1,
+        "model": "m",
+        "choices": [
+            {"index": 0, "message": {"role": "assistant", "content": "Hello there."}, "finish_reason": "stop"}
+        ],
+        "usage": {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8},
+    }
+).encode()
 CHAT = json.dumps({"model": "m", "messages": [{"role": "user", "content": "Say hello."}]}).encode()
 
 
@@ -109,13 +118,15 @@ def run_healthy(url: str, rate: float) -> None:
         asyncio.get_running_loop().add_reader(sys.stdin.fileno(), stop.set)
         timeout = aiohttp.ClientTimeout(total=30)
         keep = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), timeout=timeout)
-        fresh = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0, force_close=True),
-                                      timeout=timeout)
+        fresh = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=0, force_close=True), timeout=timeout
+        )
 
         async def one(session: aiohttp.ClientSession, due: float) -> None:
             try:
-                async with session.post(url + "/v1/chat/completions", data=CHAT,
-                                        headers={"content-type": "application/json"}) as r:
+                async with session.post(
+                    url + "/v1/chat/completions", data=CHAT, headers={"content-type": "application/json"}
+                ) as r:
                     await r.read()
                     status = r.status
             except Exception as exc:  # a failure to count, whatever it is
@@ -164,8 +175,9 @@ class Slow:
     error: str | None = None
 
 
-async def slow_connection(conn: Slow, source: str, port: int,
-                          writers: list[tuple[asyncio.StreamWriter, bytes]]) -> None:
+async def slow_connection(
+    conn: Slow, source: str, port: int, writers: list[tuple[asyncio.StreamWriter, bytes]]
+) -> None:
     first, piece = KINDS[conn.kind]
     conn.started = time.monotonic()
     try:
@@ -187,8 +199,9 @@ async def slow_connection(conn: Slow, source: str, port: int,
     writer.close()
 
 
-async def slow_phase(kinds: list[str], n: int, source: str, port: int, until: float,
-                     ramp: float = 1000) -> list[Slow]:
+async def slow_phase(
+    kinds: list[str], n: int, source: str, port: int, until: float, ramp: float = 1000
+) -> list[Slow]:
     """Opens ``n`` connections of each kind, trickles their pieces once a second, and returns
     once the gateway closed them all (or at ``until``)."""
     conns = [Slow(kind) for kind in kinds for _ in range(n)]
@@ -205,7 +218,7 @@ async def slow_phase(kinds: list[str], n: int, source: str, port: int, until: fl
     tasks = []
     step = max(1, int(ramp / 20))  # ``ramp`` connects a second, in 20 steps a second
     for i in range(0, len(conns), step):
-        tasks += [asyncio.create_task(slow_connection(c, source, port, writers)) for c in conns[i:i + step]]
+        tasks += [asyncio.create_task(slow_connection(c, source, port, writers)) for c in conns[i : i + step]]
         await asyncio.sleep(0.05)
     _, pending = await asyncio.wait(tasks, timeout=max(1.0, until - time.monotonic()))
     trickler.cancel()
@@ -278,8 +291,9 @@ def main() -> None:
 
     limit = raise_fd_limit(args.n * len(KINDS) + 10_000)
     if limit < args.n + 1000:
-        raise SystemExit(f"RLIMIT_NOFILE is {limit}: too low for {args.n} connections "
-                         "(run as root, or lower --n)")
+        raise SystemExit(
+            f"RLIMIT_NOFILE is {limit}: too low for {args.n} connections (run as root, or lower --n)"
+        )
     # every kind at once: as many of each as the gateway's descriptors allow
     args.n_all = 0 if args.no_all else min(args.n, (limit - 1500) // len(KINDS))
     total = max(args.n, args.n_all * len(KINDS))
@@ -288,19 +302,40 @@ def main() -> None:
     up_port, gw_port = free_port(), free_port()
     work = Path(tempfile.mkdtemp(prefix="slowloris-"))
     config = work / "gateway.yaml"
-    config.write_text(f"backends:\n  up: {{kind: openai, base_url: 'http://127.0.0.1:{up_port}/v1'}}\n"
-                      "models:\n  m: {targets: [up]}\nresilience:\n  health_check: {interval_s: 0}\n")
-    env = {**os.environ, "INTERLOCK_HEADER_TIMEOUT_S": str(args.header_timeout),
-           "INTERLOCK_BODY_TIMEOUT_S": str(args.body_timeout),
-           "INTERLOCK_MAX_CONNECTIONS": str(total + 1000), "INTERLOCK_LOG_LEVEL": "warning"}
+    config.write_text(
+        f"backends:\n  up: {{kind: openai, base_url: 'http://127.0.0.1:{up_port}/v1'}}\n"
+        "models:\n  m: {targets: [up]}\nresilience:\n  health_check: {interval_s: 0}\n"
+    )
+    env = {
+        **os.environ,
+        "INTERLOCK_HEADER_TIMEOUT_S": str(args.header_timeout),
+        "INTERLOCK_BODY_TIMEOUT_S": str(args.body_timeout),
+        "INTERLOCK_MAX_CONNECTIONS": str(total + 1000),
+        "INTERLOCK_LOG_LEVEL": "warning",
+    }
     procs = [subprocess.Popen([PY, __file__, "--serve-upstream", str(up_port)], cwd=REPO)]
     wait_port(up_port, procs[0])
     gateway_log = (work / "gateway.log").open("wb")
-    serve = [PY, "-c", "from gateway.cli import main; main()", "serve", "--config", str(config),
-             "--port", str(gw_port)]
+    serve = [
+        PY,
+        "-c",
+        "from gateway.cli import main; main()",
+        "serve",
+        "--config",
+        str(config),
+        "--port",
+        str(gw_port),
+    ]
     pin = cpu_list(args.gateway_cpus) if args.gateway_cpus else None
-    procs.append(subprocess.Popen(serve, cwd=REPO, env=env, stderr=gateway_log,
-                                  preexec_fn=(lambda: os.sched_setaffinity(0, pin)) if pin else None))
+    procs.append(
+        subprocess.Popen(
+            serve,
+            cwd=REPO,
+            env=env,
+            stderr=gateway_log,
+            preexec_fn=(lambda: os.sched_setaffinity(0, pin)) if pin else None,
+        )
+    )
     url = f"http://127.0.0.1:{gw_port}"
     try:
         wait_port(gw_port, procs[1])
@@ -324,21 +359,36 @@ def run_phases(args: argparse.Namespace, url: str, port: int, gateway_pid: int) 
     if not args.no_all:
         slow_plan.append((f"all four kinds at once ({args.n_all} each)", list(KINDS)))
     plan = [step for phase in slow_plan for step in (("baseline", []), phase)]
-    phases = [Phase(f"baseline (no slow clients; {len(slow_plan)} windows of {args.baseline_s:g} s, pooled)",
-                    [], {})]
+    phases = [
+        Phase(
+            f"baseline (no slow clients; {len(slow_plan)} windows of {args.baseline_s:g} s, pooled)", [], {}
+        )
+    ]
     for i, (name, kinds) in enumerate(plan):
-        healthy = subprocess.Popen([PY, __file__, "--healthy", url, "--rate", str(args.rate)],
-                                   stdin=subprocess.PIPE, stdout=subprocess.PIPE, cwd=REPO)
+        healthy = subprocess.Popen(
+            [PY, __file__, "--healthy", url, "--rate", str(args.rate)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            cwd=REPO,
+        )
         assert healthy.stdout is not None and healthy.stdout.readline() == b"ready\n"
         started, cpu = time.monotonic(), process_cpu(gateway_pid)
         slow: list[Slow] = []
         peak = rss_mib(gateway_pid)
         if kinds:
-            slow, peak = uvloop.run(watched(
-                slow_phase(kinds, args.n if len(kinds) == 1 else args.n_all, f"127.0.0.{2 + i}", port,
-                           until=time.monotonic() + deadline + 30 + args.n * len(kinds) / args.ramp,
-                           ramp=args.ramp),
-                gateway_pid))
+            slow, peak = uvloop.run(
+                watched(
+                    slow_phase(
+                        kinds,
+                        args.n if len(kinds) == 1 else args.n_all,
+                        f"127.0.0.{2 + i}",
+                        port,
+                        until=time.monotonic() + deadline + 30 + args.n * len(kinds) / args.ramp,
+                        ramp=args.ramp,
+                    ),
+                    gateway_pid,
+                )
+            )
         else:
             time.sleep(args.baseline_s)
         out, _ = healthy.communicate(b"stop\n", timeout=60)
@@ -353,8 +403,11 @@ def run_phases(args: argparse.Namespace, url: str, port: int, gateway_pid: int) 
             for what, count in result["failures"].items():
                 phases[0].failures[what] = phases[0].failures.get(what, 0) + count
             phases[0].rss_mib = max(phases[0].rss_mib, peak)
-        print(f"{name}: {len(result['latencies'])} ok, {sum(result['failures'].values())} failed, "
-              f"{time.monotonic() - started:.0f}s", file=sys.stderr)
+        print(
+            f"{name}: {len(result['latencies'])} ok, {sum(result['failures'].values())} failed, "
+            f"{time.monotonic() - started:.0f}s",
+            file=sys.stderr,
+        )
     return phases
 
 
@@ -394,21 +447,33 @@ def report(args: argparse.Namespace, phases: list[Phase]) -> str:
     for ph in phases:
         ok, failed = len(ph.latencies), sum(ph.failures.values())
         p99 = pct(ph.latencies, 0.99)
-        row = [ph.name, str(ok), str(failed) + (f" {ph.failures}" if failed else ""),
-               f"{100 * ok / max(1, ok + failed):.2f}%", f"{pct(ph.latencies, 0.5):.1f}",
-               f"{p99:.1f}", f"{p99 / base_p99:.2f}x"]
+        row = [
+            ph.name,
+            str(ok),
+            str(failed) + (f" {ph.failures}" if failed else ""),
+            f"{100 * ok / max(1, ok + failed):.2f}%",
+            f"{pct(ph.latencies, 0.5):.1f}",
+            f"{p99:.1f}",
+            f"{p99 / base_p99:.2f}x",
+        ]
         if ph.slow:
             deadline = max(args.header_timeout, args.body_timeout)
             closed = [s for s in ph.slow if s.closed_after is not None and s.error is None]
-            by_deadline = [s for s in closed if s.closed_after <= deadline + args.grace   # type: ignore[operator]
-                           and s.answer.startswith(b"HTTP/1.1 408 ")]
+            by_deadline = [
+                s
+                for s in closed
+                if s.closed_after <= deadline + args.grace  # type: ignore[operator]
+                and s.answer.startswith(b"HTTP/1.1 408 ")
+            ]
             early = [s.closed_after_start for s in closed if s.closed_after_start is not None]
             late = [s.closed_after for s in closed if s.closed_after is not None]
             errors = [s.error for s in ph.slow if s.error]
             note = f" ({len(errors)} errors: {errors[0]})" if errors else ""
-            row += [f"{len(by_deadline)} / {len(ph.slow)}{note}",
-                    str(sum(s.answer.startswith(b"HTTP/1.1 408 ") for s in ph.slow)),
-                    f"{min(early):.1f} / {max(late):.1f}" if late else "-"]
+            row += [
+                f"{len(by_deadline)} / {len(ph.slow)}{note}",
+                str(sum(s.answer.startswith(b"HTTP/1.1 408 ") for s in ph.slow)),
+                f"{min(early):.1f} / {max(late):.1f}" if late else "-",
+            ]
         else:
             row += ["-", "-", "-"]
         row += [f"{ph.rss_mib:.0f}", f"{100 * ph.cpu_s / max(ph.wall_s, 1e-9):.0f}%"]

@@ -131,8 +131,9 @@ class RunResult:
     first_error: str = ""
 
 
-async def stream_chat(session: aiohttp.ClientSession, url: str, body: dict[str, Any],
-                      headers: dict[str, str]) -> Sample:
+async def stream_chat(
+    session: aiohttp.ClientSession, url: str, body: dict[str, Any], headers: dict[str, str]
+) -> Sample:
     sample = Sample()
     start = time.perf_counter()
     chunks = 0
@@ -170,17 +171,31 @@ async def stream_chat(session: aiohttp.ClientSession, url: str, body: dict[str, 
 
 
 def request_body(model: str, messages: list[dict[str, str]], max_tokens: int) -> dict[str, Any]:
-    return {"model": model, "messages": messages, "max_tokens": max_tokens, "temperature": 0,
-            "stream": True, "stream_options": {"include_usage": True}, "ignore_eos": True}
+    return {
+        "model": model,
+        "messages": messages,
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        "ignore_eos": True,
+    }
 
 
-async def prefix_workload(session: aiohttp.ClientSession, url: str, args: argparse.Namespace,
-                          round_: int, tag: str, samples: list[Sample]) -> None:
+async def prefix_workload(
+    session: aiohttp.ClientSession,
+    url: str,
+    args: argparse.Namespace,
+    round_: int,
+    tag: str,
+    samples: list[Sample],
+) -> None:
     """Conversations whose turns run in order; any idle worker takes any conversation's next turn."""
     units = [(c, b) for c in range(args.conversations) for b in range(args.branches)]
     systems = {c: system_prompt(args.seed, round_, c, args.words, tag) for c in range(args.conversations)}
     history: dict[tuple[int, int], list[dict[str, str]]] = {
-        (c, b): [{"role": "system", "content": systems[c]}] for c, b in units}
+        (c, b): [{"role": "system", "content": systems[c]}] for c, b in units
+    }
     turn: dict[tuple[int, int], int] = dict.fromkeys(units, 0)
     ready: asyncio.Queue[tuple[int, int] | None] = asyncio.Queue()
     for unit in units:
@@ -196,8 +211,12 @@ async def prefix_workload(session: aiohttp.ClientSession, url: str, args: argpar
             c, b = unit
             messages = history[unit]
             messages.append({"role": "user", "content": user_message(args.seed, round_, c, b, turn[unit])})
-            sample = await stream_chat(session, url, request_body(args.model, messages, args.max_tokens),
-                                       {"x-interlock-session": f"{tag}-c{c:03d}"})
+            sample = await stream_chat(
+                session,
+                url,
+                request_body(args.model, messages, args.max_tokens),
+                {"x-interlock-session": f"{tag}-c{c:03d}"},
+            )
             sample.turn = turn[unit]
             samples.append(sample)
             # a failed turn still moves the conversation on, so one error does not stall the run
@@ -214,8 +233,14 @@ async def prefix_workload(session: aiohttp.ClientSession, url: str, args: argpar
     await asyncio.gather(*(worker() for _ in range(args.users)))
 
 
-async def unique_workload(session: aiohttp.ClientSession, url: str, args: argparse.Namespace,
-                          round_: int, tag: str, samples: list[Sample]) -> None:
+async def unique_workload(
+    session: aiohttp.ClientSession,
+    url: str,
+    args: argparse.Namespace,
+    round_: int,
+    tag: str,
+    samples: list[Sample],
+) -> None:
     """Requests sharing no prefix at all: only load can guide the choice."""
     pending: asyncio.Queue[int] = asyncio.Queue()
     for i in range(args.unique_requests):
@@ -225,8 +250,10 @@ async def unique_workload(session: aiohttp.ClientSession, url: str, args: argpar
         while not pending.empty():
             i = pending.get_nowait()
             system = system_prompt(args.seed, round_, 1000 + i, args.words, tag)
-            messages = [{"role": "system", "content": system},
-                        {"role": "user", "content": user_message(args.seed, round_, 1000 + i, 0, 0)}]
+            messages = [
+                {"role": "system", "content": system},
+                {"role": "user", "content": user_message(args.seed, round_, 1000 + i, 0, 0)},
+            ]
             body = request_body(args.model, messages, args.max_tokens)
             samples.append(await stream_chat(session, url, body, {}))
 
@@ -239,14 +266,21 @@ async def warm_up(session: aiohttp.ClientSession, endpoints: list[str], args: ar
     jobs = []
     for e, endpoint in enumerate(endpoints):
         for i in range(4):
-            messages = [{"role": "system", "content": system_prompt(args.seed, -1, e * 10 + i, args.words,
-                                                                     f"warm-{e}-{i}")},
-                        {"role": "user", "content": "Hello?"}]
+            messages = [
+                {
+                    "role": "system",
+                    "content": system_prompt(args.seed, -1, e * 10 + i, args.words, f"warm-{e}-{i}"),
+                },
+                {"role": "user", "content": "Hello?"},
+            ]
             jobs.append(stream_chat(session, endpoint, request_body(args.model, messages, 8), {}))
     results = await asyncio.gather(*jobs)
     failed = [r.error for r in results if r.error]
-    print(f"warm-up: {len(results) - len(failed)}/{len(results)} ok"
-          + (f"; first error: {failed[0]}" if failed else ""), flush=True)
+    print(
+        f"warm-up: {len(results) - len(failed)}/{len(results)} ok"
+        + (f"; first error: {failed[0]}" if failed else ""),
+        flush=True,
+    )
 
 
 # --- running and reporting ---------------------------------------------------------------------
@@ -270,14 +304,22 @@ def served(gateway: poolkit.Gateway, endpoints: list[str]) -> list[int]:
     return [by_url.get(url, 0) for url in endpoints]
 
 
-async def one_run(session: aiohttp.ClientSession, gateway: poolkit.Gateway, endpoints: list[str],
-                  args: argparse.Namespace, workload: str, rule: str, round_: int,
-                  budget_s: float) -> RunResult:
+async def one_run(
+    session: aiohttp.ClientSession,
+    gateway: poolkit.Gateway,
+    endpoints: list[str],
+    args: argparse.Namespace,
+    workload: str,
+    rule: str,
+    round_: int,
+    budget_s: float,
+) -> RunResult:
     # fixed width, so prompts are equally long whatever the rule's name
     tag = f"{args.nonce}-{workload[0]}-{RULES.index(rule)}-{round_:02d}"
     loop = asyncio.get_running_loop()
-    before_hits = await asyncio.gather(*(loop.run_in_executor(None, poolkit.prefix_counters, e)
-                                         for e in endpoints))
+    before_hits = await asyncio.gather(
+        *(loop.run_in_executor(None, poolkit.prefix_counters, e) for e in endpoints)
+    )
     before_split = await loop.run_in_executor(None, served, gateway, endpoints)
     runner = prefix_workload if workload == "prefix" else unique_workload
     samples: list[Sample] = []
@@ -289,21 +331,29 @@ async def one_run(session: aiohttp.ClientSession, gateway: poolkit.Gateway, endp
     except TimeoutError:
         aborted = True
     wall = time.perf_counter() - start
-    after_hits = await asyncio.gather(*(loop.run_in_executor(None, poolkit.prefix_counters, e)
-                                        for e in endpoints))
+    after_hits = await asyncio.gather(
+        *(loop.run_in_executor(None, poolkit.prefix_counters, e) for e in endpoints)
+    )
     after_split = await loop.run_in_executor(None, served, gateway, endpoints)
     ok = [s for s in samples if not s.error]
     errors = [s for s in samples if s.error]
     ttfts = [s.ttft_s * 1000 for s in ok if s.ttft_s is not None]
     later = [s.ttft_s * 1000 for s in ok if s.ttft_s is not None and s.turn > 0]
     return RunResult(
-        workload=workload, rule=rule, round=round_, requests=len(samples), errors=len(errors),
-        wall_s=wall, ttft_p50_ms=percentile(ttfts, 0.5), ttft_p99_ms=percentile(ttfts, 0.99),
+        workload=workload,
+        rule=rule,
+        round=round_,
+        requests=len(samples),
+        errors=len(errors),
+        wall_s=wall,
+        ttft_p50_ms=percentile(ttfts, 0.5),
+        ttft_p99_ms=percentile(ttfts, 0.99),
         later_p99_ms=percentile(later, 0.99) if workload == "prefix" else None,
         tok_s=sum(s.tokens for s in ok) / wall if wall > 0 else 0.0,
         prefix_hit=hit_rate(before_hits, after_hits),
         split=[a - b for a, b in zip(after_split, before_split, strict=True)],
-        aborted=aborted, first_error=errors[0].error if errors else "",
+        aborted=aborted,
+        first_error=errors[0].error if errors else "",
     )
 
 
@@ -321,16 +371,19 @@ def median_of(results: list[RunResult], key: str) -> float | None:
 
 
 def run_line(r: RunResult) -> str:
-    return (f"{r.workload:<6} {r.rule:<17} round {r.round + 1}: {r.requests} req, {r.errors} err, "
-            f"TTFT p50 {fmt_ms(r.ttft_p50_ms)} ms p99 {fmt_ms(r.ttft_p99_ms)} ms (after turn 1: "
-            f"{fmt_ms(r.later_p99_ms)}), {r.tok_s:,.0f} tok/s, "
-            f"hit {fmt_pct(r.prefix_hit)}, split {'/'.join(map(str, r.split))}, wall {r.wall_s:.1f}s"
-            + (" ABORTED (time limit)" if r.aborted else "")
-            + (f"; first error: {r.first_error}" if r.first_error else ""))
+    return (
+        f"{r.workload:<6} {r.rule:<17} round {r.round + 1}: {r.requests} req, {r.errors} err, "
+        f"TTFT p50 {fmt_ms(r.ttft_p50_ms)} ms p99 {fmt_ms(r.ttft_p99_ms)} ms (after turn 1: "
+        f"{fmt_ms(r.later_p99_ms)}), {r.tok_s:,.0f} tok/s, "
+        f"hit {fmt_pct(r.prefix_hit)}, split {'/'.join(map(str, r.split))}, wall {r.wall_s:.1f}s"
+        + (" ABORTED (time limit)" if r.aborted else "")
+        + (f"; first error: {r.first_error}" if r.first_error else "")
+    )
 
 
 def verdicts(results: list[RunResult]) -> list[str]:
     """The targets, on the medians: each line says the numbers and PASS/FAIL (n/a if not measured)."""
+
     def med(workload: str, rule: str, key: str) -> float | None:
         runs = [r for r in results if r.workload == workload and r.rule == rule and not r.aborted]
         return median_of(runs, key)
@@ -340,20 +393,28 @@ def verdicts(results: list[RunResult]) -> list[str]:
     hash_p99 = med("prefix", "conversation_hash", "ttft_p99_ms")
     if auto_p99 is not None and hash_p99:
         lower = 1 - auto_p99 / hash_p99
-        lines.append(f"- prefix: auto TTFT p99 {auto_p99:,.0f} ms vs conversation_hash {hash_p99:,.0f} ms: "
-                     f"{100 * lower:+.1f}% lower (target >= 15%): {'PASS' if lower >= 0.15 else 'FAIL'}")
+        lines.append(
+            f"- prefix: auto TTFT p99 {auto_p99:,.0f} ms vs conversation_hash {hash_p99:,.0f} ms: "
+            f"{100 * lower:+.1f}% lower (target >= 15%): {'PASS' if lower >= 0.15 else 'FAIL'}"
+        )
     else:
         lines.append("- prefix: auto vs conversation_hash TTFT p99: n/a")
-    auto_later, hash_later = med("prefix", "auto", "later_p99_ms"), med("prefix", "conversation_hash",
-                                                                        "later_p99_ms")
+    auto_later, hash_later = (
+        med("prefix", "auto", "later_p99_ms"),
+        med("prefix", "conversation_hash", "later_p99_ms"),
+    )
     if auto_later is not None and hash_later:
-        lines.append(f"- prefix, turns after the first (no target; where routing shows): auto TTFT p99 "
-                     f"{auto_later:,.0f} ms vs conversation_hash {hash_later:,.0f} ms: "
-                     f"{100 * (1 - auto_later / hash_later):+.1f}% lower")
+        lines.append(
+            f"- prefix, turns after the first (no target; where routing shows): auto TTFT p99 "
+            f"{auto_later:,.0f} ms vs conversation_hash {hash_later:,.0f} ms: "
+            f"{100 * (1 - auto_later / hash_later):+.1f}% lower"
+        )
     auto_t, hash_t = med("prefix", "auto", "tok_s"), med("prefix", "conversation_hash", "tok_s")
     if auto_t is not None and hash_t:
-        lines.append(f"- prefix: auto {auto_t:,.0f} tok/s vs conversation_hash {hash_t:,.0f} tok/s: "
-                     f"ratio {auto_t / hash_t:.3f} (target >= 1): {'PASS' if auto_t >= hash_t else 'FAIL'}")
+        lines.append(
+            f"- prefix: auto {auto_t:,.0f} tok/s vs conversation_hash {hash_t:,.0f} tok/s: "
+            f"ratio {auto_t / hash_t:.3f} (target >= 1): {'PASS' if auto_t >= hash_t else 'FAIL'}"
+        )
     else:
         lines.append("- prefix: auto vs conversation_hash tok/s: n/a")
     auto_u, lif_u = med("unique", "auto", "tok_s"), med("unique", "least_in_flight", "tok_s")
@@ -361,11 +422,16 @@ def verdicts(results: list[RunResult]) -> list[str]:
         ratio = auto_u / lif_u
         p50a, p50l = med("unique", "auto", "ttft_p50_ms"), med("unique", "least_in_flight", "ttft_p50_ms")
         p99a, p99l = med("unique", "auto", "ttft_p99_ms"), med("unique", "least_in_flight", "ttft_p99_ms")
-        ttft = (f"; TTFT p50 ratio {p50a / p50l:.3f}, p99 ratio {p99a / p99l:.3f}"
-                if p50a is not None and p50l and p99a is not None and p99l else "")
-        lines.append(f"- unique: auto {auto_u:,.0f} tok/s vs least_in_flight {lif_u:,.0f} tok/s: "
-                     f"ratio {ratio:.3f} (target: within 5%, >= 0.95): "
-                     f"{'PASS' if ratio >= 0.95 else 'FAIL'}{ttft}")
+        ttft = (
+            f"; TTFT p50 ratio {p50a / p50l:.3f}, p99 ratio {p99a / p99l:.3f}"
+            if p50a is not None and p50l and p99a is not None and p99l
+            else ""
+        )
+        lines.append(
+            f"- unique: auto {auto_u:,.0f} tok/s vs least_in_flight {lif_u:,.0f} tok/s: "
+            f"ratio {ratio:.3f} (target: within 5%, >= 0.95): "
+            f"{'PASS' if ratio >= 0.95 else 'FAIL'}{ttft}"
+        )
     else:
         lines.append("- unique: auto vs least_in_flight: n/a")
     return lines
@@ -395,22 +461,33 @@ def report(results: list[RunResult], args: argparse.Namespace, endpoints: list[s
                 continue
             per_endpoint = zip(*(r.split for r in runs), strict=True)
             split = "/".join(str(round(statistics.median(s))) for s in per_endpoint)
-            lines.append(f"| {workload} | {rule} | {fmt_ms(median_of(runs, 'ttft_p50_ms'))} | "
-                         f"{fmt_ms(median_of(runs, 'ttft_p99_ms'))} | "
-                         f"{fmt_ms(median_of(runs, 'later_p99_ms'))} | "
-                         f"{median_of(runs, 'tok_s') or 0:,.0f} | "
-                         f"{fmt_pct(median_of(runs, 'prefix_hit'))} | {split} | "
-                         f"{sum(r.errors for r in runs)} | {len(runs)} |")
-    lines += ["", "Targets (on the medians):", *verdicts(results), "", "Every run:", "",
-              "| workload | rule | round | TTFT p50 ms | TTFT p99 ms | p99 after turn 1 | tok/s | hit "
-              "| split | wall s | errors |",
-              "|---|---|---:|---:|---:|---:|---:|---:|---|---:|---:|"]
+            lines.append(
+                f"| {workload} | {rule} | {fmt_ms(median_of(runs, 'ttft_p50_ms'))} | "
+                f"{fmt_ms(median_of(runs, 'ttft_p99_ms'))} | "
+                f"{fmt_ms(median_of(runs, 'later_p99_ms'))} | "
+                f"{median_of(runs, 'tok_s') or 0:,.0f} | "
+                f"{fmt_pct(median_of(runs, 'prefix_hit'))} | {split} | "
+                f"{sum(r.errors for r in runs)} | {len(runs)} |"
+            )
+    lines += [
+        "",
+        "Targets (on the medians):",
+        *verdicts(results),
+        "",
+        "Every run:",
+        "",
+        "| workload | rule | round | TTFT p50 ms | TTFT p99 ms | p99 after turn 1 | tok/s | hit "
+        "| split | wall s | errors |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---|---:|---:|",
+    ]
     for r in results:
-        lines.append(f"| {r.workload} | {r.rule} | {r.round + 1}{' (cut)' if r.aborted else ''} | "
-                     f"{fmt_ms(r.ttft_p50_ms)} | {fmt_ms(r.ttft_p99_ms)} | {fmt_ms(r.later_p99_ms)} | "
-                     f"{r.tok_s:,.0f} | "
-                     f"{fmt_pct(r.prefix_hit)} | "
-                     f"{'/'.join(map(str, r.split))} | {r.wall_s:.1f} | {r.errors} |")
+        lines.append(
+            f"| {r.workload} | {r.rule} | {r.round + 1}{' (cut)' if r.aborted else ''} | "
+            f"{fmt_ms(r.ttft_p50_ms)} | {fmt_ms(r.ttft_p99_ms)} | {fmt_ms(r.later_p99_ms)} | "
+            f"{r.tok_s:,.0f} | "
+            f"{fmt_pct(r.prefix_hit)} | "
+            f"{'/'.join(map(str, r.split))} | {r.wall_s:.1f} | {r.errors} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -459,20 +536,24 @@ async def bench(args: argparse.Namespace) -> int:
                     left = deadline - time.monotonic()
                     # a run that would not fit is not started: a cut run's figures mean little
                     if left < 1.3 * longest.get(workload, 0.0) or left < 2:
-                        note = (f"Time limit ({args.time_limit:.0f}s) reached before {workload}/{rule} "
-                                f"round {round_ + 1}: later runs were not started.")
+                        note = (
+                            f"Time limit ({args.time_limit:.0f}s) reached before {workload}/{rule} "
+                            f"round {round_ + 1}: later runs were not started."
+                        )
                         print(f"{elapsed()} {note}", flush=True)
                         stop = True
                         break
-                    result = await one_run(session, running[rule], endpoints, args, workload, rule, round_,
-                                           left - 1)
+                    result = await one_run(
+                        session, running[rule], endpoints, args, workload, rule, round_, left - 1
+                    )
                     longest[workload] = max(longest.get(workload, 0.0), result.wall_s)
                     results.append(result)
                     print(f"{elapsed()} {run_line(result)}", flush=True)
                     await loop.run_in_executor(None, save, results, args, endpoints, note)
                     if result.aborted:
-                        note = (f"Time limit ({args.time_limit:.0f}s) cut {workload}/{rule} "
-                                f"round {round_ + 1}.")
+                        note = (
+                            f"Time limit ({args.time_limit:.0f}s) cut {workload}/{rule} round {round_ + 1}."
+                        )
                         stop = True
                         break
                 if stop:
@@ -493,29 +574,48 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--endpoints", default=poolkit.DEFAULT_ENDPOINTS, help="comma-separated vLLM base URLs")
     p.add_argument("--model", default="llama8b", help="the served model name")
     p.add_argument("--rules", default=",".join(RULES), help="routing rules for the prefix workload")
-    p.add_argument("--unique-rules", default=",".join(UNIQUE_RULES),
-                   help="routing rules for the no-shared-prefix workload ('' to skip it)")
+    p.add_argument(
+        "--unique-rules",
+        default=",".join(UNIQUE_RULES),
+        help="routing rules for the no-shared-prefix workload ('' to skip it)",
+    )
     p.add_argument("--runs", type=int, help="runs per rule and workload (default 3; --quick 1)")
     p.add_argument("--users", type=int, help="concurrent workers (default 48; --quick 8)")
     p.add_argument("--conversations", type=int, help="conversations (default 24; --quick 4)")
     p.add_argument("--turns", type=int, help="turns per conversation (default 6; --quick 3)")
-    p.add_argument("--branches", type=int, default=1,
-                   help="independent threads per conversation, sharing its system prompt and session")
+    p.add_argument(
+        "--branches",
+        type=int,
+        default=1,
+        help="independent threads per conversation, sharing its system prompt and session",
+    )
     p.add_argument("--words", type=int, help="words per system prompt (default 1500; --quick 300)")
-    p.add_argument("--unique-requests", type=int,
-                   help="requests of the unique workload (default 144; --quick 12)")
+    p.add_argument(
+        "--unique-requests", type=int, help="requests of the unique workload (default 144; --quick 12)"
+    )
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--seed", type=int, default=1)
-    p.add_argument("--time-limit", type=float, default=480.0,
-                   help="seconds for everything, gateways included")
+    p.add_argument(
+        "--time-limit", type=float, default=480.0, help="seconds for everything, gateways included"
+    )
     p.add_argument("--request-timeout", type=float, default=120.0)
-    p.add_argument("--gap", type=float, default=3.0,
-                   help="idle seconds between runs (more than the pool's 2 s scrape interval)")
+    p.add_argument(
+        "--gap",
+        type=float,
+        default=3.0,
+        help="idle seconds between runs (more than the pool's 2 s scrape interval)",
+    )
     p.add_argument("--quick", action="store_true", help="tiny sizes, for a smoke test")
     p.add_argument("--name", default="vllm_pool", help="stem of the files written under $OUT")
     args = p.parse_args(argv)
-    sizes = {"runs": (3, 1), "users": (48, 8), "conversations": (24, 4), "turns": (6, 3),
-             "words": (1500, 300), "unique_requests": (144, 12)}
+    sizes = {
+        "runs": (3, 1),
+        "users": (48, 8),
+        "conversations": (24, 4),
+        "turns": (6, 3),
+        "words": (1500, 300),
+        "unique_requests": (144, 12),
+    }
     for name, (full, quick) in sizes.items():
         if getattr(args, name) is None:
             setattr(args, name, quick if args.quick else full)

@@ -35,10 +35,25 @@ DECODE_S_PER_TOKEN = 0.01
 
 def sim_argv(port: int, pid_file: Path) -> list[str]:
     """One simulated server, until SIGTERM."""
-    return [sys.executable, "-m", "tests.vllm_sim", "--port", str(port), "--pid-file", str(pid_file),
-            "--model", "llama8b", "--max-model-len", "8192", "--max-num-seqs", "64",
-            "--prefill-s-per-char", str(PREFILL_S_PER_CHAR),
-            "--decode-s-per-token", str(DECODE_S_PER_TOKEN)]
+    return [
+        sys.executable,
+        "-m",
+        "tests.vllm_sim",
+        "--port",
+        str(port),
+        "--pid-file",
+        str(pid_file),
+        "--model",
+        "llama8b",
+        "--max-model-len",
+        "8192",
+        "--max-num-seqs",
+        "64",
+        "--prefill-s-per-char",
+        str(PREFILL_S_PER_CHAR),
+        "--decode-s-per-token",
+        str(DECODE_S_PER_TOKEN),
+    ]
 
 
 def wait_healthy(url: str, proc: subprocess.Popen[bytes], timeout: float = 30) -> None:
@@ -70,9 +85,14 @@ def main() -> None:
         for n in (1, 2):
             port, pid_file = free_port(), work / f"v{n}.pid"
             with open(work / f"v{n}.log", "wb") as log:
-                proc = subprocess.Popen(sim_argv(port, pid_file), cwd=poolkit.REPO, env=env, stdout=log,
-                                        stderr=subprocess.STDOUT,
-                                        start_new_session=True)  # its own group, as setsid gives vLLM
+                proc = subprocess.Popen(
+                    sim_argv(port, pid_file),
+                    cwd=poolkit.REPO,
+                    env=env,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )  # its own group, as setsid gives vLLM
             url = f"http://127.0.0.1:{port}"
             wait_healthy(url, proc)
             sims.append((proc, pid_file))
@@ -80,14 +100,35 @@ def main() -> None:
             print(f"simulator {n}: {url}, pid {proc.pid}", flush=True)
         endpoints = ",".join(urls)
         here = Path(__file__).resolve().parent
-        codes["bench"] = step("bench", [sys.executable, str(here / "bench.py"), "--quick", "--runs", "2",
-                                        "--endpoints", endpoints, "--time-limit", "150"],
-                              {**env, "OUT": str(work / "out")})
+        codes["bench"] = step(
+            "bench",
+            [
+                sys.executable,
+                str(here / "bench.py"),
+                "--quick",
+                "--runs",
+                "2",
+                "--endpoints",
+                endpoints,
+                "--time-limit",
+                "150",
+            ],
+            {**env, "OUT": str(work / "out")},
+        )
         for name in sorted(os.listdir(work / "out")) if (work / "out").exists() else ():
             print(f"  $OUT/{name}: {(work / 'out' / name).stat().st_size} bytes")
-        codes["sdk_checks"] = step("sdk checks + kill test",
-                                   [sys.executable, str(here / "sdk_checks.py"), "--endpoints", endpoints,
-                                    "--kill-pid-file", str(sims[1][1])], env)
+        codes["sdk_checks"] = step(
+            "sdk checks + kill test",
+            [
+                sys.executable,
+                str(here / "sdk_checks.py"),
+                "--endpoints",
+                endpoints,
+                "--kill-pid-file",
+                str(sims[1][1]),
+            ],
+            env,
+        )
     finally:
         for proc, _ in sims:  # only the simulators started here, each by its own pid
             if proc.poll() is None:

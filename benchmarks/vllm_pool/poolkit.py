@@ -52,8 +52,9 @@ def pool_config(endpoints: list[str], model: str, routing: str, **extra: Any) ->
     """A routing file with one ``kind: vllm`` backend; every other knob keeps the product's default,
     since the defaults are what is being measured."""
     return {
-        "backends": {"pool": {"kind": "vllm", "endpoints": endpoints, "model": model,
-                              "routing": routing, **extra}},
+        "backends": {
+            "pool": {"kind": "vllm", "endpoints": endpoints, "model": model, "routing": routing, **extra}
+        },
         "models": {model: {"targets": ["pool"]}},
     }
 
@@ -88,9 +89,22 @@ class Gateway:
         env.setdefault("PYTHONUNBUFFERED", "1")
         with open(self.log_path, "wb") as log:
             self._proc = subprocess.Popen(
-                [sys.executable, "-c", "from gateway.cli import main; main()", "serve",
-                 "--config", str(self._config_path), "--port", str(self.port), "--log-level", "warning"],
-                cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
+                [
+                    sys.executable,
+                    "-c",
+                    "from gateway.cli import main; main()",
+                    "serve",
+                    "--config",
+                    str(self._config_path),
+                    "--port",
+                    str(self.port),
+                    "--log-level",
+                    "warning",
+                ],
+                cwd=REPO,
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
             )
 
     def wait_ready(self, timeout: float = READY_TIMEOUT_S) -> None:
@@ -104,8 +118,10 @@ class Gateway:
             if self._proc.poll() is not None:
                 raise RuntimeError(f"gateway {self.name} exited ({self._proc.returncode}): {self.log_tail()}")
             if time.monotonic() > deadline:
-                raise RuntimeError(f"gateway {self.name} not ready after {timeout:.0f}s "
-                                   f"({status} {body[:300]!r}): {self.log_tail()}")
+                raise RuntimeError(
+                    f"gateway {self.name} not ready after {timeout:.0f}s "
+                    f"({status} {body[:300]!r}): {self.log_tail()}"
+                )
             time.sleep(0.1)
 
     def log_tail(self, chars: int = 1500) -> str:

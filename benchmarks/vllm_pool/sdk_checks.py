@@ -98,8 +98,12 @@ def expect_400(call: Callable[[], object], code: str | None = None) -> str:
 
 def sdk_checks(url: str, model: str, checks: Checks) -> None:
     client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=120)
-    aclient_args: dict[str, Any] = {"base_url": url + "/v1", "api_key": "unused", "max_retries": 0,
-                                    "timeout": 120}
+    aclient_args: dict[str, Any] = {
+        "base_url": url + "/v1",
+        "api_key": "unused",
+        "max_retries": 0,
+        "timeout": 120,
+    }
 
     def models() -> str:
         ids = [m.id for m in client.models.list().data]
@@ -108,8 +112,13 @@ def sdk_checks(url: str, model: str, checks: Checks) -> None:
 
     def chat() -> str:
         raw = client.chat.completions.with_raw_response.create(
-            model=model, messages=QUESTION, max_tokens=16, temperature=0, extra_body=IGNORE_EOS,
-            extra_headers={"x-interlock-session": "sdk-check"})
+            model=model,
+            messages=QUESTION,
+            max_tokens=16,
+            temperature=0,
+            extra_body=IGNORE_EOS,
+            extra_headers={"x-interlock-session": "sdk-check"},
+        )
         backend = raw.headers.get("x-interlock-backend")
         expect(backend == "pool", f"x-interlock-backend: {backend}")
         completion = raw.parse()
@@ -120,8 +129,16 @@ def sdk_checks(url: str, model: str, checks: Checks) -> None:
         return f"16 tokens, {choice.message.content[:40]!r}"
 
     def chat_stream() -> str:
-        chunks = list(client.chat.completions.create(model=model, messages=QUESTION, max_tokens=16,
-                                                     temperature=0, stream=True, extra_body=IGNORE_EOS))
+        chunks = list(
+            client.chat.completions.create(
+                model=model,
+                messages=QUESTION,
+                max_tokens=16,
+                temperature=0,
+                stream=True,
+                extra_body=IGNORE_EOS,
+            )
+        )
         expect(bool(chunks) and chunks[0].choices[0].delta.role == "assistant", "first chunk carries no role")
         last = [c for c in chunks if c.choices][-1]
         expect(last.choices[0].finish_reason == "length", f"finish_reason {last.choices[0].finish_reason}")
@@ -130,9 +147,17 @@ def sdk_checks(url: str, model: str, checks: Checks) -> None:
         return f"{len(chunks)} chunks, {text[:40]!r}"
 
     def include_usage() -> str:
-        chunks = list(client.chat.completions.create(
-            model=model, messages=QUESTION, max_tokens=16, temperature=0, stream=True,
-            stream_options={"include_usage": True}, extra_body=IGNORE_EOS))
+        chunks = list(
+            client.chat.completions.create(
+                model=model,
+                messages=QUESTION,
+                max_tokens=16,
+                temperature=0,
+                stream=True,
+                stream_options={"include_usage": True},
+                extra_body=IGNORE_EOS,
+            )
+        )
         expect(chunks[-1].choices == [], "the last chunk has choices")
         usage = chunks[-1].usage
         expect(usage is not None and usage.completion_tokens == 16, f"usage {usage}")
@@ -142,33 +167,52 @@ def sdk_checks(url: str, model: str, checks: Checks) -> None:
 
     async def async_chat() -> str:
         async with openai.AsyncOpenAI(**aclient_args) as aclient:
+
             async def plain() -> int:
                 completion = await aclient.chat.completions.create(
-                    model=model, messages=QUESTION, max_tokens=12, temperature=0, extra_body=IGNORE_EOS)
+                    model=model, messages=QUESTION, max_tokens=12, temperature=0, extra_body=IGNORE_EOS
+                )
                 expect(completion.usage is not None and completion.usage.completion_tokens == 12, "usage")
                 return 12
 
             async def streamed() -> int:
                 stream = await aclient.chat.completions.create(
-                    model=model, messages=QUESTION, max_tokens=12, temperature=0, stream=True,
-                    stream_options={"include_usage": True}, extra_body=IGNORE_EOS)
+                    model=model,
+                    messages=QUESTION,
+                    max_tokens=12,
+                    temperature=0,
+                    stream=True,
+                    stream_options={"include_usage": True},
+                    extra_body=IGNORE_EOS,
+                )
                 chunks = [c async for c in stream]
                 usage = chunks[-1].usage
-                expect(chunks[-1].choices == [] and usage is not None and usage.completion_tokens == 12,
-                       f"last chunk {chunks[-1]}")
+                expect(
+                    chunks[-1].choices == [] and usage is not None and usage.completion_tokens == 12,
+                    f"last chunk {chunks[-1]}",
+                )
                 return 12
 
             done = await asyncio.gather(plain(), plain(), streamed(), streamed())
             return f"{len(done)} concurrent (2 plain, 2 streamed), {sum(done)} tokens"
 
     def completions() -> str:
-        completion = client.completions.create(model=model, prompt="The sky is", max_tokens=8, temperature=0,
-                                               extra_body=IGNORE_EOS)
+        completion = client.completions.create(
+            model=model, prompt="The sky is", max_tokens=8, temperature=0, extra_body=IGNORE_EOS
+        )
         expect(isinstance(completion.choices[0].text, str), "no text")
         expect(tokens(completion) == 8, f"usage {completion.usage}")
-        chunks = list(client.completions.create(model=model, prompt="The sky is", max_tokens=6, temperature=0,
-                                                stream=True, stream_options={"include_usage": True},
-                                                extra_body=IGNORE_EOS))
+        chunks = list(
+            client.completions.create(
+                model=model,
+                prompt="The sky is",
+                max_tokens=6,
+                temperature=0,
+                stream=True,
+                stream_options={"include_usage": True},
+                extra_body=IGNORE_EOS,
+            )
+        )
         expect(chunks[-1].choices == [] and chunks[-1].usage is not None, "no usage chunk")
         text = "".join(c.choices[0].text for c in chunks if c.choices)
         return f"{completion.choices[0].text[:30]!r}; streamed {len(chunks)} chunks {text[:30]!r}"
@@ -178,19 +222,35 @@ def sdk_checks(url: str, model: str, checks: Checks) -> None:
 
     def over_context() -> str:
         words: list[Any] = [{"role": "user", "content": "word " * 10_000}]
-        plain = expect_400(lambda: client.chat.completions.create(model=model, messages=words, max_tokens=8),
-                           "context_length_exceeded")
-        expect_400(lambda: client.chat.completions.create(model=model, messages=words, max_tokens=8,
-                                                          stream=True), "context_length_exceeded")
-        expect_400(lambda: client.chat.completions.create(model=model, messages=QUESTION,
-                                                          max_tokens=100_000), "context_length_exceeded")
+        plain = expect_400(
+            lambda: client.chat.completions.create(model=model, messages=words, max_tokens=8),
+            "context_length_exceeded",
+        )
+        expect_400(
+            lambda: client.chat.completions.create(model=model, messages=words, max_tokens=8, stream=True),
+            "context_length_exceeded",
+        )
+        expect_400(
+            lambda: client.chat.completions.create(model=model, messages=QUESTION, max_tokens=100_000),
+            "context_length_exceeded",
+        )
         return f"prompt (plain and streamed) and max_tokens: {plain}"
 
     def unknown_fields() -> str:
         completion = client.chat.completions.create(
-            model=model, messages=QUESTION, max_tokens=8, temperature=0,
-            extra_body={"ignore_eos": True, "top_k": 5, "repetition_penalty": 1.05, "min_tokens": 2,
-                        "return_token_ids": True, "interlock_check_unknown_field": "x"})
+            model=model,
+            messages=QUESTION,
+            max_tokens=8,
+            temperature=0,
+            extra_body={
+                "ignore_eos": True,
+                "top_k": 5,
+                "repetition_penalty": 1.05,
+                "min_tokens": 2,
+                "return_token_ids": True,
+                "interlock_check_unknown_field": "x",
+            },
+        )
         expect(tokens(completion) == 8, f"usage {completion.usage}")
         extra = completion.choices[0].model_extra or {}
         honoured = isinstance(extra.get("token_ids"), list)
@@ -218,8 +278,9 @@ def server_pid(pid_file: str, endpoint: str) -> int:
         with open(pid_file, encoding="utf-8") as f:
             return int(f.read().strip())
     port = urlsplit(endpoint).port
-    found = subprocess.run(["pgrep", "-o", "-f", "--", f"--port {port}"], capture_output=True, text=True,
-                           check=False).stdout.split()
+    found = subprocess.run(
+        ["pgrep", "-o", "-f", "--", f"--port {port}"], capture_output=True, text=True, check=False
+    ).stdout.split()
     if not found:
         raise RuntimeError(f"no {pid_file} and no process with '--port {port}'")
     return int(found[0])
@@ -238,15 +299,17 @@ def kill_server(pid: int) -> str:
         return f"pid {pid} was already gone"
 
 
-async def kill_test(gateway: poolkit.Gateway, model: str, pid: int, endpoint: str, args: argparse.Namespace,
-                    checks: Checks) -> None:
+async def kill_test(
+    gateway: poolkit.Gateway, model: str, pid: int, endpoint: str, args: argparse.Namespace, checks: Checks
+) -> None:
     n, window = args.kill_requests, args.kill_window
     started = finished = 0
     in_flight_at_kill = -1
     outcomes: list[tuple[bool, float, str]] = []
     kill_note = ""
-    async with openai.AsyncOpenAI(base_url=gateway.url + "/v1", api_key="unused", max_retries=0,
-                                  timeout=args.request_timeout) as client:
+    async with openai.AsyncOpenAI(
+        base_url=gateway.url + "/v1", api_key="unused", max_retries=0, timeout=args.request_timeout
+    ) as client:
 
         async def one(i: int) -> None:
             nonlocal started, finished, in_flight_at_kill, kill_note
@@ -254,18 +317,28 @@ async def kill_test(gateway: poolkit.Gateway, model: str, pid: int, endpoint: st
             if i == n // 2:
                 # the pool's own count says how many are on the server about to die: those are the
                 # requests its retry must rescue
-                on_it = [e["in_flight"] for e in await asyncio.to_thread(gateway.pool_endpoints)
-                         if e["url"].rstrip("/") == endpoint]
+                on_it = [
+                    e["in_flight"]
+                    for e in await asyncio.to_thread(gateway.pool_endpoints)
+                    if e["url"].rstrip("/") == endpoint
+                ]
                 in_flight_at_kill = started - finished
                 kill_note = kill_server(pid)
-                print(f"kill: {kill_note} ({endpoint}) with {in_flight_at_kill} requests in flight, "
-                      f"{on_it[0] if on_it else '?'} of them there; {finished} done", flush=True)
+                print(
+                    f"kill: {kill_note} ({endpoint}) with {in_flight_at_kill} requests in flight, "
+                    f"{on_it[0] if on_it else '?'} of them there; {finished} done",
+                    flush=True,
+                )
             started += 1
             t = time.perf_counter()
             try:
                 completion = await client.chat.completions.create(
-                    model=model, messages=[{"role": "user", "content": f"Request {i}: tell a long story."}],
-                    max_tokens=args.kill_max_tokens, temperature=0, extra_body=IGNORE_EOS)
+                    model=model,
+                    messages=[{"role": "user", "content": f"Request {i}: tell a long story."}],
+                    max_tokens=args.kill_max_tokens,
+                    temperature=0,
+                    extra_body=IGNORE_EOS,
+                )
                 ok = completion.choices[0].finish_reason == "length"
                 why = "" if ok else f"finish_reason {completion.choices[0].finish_reason}"
                 outcomes.append((ok, time.perf_counter() - t, why))
@@ -281,22 +354,33 @@ async def kill_test(gateway: poolkit.Gateway, model: str, pid: int, endpoint: st
     pool = gateway.pool_endpoints()
     failures = [o for o in outcomes if not o[0]]
     latencies = [o[1] for o in outcomes]
-    print(f"kill test: {len(outcomes)} requests, {len(outcomes) - len(failures)} ok, {len(failures)} failed; "
-          f"{in_flight_at_kill} in flight at the kill; latency p50 {statistics.median(latencies):.2f}s "
-          f"max {max(latencies):.2f}s", flush=True)
+    print(
+        f"kill test: {len(outcomes)} requests, {len(outcomes) - len(failures)} ok, {len(failures)} failed; "
+        f"{in_flight_at_kill} in flight at the kill; latency p50 {statistics.median(latencies):.2f}s "
+        f"max {max(latencies):.2f}s",
+        flush=True,
+    )
     print(f"after: killed server GET /health -> {status or 'no answer'}; gateway /health/ready -> {ready}")
     for e in pool:
-        print(f"  pool endpoint {e['url']}: healthy {e['healthy']} ({e['reason'] or 'ok'}), "
-              f"served {e['served']}, in flight {e['in_flight']}")
+        print(
+            f"  pool endpoint {e['url']}: healthy {e['healthy']} ({e['reason'] or 'ok'}), "
+            f"served {e['served']}, in flight {e['in_flight']}"
+        )
     for failure in failures[:5]:
         print(f"  failure: {failure[2]}")
-    checks.record("kill test: no request failed", not failures and len(outcomes) == n,
-                  f"{len(outcomes) - len(failures)}/{n} ok, {in_flight_at_kill} in flight at the kill")
+    checks.record(
+        "kill test: no request failed",
+        not failures and len(outcomes) == n,
+        f"{len(outcomes) - len(failures)}/{n} ok, {in_flight_at_kill} in flight at the kill",
+    )
     checks.record("kill test: killed server is down", status == 0, f"GET /health -> {status or 'no answer'}")
     checks.record("kill test: gateway still ready", ready == 200, f"/health/ready -> {ready}")
     dead = [e for e in pool if e["url"].rstrip("/") == endpoint]
-    checks.record("kill test: the pool ejected it", bool(dead) and not dead[0]["healthy"],
-                  f"{dead[0]['url']} healthy={dead[0]['healthy']}" if dead else "endpoint not listed")
+    checks.record(
+        "kill test: the pool ejected it",
+        bool(dead) and not dead[0]["healthy"],
+        f"{dead[0]['url']} healthy={dead[0]['healthy']}" if dead else "endpoint not listed",
+    )
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -326,15 +410,20 @@ def main() -> None:
     name = "kill-test" if args.only_kill else "sdk-checks"  # its own log file under $OUT
     with poolkit.gateways({name: config}, poolkit.out_dir()) as running:
         gateway = running[name]
-        print(f"gateway {gateway.url} in front of {', '.join(endpoints)} (openai {openai.__version__})",
-              flush=True)
+        print(
+            f"gateway {gateway.url} in front of {', '.join(endpoints)} (openai {openai.__version__})",
+            flush=True,
+        )
         if not args.only_kill:
             sdk_checks(gateway.url, args.model, checks)
         if args.kill_pid_file:
             pid = server_pid(args.kill_pid_file, kill_endpoint)
             asyncio.run(kill_test(gateway, args.model, pid, kill_endpoint, args, checks))
-    print(f"{checks.passed} passed, {len(checks.failed)} failed in {time.monotonic() - t0:.1f}s"
-          + (f": {', '.join(checks.failed)}" if checks.failed else ""), flush=True)
+    print(
+        f"{checks.passed} passed, {len(checks.failed)} failed in {time.monotonic() - t0:.1f}s"
+        + (f": {', '.join(checks.failed)}" if checks.failed else ""),
+        flush=True,
+    )
     sys.exit(1 if checks.failed else 0)
 
 
