@@ -14,6 +14,7 @@ import orjson
 from starlette.requests import Request
 from starlette.responses import Response
 
+from gateway.admin_query import parse_admin_query
 from gateway.router import Router
 from gateway.snapshot import Route
 from gateway.state import Gateway
@@ -67,20 +68,8 @@ def _route_report(router: Router, route: Route, facts: RequestFacts) -> dict[str
 
 def admin_routes(gateway: Gateway) -> Callable[[Request], Awaitable[Response]]:
     async def handle(request: Request) -> Response:
-        query = request.query_params
-        try:
-            facts = RequestFacts(
-                prompt_tokens=int(query.get("prompt_tokens", _TYPICAL.prompt_tokens)),
-                max_tokens=int(query.get("max_tokens", _TYPICAL.max_tokens)),
-                ttft_budget_ms=float(query["ttft_ms"]) if "ttft_ms" in query else None,
-            )
-        except ValueError:
-            return Response(
-                b'{"error":{"message":"prompt_tokens, max_tokens and ttft_ms must be numbers",'
-                b'"type":"invalid_request_error","param":null,"code":null}}',
-                400,
-                media_type="application/json",
-            )
+        # validated as inference bodies are: a bad value is a 400 naming it (the app renders it)
+        facts = parse_admin_query(request.query_params)
         return Response(orjson.dumps(routes_report(gateway, facts)), media_type="application/json")
 
     return handle

@@ -70,3 +70,21 @@ def test_interlock_routes_refuses_bad_flags_without_a_traceback(
     assert exited.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith("interlock: ") and says in err and "Traceback" not in err
+
+
+def test_admin_routes_rejects_an_out_of_range_parameter_with_a_400() -> None:
+    from tests.conftest import run_gateway
+    from tests.fakes import FakeUpstream, openai_backend
+
+    with (
+        FakeUpstream() as fake,
+        run_gateway(
+            {"backends": {"up": openai_backend(fake.base_url)}, "models": {"m": {"targets": ["up"]}}}
+        ) as url,
+    ):
+        import httpx
+
+        response = httpx.get(url + "/admin/routes?max_tokens=99999999999999999999", timeout=5)
+        assert response.status_code == 400
+        assert response.json()["error"]["param"] == "max_tokens"
+        assert httpx.get(url + "/admin/routes?prompt_tokens=10", timeout=5).status_code == 200
