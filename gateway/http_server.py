@@ -28,6 +28,7 @@ would likely lose the answer with it.
 
 from __future__ import annotations
 
+import asyncio
 from asyncio import TimerHandle
 from dataclasses import dataclass
 from typing import Any
@@ -39,6 +40,8 @@ from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 from gateway.errors import HeadersTooLarge, InterlockError, error_body, error_headers
 
 DEFAULT_MAX_HEAD_BYTES = 64 * 1024
+#: the scope key under which a request finds the connection's ``EdgeProtocol``
+EDGE_KEY = "interlock.edge"
 #: what a head holds beyond the URL and the header names and values: "METHOD ", " HTTP/1.1\r\n",
 #: the blank line, and ": " plus "\r\n" per header
 _REQUEST_LINE_EXTRA = 24
@@ -101,6 +104,9 @@ class EdgeProtocol(HttpToolsProtocol):
         self._chunk = 0
         #: a request whose app waits for its body to come in
         self._deferred: tuple[RequestResponseCycle, ASGI3Application] | None = None
+        #: the task serving a request that wants to be cancelled if the client leaves (``watch``)
+        self._watching: asyncio.Task[Any] | None = None
+        self.client_left = False
 
     def connection_made(self, transport: Any) -> None:
         super().connection_made(transport)
@@ -119,6 +125,24 @@ class EdgeProtocol(HttpToolsProtocol):
         self._cancel_timer()
         self._deferred = None
         super().connection_lost(exc)
+        self.client_left = True
+        task, self._watching = self._watching, None
+        if task is not None:
+            task.cancel()
+
+    def watch(self, task: asyncio.Task[Any] | None) -> None:
+        """Cancel ``task`` if the connection is lost (at once if it is already), until
+        ``watch(None)``: what an app would otherwise learn by waiting on ``receive()`` for
+        ``http.disconnect`` in a task of its own."""
+        self._watching = task
+        if task is not None and self.client_left:
+            self._watching = None
+            task.cancel()
+
+    def on_message_begin(self) -> None:
+        self._head_begun = True
+        super().on_message_begin()
+        self.scope[EDGE_KEY] = self  # type: ignore[literal-required]
 
     def shutdown(self) -> None:
         if self._deferred is not None:  # a request whose body never came: nothing to finish
@@ -152,10 +176,6 @@ class EdgeProtocol(HttpToolsProtocol):
             self._head_bytes += len(data)
             if self._head_bytes > self.limits.max_head_bytes:
                 self._refuse_head()
-
-    def on_message_begin(self) -> None:
-        self._head_begun = True
-        super().on_message_begin()
 
     def on_headers_complete(self) -> None:
         if self._refused:

@@ -4,7 +4,8 @@ Every request to ``/v1/chat/completions``, ``/v1/completions`` and ``/v1/embeddi
 comes through here without Starlette's routing, Request/Response objects or
 exception middleware (about a third of the gateway's own CPU per request on the
 2-core benchmark machine). Read, parse, hand to ``gateway.serving``, reply; streams go out through
-Starlette's ``StreamingResponse``, which listens for the client leaving.
+``_write_stream``; on the gateway's own server (``gateway.http_server``) the connection's
+protocol cancels a request whose client left, with no listener task per request.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from backends.base import Endpoint
 from backends.errors import InterlockError
 from gateway.cache_step import Replayed
 from gateway.errors import sse_error_event
+from gateway.http_server import EDGE_KEY, EdgeProtocol
 from gateway.middleware import CLIENT_KEY, REQUEST_ID_KEY, send_error
 from gateway.protocol import parse_body
 from gateway.router import Opened
@@ -33,6 +35,9 @@ log = logging.getLogger("interlock.app")
 T = TypeVar("T")
 
 _SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
+_SSE_TYPE = "text/event-stream"
+#: what Starlette's StreamingResponse sends for it, so that both ways of streaming look alike
+_SSE_CONTENT_TYPE = b"text/event-stream; charset=utf-8"
 _JSON = (b"content-type", b"application/json")
 #: the parsed ``ClientRequest``, left in the scope for ``gateway.metrics`` (model, stream)
 CLIENT_REQUEST_KEY = "interlock.client_request"
@@ -69,7 +74,11 @@ class Inference:
                     request.session = value.decode("latin-1")
                 elif name == b"cache-control":
                     request.cache_control = value.decode("latin-1")
-            reply = await _unless_client_leaves(self.serving.serve(request), receive)
+            edge = scope.get(EDGE_KEY)
+            if edge is not None:
+                reply = await _unless_connection_lost(self.serving.serve(request), edge)
+            else:
+                reply = await _unless_client_leaves(self.serving.serve(request), receive)
         except ClientGone:
             return
         except InterlockError as exc:
@@ -82,21 +91,22 @@ class Inference:
             headers = {**_SSE_HEADERS, **route_headers(reply.target, reply.reason)}
             if reply.cache is not None:
                 headers["x-interlock-cache"] = reply.cache
-            response = StreamingResponse(
-                relay(reply.first, until_shutdown(reply.rest), request_id),
-                media_type="text/event-stream",
-                headers=headers,
-            )
-            await response(scope, receive, send)
+            events = relay(reply.first, until_shutdown(reply.rest), request_id)
+            await _write_stream(events, headers, scope, receive, send)
             return
-        target, usage = reply.target, reply.reply.usage
-        out = [_JSON, *((k.encode(), v.encode()) for k, v in route_headers(target, reply.reason).items())]
+        target, usage, body = reply.target, reply.reply.usage, reply.reply.body
+        out = [
+            _JSON,
+            (b"content-length", b"%d" % len(body)),
+            (b"x-interlock-backend", target.name.encode()),
+            (b"x-interlock-route-reason", _header_safe(reply.reason).encode()),
+        ]
         if usage is not None:
-            out.append((b"x-interlock-cost-usd", f"{target.cost_usd(usage):.8f}".encode()))
+            out.append((b"x-interlock-cost-usd", b"%.8f" % target.cost_usd(usage)))
         if reply.cache is not None:
             out.append((b"x-interlock-cache", reply.cache.encode()))
         await send({"type": "http.response.start", "status": 200, "headers": out})
-        await send({"type": "http.response.body", "body": reply.reply.body})
+        await send({"type": "http.response.body", "body": body})
 
 
 async def _replay(reply: Replayed, scope: Scope, receive: Receive, send: Send) -> None:
@@ -108,20 +118,42 @@ async def _replay(reply: Replayed, scope: Scope, receive: Receive, send: Send) -
         "x-interlock-cost-usd": "0.00000000",
     }
     if reply.body is not None:
-        await send(
-            {
-                "type": "http.response.start",
-                "status": 200,
-                "headers": [_JSON, *((k.encode(), v.encode()) for k, v in headers.items())],
-            }
-        )
+        out = [_JSON, (b"content-length", b"%d" % len(reply.body))]
+        out += ((k.encode(), v.encode()) for k, v in headers.items())
+        await send({"type": "http.response.start", "status": 200, "headers": out})
         await send({"type": "http.response.body", "body": reply.body})
         return
     assert reply.events is not None
-    response = StreamingResponse(
-        _events(reply.events), media_type="text/event-stream", headers={**_SSE_HEADERS, **headers}
-    )
-    await response(scope, receive, send)
+    await _write_stream(_events(reply.events), {**_SSE_HEADERS, **headers}, scope, receive, send)
+
+
+async def _write_stream(
+    events: AsyncIterator[bytes], headers: dict[str, str], scope: Scope, receive: Receive, send: Send
+) -> None:
+    """SSE out as the events come. On the gateway's own server the connection cancels the writing
+    when the client leaves; elsewhere Starlette's ``StreamingResponse`` listens for it, with a task
+    group and a listener task per stream, which cost more than a short stream's relaying."""
+    edge: EdgeProtocol | None = scope.get(EDGE_KEY)
+    if edge is None:
+        await StreamingResponse(events, media_type=_SSE_TYPE, headers=headers)(scope, receive, send)
+        return
+    out = [(b"content-type", _SSE_CONTENT_TYPE), *((k.encode(), v.encode()) for k, v in headers.items())]
+    task = asyncio.current_task()
+    assert task is not None
+    try:
+        await send({"type": "http.response.start", "status": 200, "headers": out})
+        edge.watch(task)
+        async for event in events:
+            await send({"type": "http.response.body", "body": event, "more_body": True})
+        edge.watch(None)
+        await send({"type": "http.response.body", "body": b""})
+    except asyncio.CancelledError:
+        if not edge.client_left:
+            raise
+        task.uncancel()  # the client left: nobody to tell
+    finally:
+        edge.watch(None)
+        await events.aclose()  # type: ignore[attr-defined]
 
 
 async def _events(events: list[bytes]) -> AsyncIterator[bytes]:
@@ -167,6 +199,23 @@ async def _unless_client_leaves(work: Awaitable[T], receive: Receive) -> T:
         timer.cancel()
         if watcher is not None:
             watcher.cancel()
+
+
+async def _unless_connection_lost(work: Awaitable[T], edge: EdgeProtocol) -> T:
+    """``_unless_client_leaves`` on the gateway's own server: the connection's protocol cancels
+    the request when it is lost, with no timer and no watcher task."""
+    task = asyncio.current_task()
+    edge.watch(task)
+    try:
+        return await work
+    except asyncio.CancelledError:
+        if not edge.client_left:
+            raise
+        assert task is not None
+        task.uncancel()
+        raise ClientGone from None
+    finally:
+        edge.watch(None)
 
 
 async def _read_body(receive: Receive) -> bytes:

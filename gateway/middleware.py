@@ -9,8 +9,9 @@ from __future__ import annotations
 import ipaddress
 import logging
 import os
+import random
 import re
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -30,6 +31,8 @@ log = logging.getLogger("interlock.http")
 _REQUEST_ID = re.compile(rb"^[A-Za-z0-9._:\-]{1,128}$")
 REQUEST_ID_KEY = "interlock.request_id"
 CLIENT_KEY = "interlock.client_key"
+_ids = random.Random()
+os.register_at_fork(after_in_child=_ids.seed)  # a forked worker must not repeat its parent's ids
 
 
 async def send_error(send: Send, exc: InterlockError, request_id: bytes | None = None) -> None:
@@ -58,16 +61,19 @@ class RequestContext:
                     request_id = value
                 break
         if request_id is None:
-            request_id = b"req_" + os.urandom(12).hex().encode()
+            # an identifier, not a secret: the process's seeded PRNG, no system call per request
+            request_id = b"req_%024x" % _ids.getrandbits(96)
         scope[REQUEST_ID_KEY] = request_id.decode()
         started = False
 
-        async def send_with_id(message: Message) -> None:
+        # A plain function handing back send's awaitable: no coroutine of its own per message,
+        # which a stream of many chunks would pay for each one.
+        def send_with_id(message: Message) -> Awaitable[None]:
             nonlocal started
             if message["type"] == "http.response.start":
                 started = True
                 message["headers"] = [*message.get("headers", ()), (b"x-request-id", request_id)]
-            await send(message)
+            return send(message)
 
         try:
             await self.app(scope, receive, send_with_id)
@@ -96,8 +102,12 @@ class BodyLimit:
             return
         for name, value in scope["headers"]:
             if name == b"content-length":
-                if value.isdigit() and int(value) > self.max_bytes:
-                    await send_error(send, self._too_large())
+                if value.isdigit():
+                    if int(value) > self.max_bytes:
+                        await send_error(send, self._too_large())
+                        return
+                    # the parser delivers no more than Content-Length says: nothing to count
+                    await self.app(scope, receive, send)
                     return
                 break
         received = 0

@@ -12,13 +12,14 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import openai
 import pytest
 import uvicorn
 
 from gateway.config import LoadedConfig, load_config, parse_config
 from gateway.server import create_app, gateway_server, uvicorn_config
 from gateway.settings import Settings
-from tests.fakes import free_port
+from tests.fakes import FakeUpstream, free_port
 
 
 def smollm2_gguf() -> str:
@@ -134,6 +135,30 @@ _REAL_COMPONENTS = (
     "redis",
     "RedisServers",
 )
+
+
+# The trio most modules share: a fake OpenAI-compatible upstream, and the two clients of the
+# module's own ``gateway`` fixture (its base URL), the official SDK and plain httpx. A module
+# overrides any of them by defining its own (``fake`` with other settings, say).
+
+
+@pytest.fixture(scope="module")
+def fake() -> Iterator[FakeUpstream]:
+    with FakeUpstream() as upstream:
+        yield upstream
+
+
+@pytest.fixture
+def client(gateway: str) -> Iterator[openai.OpenAI]:
+    # a loaded 2-core machine running the real model can take a while: generous, but finite
+    with openai.OpenAI(base_url=gateway + "/v1", api_key="client-key", max_retries=0, timeout=120) as c:
+        yield c
+
+
+@pytest.fixture
+def http(gateway: str) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=gateway, timeout=10) as c:
+        yield c
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

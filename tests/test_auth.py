@@ -41,12 +41,6 @@ KEYS = [
 
 
 @pytest.fixture(scope="module")
-def fake() -> Iterator[FakeUpstream]:
-    with FakeUpstream() as upstream:
-        yield upstream
-
-
-@pytest.fixture(scope="module")
 def gateway(fake: FakeUpstream) -> Iterator[str]:
     with run_gateway(config(openai_backend(fake.base_url, "ok"), KEYS)) as url:
         yield url

@@ -20,12 +20,6 @@ INVALID = "invalid_request_error"
 
 
 @pytest.fixture(scope="module")
-def fake() -> Iterator[FakeUpstream]:
-    with FakeUpstream() as upstream:
-        yield upstream
-
-
-@pytest.fixture(scope="module")
 def gateway(fake: FakeUpstream) -> Iterator[str]:
     config = {
         "backends": {"private-upstream": openai_backend(fake.base_url, "ok")},

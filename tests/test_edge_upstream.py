@@ -54,18 +54,6 @@ def gateway(fake: FakeUpstream) -> Iterator[str]:
         yield url
 
 
-@pytest.fixture
-def client(gateway: str) -> Iterator[openai.OpenAI]:
-    with openai.OpenAI(base_url=gateway + "/v1", api_key="client-key", max_retries=0, timeout=10) as c:
-        yield c
-
-
-@pytest.fixture
-def http(gateway: str) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=gateway, timeout=10) as c:
-        yield c
-
-
 def chat(http: httpx.Client, model: str, **fields: Any) -> httpx.Response:
     return http.post("/v1/chat/completions", json={"model": model, "messages": MESSAGES, **fields})
 

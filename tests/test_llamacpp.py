@@ -57,11 +57,6 @@ def gateway() -> Iterator[str]:
         yield url
 
 
-@pytest.fixture(scope="module")
-def client(gateway: str) -> openai.OpenAI:
-    return openai.OpenAI(base_url=gateway + "/v1", api_key="unused", max_retries=0)
-
-
 def _alone(client: openai.OpenAI, prompt: str, max_tokens: int = 24) -> str:
     reply = client.chat.completions.create(
         model="smollm2", messages=[{"role": "user", "content": prompt}], max_tokens=max_tokens, temperature=0

@@ -65,11 +65,6 @@ def gateway(tiny_bert: Path) -> Iterator[str]:
         yield url
 
 
-@pytest.fixture(scope="module")
-def client(gateway: str) -> openai.OpenAI:
-    return openai.OpenAI(base_url=gateway + "/v1", api_key="unused", max_retries=0)
-
-
 def test_the_sdk_gets_the_vectors_llama_cpp_gives(client: openai.OpenAI, reference: Any) -> None:
     # The SDK asks for base64 unless told otherwise, and decodes it.
     reply = client.embeddings.create(model="tiny-embed", input=TEXTS)

@@ -48,11 +48,6 @@ def gateway() -> Iterator[str]:
         yield url
 
 
-@pytest.fixture(scope="module")
-def client(gateway: str) -> openai.OpenAI:
-    return openai.OpenAI(base_url=gateway + "/v1", api_key="unused", max_retries=0)
-
-
 @pytest.fixture
 async def backend() -> AsyncIterator[Any]:
     from backends.llamacpp import LlamaCppBackend

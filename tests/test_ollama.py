@@ -87,18 +87,6 @@ def gateway(sim: OllamaSim) -> Iterator[str]:
         yield url
 
 
-@pytest.fixture
-def client(gateway: str) -> Iterator[openai.OpenAI]:
-    with openai.OpenAI(base_url=gateway + "/v1", api_key="k", max_retries=0, timeout=10) as c:
-        yield c
-
-
-@pytest.fixture
-def http(gateway: str) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=gateway, timeout=10) as c:
-        yield c
-
-
 def user(text: str) -> list[dict[str, Any]]:
     return [{"role": "user", "content": text}]
 

@@ -5,7 +5,7 @@ First the hook alone: a stand-in endpoint doing only what the edge does around m
 by ``Metrics.observe`` with the metrics listener added, then with the access log on too (its
 writer thread's CPU counted: ``time.process_time`` covers every thread, and the queue is drained
 inside the timing). Then the whole app (``gateway.app.build_app``: middleware, parsing, routing,
-the edge) called as ASGI with an in-process backend (``tests.fakes.FakeBackend``): the gateway's
+the edge) called as ASGI with an in-process backend (``CannedBackend``): the gateway's
 own Python per request; uvicorn's HTTP parsing and the upstream hop, which a real request adds,
 only make the share smaller. Variants are interleaved over rounds and the fastest round of each
 counts (on a shared machine other processes only ever add time). Run from the repository root::
@@ -20,6 +20,7 @@ import asyncio
 import sys
 import tempfile
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import orjson
 
-from backends.base import Usage
+from backends.base import BackendRequest, BackendResponse, Health, Load, Usage
 from gateway.access_log import AccessLog
 from gateway.app import build_app
 from gateway.attempts import Attempt
@@ -39,9 +40,74 @@ from gateway.router import Router
 from gateway.serving import ClientRequest
 from gateway.snapshot import build_snapshot
 from gateway.state import Gateway
-from tests.fakes import FakeBackend
 
 MESSAGES = [{"role": "user", "content": "Say hello."}]
+_REPLY = orjson.dumps(
+    {
+        "id": "chatcmpl-bench",
+        "object": "chat.completion",
+        "created": 0,
+        "model": "bench",
+        "choices": [
+            {"index": 0, "message": {"role": "assistant", "content": "Hello there."}, "finish_reason": "stop"}
+        ],
+        "usage": {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8},
+    }
+)
+
+
+def _chunk(delta: dict[str, str], finish: str | None = None) -> bytes:
+    choice = {"index": 0, "delta": delta, "finish_reason": finish}
+    event = {"id": "chatcmpl-bench", "object": "chat.completion.chunk", "created": 0, "model": "bench"}
+    return b"data: " + orjson.dumps({**event, "choices": [choice]}) + b"\n\n"
+
+
+_EVENTS = (
+    _chunk({"role": "assistant", "content": ""}),
+    _chunk({"content": "Hello"}),
+    _chunk({"content": " there."}),
+    _chunk({}, "stop"),
+    b"data: [DONE]\n\n",
+)
+
+
+async def _events() -> AsyncIterator[bytes]:
+    for event in _EVENTS:
+        yield event
+
+
+class CannedBackend:
+    """A ``backends.base.Backend`` in process that answers every request with one canned reply."""
+
+    kind = "canned"
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self._load = Load()
+
+    async def start(self) -> None:
+        return None
+
+    async def close(self) -> None:
+        return None
+
+    async def complete(self, request: BackendRequest) -> BackendResponse:
+        return BackendResponse(_REPLY, Usage(5, 3))
+
+    async def stream(self, request: BackendRequest) -> AsyncIterator[bytes]:
+        return _events()
+
+    async def health(self) -> Health:
+        return Health(True)
+
+    def load(self) -> Load:
+        return self._load
+
+    def fatal(self) -> str | None:
+        return None
+
+    def describe(self) -> dict[str, Any]:
+        return {}
 
 
 def make_app(metrics: bool, access_log: AccessLog | None) -> Any:
@@ -53,7 +119,7 @@ def make_app(metrics: bool, access_log: AccessLog | None) -> Any:
         },
         "<bench>",
     )
-    snapshot = build_snapshot(config, {"a": FakeBackend("a")})
+    snapshot = build_snapshot(config, {"a": CannedBackend("a")})
     gateway = Gateway(
         snapshot=snapshot,
         router=Router(),
