@@ -104,6 +104,26 @@ class TimeoutsConfig(BaseModel):
         return Timeouts(connect=self.connect, first_token=self.first_token, total=self.total, idle=self.idle)
 
 
+class Deadline:
+    """Cancels ``task`` when its timer calls ``expire``; ``expired()`` tells that cancel from
+    any other (the client leaving, say), as ``asyncio.timeout`` does."""
+
+    __slots__ = ("_fired", "_task")
+
+    def __init__(self, task: asyncio.Task[Any] | None) -> None:
+        self._task = task
+        self._fired = False
+
+    def expire(self) -> None:
+        if self._task is not None:
+            self._fired = True
+            self._task.cancel()
+
+    def expired(self) -> bool:
+        """True when the CancelledError being handled is this deadline's alone."""
+        return self._fired and self._task is not None and self._task.uncancel() == 0
+
+
 class IdleWatch:
     """Cancels a wait for upstream bytes that lasts ``idle`` seconds; ``fired()`` tells that
     cancel from any other.
@@ -196,27 +216,39 @@ class OpenAICompatibleUpstream:
         # Not ``x-request-id``: some servers (llama-cpp-python's) reject any value but a UUID there.
         headers["x-interlock-request-id"] = request_id
         url = self._url(path)
-        for attempt in (1, 2):
-            try:
-                async with asyncio.timeout(self.timeouts.first_token):
+        loop = asyncio.get_running_loop()
+        # One timer and no context manager: asyncio.timeout would also look up the task and the
+        # loop again (a getpid system call each, on Python 3.11) for every request.
+        deadline = Deadline(asyncio.current_task(loop))
+        timer = loop.call_at(loop.time() + self.timeouts.first_token, deadline.expire)
+        try:
+            for attempt in (1, 2):
+                try:
                     return await self.http.session.post(
                         url, data=payload, headers=headers, timeout=self._timeout()
                     )
-            except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
-                # llama.cpp's server closes connections after streams; the pool may hand us
-                # one it already closed. Nothing was processed, so one retry is safe.
-                stale = isinstance(exc, aiohttp.ServerDisconnectedError) or exc.errno in _STALE_ERRNOS
-                if attempt == 1 and stale and not isinstance(exc, aiohttp.ClientConnectorError):
-                    log.debug("retrying %s after a stale connection: %s", url, exc)
-                    continue
-                raise self.unavailable(exc) from None
-            except TimeoutError:
-                raise BackendTimeout(
-                    f"upstream did not answer within {self.timeouts.first_token:g}s"
-                ) from None
-            except aiohttp.ClientError as exc:
-                raise self.unavailable(exc) from None
+                except asyncio.CancelledError:
+                    if deadline.expired():
+                        raise self._first_token_timeout() from None
+                    raise
+                except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
+                    # llama.cpp's server closes connections after streams; the pool may hand us
+                    # one it already closed. Nothing was processed, so one retry is safe.
+                    stale = isinstance(exc, aiohttp.ServerDisconnectedError) or exc.errno in _STALE_ERRNOS
+                    if attempt == 1 and stale and not isinstance(exc, aiohttp.ClientConnectorError):
+                        log.debug("retrying %s after a stale connection: %s", url, exc)
+                        continue
+                    raise self.unavailable(exc) from None
+                except TimeoutError:  # aiohttp's own (total, connect)
+                    raise self._first_token_timeout() from None
+                except aiohttp.ClientError as exc:
+                    raise self.unavailable(exc) from None
+        finally:
+            timer.cancel()
         raise AssertionError("unreachable")
+
+    def _first_token_timeout(self) -> BackendTimeout:
+        return BackendTimeout(f"upstream did not answer within {self.timeouts.first_token:g}s")
 
     async def probe(self, path: str) -> Health:
         """A cheap GET for health checks; never raises."""
@@ -269,8 +301,17 @@ class OpenAICompatibleUpstream:
                     f"{response.content_type or 'no content type'}, not SSE"
                 )
             chunks = response.content.iter_any()
-            async with asyncio.timeout(self.timeouts.first_token):
+            loop = asyncio.get_running_loop()
+            deadline = Deadline(asyncio.current_task(loop))
+            timer = loop.call_at(loop.time() + self.timeouts.first_token, deadline.expire)
+            try:
                 first = await anext(chunks, b"")
+            except asyncio.CancelledError:
+                if deadline.expired():
+                    raise TimeoutError from None
+                raise
+            finally:
+                timer.cancel()
         except TimeoutError:
             response.close()
             raise BackendTimeout(
