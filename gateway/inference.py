@@ -69,7 +69,11 @@ class Inference:
                     request.session = value.decode("latin-1")
                 elif name == b"cache-control":
                     request.cache_control = value.decode("latin-1")
-            reply = await _unless_client_leaves(self.serving.serve(request), receive)
+            try:
+                reply = await _unless_client_leaves(self.serving.serve(request), receive)
+            finally:
+                if request.rate_headers:  # x-ratelimit-*: on every response, refusals and streams too
+                    send = _with_headers(send, request.rate_headers)
         except ClientGone:
             return
         except InterlockError as exc:
@@ -97,6 +101,15 @@ class Inference:
             out.append((b"x-interlock-cache", reply.cache.encode()))
         await send({"type": "http.response.start", "status": 200, "headers": out})
         await send({"type": "http.response.body", "body": reply.reply.body})
+
+
+def _with_headers(send: Send, extra: list[tuple[bytes, bytes]]) -> Send:
+    async def sending(message: Any) -> None:
+        if message["type"] == "http.response.start":
+            message["headers"] = [*message.get("headers", ()), *extra]
+        await send(message)
+
+    return sending
 
 
 async def _replay(reply: Replayed, scope: Scope, receive: Receive, send: Send) -> None:
