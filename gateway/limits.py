@@ -259,8 +259,11 @@ def duration(seconds: float) -> str:
     if seconds < 1:
         return f"{math.ceil(seconds * 1000)}ms"
     minutes, rest = divmod(seconds, 60)
+    hours, minutes = divmod(int(minutes), 60)
     text = f"{rest:.3f}".rstrip("0").rstrip(".") + "s"
-    return f"{int(minutes)}m{text}" if minutes else text
+    if hours:
+        return f"{hours}h{minutes}m{text}"
+    return f"{minutes}m{text}" if minutes else text
 
 
 def rate_headers(decision: Decision) -> list[tuple[bytes, bytes]]:
@@ -285,13 +288,22 @@ _UNITS = {"rpm": "requests per minute", "tpm": "tokens per minute", "parallel": 
 def refusal(decision: Decision) -> RateLimited:
     """The error for a refused decision: the refusing check that waits longest names itself."""
     refused = [(c, v) for c, v in zip(decision.checks, decision.verdicts, strict=True) if not v.ok]
-    check, verdict = max(refused, key=lambda p: p[1].retry_s)
+    # a request that can never fit says so first; otherwise the check that waits longest
+    check, verdict = max(
+        refused, key=lambda p: (p[0].kind != "parallel" and p[0].cost > p[0].limit, p[1].retry_s)
+    )
     wait = verdict.retry_s
     if decision.tier == "fallback" and check.on_failure == "closed":
         return RateLimited(
             f"Rate limits of {check.scope} cannot be checked right now; retry in {duration(wait)}.",
             limit_type=check.kind,
             retry_after=wait,
+        )
+    if check.kind == "usd" and check.cost > check.limit:
+        return QuotaExceeded(
+            f"This request could cost up to ${check.cost:.6f}, more than the whole spending budget of "
+            f"{check.scope} (${check.limit:g} per {duration(check.period_s)}). Lower max_tokens.",
+            retry_after=check.period_s,
         )
     if check.kind == "usd":
         return QuotaExceeded(

@@ -112,6 +112,7 @@ def test_duration_format() -> None:
     assert duration(0.0201) == "21ms"
     assert duration(1.5) == "1.5s"
     assert duration(360) == "6m0s"
+    assert duration(86400) == "24h0m0s"
 
 
 def section(data: dict[str, object]) -> LimitsSection:
@@ -135,6 +136,9 @@ def test_plan_and_refusals_name_scope_and_limit() -> None:
         assert isinstance(exc, RateLimited) and exc.status == 429 and exc.code == "rate_limit_exceeded"
         assert "key team" in exc.message and "limit 1" in exc.message
         assert error_headers(exc)["retry-after"] == "60"
+        big = limits.plan(section({"keys": {"*": {"tpm": 100}}}), "c", "chat", 150, 0.0, 30)
+        exc = refusal(await limits.admit(big))
+        assert "Request too large" in exc.message and "requested 150" in exc.message and exc.type == "tokens"
         spend = limits.plan(section({"keys": {"*": {"usd": {"amount": 1}}}}), "b", "chat", 10, 0.6, 30)
         assert (await limits.admit(spend)).admitted
         exc = refusal(await limits.admit(spend))

@@ -1,0 +1,89 @@
+"""Limits through a real gateway on loopback, in process memory (no Redis): the headers on every
+response, the refusals' status and body, the usage chunk asked for and stripped."""
+
+from __future__ import annotations
+
+import httpx
+import orjson
+
+from tests.conftest import run_gateway
+from tests.usage_upstream import UsageUpstream
+
+
+def config(upstream: str, limits: dict[str, object]) -> dict[str, object]:
+    return {
+        "backends": {
+            "up": {
+                "kind": "openai",
+                "base_url": upstream,
+                "model": "m",
+                "price": {"input_per_mtok": 1000, "output_per_mtok": 1000},
+            }
+        },
+        "models": {"chat": {"targets": ["up"]}},
+        "resilience": {"health_check": {"interval_s": 0}},
+        "limits": limits,
+    }
+
+
+def chat(**extra: object) -> dict[str, object]:
+    return {"model": "chat", "messages": [{"role": "user", "content": "hi"}], **extra}
+
+
+def test_headers_refusal_and_usage_chunk() -> None:
+    limits = {"default_max_tokens": 50, "keys": {"*": {"rpm": 3, "tpm": 100_000}}}
+    with UsageUpstream() as up, run_gateway(config(up.base_url, limits)) as url:
+        whole = httpx.post(url + "/v1/chat/completions", json=chat(max_tokens=20))
+        assert whole.status_code == 200
+        assert whole.headers["x-ratelimit-limit-requests"] == "3"
+        assert whole.headers["x-ratelimit-remaining-requests"] == "2"
+        assert whole.headers["x-ratelimit-reset-requests"] == "20s"
+        assert whole.headers["x-ratelimit-limit-tokens"] == "100000"
+        assert int(whole.headers["x-ratelimit-remaining-tokens"]) < 100_000
+
+        with httpx.stream("POST", url + "/v1/chat/completions", json=chat(stream=True)) as stream:
+            assert stream.headers["x-ratelimit-remaining-requests"] == "1"  # before the first byte
+            text = b"".join(stream.iter_bytes())
+        assert b'"usage"' not in text and text.endswith(b"data: [DONE]\n\n")
+        sent = up.requests[-1]
+        assert sent["stream_options"] == {"include_usage": True} and sent["max_tokens"] == 50
+
+        asked = httpx.post(
+            url + "/v1/chat/completions", json=chat(stream=True, stream_options={"include_usage": True})
+        )
+        assert b'"usage"' in asked.content
+
+        refused = httpx.post(url + "/v1/chat/completions", json=chat())
+        assert refused.status_code == 429
+        assert refused.headers["x-ratelimit-remaining-requests"] == "0"
+        assert refused.headers["retry-after"] == "20"
+        assert 19_000 < int(refused.headers["retry-after-ms"]) <= 20_000
+        error = orjson.loads(refused.content)["error"]
+        assert error["code"] == "rate_limit_exceeded" and error["type"] == "requests"
+        assert "key anonymous" in error["message"] and "limit 3" in error["message"]
+
+
+def test_a_spent_budget_is_insufficient_quota_and_a_too_large_request_is_named() -> None:
+    # $1000 per million tokens: 2 cents buy 20 tokens
+    limits = {"keys": {"*": {"usd": {"amount": 0.05, "period": "1d"}, "tpm": 500}}}
+    with UsageUpstream() as up, run_gateway(config(up.base_url, limits)) as url:
+        huge = httpx.post(url + "/v1/chat/completions", json=chat(max_tokens=1000))
+        assert huge.status_code == 429 and "more than the whole spending budget" in huge.text
+        assert huge.json()["error"]["code"] == "insufficient_quota"
+        statuses = [
+            httpx.post(url + "/v1/chat/completions", json=chat(max_tokens=10)).status_code for _ in range(8)
+        ]
+        assert 200 in statuses and statuses[-1] == 429
+        last = httpx.post(url + "/v1/chat/completions", json=chat(max_tokens=10))
+        assert last.json()["error"]["code"] == "insufficient_quota"
+
+
+def test_max_parallel_and_no_limits_no_headers() -> None:
+    limits = {"keys": {"*": {"max_parallel": 1}}}
+    with UsageUpstream() as up, run_gateway(config(up.base_url, limits)) as url:
+        with httpx.stream("POST", url + "/v1/chat/completions", json={**chat(stream=True), "model": "chat"}):
+            pass
+        assert httpx.post(url + "/v1/chat/completions", json=chat()).status_code == 200
+        assert (
+            "x-ratelimit-limit-requests" not in httpx.post(url + "/v1/chat/completions", json=chat()).headers
+        )
