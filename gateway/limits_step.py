@@ -58,7 +58,10 @@ class Admission:
             else:
                 self._limits.settle_soon(self.decision, usage.total_tokens, result.target.cost_usd(usage))
             return result
-        result.rest = SettlingStream(self, result.target, result.first, result.rest)
+        stream = SettlingStream(self, result.target, result.first, result.rest)
+        if self.strip_usage:  # a short reply can come whole in its first read, usage chunk and all
+            result.first = stream._strip(result.first)
+        result.rest = stream
         return result
 
     def decision_tokens(self) -> float:
