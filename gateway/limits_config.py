@@ -21,7 +21,7 @@ from __future__ import annotations
 import re
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 #: the limits block that applies to every key without one of its own
 EVERY_KEY = "*"
@@ -116,6 +116,12 @@ class LimitsSection(BaseModel):
             if cap <= 0:
                 raise ValueError(f"route_max_tokens.{model} must be positive")
         return value
+
+    @model_validator(mode="after")
+    def _leases_outlive_beats(self) -> LimitsSection:
+        if self.lease_ttl_s < 2 * self.heartbeat_s:
+            raise ValueError("lease_ttl_s must be at least twice heartbeat_s, or live leases expire")
+        return self
 
     def configured(self) -> bool:
         return any(not k.empty() or any(not m.empty() for m in k.models.values()) for k in self.keys.values())

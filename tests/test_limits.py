@@ -254,3 +254,8 @@ def test_settling_stream_strips_the_usage_chunk_and_settles_on_it() -> None:
     out, settled = asyncio.run(main())
     assert b'"usage"' not in out and out.endswith(b"data: [DONE]\n\n") and b"finish_reason" in out
     assert settled == [7]
+
+
+def test_leases_must_outlive_heartbeats() -> None:
+    (found,) = problems({"lease_ttl_s": 2, "heartbeat_s": 5})
+    assert found[0] == "limits" and "twice heartbeat_s" in found[1]

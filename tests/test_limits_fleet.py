@@ -13,6 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 import redis
+import redis.asyncio
 
 from gateway.limits import Limits
 from gateway.limits_config import LimitsSection
@@ -211,3 +212,37 @@ def test_the_script_runs_on_a_redis_cluster_without_crossslot(tmp_path: Path) ->
     finally:
         for node in nodes:
             node.stop()
+
+
+def test_a_paused_redis_costs_one_timeout_and_each_scope_takes_its_on_redis_failure(tmp_path: Path) -> None:
+    server = RedisServer(tmp_path).start()
+    section = LimitsSection.model_validate({"keys": {"*": {"rpm": 1000}}})
+
+    def block(mode: str) -> LimitsSection:
+        return LimitsSection.model_validate({"keys": {"*": {"rpm": 1000, "on_redis_failure": mode}}})
+
+    async def main() -> None:
+        limits = Limits(server.url, timeout_s=0.05, heartbeat_s=0.1)
+        await limits.start()
+        try:
+            assert (await limits.admit(limits.plan(section, "t", "chat", 1, 0.0, 30))).tier == "redis"
+            pauser = redis.asyncio.Redis(port=server.port)
+            await pauser.client_pause(3000)
+            await pauser.aclose()
+            for mode, admitted in (("local", True), ("open", True), ("closed", False)):
+                started = time.monotonic()
+                decision = await limits.admit(limits.plan(block(mode), "t", "chat", 1, 0.0, 30))
+                assert time.monotonic() - started < 1.0  # the timeout (or the open breaker), no hang
+                assert decision.tier == "fallback" and decision.admitted is admitted, (mode, decision)
+            server.stop()  # gone altogether: still no error, still fast
+            started = time.monotonic()
+            decision = await limits.admit(limits.plan(block("local"), "t", "chat", 1, 0.0, 30))
+            assert decision.tier == "fallback" and decision.admitted and time.monotonic() - started < 1.0
+            await limits.settle(decision, 1, None)
+        finally:
+            await limits.close()
+
+    try:
+        asyncio.run(main())
+    finally:
+        server.stop()
