@@ -3,6 +3,8 @@ response, the refusals' status and body, the usage chunk asked for and stripped.
 
 from __future__ import annotations
 
+import time
+
 import httpx
 import orjson
 
@@ -87,3 +89,36 @@ def test_max_parallel_and_no_limits_no_headers() -> None:
         assert (
             "x-ratelimit-limit-requests" not in httpx.post(url + "/v1/chat/completions", json=chat()).headers
         )
+
+
+def test_a_cache_hit_gives_its_reservation_back_and_a_client_that_left_frees_its_slot() -> None:
+    with UsageUpstream(token_s=0.05) as up:
+        cfg = config(
+            up.base_url, {"default_max_tokens": 100, "keys": {"*": {"tpm": 10_000, "max_parallel": 1}}}
+        )
+        cfg["models"] = {"chat": {"targets": ["up"], "cache": {"ttl_s": 60}}, "live": {"targets": ["up"]}}
+        with run_gateway(cfg) as url:
+            body = chat(temperature=0, max_tokens=40)
+            first = httpx.post(url + "/v1/chat/completions", json=body)
+            assert first.status_code == 200 and first.headers["x-interlock-cache"] == "miss"
+            hit = httpx.post(url + "/v1/chat/completions", json=body)
+            assert hit.headers["x-interlock-cache"] == "hit"
+            # the hit reserved and then gave all of it back: the next request sees no less left
+            after = httpx.post(url + "/v1/chat/completions", json=body)
+            left_after_hit = int(hit.headers["x-ratelimit-remaining-tokens"])
+            assert int(after.headers["x-ratelimit-remaining-tokens"]) >= left_after_hit
+
+            with httpx.Client(timeout=30) as client:
+                request = client.build_request(
+                    "POST", url + "/v1/chat/completions", json=chat(model="live", stream=True, max_tokens=100)
+                )
+                response = client.send(request, stream=True)
+                chunks = response.iter_bytes()
+                next(chunks)
+                busy = httpx.post(url + "/v1/chat/completions", json=chat(model="live"))
+                assert busy.status_code == 429 and "requests in parallel" in busy.json()["error"]["message"]
+                response.close()  # the client leaves mid-stream
+            deadline = time.monotonic() + 10
+            while httpx.post(url + "/v1/chat/completions", json=chat(model="live")).status_code != 200:
+                assert time.monotonic() < deadline, "a client that left kept its slot"
+                time.sleep(0.05)
