@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from gateway.breaker import BreakerConfig
 from gateway.cache import CacheConfig, CacheSection
+from gateway.limits_config import LimitsSection, cross_check
 from policies import POLICIES
 from policies.base import PolicyOptions
 
@@ -132,6 +133,7 @@ class GatewayConfig(BaseModel):
     models: dict[str, Any] = Field(min_length=1)
     resilience: Any = None
     cache: Any = None
+    limits: Any = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,6 +146,7 @@ class LoadedConfig:
     source: str
     resilience: ResilienceConfig = field(default_factory=ResilienceConfig)
     cache: CacheSection = field(default_factory=CacheSection)
+    limits: LimitsSection = field(default_factory=LimitsSection)
 
 
 # --- ${VAR} interpolation ---------------------------------------------------
@@ -272,11 +275,20 @@ def parse_config(
             problems.append((f"auth.keys[{i}].name", f"key name {name!r} is used twice"))
     resilience = _section(ResilienceConfig, data.get("resilience", {}), "resilience", problems)
     cache = _section(CacheSection, data.get("cache", {}), "cache", problems)
+    limits = _section(LimitsSection, data.get("limits") or {}, "limits", problems)
+    if "models" not in bad:
+        problems += cross_check(data.get("limits"), names, list(raw_models))
 
-    if problems or auth is None or resilience is None or cache is None:
+    if problems or auth is None or resilience is None or cache is None or limits is None:
         raise ConfigError(source, problems)
     return LoadedConfig(
-        auth=auth, backends=backends, models=models, source=source, resilience=resilience, cache=cache
+        auth=auth,
+        backends=backends,
+        models=models,
+        source=source,
+        resilience=resilience,
+        cache=cache,
+        limits=limits,
     )
 
 

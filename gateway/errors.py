@@ -27,6 +27,8 @@ __all__ = [
     "ModelNotFound",
     "NotFound",
     "PermissionDenied",
+    "QuotaExceeded",
+    "RateLimited",
     "RequestTooLarge",
     "ShuttingDown",
     "error_body",
@@ -82,6 +84,29 @@ class HeadersTooLarge(InterlockError):
     code = "request_header_fields_too_large"
 
 
+class RateLimited(InterlockError):
+    """A client key's own limit (``gateway.limits``), not an upstream's: 429 with the exact wait."""
+
+    status = 429
+    type = "requests"
+    code = "rate_limit_exceeded"
+
+    def __init__(self, message: str, *, limit_type: str = "rpm", retry_after: float | None = None) -> None:
+        super().__init__(message, retry_after=retry_after)
+        # OpenAI's error type says which limit: "requests" or "tokens"
+        self.type = "tokens" if limit_type == "tpm" else "requests"
+
+
+class QuotaExceeded(RateLimited):
+    """A client key's spending budget is used up."""
+
+    code = "insufficient_quota"
+
+    def __init__(self, message: str, *, retry_after: float | None = None) -> None:
+        super().__init__(message, retry_after=retry_after)
+        self.type = "insufficient_quota"
+
+
 class ShuttingDown(InterlockError):
     """A stream still open when the grace period of a shutdown ran out."""
 
@@ -109,6 +134,8 @@ def error_headers(exc: InterlockError) -> dict[str, str]:
     headers = {"content-type": "application/json"}
     if exc.retry_after is not None:
         headers["retry-after"] = str(max(1, math.ceil(exc.retry_after)))
+        if isinstance(exc, RateLimited):  # the exact wait, as OpenAI sends it
+            headers["retry-after-ms"] = str(max(1, math.ceil(exc.retry_after * 1000)))
     return headers
 
 

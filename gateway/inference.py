@@ -75,10 +75,14 @@ class Inference:
                 elif name == b"cache-control":
                     request.cache_control = value.decode("latin-1")
             edge = scope.get(EDGE_KEY)
-            if edge is not None:
-                reply = await _unless_connection_lost(self.serving.serve(request), edge)
-            else:
-                reply = await _unless_client_leaves(self.serving.serve(request), receive)
+            try:
+                if edge is not None:
+                    reply = await _unless_connection_lost(self.serving.serve(request), edge)
+                else:
+                    reply = await _unless_client_leaves(self.serving.serve(request), receive)
+            finally:
+                if request.rate_headers:  # x-ratelimit-*: on every response, refusals and streams too
+                    send = _with_headers(send, request.rate_headers)
         except ClientGone:
             return
         except InterlockError as exc:
@@ -107,6 +111,16 @@ class Inference:
             out.append((b"x-interlock-cache", reply.cache.encode()))
         await send({"type": "http.response.start", "status": 200, "headers": out})
         await send({"type": "http.response.body", "body": body})
+
+
+def _with_headers(send: Send, extra: list[tuple[bytes, bytes]]) -> Send:
+    # a plain function handing back send's awaitable: no coroutine per message of a stream
+    def sending(message: Any) -> Awaitable[None]:
+        if message["type"] == "http.response.start":
+            message["headers"] = [*message.get("headers", ()), *extra]
+        return send(message)
+
+    return sending
 
 
 async def _replay(reply: Replayed, scope: Scope, receive: Receive, send: Send) -> None:

@@ -29,6 +29,7 @@ from gateway.cache import ResponseCache
 from gateway.config import BACKEND_KINDS, LoadedConfig
 from gateway.health import HealthMonitor
 from gateway.http_server import EdgeLimits, edge_protocol
+from gateway.limits import Limits
 from gateway.reload import Reloader
 from gateway.retry_budget import RetryBudget
 from gateway.router import Router
@@ -78,6 +79,12 @@ def create_app(config: LoadedConfig, settings: Settings, server: uvicorn.Server 
     reloader = Reloader(gateway, settings.config, resources, drain_s=settings.reload_drain_s)
     sighup = isinstance(server, GatewayServer) and server.reload_on_sighup
     gateway.cache = ResponseCache(config.cache, settings.redis_url)
+    limits = gateway.limits = Limits(
+        settings.redis_url,
+        timeout_s=config.limits.redis_timeout_ms / 1000,
+        heartbeat_s=config.limits.heartbeat_s,
+        prefix=settings.limits_prefix,
+    )
     access_log = access_log_from(settings.access_log)
 
     async def lifespan(_: Starlette) -> AsyncIterator[None]:
@@ -85,6 +92,7 @@ def create_app(config: LoadedConfig, settings: Settings, server: uvicorn.Server 
         if access_log is not None:
             access_log.start()
         await gateway.cache.start()  # type: ignore[union-attr]  # set just above
+        await limits.start()
         starting = asyncio.create_task(_start_backends(gateway, server))
         if settings.reload_watch is not False:
             reloader.start_watching()  # a no-op without a routing file
@@ -100,6 +108,7 @@ def create_app(config: LoadedConfig, settings: Settings, server: uvicorn.Server 
             await reloader.aclose()
             await asyncio.gather(*(b.close() for b in gateway.backends.values()), return_exceptions=True)
             await gateway.cache.close()  # type: ignore[union-attr]
+            await limits.close()
             await http.close()
             if access_log is not None:
                 access_log.stop()  # after the last request: what is queued gets written

@@ -5,12 +5,13 @@ answers it with a complete reply (``Served``) or an opened stream (``Opened``), 
 writes that out as JSON or SSE. In between, in this order: the snapshot in force (read once,
 kept for the whole request), the route the model names, the key's model allowlist, the facts
 policies rank by, the response cache (``gateway.cache_step``: a hit never routes), then the
-router. Admission limits will sit here too, before the router.
+router. Admission limits (``gateway.limits_step``) sit after the allowlist, before the cache and
+the router: a refusal never routes, and whatever answers settles what the request reserved.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from backends.base import BackendRequest, Endpoint
@@ -18,6 +19,7 @@ from backends.errors import InvalidRequest
 from gateway.cache_step import CacheStep, Replayed
 from gateway.config import ClientKey
 from gateway.errors import PermissionDenied
+from gateway.limits_step import admit
 from gateway.router import Opened, Router, Served
 from gateway.snapshot import Route, may_use
 from gateway.state import Gateway
@@ -47,6 +49,8 @@ class ClientRequest:
     session: str | None = None
     #: ``Cache-Control``: the client's say over the response cache
     cache_control: str | None = None
+    #: ``x-ratelimit-*`` for every response to this request, the refusal and the stream included
+    rate_headers: list[tuple[bytes, bytes]] = field(default_factory=list)
 
 
 class Serving:
@@ -65,28 +69,49 @@ class Serving:
         if not may_use(request.key, model):
             raise PermissionDenied(f"This API key may not use the model `{model}`.", param="model")
         facts = request_facts(request, route)
+        limits, admission = self._gateway.limits, None
+        if limits is not None and (section := snapshot.config.limits).keys:
+            name = request.key.name if request.key else None
+            embeddings = request.endpoint == "embeddings"
+            tokens = facts.prompt_tokens
+            admission = await admit(limits, section, name, route, request.body, tokens, embeddings)
+            if admission is not None:
+                request.rate_headers = admission.headers
+                if refused := admission.refused():
+                    raise refused
         upstream = BackendRequest(
             endpoint=request.endpoint,
-            body=request.body,
+            body=admission.body if admission else request.body,
             request_id=request.request_id,
             stream=bool(request.body.get("stream")) and request.endpoint != "embeddings",
             session=request.session,
         )
         router = self._gateway.router
-        if route.cache is None or self._cache is None:
-            if upstream.stream:
-                return await router.stream(route, upstream, facts)
-            return await router.complete(route, upstream, facts)
 
         async def call() -> Served | Opened:
             if upstream.stream:
-                return await router.stream(route, upstream, facts)
-            return await router.complete(route, upstream, facts)
+                result: Served | Opened = await router.stream(route, upstream, facts)
+            else:
+                result = await router.complete(route, upstream, facts)
+            return admission.follow(result) if admission is not None else result
 
+        if route.cache is None or self._cache is None:
+            if admission is None:
+                return await call()
+            try:
+                return await call()
+            except BaseException:
+                admission.release()
+                raise
         tenant = request.key.name if request.key else None
-        return await self._cache.serve(
-            route, request.endpoint, request.body, tenant, request.cache_control, call
-        )
+        try:
+            reply = await self._cache.serve(
+                route, request.endpoint, request.body, tenant, request.cache_control, call
+            )
+        finally:
+            if admission is not None:
+                admission.release()  # a no-op once followed: a cache hit or a failure gives it all back
+        return reply
 
 
 def request_facts(request: ClientRequest, route: Route) -> RequestFacts:

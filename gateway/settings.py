@@ -26,6 +26,8 @@ class Settings(BaseSettings):
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     #: Redis for shared cache/limits/breaker state; unset means per-process memory
     redis_url: str | None = None
+    #: the start of every Redis key of the per-key limits (gateways that share limits share it)
+    limits_prefix: str = Field(default="interlock:limits:", min_length=1, max_length=100)
     #: binding to a non-loopback address with no client keys configured needs this
     allow_unauthenticated: bool = False
     max_body_bytes: int = Field(default=4 * 1024 * 1024, gt=0)

@@ -132,6 +132,7 @@ def config_hash(config: LoadedConfig) -> str:
         "backends": {name: c.model_dump(mode="json") for name, c in config.backends.items()},
         "models": {name: r.model_dump(mode="json") for name, r in config.models.items()},
         "resilience": config.resilience.model_dump(mode="json"),
+        "limits": config.limits.model_dump(mode="json"),
     }
     return hashlib.sha256(orjson.dumps(document, option=orjson.OPT_SORT_KEYS)).hexdigest()
 
