@@ -27,6 +27,7 @@ from gateway.access_log import access_log_from
 from gateway.app import GatewayApp, build_app
 from gateway.cache import ResponseCache
 from gateway.config import BACKEND_KINDS, LoadedConfig
+from gateway.fleet import Fleet
 from gateway.health import HealthMonitor
 from gateway.http_server import EdgeLimits, edge_protocol
 from gateway.reload import Reloader
@@ -78,6 +79,13 @@ def create_app(config: LoadedConfig, settings: Settings, server: uvicorn.Server 
     reloader = Reloader(gateway, settings.config, resources, drain_s=settings.reload_drain_s)
     sighup = isinstance(server, GatewayServer) and server.reload_on_sighup
     gateway.cache = ResponseCache(config.cache, settings.redis_url)
+    fleet = gateway.fleet = Fleet(
+        lambda: gateway.snapshot.targets.values(),
+        gateway.health,
+        redis_url=settings.redis_url,
+        replica=settings.replica,
+        config_hash=lambda: gateway.snapshot.hash,
+    )
     access_log = access_log_from(settings.access_log)
 
     async def lifespan(_: Starlette) -> AsyncIterator[None]:
@@ -85,6 +93,7 @@ def create_app(config: LoadedConfig, settings: Settings, server: uvicorn.Server 
         if access_log is not None:
             access_log.start()
         await gateway.cache.start()  # type: ignore[union-attr]  # set just above
+        await fleet.start()  # bounded, never raises: without Redis each replica decides alone
         starting = asyncio.create_task(_start_backends(gateway, server))
         if settings.reload_watch is not False:
             reloader.start_watching()  # a no-op without a routing file
@@ -98,6 +107,7 @@ def create_app(config: LoadedConfig, settings: Settings, server: uvicorn.Server 
             if sighup:
                 asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
             await reloader.aclose()
+            await fleet.close()
             await asyncio.gather(*(b.close() for b in gateway.backends.values()), return_exceptions=True)
             await gateway.cache.close()  # type: ignore[union-attr]
             await http.close()

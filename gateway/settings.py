@@ -26,6 +26,8 @@ class Settings(BaseSettings):
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     #: Redis for shared cache/limits/breaker state; unset means per-process memory
     redis_url: str | None = None
+    #: this replica's id among those sharing Redis (a pod name); unset: hostname-pid
+    replica: str | None = Field(default=None, min_length=1, max_length=200)
     #: binding to a non-loopback address with no client keys configured needs this
     allow_unauthenticated: bool = False
     max_body_bytes: int = Field(default=4 * 1024 * 1024, gt=0)

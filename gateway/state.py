@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 from backends.base import Backend
 from gateway.cache import ResponseCache
+from gateway.fleet import Fleet
 from gateway.health import HealthMonitor
 from gateway.router import Router
 from gateway.snapshot import Snapshot
@@ -25,6 +26,8 @@ class Gateway:
     health: HealthMonitor
     #: the response cache (in-process, and Redis when configured); None: no route caches
     cache: ResponseCache | None = None
+    #: the replicas sharing Redis (``live_replicas()``); None only before the app is built
+    fleet: Fleet | None = None
     started_at: int = field(default_factory=lambda: int(time.time()))
     #: set when start-up of a backend failed; the server exits with it
     fatal: BaseException | None = None
