@@ -86,6 +86,13 @@ return 1
 _RELEASE = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"
 
 
+def _probes_in_flight(breaker: CircuitBreaker) -> int:
+    if breaker.state != "half_open":
+        return 0
+    probes = breaker.snapshot()["probes_in_flight"]
+    return probes if isinstance(probes, int) else 0
+
+
 class SharedBreakers:
     """This replica's side of the shared breakers; one per ``Fleet``."""
 
@@ -203,7 +210,9 @@ class SharedBreakers:
         ttls: list[int] = []
         for name, breaker in breakers.items():
             keys += [fleet.keys.breaker(name), fleet.keys.probe_lease(name)]
-            probing = self.holds_lease(name) and breaker.state == "half_open"
+            # extended only while a probe is out: a holder that gets no request lets the lease
+            # lapse within its TTL, and a replica that does get one probes instead
+            probing = self.holds_lease(name) and _probes_in_flight(breaker) > 0
             ttls.append(int(self.lease_ttl_s * 1000) if probing else 0)
         try:
             flat = await fleet.redis.script(_SYNC, keys, [fleet.id, *ttls])

@@ -265,3 +265,50 @@ async def test_health_checks_without_redis_are_each_replicas_own(tmp_path: Path)
             run.cancel()
         await asyncio.gather(*runs, return_exceptions=True)
         await stopped(replicas)
+
+
+async def test_a_lease_holder_without_requests_lets_another_replica_probe(redis_url: str) -> None:
+    replicas = [Replica(f"r{i}", redis_url) for i in range(2)]
+    await started(replicas)
+    try:
+        trip(replicas[0].breaker)
+        await until(lambda: all(r.breaker.state == "half_open" for r in replicas), what="cool-downs to end")
+        first = replicas[0]
+        # r0 asks (its request goes elsewhere meanwhile), wins the lease, and then gets no request
+        assert not first.breaker.allow()
+        await until(lambda: first.fleet.breakers.holds_lease("up"), what="r0 to hold the lease")
+        other = replicas[1]
+        took = await until(other.breaker.allow, what="r1 to probe once r0's lease lapsed")
+        assert took < first.fleet.breakers.lease_ttl_s + 1
+    finally:
+        await stopped(replicas)
+
+
+async def test_the_fleet_on_a_redis_cluster(tmp_path: Path) -> None:
+    from tests.redis_servers import REDIS_CLI, create_cluster
+
+    if REDIS_CLI is None:
+        pytest.skip("redis-cli is not installed")
+    nodes = [RedisServer(tmp_path, cluster=True).start() for _ in range(3)]
+    try:
+        create_cluster(nodes)
+        url = f"redis+cluster://127.0.0.1:{nodes[0].port}"
+        replicas = [Replica(f"r{i}", url) for i in range(2)]
+        await started(replicas)
+        runs = [asyncio.create_task(r.monitor.run()) for r in replicas]
+        try:
+            trip(replicas[0].breaker)
+            await until(lambda: replicas[1].breaker.state == "open", what="the open to cross the cluster")
+            await until(lambda: len(replicas[1].fleet.live_replicas()) == 2, what="both heartbeats")
+            await until(lambda: all(r.target.healthy for r in replicas), what="health verdicts")
+            assert sum(1 for r in replicas if r.checks) == 1
+            assert all(r.fleet.status() == "ok" for r in replicas)  # no CROSSSLOT, no error at all
+            assert all(r.fleet.redis is not None and r.fleet.redis.errors == 0 for r in replicas)
+        finally:
+            for run in runs:
+                run.cancel()
+            await asyncio.gather(*runs, return_exceptions=True)
+            await stopped(replicas)
+    finally:
+        for node in nodes:
+            node.stop()
