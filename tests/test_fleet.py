@@ -312,3 +312,21 @@ async def test_the_fleet_on_a_redis_cluster(tmp_path: Path) -> None:
     finally:
         for node in nodes:
             node.stop()
+
+
+async def test_a_target_a_reload_brings_is_shared_from_the_next_tick(redis_url: str) -> None:
+    replicas = [Replica(f"r{i}", redis_url) for i in range(2)]
+    await started(replicas)
+    try:
+        old = replicas[1].target
+        replicas[1].target = Target(
+            backend=old.backend, stats=BackendStats("up"), breaker=CircuitBreaker("up", BREAKER)
+        )  # what build_snapshot makes for a changed backend
+        await until(
+            lambda: replicas[1].target.breaker.probe_gate is not None, what="the new breaker attached"
+        )
+        trip(replicas[0].breaker)
+        await until(lambda: replicas[1].target.breaker.state == "open", what="the open to reach it")
+        assert old.breaker.state == "closed"  # the retired one is left alone
+    finally:
+        await stopped(replicas)
