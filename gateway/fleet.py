@@ -6,7 +6,8 @@ it heartbeats every second into one sorted set scored by Redis's own clock (no s
 hosts), and reads back the replicas heard from within ``replica_ttl_s``: ``live_replicas()``
 answers from that last read, without I/O, so a status page or a limit divided among replicas
 may call it per request. Beside the heartbeats the fleet shares breaker openings and probe
-leases (``gateway.fleet_breakers``) and active health checks (``gateway.fleet_health``).
+leases (``gateway.fleet_breakers``) and active health checks (``gateway.fleet_health``) of the
+backends they all reach over the network; an in-process engine (llama.cpp) is each replica's own.
 
 Redis is never a dependency: every call runs under a short timeout behind a breaker on Redis
 itself (``gateway.cache_store.RedisTier``), nothing on a request's path waits for Redis, and
@@ -63,6 +64,16 @@ end
 return out
 """
 _LEAVE = "redis.call('ZREM', KEYS[1], ARGV[1]) redis.call('HDEL', KEYS[2], ARGV[1]) return 1"
+
+
+#: backends that run inside each gateway process: one replica's engine failing says nothing about
+#: another's, so their breakers and checks stay each replica's own
+IN_PROCESS_KINDS = frozenset({"llamacpp"})
+
+
+def shared(target: Target) -> bool:
+    """Whether the replicas share ``target``'s breaker and health checks: the same upstream for all."""
+    return target.backend.kind not in IN_PROCESS_KINDS
 
 
 def replica_id(configured: str | None = None) -> str:
@@ -167,10 +178,14 @@ class Fleet:
         """ "ok", "solo" (no Redis configured) or why the replicas are deciding alone."""
         if self.redis is None:
             return "solo"
-        return "ok" if self.redis_ok else self.redis.status()
+        if self.redis_ok:
+            return "ok"
+        why = self.redis.status()
+        return why if why != "ok" else "degraded: redis has not answered yet"
 
     def targets(self) -> list[Target]:
-        return list(self._targets())
+        """The targets in force whose state the replicas share (not in-process engines)."""
+        return [t for t in self._targets() if shared(t)]
 
     def now(self) -> float:
         return self._clock()

@@ -19,6 +19,7 @@ import orjson
 
 from backends.base import Health
 from gateway.cache_store import Unavailable
+from gateway.fleet import shared
 from gateway.health import HealthMonitor
 from gateway.snapshot import Target
 
@@ -55,6 +56,8 @@ class SharedHealth:
     async def source(self, target: Target) -> Health | None:
         fleet, name = self.fleet, target.name
         assert fleet.redis is not None
+        if not shared(target):
+            return await self.monitor.probe(target)  # this process's own engine
         ttl_ms = self.lead_ttl_ms()
         keys = [fleet.keys.health_lead(name), fleet.keys.health(name)]
         try:

@@ -330,3 +330,23 @@ async def test_a_target_a_reload_brings_is_shared_from_the_next_tick(redis_url: 
         assert old.breaker.state == "closed"  # the retired one is left alone
     finally:
         await stopped(replicas)
+
+
+async def test_an_in_process_engine_stays_each_replicas_own(redis_url: str) -> None:
+    replicas = [Replica(f"r{i}", redis_url) for i in range(2)]
+    for r in replicas:
+        r.target.backend.kind = "llamacpp"  # type: ignore[misc]  # llama.cpp inside each process
+    await started(replicas)
+    runs = [asyncio.create_task(r.monitor.run()) for r in replicas]
+    try:
+        trip(replicas[0].breaker)
+        await until(lambda: all(r.checks >= 2 for r in replicas), what="both to check their own engine")
+        assert replicas[1].breaker.state == "closed"  # r0's engine failing says nothing of r1's
+        assert (
+            replicas[0].fleet.breakers.taken == replicas[1].fleet.breakers.taken == {"open": 0, "closed": 0}
+        )
+    finally:
+        for run in runs:
+            run.cancel()
+        await asyncio.gather(*runs, return_exceptions=True)
+        await stopped(replicas)
