@@ -26,13 +26,16 @@ import socket
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
 from gateway.cache_store import RedisTier, Unavailable
 from gateway.health import HealthMonitor
 from gateway.snapshot import Target
+
+if TYPE_CHECKING:
+    from gateway.state import Gateway
 
 log = logging.getLogger("interlock.fleet")
 
@@ -273,6 +276,15 @@ class Fleet:
         if self.redis_ok:
             log.warning("fleet: redis unavailable, each replica decides alone: %s", self.status())
         self.redis_ok = False
+
+
+def live_replicas(gateway: Gateway) -> list[Replica]:
+    """The replicas of ``gateway``'s fleet heard from within the heartbeat TTL, this one included,
+    as of the last heartbeat (no I/O: fine per request). A limit shared by ``n`` replicas while
+    Redis is away is ``limit / len(live_replicas(gateway))``."""
+    if gateway.fleet is None:
+        return [Replica(replica_id(), 0.0)]
+    return gateway.fleet.live_replicas()
 
 
 def _text(value: bytes | str) -> str:

@@ -350,3 +350,15 @@ async def test_an_in_process_engine_stays_each_replicas_own(redis_url: str) -> N
             run.cancel()
         await asyncio.gather(*runs, return_exceptions=True)
         await stopped(replicas)
+
+
+def test_live_replicas_of_a_gateway() -> None:
+    from gateway.fleet import live_replicas
+    from gateway.router import Router
+    from gateway.state import Gateway
+
+    replica = Replica("solo", None)
+    gateway = Gateway(snapshot=None, router=Router(), health=replica.monitor)  # type: ignore[arg-type]
+    assert len(live_replicas(gateway)) == 1  # before the app built its fleet: this process alone
+    gateway.fleet = replica.fleet
+    assert [r.id for r in live_replicas(gateway)] == ["solo"]
