@@ -5,6 +5,7 @@
     half_open ──(successes_to_close probe successes)──▶ closed (window cleared)
     half_open ──(any failure)──▶ open, with the cool-down doubled (capped)
     open ──(probe_early(): every candidate of a route is open)──▶ half_open at once
+    any ──(open_for(s): another replica saw it fail)──▶ open; any ──(reset(): one's probe passed)──▶ closed
 
 No I/O and no tasks: time comes from an injected monotonic clock, so every
 transition is a table test. It is meant for one event loop (no locks). Only
@@ -82,6 +83,9 @@ class CircuitBreaker:
         self._clock = clock
         #: called as (name, old_state, new_state) on every transition; for logs and metrics
         self.listeners: list[Listener] = []
+        #: asked before a half-open probe is admitted; False keeps the probe slots shut for now
+        #: (across replicas: another one holds this backend's probe lease). None: always admit
+        self.probe_gate: Callable[[], bool] | None = None
         self._state: State = "closed"
         # closed: outcomes of the last `window` calls (True = failure), failures kept as a running count
         self._window: deque[bool] = deque(maxlen=self.config.window)
@@ -124,6 +128,8 @@ class CircuitBreaker:
             return False
         if self._probes >= self.config.half_open_probes:
             return False
+        if self.probe_gate is not None and not self.probe_gate():
+            return False
         self._probes += 1
         return True
 
@@ -136,6 +142,29 @@ class CircuitBreaker:
             self._open_until = self._clock()
             self._maybe_half_open()
         return self.allow()
+
+    def open_for(self, seconds: float) -> None:
+        """Open now for ``seconds``: another replica's breaker opened on this backend. From
+        half-open it counts as a failed probe of ours (the next cool-down of ours doubles);
+        already open, the wait can only lengthen."""
+        seconds = min(max(0.0, seconds), MAX_RETRY_AFTER_S)
+        state = self.state
+        if state == "open":
+            self._open_until = max(self._open_until, self._clock() + seconds)
+            return
+        if state == "half_open":
+            self._reopens += 1
+        self._cooldown = seconds
+        self._open_until = self._clock() + seconds
+        self._probes = 0
+        self._probe_successes = 0
+        self._trips += 1
+        self._transition("open")
+
+    def reset(self) -> None:
+        """Close now, the window cleared: another replica's probes found the backend well."""
+        if self.state != "closed":
+            self._close()
 
     def snapshot(self) -> dict[str, object]:
         state = self.state

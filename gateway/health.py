@@ -21,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 
 from backends.base import Health
 from gateway.snapshot import Route, Target
@@ -48,16 +48,32 @@ class HealthMonitor:
         #: backends whose start() has finished: the replica is not ready while any other is in force
         self._started: set[str] = set()
         self._checked_at: dict[str, float] = {}
+        #: where verdicts come from; None: ``probe`` (this replica asks). A fleet sets one that asks
+        #: only where this replica leads a backend's checks and reads the leader's verdict elsewhere
+        self.source: Callable[[Target], Awaitable[Health | None]] | None = None
 
-    async def check(self, target: Target) -> bool:
-        """Ask the backend now and record the answer, logging each change of verdict once."""
+    async def check(self, target: Target) -> bool | None:
+        """Get a verdict now (from ``source``, by default the backend itself) and record it;
+        None: the source had no new verdict (the previous one stands)."""
+        health = await (self.source or self.probe)(target)
+        if health is None:
+            return None
+        self.record(target, health)
+        return health.ok
+
+    async def probe(self, target: Target) -> Health:
+        """Ask the backend itself, within ``timeout_s``; never raises."""
         try:
             async with asyncio.timeout(self.timeout_s):
-                health = await target.backend.health()
+                return await target.backend.health()
         except TimeoutError:
-            health = Health(False, f"health check timed out after {self.timeout_s:g}s")
+            return Health(False, f"health check timed out after {self.timeout_s:g}s")
         except Exception as exc:  # a health() that raises is an unhealthy backend, not a dead monitor
-            health = Health(False, f"health check failed: {type(exc).__name__}")
+            return Health(False, f"health check failed: {type(exc).__name__}")
+
+    def record(self, target: Target, health: Health) -> None:
+        """Keep ``health`` as ``target``'s verdict, logging each change once, and weigh it in its
+        closed circuit."""
         self._checked_at[target.name] = self._clock()
         was = target.healthy
         target.healthy, target.health_reason = health.ok, health.reason
@@ -73,7 +89,6 @@ class HealthMonitor:
                 breaker.on_success()
             elif not health.misconfigured:
                 breaker.on_failure()
-        return health.ok
 
     async def started(self, target: Target) -> None:
         """``target``'s start() finished: check it at once (unless checks are off), so readiness

@@ -27,6 +27,7 @@ from gateway.access_log import access_log_from
 from gateway.app import GatewayApp, build_app
 from gateway.cache import ResponseCache
 from gateway.config import BACKEND_KINDS, LoadedConfig
+from gateway.fleet import Fleet
 from gateway.health import HealthMonitor
 from gateway.http_server import EdgeLimits, edge_protocol
 from gateway.limits import Limits
@@ -85,6 +86,13 @@ def create_app(config: LoadedConfig, settings: Settings, server: uvicorn.Server 
         heartbeat_s=config.limits.heartbeat_s,
         prefix=settings.limits_prefix,
     )
+    fleet = gateway.fleet = Fleet(
+        lambda: gateway.snapshot.targets.values(),
+        gateway.health,
+        redis_url=settings.redis_url,
+        replica=settings.replica,
+        config_hash=lambda: gateway.snapshot.hash,
+    )
     access_log = access_log_from(settings.access_log)
 
     async def lifespan(_: Starlette) -> AsyncIterator[None]:
@@ -93,6 +101,7 @@ def create_app(config: LoadedConfig, settings: Settings, server: uvicorn.Server 
             access_log.start()
         await gateway.cache.start()  # type: ignore[union-attr]  # set just above
         await limits.start()
+        await fleet.start()  # bounded, never raises: without Redis each replica decides alone
         starting = asyncio.create_task(_start_backends(gateway, server))
         if settings.reload_watch is not False:
             reloader.start_watching()  # a no-op without a routing file
@@ -106,6 +115,7 @@ def create_app(config: LoadedConfig, settings: Settings, server: uvicorn.Server 
             if sighup:
                 asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
             await reloader.aclose()
+            await fleet.close()
             await asyncio.gather(*(b.close() for b in gateway.backends.values()), return_exceptions=True)
             await gateway.cache.close()  # type: ignore[union-attr]
             await limits.close()

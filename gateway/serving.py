@@ -87,6 +87,11 @@ class Serving:
             session=request.session,
         )
         router = self._gateway.router
+        if admission is None and (route.cache is None or self._cache is None):
+            # the common case, with no closure and no coroutine of its own
+            if upstream.stream:
+                return await router.stream(route, upstream, facts)
+            return await router.complete(route, upstream, facts)
 
         async def call() -> Served | Opened:
             if upstream.stream:
@@ -96,8 +101,7 @@ class Serving:
             return admission.follow(result) if admission is not None else result
 
         if route.cache is None or self._cache is None:
-            if admission is None:
-                return await call()
+            assert admission is not None
             try:
                 return await call()
             except BaseException:

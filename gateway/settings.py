@@ -28,6 +28,8 @@ class Settings(BaseSettings):
     redis_url: str | None = None
     #: the start of every Redis key of the per-key limits (gateways that share limits share it)
     limits_prefix: str = Field(default="interlock:limits:", min_length=1, max_length=100)
+    #: this replica's id among those sharing Redis (a pod name); unset: hostname-pid
+    replica: str | None = Field(default=None, min_length=1, max_length=200)
     #: binding to a non-loopback address with no client keys configured needs this
     allow_unauthenticated: bool = False
     max_body_bytes: int = Field(default=4 * 1024 * 1024, gt=0)

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 from backends.base import Backend
 from gateway.cache import ResponseCache
+from gateway.fleet import Fleet
 from gateway.health import HealthMonitor
 from gateway.limits import Limits
 from gateway.router import Router
@@ -28,6 +29,8 @@ class Gateway:
     cache: ResponseCache | None = None
     #: per-key limits and budgets (``gateway.limits``); None: no limits at all (tests, embedding)
     limits: Limits | None = None
+    #: the replicas sharing Redis (``live_replicas()``); None only before the app is built
+    fleet: Fleet | None = None
     started_at: int = field(default_factory=lambda: int(time.time()))
     #: set when start-up of a backend failed; the server exits with it
     fatal: BaseException | None = None

@@ -351,3 +351,70 @@ def test_snapshot_fields() -> None:
 )
 def test_counts_as_failure(exc: BaseException, expected: bool) -> None:
     assert counts_as_failure(exc) is expected
+
+
+# -- what the fleet uses (gateway.fleet_breakers) ---------------------------------------------
+
+
+def test_open_for_trips_a_closed_circuit_for_that_long() -> None:
+    breaker, clock, seen = make(cooldown_s=10)
+    breaker.open_for(3.5)
+    assert breaker.state == "open" and breaker.retry_in() == 3.5
+    assert seen == [("b1", "closed", "open")]
+    clock.advance(3.5)
+    assert breaker.state == "half_open"
+
+
+def test_open_for_only_lengthens_an_open_wait() -> None:
+    breaker, _, seen = make(cooldown_s=10)
+    trip(breaker)
+    breaker.open_for(2)
+    assert breaker.retry_in() == 10
+    breaker.open_for(30)
+    assert breaker.retry_in() == 30
+    assert seen == [("b1", "closed", "open")]  # no second transition
+    breaker.open_for(MAX_RETRY_AFTER_S * 10)
+    assert breaker.retry_in() == MAX_RETRY_AFTER_S
+
+
+def test_open_for_from_half_open_counts_as_a_failed_probe() -> None:
+    breaker, clock, _ = make(cooldown_s=10, max_cooldown_s=100)
+    trip(breaker)
+    clock.advance(10)
+    assert breaker.state == "half_open"
+    breaker.open_for(20)  # another replica's probe failed
+    assert breaker.state == "open" and breaker.retry_in() == 20
+    clock.advance(20)
+    assert breaker.allow()
+    breaker.on_failure()  # our own probe fails next: the cool-down has doubled twice
+    assert breaker.retry_in() == 40
+
+
+def test_reset_closes_with_a_clean_window() -> None:
+    breaker, _, seen = make(consecutive_failures=2, cooldown_s=10)
+    trip(breaker)
+    breaker.reset()
+    assert breaker.state == "closed"
+    assert seen[-1] == ("b1", "open", "closed")
+    breaker.on_failure()
+    assert breaker.state == "closed"  # the failures that tripped it are forgotten
+    breaker.reset()  # closed already: nothing happens
+    assert len(seen) == 2
+
+
+def test_the_probe_gate_holds_half_open_probes_back() -> None:
+    breaker, clock, _ = make(cooldown_s=10, half_open_probes=2)
+    answers = [False, True]
+    breaker.probe_gate = lambda: answers.pop(0)
+    assert breaker.allow()  # closed: the gate is not asked
+    trip(breaker)
+    clock.advance(10)
+    assert not breaker.allow()  # half-open, the gate says no: no slot taken
+    assert breaker.snapshot()["probes_in_flight"] == 0
+    assert breaker.allow()
+    assert breaker.snapshot()["probes_in_flight"] == 1
+    breaker.probe_gate = None
+    breaker.on_success()
+    breaker.allow()
+    breaker.on_success()
+    assert breaker.state == "closed"

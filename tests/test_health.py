@@ -117,3 +117,20 @@ async def test_liveness_fails_when_an_in_process_engine_died_and_says_why() -> N
             "status": "dead",
             "backends": {"b": "engine thread died: RuntimeError('boom')"},
         }
+
+
+async def test_a_source_gives_the_verdicts_and_none_keeps_the_last() -> None:
+    t = target(Health(True))
+    monitor = HealthMonitor(lambda: [t], interval_s=1, timeout_s=1)
+    verdicts: list[Health | None] = [Health(False, "read from another replica"), None]
+
+    async def source(_: Target) -> Health | None:
+        return verdicts.pop(0)
+
+    monitor.source = source
+    assert await monitor.check(t) is False
+    assert (t.healthy, t.health_reason) == (False, "read from another replica")
+    assert await monitor.check(t) is None  # no new verdict: the last one stands
+    assert t.healthy is False
+    assert t.backend.health_calls == 0  # type: ignore[attr-defined]  # the backend was never asked
+    assert await monitor.probe(t) == Health(True)

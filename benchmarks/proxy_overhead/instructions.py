@@ -82,7 +82,9 @@ def wait_ready(port: int, proc_alive: object) -> None:
     raise BenchError(f"the gateway on port {port} was not ready within {READY_TIMEOUT_S:g}s")
 
 
-def measure(name: str, checkout: Path, routing: Path, work: Path, args: argparse.Namespace) -> dict[str, float]:
+def measure(
+    name: str, checkout: Path, routing: Path, work: Path, args: argparse.Namespace
+) -> dict[str, float]:
     port = free_port()
     g = launch(name, checkout, VENV_BIN / "python", "0", routing, port, work)
     out = work / f"{name}.callgrind"
@@ -133,7 +135,18 @@ def main() -> int:
         nginx = stack.enter_context(
             started(
                 "nginx",
-                ["taskset", "-c", "1", "nginx", "-c", str(nginx_conf), "-p", str(work), "-e", str(work / "e.log")],
+                [
+                    "taskset",
+                    "-c",
+                    "1",
+                    "nginx",
+                    "-c",
+                    str(nginx_conf),
+                    "-p",
+                    str(work),
+                    "-e",
+                    str(work / "e.log"),
+                ],
                 work / "nginx.log",
             )
         )
@@ -141,7 +154,10 @@ def main() -> int:
         for name, checkout in checkouts:
             results[name] = measure(name, checkout, routing, work, args)
             print(f"instructions: {name} done: {results[name]}", file=sys.stderr)
-    print(f"\nInstructions per request (callgrind, {args.requests} requests after {args.warmup}, one at a time)\n")
+    print(
+        f"\nInstructions per request (callgrind, {args.requests} requests after {args.warmup}, "
+        "one at a time)\n"
+    )
     header = "| gateway | commit | " + " | ".join(args.workload) + " |"
     print(header)
     print("|---|---|" + "---:|" * len(args.workload))
