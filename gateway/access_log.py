@@ -37,6 +37,8 @@ _FINISH = re.compile(rb'"finish_reason"\s*:\s*"([a-z_]{1,32})"')
 class Entry(NamedTuple):
     time: float
     request_id: str | None
+    #: the OpenTelemetry trace id (tracing on), else None
+    trace_id: str | None
     endpoint: str | None
     route: str
     #: the model the client asked for, truncated (``route`` is ``other`` when it is not configured)
@@ -73,6 +75,7 @@ def line(entry: Entry) -> bytes:
         {
             "time": _iso(entry.time),
             "request_id": entry.request_id,
+            "trace_id": entry.trace_id,
             "endpoint": entry.endpoint,
             "route": entry.route,
             "model": entry.model,

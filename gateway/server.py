@@ -36,6 +36,7 @@ from gateway.settings import Settings
 from gateway.shutdown import stream_cutoff
 from gateway.snapshot import Target, build_snapshot
 from gateway.state import Gateway
+from gateway.tracing import tracing_from
 
 log = logging.getLogger("interlock.server")
 
@@ -79,6 +80,7 @@ def create_app(config: LoadedConfig, settings: Settings, server: uvicorn.Server 
     sighup = isinstance(server, GatewayServer) and server.reload_on_sighup
     gateway.cache = ResponseCache(config.cache, settings.redis_url)
     access_log = access_log_from(settings.access_log)
+    tracing = tracing_from(settings.traces, settings.trace_sample_ratio)
 
     async def lifespan(_: Starlette) -> AsyncIterator[None]:
         await http.start()
@@ -103,6 +105,8 @@ def create_app(config: LoadedConfig, settings: Settings, server: uvicorn.Server 
             await http.close()
             if access_log is not None:
                 access_log.stop()  # after the last request: what is queued gets written
+            if tracing is not None:
+                tracing.shutdown()  # exports the spans still pending
 
     return build_app(
         gateway,
@@ -111,6 +115,7 @@ def create_app(config: LoadedConfig, settings: Settings, server: uvicorn.Server 
         reloader=reloader,
         metrics=settings.metrics,
         access_log=access_log,
+        tracing=tracing,
     )
 
 

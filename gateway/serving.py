@@ -11,7 +11,7 @@ router. Admission limits will sit here too, before the router.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from backends.base import BackendRequest, Endpoint
 from backends.errors import InvalidRequest
@@ -22,6 +22,9 @@ from gateway.router import Opened, Router, Served
 from gateway.snapshot import Route, may_use
 from gateway.state import Gateway
 from policies.base import RequestFacts
+
+if TYPE_CHECKING:
+    from gateway.tracing import Tracing
 
 #: a rough tokens-per-byte for JSON bodies, good enough to rank backends by prompt size
 BYTES_PER_TOKEN = 4
@@ -50,9 +53,11 @@ class ClientRequest:
 
 
 class Serving:
-    def __init__(self, gateway: Gateway) -> None:
+    def __init__(self, gateway: Gateway, tracing: Tracing | None = None) -> None:
         self._gateway = gateway
         self._cache = CacheStep(gateway.cache) if gateway.cache is not None else None
+        if self._cache is not None and tracing is not None:
+            self._cache = tracing.traced_cache(self._cache)  # the lookup as a span
 
     @property
     def router(self) -> Router:

@@ -287,6 +287,7 @@ def test_metrics_can_be_turned_off(up: FakeUpstream) -> None:
 FIELDS = {
     "time",
     "request_id",
+    "trace_id",
     "endpoint",
     "route",
     "model",
