@@ -166,6 +166,21 @@ class StateCollector:
             for result, count in sorted(results.items()):
                 reloads.add_metric([str(result)], count)
             yield reloads
+        peers = getattr(reloader, "peers", None)
+        if peers is not None:
+            seen = GaugeMetricFamily(
+                "interlock_config_replicas",
+                "Replicas seen through Redis serving each config hash (this one included)",
+                labels=["hash"],
+            )
+            for found, count in sorted(peers.by_hash().items()):
+                seen.add_metric([found], count)
+            yield seen
+            yield GaugeMetricFamily(
+                "interlock_config_diverging_replicas",
+                "Replicas seen through Redis serving a config other than this one's",
+                value=len(peers.diverging()),
+            )
         if self._access is not None:
             yield CounterMetricFamily(
                 "interlock_access_log_dropped",

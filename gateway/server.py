@@ -27,6 +27,7 @@ from gateway.access_log import access_log_from
 from gateway.app import GatewayApp, build_app
 from gateway.cache import ResponseCache
 from gateway.config import BACKEND_KINDS, LoadedConfig
+from gateway.config_peers import ConfigPeers
 from gateway.health import HealthMonitor
 from gateway.http_server import EdgeLimits, edge_protocol
 from gateway.reload import Reloader
@@ -81,12 +82,18 @@ def create_app(config: LoadedConfig, settings: Settings, server: uvicorn.Server 
     gateway.cache = ResponseCache(config.cache, settings.redis_url)
     access_log = access_log_from(settings.access_log)
     tracing = tracing_from(settings.traces, settings.trace_sample_ratio)
+    if settings.redis_url:
+        reloader.peers = ConfigPeers(
+            gateway, settings.redis_url, settings.replica_id, interval_s=settings.config_publish_s
+        )
 
     async def lifespan(_: Starlette) -> AsyncIterator[None]:
         await http.start()
         if access_log is not None:
             access_log.start()
         await gateway.cache.start()  # type: ignore[union-attr]  # set just above
+        if reloader.peers is not None:
+            await reloader.peers.start()
         starting = asyncio.create_task(_start_backends(gateway, server))
         if settings.reload_watch is not False:
             reloader.start_watching()  # a no-op without a routing file
@@ -100,6 +107,8 @@ def create_app(config: LoadedConfig, settings: Settings, server: uvicorn.Server 
             if sighup:
                 asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
             await reloader.aclose()
+            if reloader.peers is not None:
+                await reloader.peers.close()
             await asyncio.gather(*(b.close() for b in gateway.backends.values()), return_exceptions=True)
             await gateway.cache.close()  # type: ignore[union-attr]
             await http.close()

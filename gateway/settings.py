@@ -26,6 +26,10 @@ class Settings(BaseSettings):
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     #: Redis for shared cache/limits/breaker state; unset means per-process memory
     redis_url: str | None = None
+    #: with Redis: this replica's name among those publishing their config hash (unset: the host
+    #: name and process id), and how often it publishes
+    replica_id: str | None = None
+    config_publish_s: float = Field(default=5.0, gt=0)
     #: binding to a non-loopback address with no client keys configured needs this
     allow_unauthenticated: bool = False
     max_body_bytes: int = Field(default=4 * 1024 * 1024, gt=0)
