@@ -18,10 +18,13 @@ Per inference request, with ``INTERLOCK_TRACES=otlp`` (or ``console``):
   a no-op context manager when tracing is off.
 
 The access log line carries the trace id (``TRACE_ID_KEY`` in the ASGI scope). Sampling is
-parent-based with a trace-id ratio (``INTERLOCK_TRACE_SAMPLE_RATIO``): a client's sampled
-flag is honoured; an unsampled request still gets a trace id and propagates it, but records
-nothing. Spans are exported by the SDK's batch processor on its own thread (OTLP over HTTP;
-``OTEL_EXPORTER_OTLP_ENDPOINT`` and ``OTEL_SERVICE_NAME`` as the SDK reads them).
+parent-based with a ratio (``INTERLOCK_TRACE_SAMPLE_RATIO``): a client's sampled flag decides
+for its request, others are sampled with that probability. It is decided before any span
+exists: an unsampled request makes no span object (the SDK's non-recording spans still cost
+tens of microseconds a request); it still has a trace id, logged and passed upstream in a
+``traceparent`` flagged unsampled. Spans are exported by the SDK's batch processor on its own
+thread (OTLP over HTTP; ``OTEL_EXPORTER_OTLP_ENDPOINT`` and ``OTEL_SERVICE_NAME`` as the SDK
+reads them).
 
 opentelemetry is imported only when tracing is on: the gateway runs without the extra, and
 with tracing off nothing here runs per request.
@@ -30,6 +33,7 @@ with tracing off nothing here runs per request.
 from __future__ import annotations
 
 import contextlib
+import random
 import re
 import time
 from collections.abc import Awaitable, Iterator
@@ -69,18 +73,23 @@ _FINISH = re.compile(rb'"finish_reason"\s*:\s*"([a-z_]{1,32})"')
 
 class _Request:
     """What the attempt spans of one request need from it, found through a context variable
-    (hedge tasks inherit it); read from the parsed request at the first attempt."""
+    (hedge tasks inherit it); read from the parsed request at the first attempt. An unsampled
+    request has only its trace id (and flags) to pass on."""
 
-    __slots__ = ("model", "operation", "parameters", "scope", "tracing")
+    __slots__ = ("flags", "model", "operation", "parameters", "sampled", "scope", "trace_id", "tracing")
 
-    def __init__(self, tracing: Tracing, scope: Scope) -> None:
+    def __init__(
+        self, tracing: Tracing, scope: Scope, sampled: bool = True, trace_id: str = "", flags: str = "01"
+    ) -> None:
         self.tracing, self.scope = tracing, scope
+        self.sampled, self.trace_id, self.flags = sampled, trace_id, flags
         self.operation = ""
         self.model: str | None = None
         self.parameters: dict[str, Any] = {}
 
 
 _CURRENT: ContextVar[_Request | None] = ContextVar("interlock_traced_request", default=None)
+_TRACEPARENT = re.compile(r"00-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})")
 
 
 class Tracing:
@@ -94,7 +103,7 @@ class Tracing:
             from opentelemetry.sdk.resources import Resource
             from opentelemetry.sdk.trace import TracerProvider
             from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor
-            from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
+            from opentelemetry.sdk.trace.sampling import ALWAYS_ON
             from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
         except ImportError as exc:
             raise RuntimeError(
@@ -105,9 +114,11 @@ class Tracing:
         self._error = trace.Status(trace.StatusCode.ERROR)
         self._propagator = TraceContextTextMapPropagator()
         resource = Resource.create({"service.name": "interlock"})  # OTEL_SERVICE_NAME overrides
-        self.provider = TracerProvider(
-            resource=resource, sampler=ParentBased(TraceIdRatioBased(sample_ratio))
-        )
+        # Sampling is decided here, before any span exists (``_serve``): an unsampled request makes
+        # no span object at all, which is most of what tracing would cost it.
+        self.sample_ratio = sample_ratio
+        self._random = random.Random()
+        self.provider = TracerProvider(resource=resource, sampler=ALWAYS_ON)
         if span_exporter is not None:
             self.provider.add_span_processor(SimpleSpanProcessor(span_exporter))
         elif exporter == "console":
@@ -137,11 +148,33 @@ class Tracing:
         return traced
 
     async def _serve(self, app: ASGIApp, scope: Scope, receive: Receive, send: Send) -> None:
-        trace = self._trace
+        # Parent-based ratio sampling: a client's traceparent decides by its sampled flag; else
+        # a request is sampled with probability ``sample_ratio``.
         carrier = {}
         for name, value in scope["headers"]:
             if name == b"traceparent" or name == b"tracestate":
                 carrier[name.decode()] = value.decode("latin-1")
+        incoming = _TRACEPARENT.fullmatch(carrier.get("traceparent", "").strip().lower())
+        if incoming is not None:
+            sampled = bool(int(incoming.group(3), 16) & 1)
+        else:
+            sampled = self._random.random() < self.sample_ratio
+        if not sampled:
+            trace_id = incoming.group(1) if incoming else f"{self._random.getrandbits(128):032x}"
+            flags = incoming.group(3) if incoming else "00"
+            scope[TRACE_ID_KEY] = trace_id
+            token = _CURRENT.set(_Request(self, scope, False, trace_id, flags))
+            try:
+                await app(scope, receive, send)
+            finally:
+                _CURRENT.reset(token)
+            return
+        await self._serve_sampled(app, scope, receive, send, carrier)
+
+    async def _serve_sampled(
+        self, app: ASGIApp, scope: Scope, receive: Receive, send: Send, carrier: dict[str, str]
+    ) -> None:
+        trace = self._trace
         parent = self._propagator.extract(carrier) if carrier else None
         path = scope["path"]
         span = self.tracer.start_span(
@@ -222,6 +255,10 @@ class Tracing:
     def attempt_started(self, attempt: Attempt) -> None:
         request = _CURRENT.get()
         if request is None:
+            return
+        if not request.sampled:  # passed on, with a span id of its own, recorded nowhere
+            span_id = self._random.getrandbits(64) or 1
+            TRACEPARENT.set(f"00-{request.trace_id}-{span_id:016x}-{request.flags}")
             return
         if not request.operation:
             self._describe(request)
@@ -308,7 +345,7 @@ def step(name: str, **attributes: Any) -> contextlib.AbstractContextManager[Any]
     request's: ``with tracing.step("interlock.limits"): ...``. With tracing off (or outside a
     traced request) a shared ``nullcontext``: one context-variable read."""
     request = _CURRENT.get()
-    if request is None:
+    if request is None or not request.sampled:
         return _OFF
     return request.tracing.step(name, **attributes)
 
