@@ -182,6 +182,8 @@ def test_the_dashboard_queries_only_metrics_the_gateway_exports(tmp_path: Path) 
         with run_gateway(path, reload_watch=False, redis_url="redis://127.0.0.1:6379/12") as url:
             body = {"model": "chat", "messages": [{"role": "user", "content": "hi"}], "stream": True}
             assert httpx.post(url + "/v1/chat/completions", json=body, timeout=10).status_code == 200
+            body = {**body, "stream": False, "temperature": 0}  # cacheable: Redis is called
+            assert httpx.post(url + "/v1/chat/completions", json=body, timeout=10).status_code == 200
             body["model"] = "pooled"
             assert httpx.post(url + "/v1/chat/completions", json=body, timeout=10).status_code == 200
             assert httpx.post(url + "/admin/reload", timeout=10).status_code == 200
