@@ -99,7 +99,7 @@ class Tracing:
         """``exporter``: ``otlp`` or ``console``; ``span_exporter``: an SDK exporter to use instead,
         its spans exported as they end (tests pass an ``InMemorySpanExporter``)."""
         try:
-            from opentelemetry import trace
+            from opentelemetry import context, trace
             from opentelemetry.sdk.resources import Resource
             from opentelemetry.sdk.trace import TracerProvider
             from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor
@@ -110,6 +110,7 @@ class Tracing:
                 "INTERLOCK_TRACES needs the otel extra: pip install 'interlock[otel]'"
             ) from exc
         self._trace = trace
+        self._context = context
         self._kinds = trace.SpanKind
         self._error = trace.Status(trace.StatusCode.ERROR)
         self._propagator = TraceContextTextMapPropagator()
@@ -200,7 +201,7 @@ class Tracing:
             return send(message)
 
         token = _CURRENT.set(_Request(self, scope))
-        attached = trace.context_api.attach(trace.set_span_in_context(span, parent))
+        attached = self._context.attach(trace.set_span_in_context(span, parent))
         try:
             await app(scope, receive, watching)
         except BaseException as exc:
@@ -208,7 +209,7 @@ class Tracing:
             span.set_attribute("error.type", type(exc).__name__)
             raise
         finally:
-            trace.context_api.detach(attached)
+            self._context.detach(attached)
             _CURRENT.reset(token)
             self._end_server_span(span, scope, seen)
 
