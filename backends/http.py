@@ -13,6 +13,7 @@ import asyncio
 import errno
 import logging
 from collections.abc import AsyncIterator
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
@@ -39,6 +40,10 @@ _MAX_ERROR_BODY = 64 * 1024
 _MAX_MESSAGE = 1000
 _DONE = b"data: [DONE]"
 _STALE_ERRNOS = {errno.ECONNRESET, errno.EPIPE, errno.ECONNABORTED}
+
+#: the W3C ``traceparent`` of the attempt this task is making, set by the gateway's tracing when
+#: it is on (``gateway.tracing``); None (tracing off): no header, and one lookup is all it costs
+TRACEPARENT: ContextVar[str | None] = ContextVar("interlock_traceparent", default=None)
 
 
 def http_base_url(value: str) -> str:
@@ -215,6 +220,9 @@ class OpenAICompatibleUpstream:
         headers = dict(self.headers)
         # Not ``x-request-id``: some servers (llama-cpp-python's) reject any value but a UUID there.
         headers["x-interlock-request-id"] = request_id
+        traceparent = TRACEPARENT.get()
+        if traceparent is not None:
+            headers["traceparent"] = traceparent
         url = self._url(path)
         loop = asyncio.get_running_loop()
         # One timer and no context manager: asyncio.timeout would also look up the task and the

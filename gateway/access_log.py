@@ -32,11 +32,14 @@ _BATCH = 512
 #: how often the writer wakes to write what has queued up
 _INTERVAL_S = 0.1
 _FINISH = re.compile(rb'"finish_reason"\s*:\s*"([a-z_]{1,32})"')
+_CACHED = re.compile(rb'"cached_tokens"\s*:\s*(\d{1,12})')
 
 
 class Entry(NamedTuple):
     time: float
     request_id: str | None
+    #: the OpenTelemetry trace id (tracing on), else None
+    trace_id: str | None
     endpoint: str | None
     route: str
     #: the model the client asked for, truncated (``route`` is ``other`` when it is not configured)
@@ -69,10 +72,12 @@ def line(entry: Entry) -> bytes:
     tail = entry.tail
     at = tail.rfind(b'"finish_reason"')
     found = _FINISH.match(tail, at) if at >= 0 else None
+    cached = _CACHED.findall(tail)
     return orjson.dumps(
         {
             "time": _iso(entry.time),
             "request_id": entry.request_id,
+            "trace_id": entry.trace_id,
             "endpoint": entry.endpoint,
             "route": entry.route,
             "model": entry.model,
@@ -89,6 +94,8 @@ def line(entry: Entry) -> bytes:
             "overhead_ms": _ms(entry.overhead_s),
             "tokens_in": entry.tokens_in,
             "tokens_out": entry.tokens_out,
+            # the upstream's (or a cache hit's) usage.prompt_tokens_details.cached_tokens
+            "cached_tokens": int(cached[-1]) if cached else None,
             "cost_usd": round(entry.cost_usd, 8),
             "finish_reason": found.group(1).decode() if found else None,
             "error": _error_code(tail),

@@ -40,6 +40,7 @@ from gateway.reload import ConfigHashHeader, Reloader, admin_config, admin_reloa
 from gateway.serving import Serving
 from gateway.snapshot import may_use
 from gateway.state import Gateway
+from gateway.tracing import Tracing
 
 log = logging.getLogger("interlock.app")
 
@@ -123,10 +124,11 @@ def build_app(
     reloader: Reloader | None = None,
     metrics: bool = True,
     access_log: AccessLog | None = None,
+    tracing: Tracing | None = None,
 ) -> GatewayApp:
     list_models, get_model = _models(gateway)
     live, ready = _health(gateway)
-    serving = Serving(gateway)
+    serving = Serving(gateway, tracing)
     endpoints: tuple[tuple[str, Endpoint], ...] = (
         ("/v1/chat/completions", "chat"),
         ("/v1/completions", "completions"),
@@ -139,6 +141,10 @@ def build_app(
     if observed is not None:
         gateway.router.listeners.append(observed)
         hot = {key: observed.observe(app) for key, app in hot.items()}
+    if tracing is not None:
+        # outside the metrics: the access log line (written as the request ends) has the trace id
+        gateway.router.listeners.append(tracing)
+        hot = {key: tracing.trace(app) for key, app in hot.items()}
     routes = [
         # The inference paths are served by ``hot`` before Starlette sees them; these entries
         # only make Starlette answer other methods on them with 405 rather than 404.

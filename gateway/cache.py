@@ -181,6 +181,11 @@ class ResponseCache:
         if self._redis is not None:
             await self._redis.close()
 
+    @property
+    def redis(self) -> RedisTier | None:
+        """The Redis tier, when one is configured (``/metrics`` reads its figures)."""
+        return self._redis
+
     def status(self) -> str:
         """``ok``, ``degraded: <why>`` (Redis slow or gone; memory still works) or ``memory only``."""
         return "memory only" if self._redis is None else self._redis.status()

@@ -238,6 +238,10 @@ class Fleet:
             self._beat_at = self.now()
             await self.heartbeat()
 
+    def beat_soon(self) -> None:
+        """Heartbeat at the next tick (a reload changed the config hash the others should see)."""
+        self._beat_at = -self.heartbeat_s
+
     async def heartbeat(self) -> None:
         assert self.redis is not None
         info = orjson.dumps({"config_hash": self._config_hash(), "started_at": self.started_at})

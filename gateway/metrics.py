@@ -43,6 +43,7 @@ from gateway.metrics_state import CounterFamily, Families, HistogramFamily, Stat
 from gateway.middleware import CLIENT_KEY, REQUEST_ID_KEY, ClientAuth
 from gateway.snapshot import KeyTable
 from gateway.state import Gateway
+from gateway.tracing import TRACE_ID_KEY
 
 log = logging.getLogger("interlock.metrics")
 
@@ -350,6 +351,7 @@ class Metrics:
             Entry(
                 time.time() - duration,
                 scope.get(REQUEST_ID_KEY),
+                scope.get(TRACE_ID_KEY),
                 request.endpoint if request is not None else None,
                 route,
                 model[:128] if isinstance(model, str) else None,

@@ -25,6 +25,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.utils import floatToGoString
 
 from gateway.access_log import AccessLog
+from gateway.cache_store import CALL_BUCKETS
 from gateway.state import Gateway
 
 BREAKER_STATES = {"closed": 0, "half_open": 1, "open": 2}
@@ -166,12 +167,51 @@ class StateCollector:
             for result, count in sorted(results.items()):
                 reloads.add_metric([str(result)], count)
             yield reloads
+        peers = getattr(reloader, "peers", None)
+        if peers is not None:
+            seen = GaugeMetricFamily(
+                "interlock_config_replicas",
+                "Replicas seen through Redis serving each config hash (this one included)",
+                labels=["hash"],
+            )
+            for found, count in sorted(peers.by_hash().items()):
+                seen.add_metric([found], count)
+            yield seen
+            yield GaugeMetricFamily(
+                "interlock_config_diverging_replicas",
+                "Replicas seen through Redis serving a config other than this one's",
+                value=len(peers.diverging()),
+            )
+        yield from _redis_families(getattr(self._gateway.cache, "redis", None))
         if self._access is not None:
             yield CounterMetricFamily(
                 "interlock_access_log_dropped",
                 "Access log lines dropped because the writer fell behind",
                 value=self._access.dropped,
             )
+
+
+def _redis_families(tier: Any) -> Iterator[Metric]:
+    """The response cache's Redis: up or not, its commands' latency and its errors."""
+    if tier is None:
+        return
+    yield GaugeMetricFamily(
+        "interlock_redis_up",
+        "1 while the cache's Redis answers (started, breaker closed)",
+        value=int(tier.up),
+    )
+    latency = HistogramMetricFamily(
+        "interlock_redis_call_duration_seconds", "The cache's Redis commands, answered or not", labels=[]
+    )
+    buckets, total = [], 0
+    for bound, count in zip([*CALL_BUCKETS, float("inf")], tier.call_counts, strict=True):
+        total += count
+        buckets.append((floatToGoString(bound), total))
+    latency.add_metric([], buckets, tier.call_seconds)
+    yield latency
+    yield CounterMetricFamily(
+        "interlock_redis_errors", "The cache's Redis commands that failed or timed out", value=tier.errors
+    )
 
 
 #: a pool endpoint's row (``describe()["endpoints"]``) → its gauge

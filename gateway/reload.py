@@ -27,7 +27,7 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import orjson
 from starlette.requests import Request
@@ -167,6 +167,8 @@ class Reloader:
         self._watch: asyncio.Task[None] | None = None
         #: the content hash of the file as last attempted: the watcher loads only other content
         self._attempted: str | None = None
+        #: with Redis: every replica's config hash (``gateway.config_peers.ConfigPeers``)
+        self.peers: Any = None
 
     # -- triggers -----------------------------------------------------------------------------
 
@@ -228,6 +230,8 @@ class Reloader:
             result, config = await self._check(trigger, dry_run=False)
             if config is not None and result.status == "ok":
                 await self._apply(result, config)
+                if self.peers is not None:
+                    self.peers.publish_soon()
             self._remember(result)
             return result
 
@@ -439,6 +443,7 @@ def admin_config(reloader: Reloader) -> Callable[[Request], Awaitable[Response]]
                 "watching": reloader.watching,
                 "polls": reloader.polls,
                 "draining": [target.name for target in reloader.draining],
+                "peers": reloader.peers.view() if reloader.peers is not None else None,
             }
         )
 

@@ -27,6 +27,7 @@ from gateway.access_log import access_log_from
 from gateway.app import GatewayApp, build_app
 from gateway.cache import ResponseCache
 from gateway.config import BACKEND_KINDS, LoadedConfig
+from gateway.config_peers import ConfigPeers
 from gateway.fleet import Fleet
 from gateway.health import HealthMonitor
 from gateway.http_server import EdgeLimits, edge_protocol
@@ -38,6 +39,7 @@ from gateway.settings import Settings
 from gateway.shutdown import stream_cutoff
 from gateway.snapshot import Target, build_snapshot
 from gateway.state import Gateway
+from gateway.tracing import tracing_from
 
 log = logging.getLogger("interlock.server")
 
@@ -94,6 +96,9 @@ def create_app(config: LoadedConfig, settings: Settings, server: uvicorn.Server 
         config_hash=lambda: gateway.snapshot.hash,
     )
     access_log = access_log_from(settings.access_log)
+    tracing = tracing_from(settings.traces, settings.trace_sample_ratio)
+    if settings.redis_url:
+        reloader.peers = ConfigPeers(gateway)
 
     async def lifespan(_: Starlette) -> AsyncIterator[None]:
         await http.start()
@@ -122,6 +127,8 @@ def create_app(config: LoadedConfig, settings: Settings, server: uvicorn.Server 
             await http.close()
             if access_log is not None:
                 access_log.stop()  # after the last request: what is queued gets written
+            if tracing is not None:
+                tracing.shutdown()  # exports the spans still pending
 
     return build_app(
         gateway,
@@ -130,6 +137,7 @@ def create_app(config: LoadedConfig, settings: Settings, server: uvicorn.Server 
         reloader=reloader,
         metrics=settings.metrics,
         access_log=access_log,
+        tracing=tracing,
     )
 
 

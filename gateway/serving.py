@@ -12,7 +12,7 @@ the router: a refusal never routes, and whatever answers settles what the reques
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from backends.base import BackendRequest, Endpoint
 from backends.errors import InvalidRequest
@@ -24,6 +24,9 @@ from gateway.router import Opened, Router, Served
 from gateway.snapshot import Route, may_use
 from gateway.state import Gateway
 from policies.base import RequestFacts
+
+if TYPE_CHECKING:
+    from gateway.tracing import Tracing
 
 #: a rough tokens-per-byte for JSON bodies, good enough to rank backends by prompt size
 BYTES_PER_TOKEN = 4
@@ -54,9 +57,11 @@ class ClientRequest:
 
 
 class Serving:
-    def __init__(self, gateway: Gateway) -> None:
+    def __init__(self, gateway: Gateway, tracing: Tracing | None = None) -> None:
         self._gateway = gateway
         self._cache = CacheStep(gateway.cache) if gateway.cache is not None else None
+        if self._cache is not None and tracing is not None:
+            self._cache = tracing.traced_cache(self._cache)  # the lookup as a span
 
     @property
     def router(self) -> Router:

@@ -57,3 +57,8 @@ class Settings(BaseSettings):
     metrics: bool = True
     #: one JSON line per inference request: ``off``, ``stderr`` or a file path
     access_log: str = Field(default="off", min_length=1)
+    #: OpenTelemetry traces (the ``otel`` extra): ``off``, ``otlp`` (OTLP over HTTP to
+    #: ``OTEL_EXPORTER_OTLP_ENDPOINT``) or ``console``
+    traces: Literal["off", "otlp", "console"] = "off"
+    #: the share of requests traced (parent-based: a client's sampled flag decides for its own)
+    trace_sample_ratio: float = Field(default=1.0, ge=0, le=1)

@@ -287,6 +287,7 @@ def test_metrics_can_be_turned_off(up: FakeUpstream) -> None:
 FIELDS = {
     "time",
     "request_id",
+    "trace_id",
     "endpoint",
     "route",
     "model",
@@ -303,6 +304,7 @@ FIELDS = {
     "overhead_ms",
     "tokens_in",
     "tokens_out",
+    "cached_tokens",
     "cost_usd",
     "finish_reason",
     "error",
@@ -366,3 +368,34 @@ def test_reloads_are_counted_by_result(up: FakeUpstream, tmp_path: Path) -> None
     assert [k for k in before if k[0] == "interlock_config_info"] == [
         k for k in found if k[0] == "interlock_config_info"
     ]
+
+
+def test_redis_up_and_its_call_latency(up: FakeUpstream) -> None:
+    cfg = config(up)
+    cfg["models"]["chat"]["cache"] = {"ttl_s": 60}
+    with run_gateway(cfg, redis_url="redis://127.0.0.1:6379/12") as url:
+        body = {"model": "chat", "messages": [{"role": "user", "content": f"redis {time.time()}"}]}
+        body["temperature"] = 0
+        assert httpx.post(url + "/v1/chat/completions", json=body, timeout=10).status_code == 200
+        found = samples(url)
+        assert value(found, "interlock_redis_up") == 1
+        calls = value(found, "interlock_redis_call_duration_seconds_count")
+        assert calls >= 2  # the lookup and the single flight's lock at least
+        assert value(found, "interlock_redis_call_duration_seconds_bucket", le="+Inf") == calls
+        assert value(found, "interlock_redis_errors_total") == 0
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead = s.getsockname()[1]  # nothing listens once closed
+    with run_gateway(cfg, redis_url=f"redis://127.0.0.1:{dead}/0") as url:
+        assert httpx.post(url + "/v1/chat/completions", json=body, timeout=10).status_code == 200
+        assert value(samples(url), "interlock_redis_up") == 0
+
+
+def test_the_access_log_reads_cached_tokens_from_the_reply_tail() -> None:
+    from gateway.access_log import Entry, line
+
+    tail = b'{"usage":{"prompt_tokens":9,"completion_tokens":2,"prompt_tokens_details":{"cached_tokens":8}}}'
+    fields = dict.fromkeys(Entry._fields)
+    entry = Entry(**{**fields, "time": 0.0, "duration_s": 0.0, "cost_usd": 0.0, "tail": tail})
+    assert json.loads(line(entry))["cached_tokens"] == 8
+    assert json.loads(line(entry._replace(tail=b"{}")))["cached_tokens"] is None

@@ -54,6 +54,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
 
+import ops
 from cpu import CLK_TCK, CoreShare, background_busy, children_ticks, rss_kib
 from report import REPO, Facts, Sample, Samples, WrkResult, git_state, parse_wrk, render, report_text, scrub
 from run_checkout import check_loaded, launch
@@ -377,6 +378,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         metavar="DIR",
         help="a second checkout (git worktree add DIR <commit>), its gateway run beside",
     )
+    p.add_argument(
+        "--ops",
+        action="store_true",
+        help="also run this checkout's gateway without metrics, with the access log, with traces at "
+        "1%% and under reloads (ops.py); writes results_ops.md instead of results.md",
+    )
     args = p.parse_args(argv)
     if args.duration < 1 or args.warmup < 0 or args.rounds < 1:
         p.error("--duration and --rounds must be >= 1 and --warmup >= 0")
@@ -418,10 +425,13 @@ def measure(
                     # CPU time per request holds up under a noisy neighbour far better than RPS
                     # does, and the stolen shares say how noisy the neighbours were.
                     with (
+                        ops.reloads(server.name, server.origin, getattr(args, "reloaded", None)) as reloads,
                         CoreShare(GATEWAY_CPU, server.pids) as core,
                         CoreShare(LOAD_CPU, nginx_workers, children_ticks) as load,
                     ):
                         result = run_wrk(n, args.duration, url, w.script, wrk_log)
+                    if any(status != 200 for status in reloads):
+                        raise BenchError(f"a reload under load failed: HTTP {reloads}")
                     for s in servers:
                         s.proc.ensure_alive()
                     # nginx is measured from wrk's core, and CPU 0, idle then, is anyone's
@@ -504,6 +514,9 @@ def bench(args: argparse.Namespace) -> bool:
         for name, checkout in (("baseline", args.baseline), ("gateway", REPO))
         if checkout
     ]
+    if args.ops:
+        gateways += ops.variants(next(g for g in gateways if g.name == "gateway"), work, routing)
+        args.reloaded = work / "routing-reloaded.yaml"
 
     with ExitStack() as stack:
         nginx = stack.enter_context(started("nginx", nginx_cmd, work / "nginx.log"))
@@ -548,6 +561,12 @@ def bench(args: argparse.Namespace) -> bool:
         rss,
         loaded,
     )
+    if args.ops:
+        text += (
+            "\n\n## Operations features (--ops)\n\nRatios of the medians, each variant over the "
+            "gateway it differs from by one thing (ops.py says what each runs).\n\n"
+            + ops.ops_table(samples, [w.name for w in args.workload], args.connections)
+        )
     print(text)
     bad = [s for s in samples.runs if s.result.errors]
     if bad:
@@ -588,8 +607,9 @@ def bench(args: argparse.Namespace) -> bool:
     ]
     if leaked:
         raise BenchError(f"results.md would hold paths of this machine: {leaked}; logs in {work}")
-    RESULTS.write_text(markdown.rstrip("\n") + "\n")
-    print(f"\nproxy_overhead: wrote {RESULTS.relative_to(REPO)}", file=sys.stderr)
+    results = HERE / "results_ops.md" if args.ops else RESULTS
+    results.write_text(markdown.rstrip("\n") + "\n")
+    print(f"\nproxy_overhead: wrote {results.relative_to(REPO)}", file=sys.stderr)
     shutil.rmtree(work, ignore_errors=True)  # kept on failure only: its logs are the evidence
     return True
 
