@@ -71,6 +71,12 @@ def add_parsers(sub: Any) -> None:
     m.add_argument("--chunk-tokens", type=int, default=1, help="tokens per SSE event")
     m.add_argument("--usage", choices=["requested", "always", "never"], default="requested")
     m.add_argument("--default-tokens", type=int, default=16, help="reply length without max_tokens")
+    m.add_argument(
+        "--natural-tokens",
+        type=int,
+        default=0,
+        help="replies end by themselves (finish_reason stop) after this many tokens",
+    )
     m.add_argument("--faults", help="probabilities per request: 5xx=0.05,429=0.05,cut=0.02,stall=0.01")
     m.add_argument("--retry-after", type=int, default=1, help="the 429's Retry-After (seconds)")
     m.add_argument("--stall-s", type=float, default=30.0, help="how long a stall lasts")
@@ -89,6 +95,7 @@ def cmd_mock(args: argparse.Namespace) -> int:
             chunk_tokens=args.chunk_tokens,
             usage=args.usage,
             default_tokens=args.default_tokens,
+            natural_tokens=args.natural_tokens,
             faults=parse_faults(args.faults),
             retry_after_s=args.retry_after,
             stall_s=args.stall_s,

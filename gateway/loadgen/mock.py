@@ -11,7 +11,9 @@ answers 200. Errors are the OpenAI error body.
 Pace: the first event ``ttft_ms`` after the request, then one event every ``chunk_tokens /
 tokens_per_s`` seconds, each scheduled from the request's start so a late wake-up does not push
 the rest back (``tokens_per_s`` 0: as fast as the socket takes them). A request without
-``max_tokens`` gets ``default_tokens`` tokens.
+``max_tokens`` gets ``default_tokens`` tokens and ``finish_reason: stop``; one with it, that many
+and ``length``, unless ``natural_tokens`` is set and smaller: then the reply "ends by itself" there
+with ``stop`` (what the response cache stores: it keeps only finished answers).
 
 Faults, each with a probability per generation request (drawn from a seeded generator, so N
 requests get the same number of each fault every run):
@@ -46,13 +48,20 @@ class MockSettings:
     chunk_tokens: int = 1
     usage: str = "requested"  # requested | always | never
     default_tokens: int = 16
+    natural_tokens: int = 0  # > 0: replies end by themselves ("stop") at this length
     faults: dict[str, float] = field(default_factory=dict)
     retry_after_s: int = 1
     stall_s: float = 30.0
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.ttft_ms < 0 or self.tokens_per_s < 0 or self.chunk_tokens < 1 or self.default_tokens < 1:
+        if (
+            self.ttft_ms < 0
+            or self.tokens_per_s < 0
+            or self.chunk_tokens < 1
+            or self.default_tokens < 1
+            or self.natural_tokens < 0
+        ):
             raise ValueError("ttft and tokens/s must be >= 0, chunk and default tokens >= 1")
         if self.usage not in ("requested", "always", "never"):
             raise ValueError(f"usage must be requested, always or never, not {self.usage!r}")
@@ -145,11 +154,14 @@ class MockUpstream:
         model = body.get("model") or self.settings.model
         if model != self.settings.model:
             return _error(404, f"The model `{model}` does not exist.", "NotFoundError", 404)
-        max_tokens = (
-            body.get("max_tokens") or body.get("max_completion_tokens") or self.settings.default_tokens
-        )
-        if not isinstance(max_tokens, int) or max_tokens < 1:
+        requested = body.get("max_tokens") or body.get("max_completion_tokens")
+        if requested is not None and (not isinstance(requested, int) or requested < 1):
             return _error(400, "max_tokens must be a positive integer", "BadRequestError", 400)
+        natural = self.settings.natural_tokens or (self.settings.default_tokens if requested is None else 0)
+        if natural and (requested is None or natural <= requested):
+            max_tokens, finish = natural, "stop"
+        else:
+            max_tokens, finish = requested, "length"
         fault = self._fault()
         if fault == "5xx":
             return _error(
@@ -169,7 +181,9 @@ class MockUpstream:
             usage = self.settings.usage == "always" or (
                 self.settings.usage == "requested" and bool(options.get("include_usage"))
             )
-            return await self._stream(request, chat, model, tokens, prompt_tokens, usage, fault, start)
+            return await self._stream(
+                request, chat, model, tokens, finish, prompt_tokens, usage, fault, start
+            )
         await _until(start + self.settings.ttft_ms / 1000 + _decode_s(self.settings, len(tokens)))
         if fault == "stall":
             await asyncio.sleep(self.settings.stall_s)
@@ -177,13 +191,14 @@ class MockUpstream:
             _drop(request)
             return web.Response()
         return web.Response(
-            body=orjson.dumps(self._reply(chat, model, tokens, prompt_tokens)),
+            body=orjson.dumps(self._reply(chat, model, tokens, finish, prompt_tokens)),
             content_type="application/json",
         )
 
-    def _reply(self, chat: bool, model: str, tokens: list[str], prompt_tokens: int) -> dict[str, Any]:
+    def _reply(
+        self, chat: bool, model: str, tokens: list[str], finish: str, prompt_tokens: int
+    ) -> dict[str, Any]:
         text = "".join(tokens)
-        finish = "length"
         reply: dict[str, Any] = {
             "id": ("chatcmpl-" if chat else "cmpl-") + os.urandom(8).hex(),
             "object": "chat.completion" if chat else "text_completion",
@@ -210,6 +225,7 @@ class MockUpstream:
         chat: bool,
         model: str,
         tokens: list[str],
+        finish_reason: str,
         prompt_tokens: int,
         usage: bool,
         fault: str | None,
@@ -248,7 +264,7 @@ class MockUpstream:
                     return response
                 await asyncio.sleep(s.stall_s)
             last = i == len(chunks) - 1
-            finish = b'"length"' if last else b"null"
+            finish = b'"' + finish_reason.encode() + b'"' if last else b"null"
             pending.append(
                 b"data: " + head + choice + orjson.dumps("".join(chunk)) + tail + finish + b"}]}\n\n"
             )
@@ -297,4 +313,12 @@ def _count_prompt(body: dict[str, Any]) -> int:
 def serve(settings: MockSettings, host: str, port: int) -> None:
     mock = MockUpstream(settings)
     print(f"interlock mock-upstream: model {settings.model!r} on http://{host}:{port}/v1", flush=True)
-    web.run_app(mock.app(), host=host, port=port, print=None, access_log=None, handle_signals=True)
+    web.run_app(
+        mock.app(),
+        host=host,
+        port=port,
+        print=None,
+        access_log=None,
+        handle_signals=True,
+        shutdown_timeout=1.0,
+    )

@@ -61,15 +61,15 @@ def plot(doc: dict[str, Any], path: Path) -> None:
     speed.set_xlabel(label)
     speed.set_ylabel("tokens/s per user", color="tab:blue")
     total.set_ylabel("tokens/s, all users", color="tab:gray")
-    speed.set_ylim(bottom=0)
-    total.set_ylim(bottom=0)
+    for ax in (speed, total, ttft):
+        ax.margins(y=0.15)
+        ax.set_ylim(bottom=0)
     lines = speed.get_legend_handles_labels()
     more = total.get_legend_handles_labels()
     speed.legend(lines[0] + more[0], lines[1] + more[1], fontsize=7, loc="lower left")
     speed.set_title("output speed", fontsize=10)
     ttft.set_xlabel(label)
     ttft.set_ylabel("time to first token (ms)")
-    ttft.set_ylim(bottom=0)
     ttft.legend(fontsize=7, loc="upper left")
     ttft.set_title("time to first token", fontsize=10)
     for ax in (speed, ttft):

@@ -1,0 +1,250 @@
+"""``interlock bench`` against ``interlock mock-upstream``, through a real gateway and directly.
+
+The mock runs as its own process (the CLI a user runs), the gateway on a loopback port in this
+one, and the bench as a process of its own, so the three do not share an interpreter. The mock's
+pace (200 ms to the first token, 50 tokens/s) is slow enough that a loaded 2-core machine keeps it;
+the bench must find it within 10%.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import struct
+import subprocess
+import sys
+import time
+import zlib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import jsonschema
+import pytest
+
+from gateway.loadgen.mock import FAULTS
+from tests.conftest import run_gateway, wait_ready
+from tests.fakes import free_port
+
+ROOT = Path(__file__).resolve().parent.parent
+SCHEMA = json.loads((ROOT / "docs" / "bench.schema.json").read_text())
+TTFT_MS, TOKENS_PER_S = 200.0, 50.0
+
+
+def _interlock(*args: str) -> list[str]:
+    return [sys.executable, "-m", "gateway.cli", *args]
+
+
+class Mock:
+    def __init__(self, *args: str) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}/v1"
+        self.proc = subprocess.Popen(
+            _interlock("mock-upstream", "--port", str(self.port), *args),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+        )
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                if httpx.get(self.url + "/models", timeout=1).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.proc.kill()
+                raise RuntimeError("mock-upstream did not start: " + self.proc.stderr.read().decode()[-2000:])
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(10)
+
+
+@pytest.fixture(scope="module")
+def mock() -> Iterator[Mock]:
+    m = Mock("--ttft-ms", str(TTFT_MS), "--tokens-per-s", str(TOKENS_PER_S), "--model", "mock")
+    yield m
+    m.stop()
+
+
+def _gateway_config(base_url: str, cache: bool = False) -> dict[str, Any]:
+    route: dict[str, Any] = {"targets": ["mock"]}
+    if cache:
+        route["cache"] = {"ttl_s": 60}
+    return {
+        "backends": {
+            "mock": {
+                "kind": "openai",
+                "base_url": base_url,
+                "model": "mock",
+                "timeouts": {"connect": 2.0, "first_token": 10.0, "total": 60.0},
+            }
+        },
+        "models": {"chat": route},
+        "resilience": {"health_check": {"interval_s": 0}},
+    }
+
+
+def bench(tmp_path: Path, *args: str) -> tuple[dict[str, Any], list[dict[str, Any]], str]:
+    out, per_request = tmp_path / "bench.json", tmp_path / "requests.jsonl"
+    done = subprocess.run(
+        _interlock("bench", *args, "--json", str(out), "--per-request", str(per_request), "--no-progress"),
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    doc = json.loads(out.read_text())
+    jsonschema.validate(doc, SCHEMA)
+    lines = [json.loads(line) for line in per_request.read_text().splitlines()]
+    return doc, lines, done.stdout + done.stderr
+
+
+def _png_size(path: Path) -> tuple[int, int]:
+    """Width and height of a PNG, after checking its signature and its header chunk's CRC."""
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n", "not a PNG"
+    length, kind = struct.unpack(">I4s", data[8:16])
+    assert kind == b"IHDR" and length == 13
+    assert struct.unpack(">I", data[29:33])[0] == zlib.crc32(data[12:29])
+    assert data.rstrip(b"\x00")[-8:-4] == b"IEND"
+    width, height = struct.unpack(">II", data[16:24])
+    return width, height
+
+
+def test_the_bench_through_the_gateway_finds_the_mocks_pace(mock: Mock, tmp_path: Path) -> None:
+    plot = tmp_path / "cliff.png"
+    with run_gateway(_gateway_config(mock.url)) as url:
+        wait_ready(url)
+        doc, lines, output = bench(
+            tmp_path,
+            "--url", url, "--model", "chat", "--direct", mock.url, "--direct-model", "mock",
+            "--concurrency", "1,3", "--requests", "6", "--max-tokens", "20", "--prompt-tokens", "32",
+            "--slo", "ttft_ms=400,tpot_ms=30", "--plot", str(plot),
+        )  # fmt: skip
+    assert len(doc["points"]) == len(doc["direct_points"]) == len(doc["overhead"]) == 2
+    for point in doc["points"] + doc["direct_points"]:
+        assert (point["completed"], point["failed"], point["errors"]) == (6, 0, {})
+        assert point["median_ttft_ms"] == pytest.approx(TTFT_MS, rel=0.1)
+        assert point["mean_user_output_throughput"] == pytest.approx(TOKENS_PER_S, rel=0.1)
+        assert point["median_tpot_ms"] == pytest.approx(1000 / TOKENS_PER_S, rel=0.1)
+        assert point["median_itl_ms"] == pytest.approx(1000 / TOKENS_PER_S, rel=0.1)
+        assert point["total_output_tokens"] == 6 * 20  # the mock's usage
+        assert point["request_goodput"] == pytest.approx(point["request_throughput"])
+        assert point["client"]["sse_events"] == 6 * 23  # role, 20 tokens, usage, [DONE]
+    assert [p["max_concurrency"] for p in doc["points"]] == [1, 3]
+    # three users at once get three times the output of one
+    one, three = (p["output_throughput"] for p in doc["points"])
+    assert three / one == pytest.approx(3, rel=0.25)
+    assert {line["target"] for line in lines} == {"gateway", "direct"} and len(lines) == 24
+    assert all(line["ok"] and line["cache"] is None for line in lines)
+    assert "gateway overhead at 1 users" in output
+    width, height = _png_size(plot)
+    assert width > 300 and height > 200
+
+
+def test_repeats_are_cache_hits_through_the_gateway(tmp_path: Path) -> None:
+    # the cache keeps finished answers only ("stop"), not ones cut at max_tokens
+    mock = Mock("--ttft-ms", str(TTFT_MS), "--tokens-per-s", "200", "--natural-tokens", "5")
+    try:
+        with run_gateway(_gateway_config(mock.url, cache=True)) as url:
+            wait_ready(url)
+            doc, lines, _ = bench(
+                tmp_path, "--url", url, "--model", "chat", "--concurrency", "1", "--requests", "12",
+                "--repeat", "0.5", "--max-tokens", "20", "--seed", "7",
+            )  # fmt: skip
+    finally:
+        mock.stop()
+    (point,) = doc["points"]
+    hits = [line for line in lines if line["cache"] == "hit"]
+    assert point["cache_hits"] == len(hits) > 0 and point["completed"] == 12
+    assert all(line["cache"] == "miss" for line in lines if line not in hits)
+    assert all(line["ttft_s"] < TTFT_MS / 2000 for line in hits)  # replayed, not generated
+
+
+def _expected_faults(probabilities: dict[str, float], n: int, seed: int = 0) -> dict[str, int]:
+    """What the mock's seeded draws give n requests."""
+    rng, counts = random.Random(seed), dict.fromkeys(FAULTS, 0)
+    for _ in range(n):
+        draw, edge = rng.random(), 0.0
+        for name in FAULTS:
+            edge += probabilities.get(name, 0.0)
+            if draw < edge:
+                counts[name] += 1
+                break
+    return counts
+
+
+def test_faults_show_up_as_errors_by_class(tmp_path: Path) -> None:
+    probabilities = {"5xx": 0.15, "429": 0.15, "cut": 0.15, "stall": 0.15}
+    faulty = Mock(
+        "--ttft-ms", "20", "--tokens-per-s", "500", "--stall-s", "30", "--retry-after", "3",
+        "--faults", ",".join(f"{k}={v}" for k, v in probabilities.items()),
+    )  # fmt: skip
+    try:
+        doc, lines, _ = bench(
+            tmp_path, "--url", faulty.url, "--model", "mock", "--concurrency", "4", "--requests", "40",
+            "--max-tokens", "10", "--timeout", "1",
+        )  # fmt: skip
+    finally:
+        faulty.stop()
+    expected = _expected_faults(probabilities, 40)
+    assert all(expected.values()), expected  # the seed gives every fault at least once
+    (point,) = doc["points"]
+    classes = {"5xx": "http_500", "429": "http_429", "cut": "stream_cut", "stall": "timeout"}
+    assert point["errors"] == {classes[k]: v for k, v in expected.items()}
+    assert point["rate_limited"] == expected["429"]
+    assert point["completed"] == 40 - sum(expected.values())
+    assert {line["retry_after"] for line in lines if line["error"] == "http_429"} == {"3"}
+
+
+def test_faults_through_the_gateway_are_errors_too(tmp_path: Path) -> None:
+    faulty = Mock("--ttft-ms", "20", "--tokens-per-s", "500", "--faults", "cut=0.5", "--seed", "2")
+    try:
+        with run_gateway(_gateway_config(faulty.url)) as url:
+            wait_ready(url)
+            doc, lines, _ = bench(
+                tmp_path, "--url", url, "--model", "chat", "--concurrency", "2", "--requests", "16",
+                "--max-tokens", "10",
+            )  # fmt: skip
+    finally:
+        faulty.stop()
+    (point,) = doc["points"]
+    # a stream cut after its first byte cannot be retried: the gateway ends it with an error event
+    assert point["errors"].get("stream_error", 0) + point["errors"].get("stream_cut", 0) > 0, point["errors"]
+    assert point["failed"] == sum(point["errors"].values()) and point["completed"] > 0
+    assert all(line["error"] is None or line["message"] for line in lines)
+
+
+def test_non_streaming_and_completions(mock: Mock, tmp_path: Path) -> None:
+    doc, _, _ = bench(
+        tmp_path, "--url", mock.url, "--model", "mock", "--endpoint", "completions", "--no-stream",
+        "--rate", "20", "--arrivals", "constant", "--requests", "4", "--max-tokens", "10",
+    )  # fmt: skip
+    (point,) = doc["points"]
+    assert doc["mode"] == "open" and point["request_rate"] == 20 and point["completed"] == 4
+    assert point["total_output_tokens"] == 40 and point["median_ttft_ms"] is None
+    # the whole reply: the first token's wait and nine more at 50/s
+    assert point["median_e2el_ms"] == pytest.approx(TTFT_MS + 9 * 1000 / TOKENS_PER_S, rel=0.1)
+
+
+def test_bad_flags_are_named(tmp_path: Path) -> None:
+    for args, problem in (
+        (["--concurrency", "0"], "above 0"),
+        (["--concurrency", "2", "--rate", "1"], "not both"),
+        (["--slo", "fast=1"], "not one of"),
+        (["--prompt-tokens", "lots"], "not a length"),
+        (["--url", "ftp://x"], "http"),
+    ):
+        done = subprocess.run(
+            _interlock("bench", "--model", "m", "--requests", "1", *args),
+            capture_output=True,
+            text=True,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+        )
+        assert done.returncode == 2 and problem in done.stderr, (args, done.stderr)
