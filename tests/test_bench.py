@@ -8,6 +8,7 @@ the bench must find it within 10%.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import random
@@ -248,3 +249,50 @@ def test_bad_flags_are_named(tmp_path: Path) -> None:
             env={**os.environ, "PYTHONPATH": str(ROOT)},
         )
         assert done.returncode == 2 and problem in done.stderr, (args, done.stderr)
+
+
+def test_workers_sessions_and_an_open_loop(mock: Mock, tmp_path: Path) -> None:
+    doc, lines, _ = bench(
+        tmp_path, "--url", mock.url, "--model", "mock", "--rate", "8", "--requests", "12", "--workers", "2",
+        "--rounds", "3", "--max-tokens", "4", "--prompt-tokens", "10-20", "--shared-prefix", "0.5",
+    )  # fmt: skip
+    (point,) = doc["points"]
+    assert point["completed"] == 12 and point["client"]["workers"] == 2
+    assert {line["session"].split("-")[0] for line in lines} == {"w0", "w1"}
+    by_session: dict[str, list[dict[str, Any]]] = {}
+    for line in lines:
+        by_session.setdefault(line["session"], []).append(line)
+    for rounds in by_session.values():
+        # a session's rounds follow each other, each prompt carrying the history before it
+        rounds.sort(key=lambda line: line["round"])
+        assert [r["round"] for r in rounds] == list(range(len(rounds)))
+        for earlier, later in itertools.pairwise(rounds):
+            assert later["start_s"] >= earlier["start_s"] + earlier["e2e_s"] - 0.01
+            assert later["prompt_tokens"] > earlier["prompt_tokens"] + 4
+
+
+def test_a_trace_is_replayed_at_its_timestamps(mock: Mock, tmp_path: Path) -> None:
+    trace = tmp_path / "trace.jsonl"
+    trace.write_text(
+        "\n".join(
+            json.dumps({"prompt": f"request {i}", "max_tokens": 2, "timestamp": 0.4 * i}) for i in range(4)
+        )
+    )
+    doc, lines, _ = bench(
+        tmp_path, "--url", mock.url, "--model", "mock", "--trace", str(trace), "--arrivals", "trace",
+        "--duration", "30",
+    )  # fmt: skip
+    assert doc["mode"] == "open" and doc["points"][0]["completed"] == 4
+    starts = sorted(line["start_s"] for line in lines)
+    assert all(abs(start - 0.4 * i) < 0.15 for i, start in enumerate(starts)), starts
+
+
+def test_the_serving_path_does_not_load_the_bench() -> None:
+    code = (
+        "import sys, gateway.server, gateway.app, gateway.cli; gateway.cli.parser(); "
+        "print(sorted(m for m in sys.modules if m.startswith('gateway.loadgen')))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})  # fmt: skip
+    # the CLI's flags only: no runner, client, report, plot or mock (nor rich and matplotlib)
+    assert done.stdout.strip() == "['gateway.loadgen', 'gateway.loadgen.cli']"

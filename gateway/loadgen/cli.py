@@ -77,6 +77,8 @@ def add_parsers(sub: Any) -> None:
         default=0,
         help="replies end by themselves (finish_reason stop) after this many tokens",
     )
+    m.add_argument("--max-running", type=int, default=0, help="requests generating at once; more queue")
+    m.add_argument("--total-tokens-per-s", type=float, default=0.0, help="a pace the streams share")
     m.add_argument("--faults", help="probabilities per request: 5xx=0.05,429=0.05,cut=0.02,stall=0.01")
     m.add_argument("--retry-after", type=int, default=1, help="the 429's Retry-After (seconds)")
     m.add_argument("--stall-s", type=float, default=30.0, help="how long a stall lasts")
@@ -96,6 +98,8 @@ def cmd_mock(args: argparse.Namespace) -> int:
             usage=args.usage,
             default_tokens=args.default_tokens,
             natural_tokens=args.natural_tokens,
+            max_running=args.max_running,
+            total_tokens_per_s=args.total_tokens_per_s,
             faults=parse_faults(args.faults),
             retry_after_s=args.retry_after,
             stall_s=args.stall_s,

@@ -10,7 +10,9 @@ answers 200. Errors are the OpenAI error body.
 
 Pace: the first event ``ttft_ms`` after the request, then one event every ``chunk_tokens /
 tokens_per_s`` seconds, each scheduled from the request's start so a late wake-up does not push
-the rest back (``tokens_per_s`` 0: as fast as the socket takes them). A request without
+the rest back (``tokens_per_s`` 0: as fast as the socket takes them). A capacity, for demos of the
+throughput cliff: at most ``max_running`` requests generate at once (the rest queue, so TTFT grows),
+and ``total_tokens_per_s`` is shared by the running streams (each slows as more run). A request without
 ``max_tokens`` gets ``default_tokens`` tokens and ``finish_reason: stop``; one with it, that many
 and ``length``, unless ``natural_tokens`` is set and smaller: then the reply "ends by itself" there
 with ``stop`` (what the response cache stores: it keeps only finished answers).
@@ -27,6 +29,7 @@ requests get the same number of each fault every run):
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import random
 import time
@@ -49,6 +52,8 @@ class MockSettings:
     usage: str = "requested"  # requested | always | never
     default_tokens: int = 16
     natural_tokens: int = 0  # > 0: replies end by themselves ("stop") at this length
+    max_running: int = 0  # > 0: at most this many generate at once; the rest wait (TTFT grows)
+    total_tokens_per_s: float = 0.0  # > 0: the streams share this pace (each gets its part)
     faults: dict[str, float] = field(default_factory=dict)
     retry_after_s: int = 1
     stall_s: float = 30.0
@@ -61,6 +66,8 @@ class MockSettings:
             or self.chunk_tokens < 1
             or self.default_tokens < 1
             or self.natural_tokens < 0
+            or self.max_running < 0
+            or self.total_tokens_per_s < 0
         ):
             raise ValueError("ttft and tokens/s must be >= 0, chunk and default tokens >= 1")
         if self.usage not in ("requested", "always", "never"):
@@ -102,6 +109,8 @@ class MockUpstream:
         self.settings = settings
         self._rng = random.Random(settings.seed)
         self.served = 0
+        self.running = 0
+        self._slots = asyncio.Semaphore(settings.max_running) if settings.max_running else None
         self.faulted: dict[str, int] = dict.fromkeys(FAULTS, 0)
 
     def app(self) -> web.Application:
@@ -130,6 +139,15 @@ class MockUpstream:
     async def _completions(self, request: web.Request) -> web.StreamResponse:
         return await self._generate(request, chat=False)
 
+    def _interval(self) -> float:
+        """Seconds between two events of a stream now: its own pace, or its share of the total."""
+        s = self.settings
+        rates = [r for r in (s.tokens_per_s, s.total_tokens_per_s / max(1, self.running)) if r]
+        return s.chunk_tokens / min(rates) if rates else 0.0
+
+    def _decode_s(self, tokens: int) -> float:
+        return (len(range(0, tokens, self.settings.chunk_tokens)) - 1) * self._interval()
+
     def _fault(self) -> str | None:
         draw, edge = self._rng.random(), 0.0
         for name in FAULTS:
@@ -140,7 +158,6 @@ class MockUpstream:
         return None
 
     async def _generate(self, request: web.Request, chat: bool) -> web.StreamResponse:
-        start = time.monotonic()
         try:
             body = orjson.loads(await request.read())
         except orjson.JSONDecodeError as exc:
@@ -161,6 +178,7 @@ class MockUpstream:
         if natural and (requested is None or natural <= requested):
             max_tokens, finish = natural, "stop"
         else:
+            assert requested is not None  # without it, natural is default_tokens >= 1
             max_tokens, finish = requested, "length"
         fault = self._fault()
         if fault == "5xx":
@@ -174,26 +192,32 @@ class MockUpstream:
             headers = {"Retry-After": str(self.settings.retry_after_s)}
             return _error(429, "Rate limit reached (mock).", "requests", "rate_limit_exceeded", headers)
         self.served += 1
-        prompt_tokens = _count_prompt(body)
-        tokens = [_WORDS[i % len(_WORDS)] for i in range(max_tokens)]
-        if body.get("stream"):
-            options = body.get("stream_options") or {}
-            usage = self.settings.usage == "always" or (
-                self.settings.usage == "requested" and bool(options.get("include_usage"))
-            )
-            return await self._stream(
-                request, chat, model, tokens, finish, prompt_tokens, usage, fault, start
-            )
-        await _until(start + self.settings.ttft_ms / 1000 + _decode_s(self.settings, len(tokens)))
-        if fault == "stall":
-            await asyncio.sleep(self.settings.stall_s)
-        if fault == "cut":
-            _drop(request)
-            return web.Response()
-        return web.Response(
-            body=orjson.dumps(self._reply(chat, model, tokens, finish, prompt_tokens)),
-            content_type="application/json",
-        )
+        async with self._slots or contextlib.nullcontext():
+            start = time.monotonic()  # a wait for a slot shows in the client's TTFT
+            self.running += 1
+            try:
+                prompt_tokens = _count_prompt(body)
+                tokens = [_WORDS[i % len(_WORDS)] for i in range(max_tokens)]
+                if body.get("stream"):
+                    options = body.get("stream_options") or {}
+                    usage = self.settings.usage == "always" or (
+                        self.settings.usage == "requested" and bool(options.get("include_usage"))
+                    )
+                    return await self._stream(
+                        request, chat, model, tokens, finish, prompt_tokens, usage, fault, start
+                    )
+                await _until(start + self.settings.ttft_ms / 1000 + self._decode_s(len(tokens)))
+                if fault == "stall":
+                    await asyncio.sleep(self.settings.stall_s)
+                if fault == "cut":
+                    _drop(request)
+                    return web.Response()
+                return web.Response(
+                    body=orjson.dumps(self._reply(chat, model, tokens, finish, prompt_tokens)),
+                    content_type="application/json",
+                )
+            finally:
+                self.running -= 1
 
     def _reply(
         self, chat: bool, model: str, tokens: list[str], finish: str, prompt_tokens: int
@@ -253,7 +277,8 @@ class MockUpstream:
                 b"data: " + head + b',"choices":[{"index":0,"delta":{"role":"assistant","content":""},'
                 b'"logprobs":null,"finish_reason":null}]}\n\n'
             )
-        interval = s.chunk_tokens / s.tokens_per_s if s.tokens_per_s else 0.0
+        paced = bool(s.tokens_per_s or s.total_tokens_per_s)
+        at = start + s.ttft_ms / 1000
         for i, chunk in enumerate(chunks):
             if i == half and fault in ("cut", "stall"):
                 if pending:
@@ -268,9 +293,10 @@ class MockUpstream:
             pending.append(
                 b"data: " + head + choice + orjson.dumps("".join(chunk)) + tail + finish + b"}]}\n\n"
             )
-            if interval:
-                await _until(start + s.ttft_ms / 1000 + i * interval)
-            if interval or len(pending) >= 16 or last:
+            if paced:
+                at += self._interval() if i else 0.0  # from the schedule, so late wake-ups do not add up
+                await _until(at)
+            if paced or len(pending) >= 16 or last:
                 await response.write(b"".join(pending))
                 pending = []
         if usage:
@@ -279,12 +305,6 @@ class MockUpstream:
         await response.write(b"data: [DONE]\n\n")
         await response.write_eof()
         return response
-
-
-def _decode_s(settings: MockSettings, tokens: int) -> float:
-    if not settings.tokens_per_s:
-        return 0.0
-    return (len(range(0, tokens, settings.chunk_tokens)) - 1) * settings.chunk_tokens / settings.tokens_per_s
 
 
 async def _until(moment: float) -> None:

@@ -66,15 +66,18 @@ def plot(doc: dict[str, Any], path: Path) -> None:
         ax.set_ylim(bottom=0)
     lines = speed.get_legend_handles_labels()
     more = total.get_legend_handles_labels()
-    speed.legend(lines[0] + more[0], lines[1] + more[1], fontsize=7, loc="lower left")
+    speed.legend(lines[0] + more[0], lines[1] + more[1], fontsize=7, loc="best")
     speed.set_title("output speed", fontsize=10)
     ttft.set_xlabel(label)
     ttft.set_ylabel("time to first token (ms)")
     ttft.legend(fontsize=7, loc="upper left")
     ttft.set_title("time to first token", fontsize=10)
     for ax in (speed, ttft):
-        if not open_loop and len({p[axis] for p in doc["points"]}) > 2:
+        xs = sorted({p[axis] for p in doc["points"] if p[axis] is not None})
+        if not open_loop and len(xs) > 2:
             ax.set_xscale("log", base=2)
+        if xs:
+            ax.set_xticks(xs, [f"{x:g}" for x in xs])
         ax.grid(alpha=0.3)
     fig.suptitle(
         f"interlock bench: {doc['endpoint']}, {'streaming' if doc['stream'] else 'not streaming'}",
