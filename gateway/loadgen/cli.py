@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import sys
 import urllib.parse
@@ -153,6 +154,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         )
         if args.trace is not None and not args.trace.is_file():
             raise ValueError(f"--trace: no file {args.trace}")
+        if args.plot is not None and importlib.util.find_spec("matplotlib") is None:
+            raise ValueError("--plot needs matplotlib: pip install 'interlock[bench]'")
         if args.workers < 1:
             raise ValueError("--workers must be at least 1")
         if args.concurrency and args.rate:
@@ -277,7 +280,7 @@ def _run_with_progress(plan: Any, label: str, console: Any, quiet: bool) -> Any:
     from gateway.loadgen import runner
 
     what = f"{label} " + (f"rate {plan.rate:g}/s" if plan.rate else f"{plan.concurrency or 'trace'} users")
-    if console is None or quiet:
+    if console is None or quiet or not console.is_terminal:
         return runner.run(plan)
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 

@@ -27,7 +27,7 @@ def plot(doc: dict[str, Any], path: Path) -> None:
     if doc.get("direct_points"):
         series.append(("direct", doc["direct_points"], "--"))
 
-    fig, (speed, ttft) = plt.subplots(1, 2, figsize=(9, 3.6), dpi=90)
+    fig, (speed, ttft) = plt.subplots(1, 2, figsize=(9, 3.6), dpi=80)
     total = speed.twinx()
     for name, points, style in series:
         xs = [p[axis] for p in points]
@@ -66,7 +66,7 @@ def plot(doc: dict[str, Any], path: Path) -> None:
         ax.set_ylim(bottom=0)
     lines = speed.get_legend_handles_labels()
     more = total.get_legend_handles_labels()
-    speed.legend(lines[0] + more[0], lines[1] + more[1], fontsize=7, loc="best")
+    speed.legend(lines[0] + more[0], lines[1] + more[1], fontsize=7, loc="center left")
     speed.set_title("output speed", fontsize=10)
     ttft.set_xlabel(label)
     ttft.set_ylabel("time to first token (ms)")

@@ -211,19 +211,25 @@ def render(doc: dict[str, Any]) -> Any:
     return table
 
 
+def _point(p: dict[str, Any]) -> str:
+    return (
+        f"rate {p['request_rate']:g}/s" if p["request_rate"] is not None else f"{p['max_concurrency']} users"
+    )
+
+
 def warnings(doc: dict[str, Any]) -> list[str]:
     lines = []
     for p in [*doc["points"], *(doc.get("direct_points") or [])]:
         client = p["client"]
         if client["bound"]:
             lines.append(
-                f"the load generator was CPU-bound at {p['max_concurrency']} users / rate "
-                f"{p['request_rate']} ({100 * client['cpu_share']:.0f}% of a core in its busiest process): "
+                f"the load generator was CPU-bound at {_point(p)} "
+                f"({100 * client['cpu_share']:.0f}% of a core in its busiest process): "
                 "these figures show the tool's limit, not the target's; add --workers"
             )
     for o in doc.get("overhead") or ():
         lines.append(
-            f"gateway overhead at {o['max_concurrency']} users / rate {o['request_rate']}: "
+            f"gateway overhead at {_point(o)}: "
             f"TTFT p50 {_f(o['median_ttft_ms'], 2)} ms, p99 {_f(o['p99_ttft_ms'], 2)} ms; "
             f"E2E p50 {_f(o['median_e2el_ms'], 2)} ms; "
             f"request throughput x{_f(o['request_throughput_ratio'], 3)}"
