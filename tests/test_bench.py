@@ -312,3 +312,70 @@ def test_one_process_reads_well_over_20000_sse_events_per_cpu_second(tmp_path: P
     (point,) = doc["points"]
     assert point["completed"] == 24 and point["client"]["sse_events"] == 24 * 1003
     assert point["client"]["sse_events_per_cpu_s"] > 20_000
+
+
+#: fields vLLM adds to the OpenAI shapes (tests/vllm_sim.py's captures); the mock need not send them
+_VLLM_EXTRAS = {
+    "prompt_token_ids", "prompt_text", "token_ids", "stop_reason", "system_fingerprint", "routed_experts",
+    "service_tier", "prompt_logprobs", "kv_transfer_params", "ec_transfer_params", "metrics", "refusal",
+    "annotations", "audio", "function_call", "reasoning", "prompt_tokens_details",
+}  # fmt: skip
+
+
+def _shape(value: Any) -> Any:
+    """The keys of a reply or event, recursively, without vLLM's extras and without the values."""
+    if isinstance(value, dict):
+        return {k: _shape(v) for k, v in sorted(value.items()) if k not in _VLLM_EXTRAS}
+    if isinstance(value, list):
+        return [_shape(v) for v in value]
+    return "null" if value is None else type(value).__name__
+
+
+def _events_shape(body: str) -> list[Any]:
+    shapes: list[Any] = []
+    for event in body.strip().split("\n\n"):
+        data = event.removeprefix("data: ")
+        shape = "[DONE]" if data == "[DONE]" else _shape(json.loads(data))
+        if not shapes or shapes[-1] != shape:  # a run of text chunks is one shape
+            shapes.append(shape)
+    return shapes
+
+
+@pytest.mark.parametrize("name", ["chat", "chat_stream_usage", "completions", "completions_stream"])
+def test_the_mock_frames_replies_as_vllm_does(mock: Mock, name: str) -> None:
+    captured = json.loads((ROOT / "tests" / "fixtures" / "vllm-0.26.0" / f"{name}.json").read_text())
+    request = {**captured["request"], "model": "mock"}
+    path = captured["path"].removeprefix("/v1")
+    response = httpx.post(mock.url + path, json=request, timeout=30)
+    assert response.status_code == captured["status"] == 200
+    if request.get("stream"):
+        assert response.headers["content-type"].startswith("text/event-stream")
+        assert _events_shape(response.text) == _events_shape(captured["body"])
+    else:
+        body = captured["body"] if isinstance(captured["body"], dict) else json.loads(captured["body"])
+        assert _shape(response.json()) == _shape(body)
+        assert response.json()["usage"]["completion_tokens"] == request["max_tokens"]
+
+
+def test_the_openai_sdk_reads_the_mock_and_its_429(tmp_path: Path, mock: Mock) -> None:
+    import openai
+
+    client = openai.OpenAI(base_url=mock.url, api_key="unused", max_retries=0, timeout=30)
+    chunks = list(
+        client.chat.completions.create(
+            model="mock", messages=[{"role": "user", "content": "hi"}], max_tokens=3, stream=True,
+            stream_options={"include_usage": True},
+        )
+    )  # fmt: skip
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) != ""
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 3
+    limited = Mock("--faults", "429=1", "--retry-after", "5")
+    try:
+        with pytest.raises(openai.RateLimitError) as caught:
+            openai.OpenAI(base_url=limited.url, api_key="unused", max_retries=0).completions.create(
+                model="mock", prompt="hi", max_tokens=2
+            )
+    finally:
+        limited.stop()
+    assert caught.value.response.headers["retry-after"] == "5"
+    assert caught.value.code == "rate_limit_exceeded"

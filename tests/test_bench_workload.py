@@ -186,3 +186,16 @@ def test_mock_settings_refuse_nonsense() -> None:
         MockSettings(faults={"5xx": 0.6, "cut": 0.6})
     with pytest.raises(ValueError):
         MockSettings(chunk_tokens=0)
+
+
+def test_the_bench_says_when_it_was_the_bottleneck() -> None:
+    from gateway.loadgen.report import document, warnings
+
+    plan = Plan("http://x/v1", Workload(model="m"), concurrency=64, requests=4)
+    done = [Record("a", 0, 0, ok=True, ttft_s=0.1, e2e_s=0.2, output_tokens=3)]
+    busy = point_figures(PointResult(plan, done, 2.0, [1.9]), {})
+    idle = point_figures(PointResult(plan, done, 2.0, [0.3]), {})
+    assert busy["client"]["bound"] and not idle["client"]["bound"]
+    (line,) = warnings(document({"mode": "closed"}, [busy], None))
+    assert "CPU-bound at 64 users (95% of a core" in line and "--workers" in line
+    assert warnings(document({"mode": "closed"}, [idle], None)) == []
