@@ -204,6 +204,20 @@ def test_faults_show_up_as_errors_by_class(tmp_path: Path) -> None:
     assert {line["retry_after"] for line in lines if line["error"] == "http_429"} == {"3"}
 
 
+def test_a_reply_cut_before_it_starts_and_a_closed_port(tmp_path: Path) -> None:
+    faulty = Mock("--ttft-ms", "20", "--faults", "cut=0.5")
+    try:
+        doc, _, _ = bench(
+            tmp_path, "--url", faulty.url, "--model", "mock", "--no-stream", "--concurrency", "2",
+            "--requests", "10", "--max-tokens", "3",
+        )  # fmt: skip
+    finally:
+        faulty.stop()
+    assert doc["points"][0]["errors"] == {"disconnected": _expected_faults({"cut": 0.5}, 10)["cut"]}
+    doc, _, _ = bench(tmp_path, "--url", f"http://127.0.0.1:{free_port()}", "--model", "m", "--requests", "3")
+    assert doc["points"][0]["errors"] == {"connect": 3}
+
+
 def test_faults_through_the_gateway_are_errors_too(tmp_path: Path) -> None:
     faulty = Mock("--ttft-ms", "20", "--tokens-per-s", "500", "--faults", "cut=0.5", "--seed", "2")
     try:
@@ -279,8 +293,7 @@ def test_a_trace_is_replayed_at_its_timestamps(mock: Mock, tmp_path: Path) -> No
         )
     )
     doc, lines, _ = bench(
-        tmp_path, "--url", mock.url, "--model", "mock", "--trace", str(trace), "--arrivals", "trace",
-        "--duration", "30",
+        tmp_path, "--url", mock.url, "--model", "mock", "--trace", str(trace), "--arrivals", "trace"
     )  # fmt: skip
     assert doc["mode"] == "open" and doc["points"][0]["completed"] == 4
     starts = sorted(line["start_s"] for line in lines)

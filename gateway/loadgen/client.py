@@ -4,10 +4,11 @@ SSE is parsed cheaply: events are split on the blank line, and an event is looke
 (does it carry text? is it ``[DONE]``? an error?); only the usage chunk and error events are
 decoded as JSON. Several events arriving in one read share its arrival time, as a client sees them.
 
-Errors by class: ``http_<status>`` (429 among them, with its Retry-After kept), ``connect``
-(nothing answered), ``timeout`` (no byte within the read timeout: a stall), ``stream_cut`` (the
-stream ended or broke without ``[DONE]``), ``stream_error`` (an error event inside a 200 stream),
-``bad_reply`` (a body that is not the JSON it should be).
+Errors by class: ``http_<status>`` (429 among them, with its Retry-After kept), ``connect`` (no
+connection), ``disconnected`` (the connection closed before a reply), ``timeout`` (no byte within
+the read timeout: a stall), ``stream_cut`` (the stream ended or broke without ``[DONE]``),
+``stream_error`` (an error event inside a 200 stream), ``bad_reply`` (a body that is not the JSON
+it should be).
 """
 
 from __future__ import annotations
@@ -93,16 +94,11 @@ async def send(
                 _read_json(await response.read(), record)
     except TimeoutError:
         record.error, record.message = "timeout", f"no byte for {read_timeout_s:g} s"
-    except (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError) as exc:
-        record.error, record.message = (
-            ("stream_cut" if streaming else "connect"),
-            str(exc) or type(exc).__name__,
-        )
-    except aiohttp.ClientConnectionError as exc:
-        record.error, record.message = (
-            ("stream_cut" if streaming else "connect"),
-            str(exc) or type(exc).__name__,
-        )
+    except aiohttp.ClientConnectorError as exc:
+        record.error, record.message = "connect", str(exc)
+    except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as exc:
+        record.error = "stream_cut" if streaming else "disconnected"
+        record.message = str(exc) or type(exc).__name__
     except asyncio.CancelledError:
         raise
     record.e2e_s = time.perf_counter() - t0

@@ -52,8 +52,8 @@ class Plan:
             raise ValueError("give a concurrency (closed loop) or a rate (open loop), one of them")
         if self.rate is not None and self.rate <= 0:
             raise ValueError("the rate must be above 0")
-        if self.duration_s is None and self.requests is None:
-            raise ValueError("give a duration or a number of requests")
+        if self.duration_s is None and self.requests is None and self.arrivals != "trace":
+            raise ValueError("give a duration or a number of requests (a trace replay ends by itself)")
         if self.arrivals not in ("poisson", "constant", "trace"):
             raise ValueError(f"arrivals must be poisson, constant or trace, not {self.arrivals!r}")
 
