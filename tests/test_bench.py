@@ -392,3 +392,15 @@ def test_the_openai_sdk_reads_the_mock_and_its_429(tmp_path: Path, mock: Mock) -
         limited.stop()
     assert caught.value.response.headers["retry-after"] == "5"
     assert caught.value.code == "rate_limit_exceeded"
+
+
+def test_the_bench_reads_llama_cpp_pythons_own_server(llama_server: str, tmp_path: Path) -> None:
+    # a real OpenAI-compatible server (sse-starlette frames its events with \r\n)
+    doc, lines, _ = bench(
+        tmp_path, "--url", llama_server, "--model", "smollm2", "--concurrency", "2", "--requests", "4",
+        "--max-tokens", "8", "--prompt-tokens", "12", "--timeout", "120",
+    )  # fmt: skip
+    (point,) = doc["points"]
+    assert (point["completed"], point["errors"]) == (4, {})
+    assert all(line["ttft_s"] is not None and 1 <= line["output_tokens"] <= 8 for line in lines), lines
+    assert point["median_ttft_ms"] is not None and point["total_output_tokens"] > 0

@@ -218,12 +218,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
         jsonl = stack.enter_context(args.per_request.open("wb")) if args.per_request else None
         results: list[dict[str, Any]] = []
         direct_results: list[dict[str, Any]] = []
-        for label, group, out in (
-            ("gateway" if direct else "target", plans, results),
-            ("direct", direct_plans, direct_results),
-        ):
-            for plan in group:
-                result = _run_with_progress(plan, label, console, args.no_progress)
+        # point by point, the gateway then the backend: the pair runs close together in time
+        for i, plan in enumerate(plans):
+            pair = [("gateway" if direct else "target", plan, results)]
+            if direct_plans:
+                pair.append(("direct", direct_plans[i], direct_results))
+            for label, one, out in pair:
+                result = _run_with_progress(one, label, console, args.no_progress)
                 out.append(report.point_figures(result, slo))
                 if jsonl:
                     report.write_requests(jsonl, result, label)

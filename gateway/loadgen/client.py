@@ -24,8 +24,7 @@ import orjson
 from gateway.loadgen.workload import Planned
 
 CACHE_HEADER = "x-interlock-cache"  # hit | miss | bypass | stale (gateway/cache_step.py)
-_CONTENT = b'"content":"'
-_TEXT = b'"text":"'
+_TEXT_KEYS = (b'"content":', b'"text":')
 
 
 @dataclass(slots=True)
@@ -112,9 +111,14 @@ async def _read_stream(response: aiohttp.ClientResponse, record: Record, t0: flo
     last = 0.0
     tokens = 0
     usage: dict[str, Any] | None = None
+    crlf: bool | None = None  # sse-starlette (llama-cpp-python's server) ends lines with \r\n
     async for chunk in response.content.iter_any():
         now = time.perf_counter()
         buffer += chunk
+        if crlf is None and b"\n" in buffer:
+            crlf = b"\r\n" in buffer
+        if crlf:
+            buffer = buffer.replace(b"\r\n", b"\n")
         while (end := buffer.find(b"\n\n")) >= 0:
             event, buffer = buffer[:end], buffer[end + 2 :]
             if event.startswith(b"data: "):
@@ -130,26 +134,33 @@ async def _read_stream(response: aiohttp.ClientResponse, record: Record, t0: flo
             if payload.startswith(b'{"error"'):
                 record.error, record.message = "stream_error", _message(payload)
                 continue
-            at = payload.find(_CONTENT)
-            mark = at + len(_CONTENT)
-            if at < 0:
-                at = payload.find(_TEXT)
-                mark = at + len(_TEXT)
-            if at >= 0 and payload[mark : mark + 1] != b'"':
+            if _has_text(payload):
                 tokens += 1
                 if record.ttft_s is None:
                     record.ttft_s = now - t0
                 else:
                     record.itl_s.append(now - last)
                 last = now
-            if b'"usage":{' in payload:
-                usage = _usage(payload)
+            if b'"usage"' in payload and b'"usage":null' not in payload and b'"usage": null' not in payload:
+                usage = _usage(payload) or usage
     record.output_tokens = tokens
     if usage:
         record.output_tokens = int(usage.get("completion_tokens") or tokens)
         record.prompt_tokens = usage.get("prompt_tokens")
     if record.error is None and not done:
         record.error, record.message = "stream_cut", "the stream ended without [DONE]"
+
+
+def _has_text(payload: bytes) -> bool:
+    """Whether an event carries output text: a non-empty ``content`` (chat) or ``text`` string."""
+    for key in _TEXT_KEYS:
+        at = payload.find(key)
+        if at >= 0:
+            at += len(key)
+            if payload[at : at + 1] == b" ":  # json.dumps' default separators
+                at += 1
+            return payload[at : at + 1] == b'"' and payload[at + 1 : at + 2] != b'"'
+    return False
 
 
 def _read_json(body: bytes, record: Record) -> None:
