@@ -163,52 +163,52 @@ def _f(value: float | None, digits: int = 1) -> str:
 
 
 def render(doc: dict[str, Any]) -> Any:
-    """The end-of-run table (a rich Table)."""
+    """The end-of-run tables (rich): requests and throughput, then latency; each fits 80 columns."""
+    from rich.console import Group
     from rich.table import Table
 
-    table = Table(title=f"interlock bench: {doc['url']}", header_style="bold")
     mode = "rate" if doc["mode"] == "open" else "users"
-    for column in (
-        mode,
-        "ok",
-        "failed",
-        "req/s",
-        "out tok/s",
-        "tok/s/user",
-        "TTFT p50",
-        "TTFT p99",
-        "TPOT p50",
-        "ITL p99",
-        "E2E p50",
-        "E2E p99",
-        "goodput",
-        "cache hit",
-        "errors",
-    ):
-        table.add_column(column, justify="left" if column == "errors" else "right")
     rows = [("", p) for p in doc["points"]]
-    if doc.get("direct_points"):
-        rows += [("direct ", p) for p in doc["direct_points"]]
-    for prefix, p in rows:
+    if doc.get("direct_points"):  # each gateway point beside the backend's
+        rows = [
+            r for pair in zip(rows, [("direct ", p) for p in doc["direct_points"]], strict=True) for r in pair
+        ]
+
+    def label(prefix: str, p: dict[str, Any]) -> str:
         key = p["request_rate"] if doc["mode"] == "open" else p["max_concurrency"]
-        table.add_row(
-            f"{prefix}{key:g}" if key is not None else prefix + "trace",
+        return f"{prefix}{key:g}" if key is not None else prefix + "trace"
+
+    volume = Table(title=f"interlock bench: {doc['url']}", header_style="bold")
+    for column in (mode, "ok", "failed", "req/s", "goodput", "tok/s", "per user", "cache", "errors"):
+        volume.add_column(
+            column, justify="left" if column == "errors" else "right", no_wrap=column != "errors"
+        )
+    latency = Table(title="latency (ms)", header_style="bold")
+    for column in (mode, "TTFT p50", "TTFT p99", "TPOT p50", "TPOT p99", "ITL p99", "E2E p50", "E2E p99"):
+        latency.add_column(column, justify="right", no_wrap=column == mode)
+    for prefix, p in rows:
+        volume.add_row(
+            label(prefix, p),
             str(p["completed"]),
             str(p["failed"]),
             _f(p["request_throughput"], 2),
+            _f(p["request_goodput"], 2),
             _f(p["output_throughput"]),
             _f(p["mean_user_output_throughput"]),
-            _f(p["median_ttft_ms"]),
-            _f(p["p99_ttft_ms"]),
-            _f(p["median_tpot_ms"], 2),
-            _f(p["p99_itl_ms"], 2),
-            _f(p["median_e2el_ms"]),
-            _f(p["p99_e2el_ms"]),
-            _f(p["request_goodput"], 2),
             f"{100 * p['cache_hit_rate']:.0f}%",
             ", ".join(f"{k} {v}" for k, v in p["errors"].items()) or "-",
         )
-    return table
+        latency.add_row(
+            label(prefix, p),
+            _f(p["median_ttft_ms"]),
+            _f(p["p99_ttft_ms"]),
+            _f(p["median_tpot_ms"], 2),
+            _f(p["p99_tpot_ms"], 2),
+            _f(p["p99_itl_ms"], 2),
+            _f(p["median_e2el_ms"]),
+            _f(p["p99_e2el_ms"]),
+        )
+    return Group(volume, latency)
 
 
 def _point(p: dict[str, Any]) -> str:
