@@ -341,4 +341,7 @@ def serve(settings: MockSettings, host: str, port: int) -> None:
         access_log=None,
         handle_signals=True,
         shutdown_timeout=1.0,
+        # a client that leaves ends its request here too, as vLLM aborts it: no writes to a
+        # closed socket, no stall sleeping on for nobody
+        handler_cancellation=True,
     )
