@@ -249,12 +249,17 @@ def test_non_streaming_and_completions(mock: Mock, tmp_path: Path) -> None:
 
 
 def test_bad_flags_are_named(tmp_path: Path) -> None:
+    bad_trace = tmp_path / "bad.jsonl"
+    bad_trace.write_text("{oops\n")
     for args, problem in (
         (["--concurrency", "0"], "above 0"),
         (["--concurrency", "2", "--rate", "1"], "not both"),
         (["--slo", "fast=1"], "not one of"),
         (["--prompt-tokens", "lots"], "not a length"),
         (["--url", "ftp://x"], "http"),
+        (["--trace", str(tmp_path / "none.jsonl")], "no file"),
+        (["--trace", str(bad_trace)], "bad.jsonl:1: not JSON"),
+        (["--plot", "x.png", "--workers", "0"], "at least 1"),
     ):
         done = subprocess.run(
             _interlock("bench", "--model", "m", "--requests", "1", *args),
@@ -298,6 +303,17 @@ def test_a_trace_is_replayed_at_its_timestamps(mock: Mock, tmp_path: Path) -> No
     assert doc["mode"] == "open" and doc["points"][0]["completed"] == 4
     starts = sorted(line["start_s"] for line in lines)
     assert all(abs(start - 0.4 * i) < 0.15 for i, start in enumerate(starts)), starts
+
+
+def test_the_mock_names_a_port_it_cannot_take(mock: Mock) -> None:
+    done = subprocess.run(
+        _interlock("mock-upstream", "--port", str(mock.port)),
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    assert done.returncode == 2 and f"cannot listen on 127.0.0.1:{mock.port}" in done.stderr
 
 
 def test_the_serving_path_does_not_load_the_bench() -> None:

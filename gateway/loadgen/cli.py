@@ -109,7 +109,11 @@ def cmd_mock(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"interlock mock-upstream: {exc}", file=sys.stderr)
         return 2
-    serve(settings, args.host, args.port)
+    try:
+        serve(settings, args.host, args.port)
+    except OSError as exc:
+        print(f"interlock mock-upstream: cannot listen on {args.host}:{args.port}: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -152,8 +156,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
             trace=args.trace,
             seed=args.seed,
         )
-        if args.trace is not None and not args.trace.is_file():
-            raise ValueError(f"--trace: no file {args.trace}")
+        if args.trace is not None:
+            if not args.trace.is_file():
+                raise ValueError(f"--trace: no file {args.trace}")
+            next(workload.sessions())  # a bad line is named now, not from inside the run
         if args.plot is not None and importlib.util.find_spec("matplotlib") is None:
             raise ValueError("--plot needs matplotlib: pip install 'interlock[bench]'")
         if args.workers < 1:
