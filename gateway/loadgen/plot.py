@@ -20,7 +20,7 @@ def plot(doc: dict[str, Any], path: Path) -> None:
     except ImportError:
         raise PlotUnavailable("--plot needs matplotlib: pip install 'interlock[bench]'") from None
 
-    open_loop = doc["mode"] == "open"
+    open_loop = doc["mode"] == "open" and doc["arrivals"] != "trace"  # a replay's x: its cap
     axis = "request_rate" if open_loop else "max_concurrency"
     label = "request rate (req/s)" if open_loop else "concurrent users"
     series = [("gateway" if doc.get("direct_points") else "target", doc["points"], "-")]
@@ -62,8 +62,7 @@ def plot(doc: dict[str, Any], path: Path) -> None:
     speed.set_ylabel("tokens/s per user", color="tab:blue")
     total.set_ylabel("tokens/s, all users", color="tab:gray")
     for ax in (speed, total, ttft):
-        ax.margins(y=0.15)
-        ax.set_ylim(bottom=0)
+        ax.set_ylim(0, ax.get_ylim()[1] * 1.12)  # from zero, with room above the top marker
     lines = speed.get_legend_handles_labels()
     more = total.get_legend_handles_labels()
     speed.legend(lines[0] + more[0], lines[1] + more[1], fontsize=7, loc="center left")
