@@ -1,4 +1,4 @@
-"""``interlock serve | check | hash-key``."""
+"""``interlock serve | check | routes | hash-key | bench | mock-upstream``."""
 
 from __future__ import annotations
 
@@ -246,6 +246,10 @@ def parser() -> argparse.ArgumentParser:
     h = sub.add_parser("hash-key", help="print the sha256 of a client key for auth.keys[].sha256")
     h.add_argument("key", nargs="?", help="the key (read from stdin if omitted)")
     h.set_defaults(func=cmd_hash_key)
+
+    from gateway.loadgen.cli import add_parsers  # flags only: the tool loads when its command runs
+
+    add_parsers(sub)
     return p
 
 
