@@ -298,10 +298,10 @@ class StatusReport:
             "errors": errors,
         }
 
-    def _reload(self) -> dict[str, Any] | None:
+    def _reload(self) -> dict[str, Any]:
         r = self.reloader
-        if r is None:
-            return None
+        if r is None:  # no reloader (an app built without one): nothing to say, in the same shape
+            return {"watching": False, "last_status": None, "last_attempt_at": None, "last_error": None}
         last = r.last_result
         return {
             "watching": r.watching,

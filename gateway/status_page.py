@@ -48,6 +48,7 @@ _SCRIPT = """(() => {
 const S = __STATES__;
 const F = {
   t: v => v == null ? '\u2013' : v === true ? 'yes' : v === false ? 'no' : String(v),
+  opt: v => v == null ? '' : String(v),
   n: v => v == null ? '\u2013' : Number.isInteger(v) ? String(v)
     : Math.abs(v) >= 100 ? v.toFixed(0) : v.toFixed(1),
   pct: v => v == null ? '\u2013' : (v * 100).toFixed(1) + '%',
@@ -115,7 +116,7 @@ def _dur(v: float) -> str:
 def fmt(kind: str, v: Any, now: float) -> str:
     """A value as the page shows it; the script's ``F`` formats alike."""
     if v is None:
-        return "\u2013"
+        return "" if kind == "opt" else "\u2013"
     if kind == "n":
         if float(v).is_integer():
             return str(int(v))
@@ -256,7 +257,7 @@ def _backends(p: _Page) -> None:
             + p.bound([*b, "kind"])
             + p.bound([*b, "state"], "state", cls="state", state=True)
             + f"<td>{p.bound([*b, 'health', 'checked_at'], 'ago', 'span')}"
-            + f' <span class="muted">{p.bound([*b, "health", "reason"], tag="span")}</span></td>'
+            + f' <span class="muted">{p.bound([*b, "health", "reason"], "opt", "span")}</span></td>'
             + p.bound([*b, "in_flight"], "n", cls="n")
             + p.bound([*b, "queued"], "n", cls="n")
             + p.pair(b, "rps", "n")
@@ -264,8 +265,8 @@ def _backends(p: _Page) -> None:
             + p.pair(b, "ttft_p50_ms", "ms")
             + p.pair(b, "ttft_p95_ms", "ms")
             + p.pair(b, "tokens_per_s", "n")
-            + f'<td class="msg">{p.bound([*b, "last_error_at"], "ago", "span")}: '
-            + f"{p.bound([*b, 'last_error'], tag='span')}</td>"
+            + f'<td class="msg">{p.bound([*b, "last_error_at"], "ago", "span", cls="muted")} '
+            + f"{p.bound([*b, 'last_error'], 'opt', 'span')}</td>"
             + p.bound([*b, "detail"], cls="msg muted")
             + "</tr>"
         )
