@@ -16,8 +16,11 @@ thread: no locks.
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from collections import deque
 from collections.abc import Callable
+from itertools import accumulate
+from operator import sub
 from typing import ClassVar
 
 #: upper bounds of the latency bins, in seconds; a last bin holds everything above
@@ -32,21 +35,23 @@ _MARKS = int(max(WINDOWS.values()) / SLOT_S) + 2
 Mark = tuple[float, tuple[int, ...], list[int]]
 
 
-def quantile(bins: list[int], q: float) -> float | None:
-    """The ``q`` quantile (0..1) of the values counted in ``bins``, interpolated within its bin;
-    None when there are none."""
-    total = sum(bins)
+def quantiles(bins: list[int], qs: tuple[float, ...]) -> list[float | None]:
+    """The ``qs`` quantiles (0..1) of the values counted in ``bins``, each interpolated within its
+    bin; None for each when there are none."""
+    cumulative = list(accumulate(bins))
+    total = cumulative[-1]
     if total == 0:
-        return None
-    rank = q * total
-    seen = 0
-    for index, count in enumerate(bins):
-        if count and seen + count >= rank:
-            low = BIN_BOUNDS[index - 1] if index else 0.0
-            high = BIN_BOUNDS[index] if index < len(BIN_BOUNDS) else low
-            return low + (high - low) * max(0.0, rank - seen) / count
-        seen += count
-    return BIN_BOUNDS[-1]
+        return [None] * len(qs)
+    found: list[float | None] = []
+    for q in qs:
+        rank = q * total
+        index = bisect_left(cumulative, rank) if rank > 0 else next(i for i, c in enumerate(bins) if c)
+        count = bins[index]
+        seen = cumulative[index] - count
+        low = BIN_BOUNDS[index - 1] if index else 0.0
+        high = BIN_BOUNDS[index] if index < len(BIN_BOUNDS) else low
+        found.append(low + (high - low) * max(0.0, rank - seen) / count)
+    return found
 
 
 class Figures:
@@ -76,7 +81,7 @@ class Figures:
         start, counters, bins = self._state_at(now - seconds)
         live = self.counters()
         deltas = {name: live[i] - counters[i] for i, name in enumerate(self.FIELDS)}
-        return max(now - start, 1e-9), deltas, [a - b for a, b in zip(self.bins, bins, strict=True)]
+        return max(now - start, 1e-9), deltas, list(map(sub, self.bins, bins))
 
     def _state_at(self, t: float) -> Mark:
         later: Mark | None = None
@@ -109,7 +114,7 @@ class BackendFigures(Figures):
     def read(self, now: float, seconds: float) -> dict[str, float | None]:
         span, d, bins = self.window(now, seconds)
         ended = d["ok"] + d["failed"]
-        p50, p95 = quantile(bins, 0.5), quantile(bins, 0.95)
+        p50, p95 = quantiles(bins, (0.5, 0.95))
         return {
             "rps": ended / span,
             "error_rate": d["failed"] / ended if ended else None,
@@ -134,7 +139,7 @@ class RouteFigures(Figures):
     def read(self, now: float, seconds: float) -> dict[str, float | None]:
         span, d, bins = self.window(now, seconds)
         n = d["requests"]
-        p95 = quantile(bins, 0.95)
+        (p95,) = quantiles(bins, (0.95,))
         return {
             "rps": n / span,
             "p95_ms": p95 * 1000 if p95 is not None else None,

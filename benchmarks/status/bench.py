@@ -9,9 +9,9 @@ metrics) called as ASGI with an in-process backend, CPU per request without the 
 listeners and with them. Variants are interleaved over rounds and the fastest round of each
 counts (on a shared machine other processes only ever add time).
 
-``refresh``: requests per second of the same app driven by ``--concurrency`` request loops, with
-and without a browser's refresh (``GET /status.json`` every 2 s, through the app) beside them,
-interleaved rounds; and the CPU one refresh costs, as a share of a core every 2 s.
+``refresh``: requests per CPU second of the same app driven by ``--concurrency`` request loops,
+with and without a browser's refresh (``GET /status.json`` every 2 s, through the app) beside
+them, interleaved rounds; and the CPU one refresh costs, as a share of a core every 2 s.
 
 Run from the repository root::
 
@@ -203,7 +203,9 @@ def hot_path(requests: int, rounds: int) -> None:
 
 
 async def throughput(app: Any, seconds: float, concurrency: int, refresh: bool) -> tuple[float, int]:
-    """Requests per second for ``seconds``, and how many refreshes ran beside them."""
+    """Requests per CPU second of this process (what one saturated core would serve; other
+    processes on a shared machine take wall time, not this process's CPU) over ``seconds``, and
+    how many refreshes ran beside them."""
     body = _body(False)
     done = 0
     refreshes = 0
@@ -222,9 +224,9 @@ async def throughput(app: Any, seconds: float, concurrency: int, refresh: bool) 
             refreshes += 1
             await asyncio.sleep(REFRESH_MS / 1000)
 
-    start = time.perf_counter()
+    start = time.process_time()
     await asyncio.gather(*(loop() for _ in range(concurrency)), *([refresher()] if refresh else []))
-    return done / (time.perf_counter() - start), refreshes
+    return done / (time.process_time() - start), refreshes
 
 
 async def refresh_cpu(app: Any, n: int) -> float:
@@ -245,8 +247,12 @@ def refresh(seconds: float, rounds: int, concurrency: int) -> None:
     per_refresh = asyncio.run(refresh_cpu(app, 200))
     off, on = statistics.median(results[False]), statistics.median(results[True])
     print(f"\nrefresh: {concurrency} request loops, {rounds} interleaved rounds of {seconds:g}s each")
-    print(f"  without the page   {off:8.0f} req/s (median; rounds {[round(x) for x in results[False]]})")
-    print(f"  refreshing /2 s    {on:8.0f} req/s (median; rounds {[round(x) for x in results[True]]})")
+    print(
+        f"  without the page   {off:8.0f} req per CPU-s (median; rounds {[round(x) for x in results[False]]})"
+    )
+    print(
+        f"  refreshing /2 s    {on:8.0f} req per CPU-s (median; rounds {[round(x) for x in results[True]]})"
+    )
     print(f"  difference         {on / off - 1:+.2%} (noise on a shared machine is larger than this)")
     share = per_refresh / (REFRESH_MS / 1000)
     print(f"  one /status.json   {per_refresh * 1e3:.2f} ms CPU: {share:.3%} of a core at one per 2 s")
