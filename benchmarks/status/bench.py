@@ -6,8 +6,9 @@ window (a fake clock), then ``StatusReport.data()``, ``render_html`` and the JSO
 
 ``hot-path``: the whole app (``gateway.app.build_app``: middleware, parsing, routing, the edge,
 metrics) called as ASGI with an in-process backend, CPU per request without the status page's
-listeners and with them. Variants are interleaved over rounds and the fastest round of each
-counts (on a shared machine other processes only ever add time).
+listeners and with them (one app, the listeners switched between rounds). Variants are
+interleaved over rounds and the fastest round of each counts (on a shared machine other
+processes only ever add time).
 
 ``refresh``: requests per CPU second of the same app driven by ``--concurrency`` request loops,
 with and without a browser's refresh (``GET /status.json`` every 2 s, through the app) beside
@@ -38,6 +39,7 @@ from gateway.app import build_app
 from gateway.attempts import Attempt
 from gateway.config import parse_config
 from gateway.health import HealthMonitor
+from gateway.metrics import Metrics
 from gateway.router import Router
 from gateway.snapshot import build_snapshot
 from gateway.state import Gateway
@@ -187,19 +189,68 @@ async def cpu_per_request(app: Any, body: bytes, n: int) -> float:
     return (time.process_time() - start) / n
 
 
+def hooks_alone(n: int, rounds: int) -> None:
+    """CPU per call of what the recorder adds: an attempt told to its listeners with and without
+    it, and the request listener's call alone."""
+    gateway = gateway_of(1, 1)
+    target = next(iter(gateway.snapshot.targets.values()))
+    recorder = StatusRecorder()
+    usage = Usage(5, 3)
+    base_listeners = tuple(gateway.router.listeners)
+    with_recorder = (*base_listeners, recorder)
+    ex, scope = _Ex(), {"interlock.request_id": "r"}
+
+    def attempts(listeners: tuple[Any, ...]) -> float:
+        start = time.process_time()
+        for _ in range(n):
+            Attempt(target, 15, time.monotonic, listeners).finish(usage)
+        return (time.process_time() - start) / n
+
+    def requests_ended() -> float:
+        start = time.process_time()
+        for _ in range(n):
+            recorder.request_ended(ex, scope, "route-000", "backend-000", 200, False, 0.01, None, None)  # type: ignore[arg-type]
+        return (time.process_time() - start) / n
+
+    without, with_it, request = [], [], []
+    for _ in range(rounds):
+        without.append(attempts(base_listeners))
+        with_it.append(attempts(with_recorder))
+        request.append(requests_ended())
+    attempt_cost = (min(with_it) - min(without)) * 1e6
+    print(f"\nthe hooks alone: CPU per call, best of {rounds} rounds of {n}")
+    print(f"  an attempt, stats and breaker listening   {min(without) * 1e6:6.2f} us")
+    print(
+        f"  the same with the status recorder too     {min(with_it) * 1e6:6.2f} us  (+{attempt_cost:.2f} us)"
+    )
+    print(f"  the request listener's call               {min(request) * 1e6:6.2f} us")
+
+
 def hot_path(requests: int, rounds: int) -> None:
-    variants = {"status page off": small_app(False), "status page on": small_app(True)}
+    # One app, the recorder switched in and out of its listeners between rounds: two apps built
+    # apart differ by more than the recorder costs (where their objects lie, what the first warmed)
+    app = small_app(True)
+    listeners = app.gateway.router.listeners
+    recorder = next(x for x in listeners if isinstance(x, StatusRecorder))
+    metrics = next(x for x in listeners if isinstance(x, Metrics))
+
+    def switch(on: bool) -> None:
+        listeners[:] = [x for x in listeners if x is not recorder] + ([recorder] if on else [])
+        metrics.request_listeners[:] = [recorder] if on else []
+
     for workload, stream in (("json", False), ("stream", True)):
-        results: dict[str, list[float]] = {name: [] for name in variants}
+        results: dict[bool, list[float]] = {False: [], True: []}
         for round_ in range(rounds):
-            order = list(variants) if round_ % 2 == 0 else list(reversed(variants))
-            for name in order:
-                results[name].append(asyncio.run(cpu_per_request(variants[name], _body(stream), requests)))
-        base = min(results["status page off"])
+            for on in (False, True) if round_ % 2 == 0 else (True, False):
+                switch(on)
+                results[on].append(asyncio.run(cpu_per_request(app, _body(stream), requests)))
+        switch(True)
+        base, with_it = min(results[False]) * 1e6, min(results[True]) * 1e6
         print(f"\nhot path, {workload}: CPU per request, best of {rounds} rounds of {requests}")
-        for name, values in results.items():
-            us = min(values) * 1e6
-            print(f"  {name:18s} {us:7.1f} us  (+{us - base * 1e6:5.2f} us, {us / (base * 1e6) - 1:+.2%})")
+        print(f"  {'without the status listeners':30s} {base:7.1f} us")
+        print(
+            f"  {'with them':30s} {with_it:7.1f} us  (+{with_it - base:5.2f} us, {with_it / base - 1:+.2%})"
+        )
 
 
 async def throughput(app: Any, seconds: float, concurrency: int, refresh: bool) -> tuple[float, int]:
@@ -269,6 +320,7 @@ def main() -> None:
     if args.what in ("render", "all"):
         render(max(args.rounds, 5))
     if args.what in ("hot-path", "all"):
+        hooks_alone(args.requests * 10, args.rounds)
         hot_path(args.requests, args.rounds)
     if args.what in ("refresh", "all"):
         refresh(args.seconds, args.rounds, args.concurrency)
