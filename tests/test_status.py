@@ -368,3 +368,55 @@ def test_the_page_of_a_hundred_backends_binds_every_figure_and_renders_within_50
 )
 def test_formats(kind: str, value: Any, shown: str) -> None:
     assert fmt(kind, value, now=1125.0) == shown
+
+
+def test_pool_endpoints_draining_backends_and_other_replicas_are_shown() -> None:
+    from types import SimpleNamespace
+
+    from gateway.status import Replica
+
+    class Pool(FakeBackend):
+        kind = "vllm"
+
+        def describe(self) -> dict[str, object]:
+            return {
+                "endpoints": [
+                    {"url": "http://vllm-0:8000", "healthy": True, "in_flight": 3, "running": 2, "waiting": 1,
+                     "kv_cache_usage": 0.42, "prefix_hit_rate": 0.875, "scrape_age_s": 1.5},
+                    {"url": "http://vllm-1:8000", "healthy": False, "reason": "connection refused"},
+                ]
+            }  # fmt: skip
+
+    gateway = _gateway({"pool": Pool("pool"), "old": FakeBackend("old")}, {"chat": {"targets": ["pool"]}})
+    retired = gateway.snapshot.targets["old"]
+    reloader = SimpleNamespace(
+        draining=[retired],
+        watching=True,
+        last_result=None,
+        last_attempt_at=None,
+        last_error="bad yaml",
+        results={},
+    )
+
+    class Fleet:
+        def replicas(self) -> list[Replica]:
+            return [
+                Replica("r1", gateway.snapshot.hash, "0.1.0", time.time()),
+                Replica("r2", "f" * 64, "0.1.0", time.time() - 3),
+            ]
+
+    report = StatusReport(gateway, StatusRecorder(), reloader=reloader, replicas=Fleet(), replica_id="r1")  # type: ignore[arg-type]
+    data = report.data()
+    endpoints = data["backends"]["pool"]["endpoints"]
+    assert [e["url"] for e in endpoints] == ["http://vllm-0:8000", "http://vllm-1:8000"]
+    assert endpoints[0]["kv_cache_usage"] == 0.42 and endpoints[0]["prefix_hit_rate"] == 0.875
+    assert data["backends"]["old~draining"]["state"] == "draining"
+    assert [(r["id"], r["this"], r["hash_differs"]) for r in data["replicas"]] == [
+        ("r1", True, False),
+        ("r2", False, True),
+    ]
+    assert data["gateway"]["reload"]["last_error"] == "bad yaml"
+    page = render_html(data)
+    assert 'id="endpoints"' in page and "http://vllm-1:8000" in page
+    assert ">42.0%<" in page and ">87.5%<" in page
+    assert 'data-k="replicas 1 hash_differs" data-v="true"' in page.replace(' class="flag"', "")
