@@ -130,3 +130,39 @@ def test_the_page_shows_the_routes_and_a_killed_backend_turns_to_an_open_breaker
         finally:
             if running:
                 victim.__exit__(None, None, None)
+
+
+def test_a_reload_that_adds_a_backend_reloads_the_page_with_its_row(tmp_path: Path) -> None:
+    import yaml
+
+    assert CHROMIUM is not None
+    with FakeUpstream() as up:
+        config = {
+            "backends": {"first": openai_backend(up.base_url, "ok")},
+            "models": {"chat": {"targets": ["first"]}},
+            "resilience": {"health_check": {"interval_s": 60}},
+        }
+        path = tmp_path / "routing.yaml"
+        path.write_text(yaml.safe_dump(config))
+        with run_gateway(path, reload_watch=False) as url, sync_playwright() as playwright:
+            wait_ready(url)
+            browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True)
+            try:
+                page = browser.new_page()
+                page.goto(url + "/status")
+                rows = page.locator("#backends tr[data-backend]")
+                expect(rows).to_have_count(1)
+                page.evaluate("window.sameDocument = true")
+                config["backends"]["second"] = openai_backend(up.base_url, "ok")  # type: ignore[index]
+                config["models"]["spare"] = {"targets": ["second"]}  # type: ignore[index]
+                path.write_text(yaml.safe_dump(config))
+                assert httpx.post(url + "/admin/reload", timeout=10).status_code == 200
+                # the data's layout no longer matches the page's: the script reloads it
+                expect(page.locator('#backends tr[data-backend="second"]')).to_have_count(
+                    1, timeout=REFRESH_MS + SLACK_MS
+                )
+                expect(page.locator('#routes tr[data-route="spare"]')).to_have_count(1)
+                assert page.evaluate("window.sameDocument === undefined")
+                expect(page.locator('#gateway td[data-k="gateway reload last_status"]')).to_have_text("ok")
+            finally:
+                browser.close()
