@@ -41,7 +41,7 @@ from gateway.serving import Serving
 from gateway.snapshot import may_use
 from gateway.state import Gateway
 from gateway.status import StatusRecorder, StatusReport
-from gateway.status_page import status_endpoints
+from gateway.status_http import status_endpoints
 
 log = logging.getLogger("interlock.app")
 
