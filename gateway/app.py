@@ -40,6 +40,8 @@ from gateway.reload import ConfigHashHeader, Reloader, admin_config, admin_reloa
 from gateway.serving import Serving
 from gateway.snapshot import may_use
 from gateway.state import Gateway
+from gateway.status import StatusRecorder, StatusReport
+from gateway.status_http import status_endpoints
 from gateway.tracing import Tracing
 
 log = logging.getLogger("interlock.app")
@@ -125,6 +127,7 @@ def build_app(
     metrics: bool = True,
     access_log: AccessLog | None = None,
     tracing: Tracing | None = None,
+    status_page: bool = True,
 ) -> GatewayApp:
     list_models, get_model = _models(gateway)
     live, ready = _health(gateway)
@@ -159,6 +162,17 @@ def build_app(
         # /admin/'s rule: an admin key when keys are configured, else loopback clients only
         scrape = observed.endpoint(lambda: gateway.snapshot.keys)
         routes.append(HttpRoute("/metrics", scrape, methods=["GET"]))
+    if status_page:
+        # GET /status and /status.json, under /admin/'s rule; fed by one more attempt listener
+        # and, when metrics observe the edge, a request listener
+        recorder = StatusRecorder()
+        gateway.router.listeners.append(recorder)
+        if observed is not None:
+            observed.request_listeners.append(recorder)
+        report = StatusReport(gateway, recorder, reloader=reloader, metrics=observed is not None)
+        page, data = status_endpoints(report, lambda: gateway.snapshot.keys)
+        routes.append(HttpRoute("/status", page, methods=["GET"]))
+        routes.append(HttpRoute("/status.json", data, methods=["GET"]))
     if reloader is not None:
         routes += [
             HttpRoute("/admin/reload", admin_reload(reloader), methods=["POST"]),

@@ -97,6 +97,13 @@ class HealthMonitor:
             await self.check(target)
         self._started.add(target.name)
 
+    def has_started(self, name: str) -> bool:
+        return name in self._started
+
+    def last_checked(self, name: str) -> float | None:
+        """When ``name`` was last checked (this monitor's clock); None: never."""
+        return self._checked_at.get(name)
+
     async def run(self) -> None:
         """Check every backend every interval (the unhealthy ones every ``recheck_s``), until cancelled."""
         if self.interval_s <= 0:

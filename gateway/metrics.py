@@ -25,7 +25,7 @@ import logging
 import time
 from bisect import bisect_left
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, Protocol
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.process_collector import ProcessCollector
@@ -62,6 +62,23 @@ OVERHEAD_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 
 _CLASSES = ("", "1xx", "2xx", "3xx", "4xx", "5xx")
 #: kept from a JSON reply for the access log's finish reason (it sits near the end)
 _TAIL_BYTES = 2048
+
+
+class RequestListener(Protocol):
+    """Told of every observed inference request once it is over, with what ``_finish`` settled."""
+
+    def request_ended(
+        self,
+        ex: Exchange,
+        scope: Scope,
+        route: str,
+        backend: str,
+        status: int,
+        errored: bool,
+        duration_s: float,
+        cached: str | None,
+        reason: str | None,
+    ) -> None: ...
 
 
 class _Series:
@@ -188,6 +205,8 @@ class Metrics:
         ProcessCollector(registry=self.registry)
         self._series: dict[tuple[str, str, str, str], _Series] = {}
         self._pairs: dict[tuple[str, str], _Pair] = {}
+        #: more observers of each request (the status page's rolling figures)
+        self.request_listeners: list[RequestListener] = []
 
     # -- the edge -------------------------------------------------------------------------------
 
@@ -275,6 +294,8 @@ class Metrics:
             self._routed(ex, route, reason)
         elif reason is not None and reason.startswith("fallback "):
             self.fallbacks.values[route,] += 1
+        for listener in self.request_listeners:
+            listener.request_ended(ex, scope, route, backend, status, errored, duration, cached, reason)
         if self._access is not None:
             self._log(
                 ex,
