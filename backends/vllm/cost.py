@@ -1,0 +1,250 @@
+"""The expected time to first token of a new request at one vLLM endpoint, and its online fit.
+
+vLLM's scheduler runs one engine step at a time: every running sequence decodes a token, and
+the prefills waiting their turn fill the rest of the step's token budget, first come first
+served. A request sent now gets its first token after the prefill already queued ahead of it,
+its own uncached prefill, and steps that grow longer with each running sequence; when the server
+is full (KV cache used up, requests waiting in its queue) it also waits for running decodes to
+end and free room. In seconds::
+
+    ttft = base_s
+         + prefill_s_per_token * (prefill_ahead + uncached)
+         + step_s_per_seq      * running
+         + full_s_per_token    * saturation * decode_left_per_seq
+
+``uncached`` is the prompt minus the prefix the endpoint probably holds, so the cache's worth
+is ``prefill_s_per_token * cached``, in the same seconds as the queue's cost: an endpoint whose
+queue costs more than its cache saves loses the request, whatever the tokens say.
+
+``EndpointLoad`` is one endpoint's state as features; ``expected_ttft`` is the pure model. ``TtftFit``
+fits the four coefficients per endpoint from the TTFTs the pool observes: recursive least
+squares on scaled features, starting from ``DEFAULTS`` (an 8B model on one data-centre GPU) as a
+prior, forgetting old samples, with residuals clipped at three robust deviations (one stalled
+stream must not rewrite the model), the covariance bounded (no wind-up while the load is steady)
+and each coefficient kept within ``BOUNDS``. Its clock is injected.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+#: KV-cache use from which an endpoint counts as filling up (0.9 -> 0, 1.0 -> 1)
+KV_FULL_FROM = 0.9
+
+
+@dataclass(frozen=True, slots=True)
+class Coefficients:
+    """Seconds per unit of each feature."""
+
+    #: a request's fixed cost: the API server, tokenising, one step
+    base_s: float
+    #: per token of prefill that must run before the first token
+    prefill_s_per_token: float
+    #: per sequence running there (longer steps)
+    step_s_per_seq: float
+    #: per decode token a full server must finish before it admits the request
+    full_s_per_token: float
+
+    def as_tuple(self) -> tuple[float, float, float, float]:
+        return (self.base_s, self.prefill_s_per_token, self.step_s_per_seq, self.full_s_per_token)
+
+
+#: before any sample: ~20k prefill tokens/s, +0.5 ms per running sequence, 20 ms decode steps when full
+DEFAULTS = Coefficients(base_s=0.02, prefill_s_per_token=5e-5, step_s_per_seq=5e-4, full_s_per_token=0.02)
+#: what a fit may reach: the cache always saves something, nothing is negative, nothing absurd
+BOUNDS = (
+    Coefficients(base_s=0.0, prefill_s_per_token=1e-7, step_s_per_seq=0.0, full_s_per_token=0.0),
+    Coefficients(base_s=10.0, prefill_s_per_token=0.01, step_s_per_seq=0.5, full_s_per_token=1.0),
+)
+
+
+@dataclass(frozen=True, slots=True)
+class EndpointLoad:
+    """What is queued and running at one endpoint, as the choice sees it."""
+
+    #: prefill tokens ahead of a new request: this gateway's requests without a first token yet,
+    #: plus other clients' waiting requests (from the scrape) at a typical size
+    prefill_ahead: float = 0.0
+    #: sequences running there: ours in flight plus other clients' running (scrape)
+    running: float = 0.0
+    #: the scrape's ``num_requests_waiting`` (the server's own queue)
+    waiting: float = 0.0
+    #: the scrape's KV-cache use, 0-1 (None: unknown)
+    kv_usage: float | None = None
+    #: decode tokens each running sequence still has to generate, on average
+    decode_left_per_seq: float = 0.0
+
+    @property
+    def saturation(self) -> float:
+        """0 (room for more) to 1 (full: a new request waits for running ones to end)."""
+        kv = 0.0 if self.kv_usage is None else (self.kv_usage - KV_FULL_FROM) / (1 - KV_FULL_FROM)
+        queue = self.waiting / max(1.0, self.running) if self.waiting > 0 else 0.0
+        return min(1.0, max(0.0, kv, queue))
+
+
+def features(load: EndpointLoad, uncached_tokens: float) -> tuple[float, float, float, float]:
+    """The model's inputs, in the units of ``Coefficients``."""
+    return (
+        1.0,
+        load.prefill_ahead + max(0.0, uncached_tokens),
+        load.running,
+        load.saturation * load.decode_left_per_seq,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Estimate:
+    """One endpoint's expected TTFT for one request, and its parts (seconds)."""
+
+    ttft_s: float
+    #: waiting behind others: the queued prefill, the running sequences, a full server
+    wait_s: float
+    #: the request's own uncached prefill
+    prefill_s: float
+    #: the prefill the cached prefix saves
+    saved_s: float
+    features: tuple[float, float, float, float]
+    cached_tokens: float = 0.0
+    uncached_tokens: float = 0.0
+
+
+def expected_ttft(
+    coefficients: Coefficients, load: EndpointLoad, uncached_tokens: float, cached_tokens: float
+) -> Estimate:
+    x = features(load, uncached_tokens)
+    c = coefficients
+    ttft = sum(w * v for w, v in zip(c.as_tuple(), x, strict=True))
+    own = c.prefill_s_per_token * max(0.0, uncached_tokens)
+    return Estimate(
+        ttft_s=ttft,
+        wait_s=ttft - c.base_s - own,
+        prefill_s=own,
+        saved_s=c.prefill_s_per_token * max(0.0, cached_tokens),
+        features=x,
+        cached_tokens=max(0.0, cached_tokens),
+        uncached_tokens=max(0.0, uncached_tokens),
+    )
+
+
+# --- the fit ------------------------------------------------------------------------------------
+
+#: typical magnitudes of the features: the fit works on features divided by these, so that its
+#: covariance compares like with like (seconds per 1,000 tokens, per 10 sequences)
+_SCALE = (1.0, 1000.0, 10.0, 100.0)
+#: TTFTs outside this are not evidence of the load (a timed-out or clock-broken sample)
+_MAX_SAMPLE_S = 120.0
+
+
+@dataclass(frozen=True, slots=True)
+class Pending:
+    """A request whose first token the fit waits for."""
+
+    started: float
+    features: tuple[float, float, float, float]
+
+
+class TtftFit:
+    """Recursive least squares of observed TTFTs on ``features``, per endpoint.
+
+    ``begin(x)`` when a request is sent, ``first_token(pending)`` when its first bytes arrive;
+    ``coefficients`` is the current fit. Every ``forget`` samples an old one weighs 1/e less;
+    after ``relearn_after_s`` without samples the covariance goes back to the prior's (the
+    coefficients stay), so a restarted or retuned server is learnt again at full speed.
+    """
+
+    def __init__(
+        self,
+        clock: Callable[[], float] = time.monotonic,
+        *,
+        prior: Coefficients = DEFAULTS,
+        forget: float = 100.0,
+        relearn_after_s: float = 300.0,
+    ) -> None:
+        self._clock = clock
+        self._lambda = math.exp(-1.0 / forget)
+        self._relearn_after_s = relearn_after_s
+        self._lo = [b * s for b, s in zip(BOUNDS[0].as_tuple(), _SCALE, strict=True)]
+        self._hi = [b * s for b, s in zip(BOUNDS[1].as_tuple(), _SCALE, strict=True)]
+        self._theta = [c * s for c, s in zip(prior.as_tuple(), _SCALE, strict=True)]
+        # the prior's spread: each coefficient may well be twice or half its default
+        self._p0 = [
+            [(max(t, 1e-6) if i == j else 0.0) ** 2 for j, _ in enumerate(self._theta)]
+            for i, t in enumerate(self._theta)
+        ]
+        self._p = [row[:] for row in self._p0]
+        #: a robust scale of the residuals (seconds), for clipping outliers
+        self._spread: float | None = None
+        self.samples = 0
+        self.clipped = 0
+        self._last_at: float | None = None
+
+    @property
+    def coefficients(self) -> Coefficients:
+        return Coefficients(*(t / s for t, s in zip(self._theta, _SCALE, strict=True)))
+
+    def begin(self, x: Sequence[float]) -> Pending:
+        return Pending(self._clock(), (x[0], x[1], x[2], x[3]))
+
+    def first_token(self, pending: Pending) -> None:
+        self.observe(pending.features, self._clock() - pending.started)
+
+    def observe(self, x: Sequence[float], ttft_s: float) -> None:
+        """One sample: the features a request was sent with and the TTFT it got."""
+        if not 0.0 < ttft_s < _MAX_SAMPLE_S or not all(math.isfinite(v) and v >= 0 for v in x):
+            return
+        now = self._clock()
+        if self._last_at is not None and now - self._last_at > self._relearn_after_s:
+            self._p = [row[:] for row in self._p0]
+        self._last_at = now
+        z = [v / s for v, s in zip(x, _SCALE, strict=True)]
+        predicted = sum(t * v for t, v in zip(self._theta, z, strict=True))
+        residual = ttft_s - predicted
+        # Huber: past three robust deviations a residual counts as three (a stall, a GC pause)
+        if self._spread is not None and abs(residual) > 3 * self._spread:
+            residual = math.copysign(3 * self._spread, residual)
+            self.clipped += 1
+        spread = abs(residual)
+        self._spread = spread if self._spread is None else 0.95 * self._spread + 0.05 * max(spread, 1e-4)
+        pz = [sum(self._p[i][j] * z[j] for j in range(4)) for i in range(4)]
+        denominator = self._lambda + sum(z[i] * pz[i] for i in range(4))
+        gain = [v / denominator for v in pz]
+        self._theta = [
+            min(hi, max(lo, t + g * residual))
+            for t, g, lo, hi in zip(self._theta, gain, self._lo, self._hi, strict=True)
+        ]
+        p = [[(self._p[i][j] - gain[i] * pz[j]) / self._lambda for j in range(4)] for i in range(4)]
+        # Bounded covariance: forgetting inflates the directions the load never varies in (wind-up);
+        # no coefficient may become less certain than the prior made it. D P D keeps P positive.
+        d = [min(1.0, math.sqrt(self._p0[i][i] / p[i][i])) if p[i][i] > 0 else 1.0 for i in range(4)]
+        self._p = [[p[i][j] * d[i] * d[j] for j in range(4)] for i in range(4)]
+        self.samples += 1
+
+    def snapshot(self) -> dict[str, object]:
+        """The fit for operators (``/admin/routes``)."""
+        c = self.coefficients
+        return {
+            "base_ms": round(c.base_s * 1000, 3),
+            "prefill_ms_per_1k_tokens": round(c.prefill_s_per_token * 1_000_000, 3),
+            "step_ms_per_seq": round(c.step_s_per_seq * 1000, 4),
+            "full_ms_per_token": round(c.full_s_per_token * 1000, 3),
+            "samples": self.samples,
+            "clipped": self.clipped,
+            "residual_ms": None if self._spread is None else round(self._spread * 1000, 2),
+            "last_sample_age_s": None if self._last_at is None else round(self._clock() - self._last_at, 3),
+        }
+
+
+__all__ = [
+    "BOUNDS",
+    "DEFAULTS",
+    "Coefficients",
+    "EndpointLoad",
+    "Estimate",
+    "Pending",
+    "TtftFit",
+    "expected_ttft",
+    "features",
+]
