@@ -248,6 +248,7 @@ class VllmBackend:
             kv_usage=kv,
             decode_left_per_seq=(ours_decode + foreign_running * self._typical_decode / 2)
             / max(1.0, running),
+            capacity=endpoint.capacity,
         )
         queued = endpoint.outstanding + (foreign_running + foreign_waiting) * (
             self._typical_prefill + self._typical_decode
@@ -293,6 +294,9 @@ class VllmBackend:
         now = self._clock()
         cached = endpoint.index.match(plan.keys, now) * self._block_tokens
         if plan.keys:
+            # Counted cached from now, before the server computed it: the next requests sharing the
+            # prefix queue behind this prefill there (the cost model counts it ahead of them) and
+            # then find it cached, rather than each computing it cold elsewhere.
             endpoint.index.record(plan.keys, now)
         prefill = max(0.0, plan.tokens - cached)
         self._typical_prefill = 0.9 * self._typical_prefill + 0.1 * prefill
@@ -316,6 +320,7 @@ class VllmBackend:
                 "cached_tokens": round(est.cached_tokens),
                 "prefill_ahead_tokens": round(est.features[1] - est.uncached_tokens),
                 "running": round(est.features[2], 1),
+                "full_wait_steps": round(est.features[3], 1),
             }
             for name, est in sorted(decision.estimates.items())
         ]
@@ -497,7 +502,7 @@ class _PoolStream:
         try:
             return await anext(self._chunks)
         except StopAsyncIteration:
-            self._ticket.done()
+            self._ticket.done(finished=True)
             raise
         except InterlockError as exc:
             self._ticket.done()

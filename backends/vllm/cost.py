@@ -4,13 +4,13 @@ vLLM's scheduler runs one engine step at a time: every running sequence decodes 
 the prefills waiting their turn fill the rest of the step's token budget, first come first
 served. A request sent now gets its first token after the prefill already queued ahead of it,
 its own uncached prefill, and steps that grow longer with each running sequence; when the server
-is full (KV cache used up, requests waiting in its queue) it also waits for running decodes to
-end and free room. In seconds::
+is full (as many sequences running as it runs at once, KV cache used up) it also waits for
+running decodes to end and free room. In seconds::
 
     ttft = base_s
          + prefill_s_per_token * (prefill_ahead + uncached)
          + step_s_per_seq      * running
-         + full_s_per_token    * saturation * decode_left_per_seq
+         + full_s_per_token    * full_wait_tokens
 
 ``uncached`` is the prompt minus the prefix the endpoint probably holds, so the cache's worth
 is ``prefill_s_per_token * cached``, in the same seconds as the queue's cost: an endpoint whose
@@ -45,7 +45,7 @@ class Coefficients:
     prefill_s_per_token: float
     #: per sequence running there (longer steps)
     step_s_per_seq: float
-    #: per decode token a full server must finish before it admits the request
+    #: per decode step a full server must run before it admits the request (its step time)
     full_s_per_token: float
 
     def as_tuple(self) -> tuple[float, float, float, float]:
@@ -56,7 +56,7 @@ class Coefficients:
 DEFAULTS = Coefficients(base_s=0.02, prefill_s_per_token=5e-5, step_s_per_seq=5e-4, full_s_per_token=0.02)
 #: what a fit may reach: the cache always saves something, nothing is negative, nothing absurd
 BOUNDS = (
-    Coefficients(base_s=0.0, prefill_s_per_token=1e-7, step_s_per_seq=0.0, full_s_per_token=0.0),
+    Coefficients(base_s=0.0, prefill_s_per_token=1e-7, step_s_per_seq=0.0, full_s_per_token=0.001),
     Coefficients(base_s=10.0, prefill_s_per_token=0.01, step_s_per_seq=0.5, full_s_per_token=1.0),
 )
 
@@ -76,13 +76,26 @@ class EndpointLoad:
     kv_usage: float | None = None
     #: decode tokens each running sequence still has to generate, on average
     decode_left_per_seq: float = 0.0
+    #: sequences the server runs at once (its ``max_num_seqs``, as last seen from a scrape that
+    #: showed requests waiting while these ran); None: not seen full yet
+    capacity: float | None = None
 
     @property
-    def saturation(self) -> float:
-        """0 (room for more) to 1 (full: a new request waits for running ones to end)."""
-        kv = 0.0 if self.kv_usage is None else (self.kv_usage - KV_FULL_FROM) / (1 - KV_FULL_FROM)
-        queue = self.waiting / max(1.0, self.running) if self.waiting > 0 else 0.0
-        return min(1.0, max(0.0, kv, queue))
+    def slots_short(self) -> float:
+        """Running sequences that must end before a new request is admitted: those past the
+        capacity, and a share of one as the KV cache fills."""
+        # Not the scrape's waiting count alone: requests arriving mid-step wait for its end
+        # whether or not there is room, so it is rarely zero on a busy server.
+        short = self.running + 1 - self.capacity if self.capacity else 0.0
+        if self.kv_usage is not None:
+            short = max(short, (self.kv_usage - KV_FULL_FROM) / (1 - KV_FULL_FROM))
+        return max(0.0, short)
+
+    @property
+    def full_wait_tokens(self) -> float:
+        """Decode steps until those end: running sequences' remaining decodes spread evenly over
+        twice their mean, the k-th of R ends after about 2 k / R of a mean remaining decode."""
+        return 2.0 * self.slots_short / max(1.0, self.running) * self.decode_left_per_seq
 
 
 def features(load: EndpointLoad, uncached_tokens: float) -> tuple[float, float, float, float]:
@@ -91,7 +104,7 @@ def features(load: EndpointLoad, uncached_tokens: float) -> tuple[float, float, 
         1.0,
         load.prefill_ahead + max(0.0, uncached_tokens),
         load.running,
-        load.saturation * load.decode_left_per_seq,
+        load.full_wait_tokens,
     )
 
 
@@ -131,28 +144,39 @@ def expected_ttft(
 
 # --- the fit ------------------------------------------------------------------------------------
 
-#: typical magnitudes of the features: the fit works on features divided by these, so that its
-#: covariance compares like with like (seconds per 1,000 tokens, per 10 sequences)
-_SCALE = (1.0, 1000.0, 10.0, 100.0)
+#: typical magnitudes of the fitted features (1, prefill tokens, running sequences): the fit works
+#: on features divided by these, so its covariance compares like with like
+_SCALE = (1.0, 1000.0, 10.0)
+#: the residual spread assumed before any sample, and the least assumed after (seconds)
+_NOISE_S = 0.01
+_MIN_NOISE_S = 0.001
 #: TTFTs outside this are not evidence of the load (a timed-out or clock-broken sample)
 _MAX_SAMPLE_S = 120.0
 
 
 @dataclass(frozen=True, slots=True)
 class Pending:
-    """A request whose first token the fit waits for."""
+    """A request whose first token (and end) the fit waits for."""
 
     started: float
     features: tuple[float, float, float, float]
+    first_at: float | None = None
 
 
 class TtftFit:
-    """Recursive least squares of observed TTFTs on ``features``, per endpoint.
+    """Per endpoint: the coefficients of ``expected_ttft``, from what the pool observes there.
 
-    ``begin(x)`` when a request is sent, ``first_token(pending)`` when its first bytes arrive;
-    ``coefficients`` is the current fit. Every ``forget`` samples an old one weighs 1/e less;
-    after ``relearn_after_s`` without samples the covariance goes back to the prior's (the
-    coefficients stay), so a restarted or retuned server is learnt again at full speed.
+    ``begin(x)`` when a request is sent, ``first_token(pending)`` when its first bytes arrive,
+    ``finished(pending, tokens)`` when a stream ends. ``base_s``, ``prefill_s_per_token`` and
+    ``step_s_per_seq`` are recursive least squares of the TTFTs (scaled features, the defaults
+    as a prior): an old sample weighs 1/e less every ``forget`` samples; residuals past three
+    robust deviations count as three (one stalled stream must not rewrite the model); no
+    coefficient's variance may grow past the prior's (no wind-up while the load is steady);
+    ``BOUNDS`` hold. ``full_s_per_token`` is not fit from TTFTs (a full server is rare, and its
+    wait would be blamed on the other terms): it is the decode step time measured directly,
+    a moving average of streams' (end - first token) / tokens. After ``relearn_after_s``
+    without samples the covariance goes back to the prior's, so a restarted or retuned server
+    is learnt again at full speed.
     """
 
     def __init__(
@@ -166,30 +190,45 @@ class TtftFit:
         self._clock = clock
         self._lambda = math.exp(-1.0 / forget)
         self._relearn_after_s = relearn_after_s
-        self._lo = [b * s for b, s in zip(BOUNDS[0].as_tuple(), _SCALE, strict=True)]
-        self._hi = [b * s for b, s in zip(BOUNDS[1].as_tuple(), _SCALE, strict=True)]
-        self._theta = [c * s for c, s in zip(prior.as_tuple(), _SCALE, strict=True)]
+        self._lo = [b * s for b, s in zip(BOUNDS[0].as_tuple(), _SCALE, strict=False)]
+        self._hi = [b * s for b, s in zip(BOUNDS[1].as_tuple(), _SCALE, strict=False)]
+        self._theta = [c * s for c, s in zip(prior.as_tuple(), _SCALE, strict=False)]
         # the prior's spread: each coefficient may well be twice or half its default
+        n = len(self._theta)
         self._p0 = [
-            [(max(t, 1e-6) if i == j else 0.0) ** 2 for j, _ in enumerate(self._theta)]
-            for i, t in enumerate(self._theta)
+            [max(t, 1e-6) ** 2 if i == j else 0.0 for j in range(n)] for i, t in enumerate(self._theta)
         ]
         self._p = [row[:] for row in self._p0]
+        self._step_s = prior.full_s_per_token
         #: a robust scale of the residuals (seconds), for clipping outliers
         self._spread: float | None = None
         self.samples = 0
         self.clipped = 0
+        self.decode_samples = 0
         self._last_at: float | None = None
 
     @property
     def coefficients(self) -> Coefficients:
-        return Coefficients(*(t / s for t, s in zip(self._theta, _SCALE, strict=True)))
+        base, prefill, step = (t / s for t, s in zip(self._theta, _SCALE, strict=True))
+        return Coefficients(base, prefill, step, self._step_s)
 
     def begin(self, x: Sequence[float]) -> Pending:
         return Pending(self._clock(), (x[0], x[1], x[2], x[3]))
 
-    def first_token(self, pending: Pending) -> None:
-        self.observe(pending.features, self._clock() - pending.started)
+    def first_token(self, pending: Pending) -> Pending:
+        """Learn from its TTFT; the returned ``Pending`` remembers when the first token came."""
+        now = self._clock()
+        self.observe(pending.features, now - pending.started)
+        return Pending(pending.started, pending.features, now)
+
+    def finished(self, pending: Pending, tokens: float) -> None:
+        """A stream ended after ``tokens`` decode steps: its decode step time."""
+        if pending.first_at is None or tokens < 4:
+            return
+        step = (self._clock() - pending.first_at) / (tokens - 1)
+        lo, hi = BOUNDS[0].full_s_per_token, BOUNDS[1].full_s_per_token
+        self._step_s = 0.9 * self._step_s + 0.1 * min(hi, max(lo, step))
+        self.decode_samples += 1
 
     def observe(self, x: Sequence[float], ttft_s: float) -> None:
         """One sample: the features a request was sent with and the TTFT it got."""
@@ -199,27 +238,31 @@ class TtftFit:
         if self._last_at is not None and now - self._last_at > self._relearn_after_s:
             self._p = [row[:] for row in self._p0]
         self._last_at = now
-        z = [v / s for v, s in zip(x, _SCALE, strict=True)]
-        predicted = sum(t * v for t, v in zip(self._theta, z, strict=True))
-        residual = ttft_s - predicted
-        # Huber: past three robust deviations a residual counts as three (a stall, a GC pause)
+        n = len(self._theta)
+        z = [v / s for v, s in zip(x, _SCALE, strict=False)]
+        # the full server's wait is the measured step time's part; the rest is fit
+        target = ttft_s - self._step_s * x[3]
+        residual = target - sum(t * v for t, v in zip(self._theta, z, strict=True))
         if self._spread is not None and abs(residual) > 3 * self._spread:
             residual = math.copysign(3 * self._spread, residual)
             self.clipped += 1
-        spread = abs(residual)
-        self._spread = spread if self._spread is None else 0.95 * self._spread + 0.05 * max(spread, 1e-4)
-        pz = [sum(self._p[i][j] * z[j] for j in range(4)) for i in range(4)]
-        denominator = self._lambda + sum(z[i] * pz[i] for i in range(4))
-        gain = [v / denominator for v in pz]
+        # the noise's variance in the covariance's units (seconds squared): how far one sample
+        # may move the coefficients against the prior
+        noise = max(self._spread or _NOISE_S, _MIN_NOISE_S) ** 2
+        self._spread = (
+            abs(residual) if self._spread is None else 0.95 * self._spread + 0.05 * max(abs(residual), 1e-4)
+        )
+        pz = [sum(self._p[i][j] * z[j] for j in range(n)) for i in range(n)]
+        gain = [v / (self._lambda * noise + sum(z[i] * pz[i] for i in range(n))) for v in pz]
         self._theta = [
             min(hi, max(lo, t + g * residual))
             for t, g, lo, hi in zip(self._theta, gain, self._lo, self._hi, strict=True)
         ]
-        p = [[(self._p[i][j] - gain[i] * pz[j]) / self._lambda for j in range(4)] for i in range(4)]
-        # Bounded covariance: forgetting inflates the directions the load never varies in (wind-up);
-        # no coefficient may become less certain than the prior made it. D P D keeps P positive.
-        d = [min(1.0, math.sqrt(self._p0[i][i] / p[i][i])) if p[i][i] > 0 else 1.0 for i in range(4)]
-        self._p = [[p[i][j] * d[i] * d[j] for j in range(4)] for i in range(4)]
+        p = [[(self._p[i][j] - gain[i] * pz[j]) / self._lambda for j in range(n)] for i in range(n)]
+        # bounded covariance: forgetting inflates the directions the load never varies in (wind-up);
+        # no coefficient may become less certain than the prior made it (D P D keeps P positive)
+        d = [min(1.0, math.sqrt(self._p0[i][i] / p[i][i])) if p[i][i] > 0 else 1.0 for i in range(n)]
+        self._p = [[p[i][j] * d[i] * d[j] for j in range(n)] for i in range(n)]
         self.samples += 1
 
     def snapshot(self) -> dict[str, object]:
@@ -229,8 +272,9 @@ class TtftFit:
             "base_ms": round(c.base_s * 1000, 3),
             "prefill_ms_per_1k_tokens": round(c.prefill_s_per_token * 1_000_000, 3),
             "step_ms_per_seq": round(c.step_s_per_seq * 1000, 4),
-            "full_ms_per_token": round(c.full_s_per_token * 1000, 3),
+            "decode_step_ms": round(c.full_s_per_token * 1000, 3),
             "samples": self.samples,
+            "decode_samples": self.decode_samples,
             "clipped": self.clipped,
             "residual_ms": None if self._spread is None else round(self._spread * 1000, 2),
             "last_sample_age_s": None if self._last_at is None else round(self._clock() - self._last_at, 3),

@@ -55,6 +55,9 @@ class Endpoint:
         self.scraped_at: float | None = None
         self.scrape_error = ""
         self.ours_at_scrape = 0
+        #: the most running sequences a scrape showed with requests waiting: the server was full
+        #: then, so this is about its max_num_seqs (None until it has been seen full)
+        self.capacity: float | None = None
         self.prefix_rate = PrefixRate()
         self.wake = asyncio.Event()
         self.tasks: list[asyncio.Task[None]] = []
@@ -104,6 +107,9 @@ class Endpoint:
         # the page was made between sending and now: of our two counts, the larger claims more of it
         self.ours_at_scrape = max(ours, self.in_flight)
         self.prefix_rate.update(snapshot.prefix_queries, snapshot.prefix_hits)
+        if snapshot.waiting and snapshot.running and (snapshot.kv_cache_usage or 0.0) < 0.9:
+            # the most seen: a request arriving mid-step waits for the step's end, room or not
+            self.capacity = max(self.capacity or 0.0, snapshot.running)
 
     def row(self, now: float) -> dict[str, Any]:
         """Its figures for operators (``/admin/routes``); the URL carries no credentials."""
@@ -124,6 +130,7 @@ class Endpoint:
             "scrape_error": self.scrape_error,
             "index_blocks": len(self.index),
             "prefill_pending_tokens": round(self.prefill_pending),
+            "capacity_seen": _int(self.capacity),
             "ttft_fit": self.fit.snapshot(),
         }
 
@@ -148,18 +155,20 @@ class Ticket:
         if not self.open or self.decoding:
             return
         if self.pending is not None:
-            self.endpoint.fit.first_token(self.pending)
-            self.pending = None
+            self.pending = self.endpoint.fit.first_token(self.pending)
         self.decoding = True
         self._release_prefill()
         self.endpoint.decoding += 1
 
-    def done(self) -> None:
+    def done(self, *, finished: bool = False) -> None:
+        """Released; ``finished``: the stream ran to its end (its decode time is a sample)."""
         if self.open:
             self.open = False
             self.endpoint.in_flight -= 1
             if self.decoding:
                 self.endpoint.decoding -= 1
+                if self.pending is not None and finished:
+                    self.endpoint.fit.finished(self.pending, self.decode)
             self._release_prefill()
             self.endpoint.outstanding = max(0.0, self.endpoint.outstanding - self.decode)
 
