@@ -200,8 +200,9 @@ class TtftFit:
         ]
         self._p = [row[:] for row in self._p0]
         self._step_s = prior.full_s_per_token
-        #: a robust scale of the residuals (seconds), for clipping outliers
-        self._spread: float | None = None
+        #: a robust scale of the residuals (seconds), for clipping outliers; it starts small, so
+        #: that a first sample that is an outlier cannot set it (it grows ~10% a sample if need be)
+        self._spread = _NOISE_S
         self.samples = 0
         self.clipped = 0
         self.decode_samples = 0
@@ -243,15 +244,13 @@ class TtftFit:
         # the full server's wait is the measured step time's part; the rest is fit
         target = ttft_s - self._step_s * x[3]
         residual = target - sum(t * v for t, v in zip(self._theta, z, strict=True))
-        if self._spread is not None and abs(residual) > 3 * self._spread:
+        if abs(residual) > 3 * self._spread:
             residual = math.copysign(3 * self._spread, residual)
             self.clipped += 1
         # the noise's variance in the covariance's units (seconds squared): how far one sample
         # may move the coefficients against the prior
-        noise = max(self._spread or _NOISE_S, _MIN_NOISE_S) ** 2
-        self._spread = (
-            abs(residual) if self._spread is None else 0.95 * self._spread + 0.05 * max(abs(residual), 1e-4)
-        )
+        noise = max(self._spread, _MIN_NOISE_S) ** 2
+        self._spread = 0.95 * self._spread + 0.05 * max(abs(residual), 1e-4)
         pz = [sum(self._p[i][j] * z[j] for j in range(n)) for i in range(n)]
         gain = [v / (self._lambda * noise + sum(z[i] * pz[i] for i in range(n))) for v in pz]
         self._theta = [
@@ -276,7 +275,7 @@ class TtftFit:
             "samples": self.samples,
             "decode_samples": self.decode_samples,
             "clipped": self.clipped,
-            "residual_ms": None if self._spread is None else round(self._spread * 1000, 2),
+            "residual_ms": round(self._spread * 1000, 2) if self.samples else None,
             "last_sample_age_s": None if self._last_at is None else round(self._clock() - self._last_at, 3),
         }
 
