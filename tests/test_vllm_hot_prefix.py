@@ -37,7 +37,7 @@ USERS = 28
 #: conversations per system prompt (6 prompts): Zipf-like, the hottest opens 60% of them
 SHARES = (29, 8, 5, 3, 2, 1)
 #: each rule runs this many times, interleaved; the percentiles pool the runs
-ROUNDS = 2
+ROUNDS = 3
 WORDS = "river stone light bridge garden window market winter summer morning evening letter".split()
 
 

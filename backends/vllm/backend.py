@@ -2,31 +2,35 @@
 
 Each request goes to one endpoint of the pool, chosen per ``routing``:
 
-``auto`` (default) scores every healthy endpoint in tokens of work, lowest wins::
+``auto`` (default) sends each request where its first token is expected soonest, in time
+(``backends.vllm.cost``)::
 
-    score(e) = uncached(e) + queued(e)
-    uncached(e) = prompt_tokens - tokens of the prompt's prefix e probably holds (PrefixIndex)
-    queued(e)   = outstanding(e) + foreign(e) * typical_request_tokens
-    outstanding(e) = what this gateway sent e and is not finished: uncached prefill until the
-                     first byte (for a stream; a JSON reply has no first byte, so until its end),
-                     plus expected decode (max_tokens or 256, times n) until the end
-    foreign(e)  = requests e's last fresh /metrics scrape (at most 3 intervals old) showed
-                  (running + waiting) beyond this gateway's own in flight: other gateway
-                  replicas or clients sharing the pool; typical_request_tokens is the moving
-                  average of this pool's own requests (512 to start)
+    ttft(e) = base + prefill_cost * (prefill_ahead(e) + uncached(e)) + per_seq * running(e)
+              + step_time * full_wait_steps(e)
+    uncached(e)      = prompt_tokens - tokens of the prompt's prefix e probably holds (PrefixIndex)
+    prefill_ahead(e) = uncached prefill of what this gateway sent e that has no first token yet,
+                       plus other clients' requests waiting there (scrape) at this pool's typical size
+    running(e)       = this gateway's requests in flight there, plus other clients' running (scrape)
+    full_wait_steps  = decode steps until a slot frees, once e is past the capacity it was seen
+                       full at (two scrapes in a row with requests waiting beside the same
+                       running count) or its KV cache is over 90% used
+
+so the prefix cache is worth exactly the prefill time it saves, and a busier endpoint loses a
+request once its queue costs more than that. ``base``, ``prefill_cost`` and ``per_seq`` are fit
+per endpoint from the TTFTs of its streams (recursive least squares from defaults for an 8B model
+on one data-centre GPU, robust to outliers, bounded); ``step_time`` is measured from its streams'
+decode. Nothing needs tuning per model or GPU. ``load_guard`` (unset by default) is an optional
+hard cap: an endpoint more than that many tokens of queued work busier than the least busy is
+not chosen. Estimates within one prompt block's prefill time (``prefix_block_chars / 4``
+tokens) of the best are a tie: the ``x-interlock-session`` key picks among them by rendezvous
+hashing (every replica picks alike, a conversation stays put), otherwise a per-process
+``random.Random`` seeded from ``os.urandom`` does, so gateway replicas do not all herd onto the
+same endpoint. Each decision (the endpoint, the cached prefix expected there, every endpoint's
+expected TTFT with its wait, own prefill and the prefill its cache saves) goes to the debug log
+and to ``describe()`` (``/admin/routes``, the last ``DECISIONS_KEPT``).
 
 Prompt lengths are estimated (characters / 4, no tokenizer); the rule itself is
-``backends.vllm.affinity.choose``, a pure function of per-endpoint snapshots.
-
-Prefix affinity comes first: the endpoints holding the longest cached prefix of this prompt
-take it unless their ``queued`` exceeds the least-queued endpoint's by more than
-``load_guard`` tokens (default 4096: about a long shared prompt's prefill plus a dozen
-replies, so the cache hit is worth more than the queue costs; past it, a busy endpoint
-stops attracting its conversations and they spread, re-caching their prefix elsewhere).
-Scores within one prompt block (``prefix_block_chars / 4`` tokens) of the best are a tie:
-the ``x-interlock-session`` key picks among them by rendezvous hashing (every replica picks
-alike, a conversation stays put), otherwise a per-process ``random.Random`` seeded from
-``os.urandom`` does, so gateway replicas do not all herd onto the same endpoint.
+``backends.vllm.affinity.decide``, a pure function of per-endpoint snapshots.
 
 ``round_robin``, ``least_in_flight`` and ``conversation_hash`` (the session key, else the
 conversation's opening messages, hashed onto the healthy endpoints) exist to compare rules.

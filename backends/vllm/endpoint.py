@@ -55,9 +55,9 @@ class Endpoint:
         self.scraped_at: float | None = None
         self.scrape_error = ""
         self.ours_at_scrape = 0
-        #: the most running sequences a scrape showed with requests waiting: the server was full
-        #: then, so this is about its max_num_seqs (None until it has been seen full)
+        #: about its max_num_seqs, once it has been seen full (``_learn_capacity``), else None
         self.capacity: float | None = None
+        self.max_running = 0.0
         self.prefix_rate = PrefixRate()
         self.wake = asyncio.Event()
         self.tasks: list[asyncio.Task[None]] = []
@@ -107,9 +107,20 @@ class Endpoint:
         # the page was made between sending and now: of our two counts, the larger claims more of it
         self.ours_at_scrape = max(ours, self.in_flight)
         self.prefix_rate.update(snapshot.prefix_queries, snapshot.prefix_hits)
-        if snapshot.waiting and snapshot.running and (snapshot.kv_cache_usage or 0.0) < 0.9:
-            # the most seen: a request arriving mid-step waits for the step's end, room or not
-            self.capacity = max(self.capacity or 0.0, snapshot.running)
+        self._learn_capacity(snapshot)
+
+    def _learn_capacity(self, snapshot: MetricsSnapshot) -> None:
+        """A scrape showing requests waiting beside several running, with KV room to spare, says
+        the server was full: its running count is about its max_num_seqs. It may also be a request
+        that arrived mid-step and waits for the step's end; such an underestimate is corrected by
+        the most running any scrape showed (requests sent past it still go there when the others
+        cost more, and the next scrape sees them running)."""
+        running, waiting = snapshot.running or 0.0, snapshot.waiting or 0.0
+        self.max_running = max(self.max_running, running)
+        if waiting > 0 and running >= 2 and (snapshot.kv_cache_usage or 0.0) < 0.9:
+            self.capacity = max(self.capacity or 0.0, running)
+        if self.capacity is not None and self.capacity < self.max_running:
+            self.capacity = self.max_running
 
     def row(self, now: float) -> dict[str, Any]:
         """Its figures for operators (``/admin/routes``); the URL carries no credentials."""
