@@ -8,6 +8,7 @@ answers, and kill a server in the middle of a burst.
 from __future__ import annotations
 
 import asyncio
+import logging
 import random
 import socket
 import time
@@ -540,12 +541,15 @@ async def test_a_mixed_version_pool_is_scraped_alike(http: HttpClient) -> None:
 
 
 async def test_each_decision_is_kept_with_its_estimates_for_admin(
-    http: HttpClient, sims: list[VllmSim]
+    http: HttpClient, sims: list[VllmSim], caplog: pytest.LogCaptureFixture
 ) -> None:
     pair = sims[:2]
     async with pool(http, pair) as backend:
-        for i in range(3):
-            await drain(await backend.stream(chat(f"question {i}", system=SYSTEM, stream=True)))
+        with caplog.at_level(logging.DEBUG, logger="interlock.backends.vllm"):
+            for i in range(3):
+                await drain(await backend.stream(chat(f"question {i}", system=SYSTEM, stream=True)))
+        logged = [r.getMessage() for r in caplog.records if "expected cached prefix" in r.getMessage()]
+        assert len(logged) == 3 and "req-question 2" in logged[-1] and "cache saves" in logged[-1]
         decisions = backend.describe()["decisions"]
         assert isinstance(decisions, list) and len(decisions) == 3
         last = decisions[-1]
