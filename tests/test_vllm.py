@@ -496,7 +496,7 @@ def test_a_good_config_loads_with_documented_defaults() -> None:
     assert isinstance(config, VllmConfig)
     assert (config.routing, config.load_guard, config.prefix_block_chars, config.prefix_ttl_s) == (
         "auto",
-        4096,
+        None,
         256,
         600.0,
     )

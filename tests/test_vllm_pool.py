@@ -8,6 +8,7 @@ answers, and kill a server in the middle of a burst.
 from __future__ import annotations
 
 import asyncio
+import logging
 import random
 import socket
 import time
@@ -180,11 +181,12 @@ async def test_distinct_prompts_spread_over_the_pool(http: HttpClient, sims: lis
     assert sorted(served(pair)) == [4, 4]
 
 
-async def test_the_load_guard_bypasses_a_busy_affinity_endpoint(
+async def test_the_optional_load_guard_caps_a_busy_affinity_endpoint(
     http: HttpClient, sims: list[VllmSim]
 ) -> None:
-    """Long streams sharing a prompt: with the guard they spread once one server is busier by more than
-    it; without one (a huge guard) they all pile onto the server that has the prompt cached."""
+    """Long streams sharing a prompt: four running streams cost less than the cached prompt saves,
+    so the cost model keeps them together (a guard too large to matter); a load_guard set below
+    their queued tokens spreads them, whatever the model expects."""
     pair = sims[:2]
     for sim in pair:
         sim.decode_s_per_token = 0.005
@@ -536,3 +538,30 @@ async def test_a_mixed_version_pool_is_scraped_alike(http: HttpClient) -> None:
                 assert row["kv_cache_usage"] == 0.0
                 assert 0 < row["prefix_hit_rate"] <= 1
             assert backend.load().queued == 10
+
+
+async def test_each_decision_is_kept_with_its_estimates_for_admin(
+    http: HttpClient, sims: list[VllmSim], caplog: pytest.LogCaptureFixture
+) -> None:
+    pair = sims[:2]
+    async with pool(http, pair) as backend:
+        with caplog.at_level(logging.DEBUG, logger="interlock.backends.vllm"):
+            for i in range(3):
+                await drain(await backend.stream(chat(f"question {i}", system=SYSTEM, stream=True)))
+        logged = [r.getMessage() for r in caplog.records if "expected cached prefix" in r.getMessage()]
+        assert len(logged) == 3 and "req-question 2" in logged[-1] and "cache saves" in logged[-1]
+        decisions = backend.describe()["decisions"]
+        assert isinstance(decisions, list) and len(decisions) == 3
+        last = decisions[-1]
+        home = max(pair, key=lambda s: s.served)
+        assert last["endpoint"] == home.base_url.removesuffix("/v1")
+        assert last["request_id"].startswith("req-question 2")
+        assert last["expected_cached_tokens"] > 1000  # the system prompt, sent there twice before
+        by_url = {e["url"]: e for e in last["estimates"]}
+        assert set(by_url) == {s.base_url.removesuffix("/v1") for s in pair}
+        chosen = by_url[last["endpoint"]]
+        assert chosen["cached_tokens"] == last["expected_cached_tokens"]
+        assert chosen["expected_ttft_ms"] == min(e["expected_ttft_ms"] for e in last["estimates"])
+        assert chosen["saved_ms"] > 0 and {"wait_ms", "prefill_ms", "running"} <= set(chosen)
+        fits = [e["ttft_fit"] for e in backend.endpoints()]
+        assert sum(f["samples"] for f in fits) == 3, "every stream's first token is a sample for its endpoint"

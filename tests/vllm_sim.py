@@ -20,10 +20,15 @@ Guessed, not captured: the last chunk of a completions stream without ``include_
 (taken to carry ``system_fingerprint`` as chat's does); token counts (a word/punctuation count
 stands in for the tokenizer).
 
-Prefill cost makes prefix caching matter: each server keeps an LRU of the prompt blocks it
-has "cached"; time to first token = ``base_ttft_s`` + ``prefill_s_per_char`` per uncached
-character, and every step slows by ``slowdown_per_running`` per other running request;
-decode sleeps ``decode_s_per_token`` per token; at most ``max_num_seqs`` run, the rest wait.
+Time is modelled by a scheduler like vLLM's (``tests.vllm_engine``): after ``base_ttft_s`` in
+the API server, a request waits for admission (at most ``max_num_seqs`` run, within
+``kv_capacity_tokens``), then engine steps each decode one token per running sequence and spend
+a ``step_budget_chars`` budget on prefills, first come first served; a step takes
+``decode_s_per_token``, ``slowdown_per_running`` longer per other sequence in it, plus
+``prefill_s_per_char`` per prefill character. Each server keeps an LRU of the prompt blocks it
+has cached (looked up at admission, filled when a prefill ends), so prefix caching matters and
+so does what is queued where. ``requests[i]["ttft_s"]`` is the TTFT on the engine's simulated
+clock, which a loaded machine's late wake-ups do not stretch.
 ``kill()`` closes the listening socket and every open connection mid-load; ``revive()``
 listens again. Several instances on different ports (or loopback addresses) form a pool.
 """
@@ -49,6 +54,7 @@ import orjson
 from aiohttp import web
 
 from tests.fakes import free_port
+from tests.vllm_engine import Engine, Seq
 
 T = TypeVar("T")
 
@@ -149,6 +155,8 @@ class VllmSim:
     decode_s_per_token: float = 0.001
     #: each other running request slows every step by this share
     slowdown_per_running: float = 0.05
+    #: prefill characters one step computes at most (chunked prefill; ~8k tokens)
+    step_budget_chars: int = 32768
     cache_blocks: int = 4096
     block_chars: int = 64
     kv_capacity_tokens: int = 65536
@@ -167,8 +175,6 @@ class VllmSim:
     health_delay_s: float = 0.0
 
     # what happened
-    running: int = 0
-    waiting: int = 0
     prefix_queries: int = 0
     prefix_hits: int = 0
     cancelled: int = 0
@@ -177,7 +183,7 @@ class VllmSim:
 
     def __post_init__(self) -> None:
         self._cache: OrderedDict[bytes, None] = OrderedDict()
-        self._kv_tokens = 0
+        self._engine = Engine(self, self._admitted, self._prefix_insert)
         text = metrics_template().replace('model_name="smollm2"', f'model_name="{self.model}"')
         if self.legacy_metrics:
             for new, old in _LEGACY_NAMES:
@@ -207,6 +213,15 @@ class VllmSim:
     def served(self) -> int:
         return len(self.requests)
 
+    @property
+    def running(self) -> int:
+        """Requests admitted to the engine (prefilling or decoding)."""
+        return len(self._engine.running)
+
+    @property
+    def waiting(self) -> int:
+        return len(self._engine.waiting)
+
     def reset(self) -> None:
         """Forget the cache, the counters and the knobs (between tests sharing a server)."""
         self._call(self._reset)
@@ -229,6 +244,7 @@ class VllmSim:
             loop.run_until_complete(self._setup())
             ready.set()
             loop.run_forever()
+            self._engine_task.cancel()
             loop.run_until_complete(self._runner.cleanup())
             loop.close()
 
@@ -243,7 +259,7 @@ class VllmSim:
         self._thread.join(5)
 
     async def _setup(self) -> None:
-        self._slots = asyncio.Semaphore(self.max_num_seqs)
+        self._engine_task = asyncio.create_task(self._engine.run())
         app = web.Application(middlewares=[self._dead_gate, _json_404])
         app.on_response_prepare.append(_uvicorn_headers)
         app.router.add_post("/v1/chat/completions", self._chat)
@@ -357,7 +373,7 @@ class VllmSim:
             "vllm:num_requests_running": self.running + self.extra_running,
             "vllm:num_requests_waiting": self.waiting + self.extra_waiting,
             "vllm:num_requests_waiting_by_reason": self.waiting + self.extra_waiting,
-            "vllm:kv_cache_usage_perc": min(1.0, self._kv_tokens / self.kv_capacity_tokens),
+            "vllm:kv_cache_usage_perc": min(1.0, self._engine.kv_tokens / self.kv_capacity_tokens),
             "vllm:prefix_cache_queries_total": self.prefix_queries,
             "vllm:prefix_cache_hits_total": self.prefix_hits,
         }
@@ -425,35 +441,25 @@ class VllmSim:
             "headers": {k.lower(): v for k, v in request.headers.items()},
         }
         self.requests.append(record)
-        self.waiting += 1
+        tokens, finish, stop = self._reply_tokens(kind, body, max_tokens, prompt_tokens)
+        seq = Seq(prompt, prompt_tokens, len(tokens))
         try:
-            await self._slots.acquire()
-        finally:
-            self.waiting -= 1
-        self.running += 1
-        held = prompt_tokens
-        self._kv_tokens += held
-        try:
-            cached = self._prefix_lookup(prompt)
-            record["cached_chars"] = cached
-            self.prefix_queries += prompt_tokens
-            self.prefix_hits += min(prompt_tokens, round(prompt_tokens * cached / max(1, len(prompt))))
-            tokens, finish, stop = self._reply_tokens(kind, body, max_tokens, prompt_tokens)
-            await asyncio.sleep(
-                (self.base_ttft_s + (len(prompt) - cached) * self.prefill_s_per_char) * self._slowdown()
-            )
+            await asyncio.sleep(self.base_ttft_s)  # the API server: parsing, tokenising
+            self._engine.submit(seq)
+            await seq.out.get()  # the prefill is done: the first token (or the end of a 0-token reply)
+            record["cached_chars"] = seq.cached_chars
+            record["ttft_s"] = self.base_ttft_s + (seq.ttft_s or 0.0)
             if body.get("stream"):
-                return await self._stream(request, kind, body, tokens, finish, stop, prompt_tokens)
-            await asyncio.sleep(self.decode_s_per_token * len(tokens) * self._slowdown())
+                return await self._stream(request, kind, body, tokens, finish, stop, prompt_tokens, seq)
+            while seq.tokens and await seq.out.get() is not None:
+                pass
             return _json(200, self._reply(kind, body, tokens, finish, stop, prompt_tokens))
         except (asyncio.CancelledError, ConnectionResetError):
             self.cancelled += 1
             self.disconnected.set()
             raise
         finally:
-            self._kv_tokens -= held
-            self.running -= 1
-            self._slots.release()
+            seq.aborted = True  # the engine drops it if it is still there
 
     def _invalid(self, body: dict[str, Any]) -> web.Response | None:
         model = body.get("model")
@@ -519,25 +525,37 @@ class VllmSim:
             parts.append(f"<|im_start|>{m.get('role')}\n{text}<|im_end|>\n")
         return "".join(parts) + "<|im_start|>assistant\n"
 
-    def _prefix_lookup(self, prompt: str) -> int:
-        """Characters of the prompt's prefix already cached here; the prompt's blocks are cached now."""
-        cached, hit, previous = 0, True, b""
+    def _blocks(self, prompt: str) -> list[bytes]:
+        keys, previous = [], b""
         for start in range(0, len(prompt) - self.block_chars + 1, self.block_chars):
             previous = hashlib.blake2b(
                 previous + prompt[start : start + self.block_chars].encode(), digest_size=12
             ).digest()
-            if hit and previous in self._cache:
-                cached += self.block_chars
-            else:
-                hit = False
-            self._cache[previous] = None
-            self._cache.move_to_end(previous)
-        while len(self._cache) > self.cache_blocks:
-            self._cache.popitem(last=False)
+            keys.append(previous)
+        return keys
+
+    def _admitted(self, seq: Seq) -> int:
+        """Characters of the prompt's prefix cached here (the engine admits it now), counted as
+        vLLM's prefix-cache counters count them."""
+        cached = 0
+        for key in self._blocks(seq.prompt):
+            if key not in self._cache:
+                break
+            self._cache.move_to_end(key)
+            cached += self.block_chars
+        self.prefix_queries += seq.prompt_tokens
+        self.prefix_hits += min(
+            seq.prompt_tokens, round(seq.prompt_tokens * cached / max(1, len(seq.prompt)))
+        )
         return cached
 
-    def _slowdown(self) -> float:
-        return 1.0 + self.slowdown_per_running * max(0, self.running - 1)
+    def _prefix_insert(self, prompt: str) -> None:
+        """A prefill is done: its prompt's blocks are cached (the least recently used go first)."""
+        for key in self._blocks(prompt):
+            self._cache[key] = None
+            self._cache.move_to_end(key)
+        while len(self._cache) > self.cache_blocks:
+            self._cache.popitem(last=False)
 
     def _reply_tokens(
         self, kind: str, body: dict[str, Any], max_tokens: int | None, prompt_tokens: int
@@ -651,7 +669,9 @@ class VllmSim:
         finish: str,
         stop: str | None,
         prompt_tokens: int,
+        seq: Seq,
     ) -> web.StreamResponse:
+        """The reply as SSE; its first token is out already, the others come from the engine."""
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream; charset=utf-8"})
         await response.prepare(request)
         options = body.get("stream_options") or {}
@@ -684,7 +704,7 @@ class VllmSim:
             )
         for i, token in enumerate(tokens):
             if i:
-                await asyncio.sleep(self.decode_s_per_token * self._slowdown())
+                await seq.out.get()
             last = i == len(tokens) - 1
             if kind == "chat":
                 choice: dict[str, Any] = {

@@ -13,7 +13,8 @@ endpoint's ``PrefixIndex`` holds the keys of the prompts it was sent, expiring a
 (vLLM evicts as its cache fills) and bounded in size (least recently used out first).
 
 ``choose`` is the routing rule itself, a pure function of per-endpoint snapshots
-(``Candidate``) and the request (``Ask``); ``backends.vllm`` documents the score.
+(``Candidate``: cached prefix, load, fitted cost model) and the request (``Ask``); ``decide``
+also returns the estimates behind it. ``backends.vllm`` documents the rule.
 """
 
 from __future__ import annotations
@@ -22,10 +23,12 @@ import hashlib
 import random
 from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import orjson
+
+from backends.vllm.cost import DEFAULTS, Coefficients, EndpointLoad, Estimate, expected_ttft
 
 #: a rough characters-per-token for English text and code; the pool scores in tokens
 CHARS_PER_TOKEN = 4
@@ -182,9 +185,12 @@ class Candidate:
     name: str
     #: leading blocks of this prompt it probably holds (``PrefixIndex.match``)
     cached_blocks: int = 0
-    #: tokens of work ahead of a new request there
+    #: tokens of work ahead of a new request there (the optional ``load_guard`` cap compares these)
     queued_tokens: float = 0.0
     in_flight: int = 0
+    #: what is queued and running there, and its fitted cost model (``auto``)
+    load: EndpointLoad = field(default_factory=EndpointLoad)
+    coefficients: Coefficients = DEFAULTS
 
 
 @dataclass(frozen=True, slots=True)
@@ -198,39 +204,72 @@ class Ask:
     conversation: str = ""
 
 
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """The endpoint chosen, and (``auto``) every candidate's expected TTFT, by name."""
+
+    chosen: Candidate
+    estimates: dict[str, Estimate]
+    #: the chosen endpoint's expected cached prefix, in tokens
+    cached_tokens: float = 0.0
+
+
 def choose(
     routing: Routing,
     candidates: Sequence[Candidate],
     ask: Ask,
     *,
     block_tokens: float,
-    load_guard: float,
     rng: random.Random,
     turn: int = 0,
+    load_guard: float | None = None,
 ) -> Candidate:
     """The endpoint a request goes to; ``turn`` counts the calls, for ``round_robin``."""
+    return decide(
+        routing, candidates, ask, block_tokens=block_tokens, rng=rng, turn=turn, load_guard=load_guard
+    ).chosen
+
+
+def decide(
+    routing: Routing,
+    candidates: Sequence[Candidate],
+    ask: Ask,
+    *,
+    block_tokens: float,
+    rng: random.Random,
+    turn: int = 0,
+    load_guard: float | None = None,
+) -> Decision:
+    """``choose``, with the figures behind it.
+
+    ``auto``: the lowest expected time to first token (``backends.vllm.cost``) wins. Estimates
+    within one block's prefill time of the best are a tie: the session key picks among them by
+    rendezvous hashing (every replica alike), else ``rng``. ``load_guard``, when set, is a hard cap:
+    an endpoint whose queued tokens exceed the least queued's by more is left out.
+    """
     ordered = sorted(candidates, key=lambda c: c.name)
     if routing == "round_robin":
-        return ordered[turn % len(ordered)]
+        return Decision(ordered[turn % len(ordered)], {})
     if routing == "conversation_hash":
-        return ordered[rendezvous(ask.session or ask.conversation, [c.name for c in ordered])]
+        return Decision(ordered[rendezvous(ask.session or ask.conversation, [c.name for c in ordered])], {})
     if routing == "least_in_flight":
         fewest = min(c.in_flight for c in ordered)
-        return rng.choice([c for c in ordered if c.in_flight == fewest])
+        return Decision(rng.choice([c for c in ordered if c.in_flight == fewest]), {})
     pool = ordered
-    longest = max(c.cached_blocks for c in ordered)
-    if longest > 0:
+    if load_guard is not None:
         least = min(c.queued_tokens for c in ordered)
-        holders = [c for c in ordered if c.cached_blocks == longest and c.queued_tokens - least <= load_guard]
-        pool = holders or ordered  # none within the guard: the prefix is ignored
-
-    def score(c: Candidate) -> float:
-        return max(0.0, ask.prompt_tokens - c.cached_blocks * block_tokens) + c.queued_tokens
-
-    best = min(score(c) for c in pool)
-    near = [c for c in pool if score(c) <= best + block_tokens]
+        pool = [c for c in ordered if c.queued_tokens - least <= load_guard]
+    estimates = {}
+    for c in ordered:
+        cached = min(float(ask.prompt_tokens), c.cached_blocks * block_tokens)
+        estimates[c.name] = expected_ttft(c.coefficients, c.load, ask.prompt_tokens - cached, cached)
+    best = min(estimates[c.name].ttft_s for c in pool)
+    tie = block_tokens * min(c.coefficients.prefill_s_per_token for c in pool)
+    near = [c for c in pool if estimates[c.name].ttft_s <= best + tie]
     if len(near) == 1:
-        return near[0]
-    if ask.session:
-        return near[rendezvous(ask.session, [c.name for c in near])]
-    return rng.choice(near)
+        chosen = near[0]
+    elif ask.session:
+        chosen = near[rendezvous(ask.session, [c.name for c in near])]
+    else:
+        chosen = rng.choice(near)
+    return Decision(chosen, estimates, min(float(ask.prompt_tokens), chosen.cached_blocks * block_tokens))

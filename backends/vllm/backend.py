@@ -2,31 +2,35 @@
 
 Each request goes to one endpoint of the pool, chosen per ``routing``:
 
-``auto`` (default) scores every healthy endpoint in tokens of work, lowest wins::
+``auto`` (default) sends each request where its first token is expected soonest, in time
+(``backends.vllm.cost``)::
 
-    score(e) = uncached(e) + queued(e)
-    uncached(e) = prompt_tokens - tokens of the prompt's prefix e probably holds (PrefixIndex)
-    queued(e)   = outstanding(e) + foreign(e) * typical_request_tokens
-    outstanding(e) = what this gateway sent e and is not finished: uncached prefill until the
-                     first byte (for a stream; a JSON reply has no first byte, so until its end),
-                     plus expected decode (max_tokens or 256, times n) until the end
-    foreign(e)  = requests e's last fresh /metrics scrape (at most 3 intervals old) showed
-                  (running + waiting) beyond this gateway's own in flight: other gateway
-                  replicas or clients sharing the pool; typical_request_tokens is the moving
-                  average of this pool's own requests (512 to start)
+    ttft(e) = base + prefill_cost * (prefill_ahead(e) + uncached(e)) + per_seq * running(e)
+              + step_time * full_wait_steps(e)
+    uncached(e)      = prompt_tokens - tokens of the prompt's prefix e probably holds (PrefixIndex)
+    prefill_ahead(e) = uncached prefill of what this gateway sent e that has no first token yet,
+                       plus other clients' requests waiting there (scrape) at this pool's typical size
+    running(e)       = this gateway's requests in flight there, plus other clients' running (scrape)
+    full_wait_steps  = decode steps until a slot frees, once e is past the capacity it was seen
+                       full at (two scrapes in a row with requests waiting beside the same
+                       running count) or its KV cache is over 90% used
+
+so the prefix cache is worth exactly the prefill time it saves, and a busier endpoint loses a
+request once its queue costs more than that. ``base``, ``prefill_cost`` and ``per_seq`` are fit
+per endpoint from the TTFTs of its streams (recursive least squares from defaults for an 8B model
+on one data-centre GPU, robust to outliers, bounded); ``step_time`` is measured from its streams'
+decode. Nothing needs tuning per model or GPU. ``load_guard`` (unset by default) is an optional
+hard cap: an endpoint more than that many tokens of queued work busier than the least busy is
+not chosen. Estimates within one prompt block's prefill time (``prefix_block_chars / 4``
+tokens) of the best are a tie: the ``x-interlock-session`` key picks among them by rendezvous
+hashing (every replica picks alike, a conversation stays put), otherwise a per-process
+``random.Random`` seeded from ``os.urandom`` does, so gateway replicas do not all herd onto the
+same endpoint. Each decision (the endpoint, the cached prefix expected there, every endpoint's
+expected TTFT with its wait, own prefill and the prefill its cache saves) goes to the debug log
+and to ``describe()`` (``/admin/routes``, the last ``DECISIONS_KEPT``).
 
 Prompt lengths are estimated (characters / 4, no tokenizer); the rule itself is
-``backends.vllm.affinity.choose``, a pure function of per-endpoint snapshots.
-
-Prefix affinity comes first: the endpoints holding the longest cached prefix of this prompt
-take it unless their ``queued`` exceeds the least-queued endpoint's by more than
-``load_guard`` tokens (default 4096: about a long shared prompt's prefill plus a dozen
-replies, so the cache hit is worth more than the queue costs; past it, a busy endpoint
-stops attracting its conversations and they spread, re-caching their prefix elsewhere).
-Scores within one prompt block (``prefix_block_chars / 4`` tokens) of the best are a tie:
-the ``x-interlock-session`` key picks among them by rendezvous hashing (every replica picks
-alike, a conversation stays put), otherwise a per-process ``random.Random`` seeded from
-``os.urandom`` does, so gateway replicas do not all herd onto the same endpoint.
+``backends.vllm.affinity.decide``, a pure function of per-endpoint snapshots.
 
 ``round_robin``, ``least_in_flight`` and ``conversation_hash`` (the session key, else the
 conversation's opening messages, hashed onto the healthy endpoints) exist to compare rules.
@@ -51,9 +55,11 @@ default) are refused here before sending, though the gateway refuses them first.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import random
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -72,20 +78,27 @@ from backends.vllm.affinity import (
     CHARS_PER_TOKEN,
     Ask,
     Candidate,
+    Decision,
     block_keys,
-    choose,
+    decide,
     prompt_tokens,
     render_prompt,
 )
 from backends.vllm.config import VllmConfig, endpoint_root, split_host_port
+from backends.vllm.cost import EndpointLoad
 from backends.vllm.endpoint import Endpoint, Ticket
 from backends.vllm.members import Members
+
+log = logging.getLogger("interlock.backends.vllm")
 
 #: the reply length assumed when a request sets no max_tokens (as the gateway's ranking does)
 DEFAULT_MAX_TOKENS = 256
 _PROMPT_FIELD = {"chat": "messages", "completions": "prompt", "embeddings": "input"}
-#: what a request of unknown size costs, until this pool has seen its own traffic
-_TYPICAL_TOKENS = 512.0
+#: what a request of unknown size costs (prefill, decode), until this pool has seen its own traffic
+_TYPICAL_PREFILL = 384.0
+_TYPICAL_DECODE = 128.0
+#: routing decisions kept for ``/admin/routes``
+DECISIONS_KEPT = 64
 
 T = TypeVar("T")
 
@@ -103,6 +116,7 @@ class _Plan:
     conversation: str
     #: the body field holding the prompt: named when the prompt is too long
     prompt_field: str
+    request_id: str = ""
 
 
 # --- the backend -------------------------------------------------------------------------------
@@ -131,8 +145,11 @@ class VllmBackend:
             self._headers["authorization"] = f"Bearer {self._key}"
         t = config.timeouts
         self._block_tokens = config.prefix_block_chars / CHARS_PER_TOKEN
-        self._typical = _TYPICAL_TOKENS
+        self._typical_prefill = _TYPICAL_PREFILL
+        self._typical_decode = _TYPICAL_DECODE
         self._turn = 0
+        #: the last routing decisions, newest last (``describe``)
+        self._decisions: deque[dict[str, Any]] = deque(maxlen=DECISIONS_KEPT)
         self._members = Members(
             name,
             config,
@@ -181,6 +198,7 @@ class VllmBackend:
             session=request.session,
             conversation=conversation,
             prompt_field=_PROMPT_FIELD[request.endpoint],
+            request_id=request.request_id,
         )
 
     def _shape(self, request: BackendRequest) -> dict[str, Any]:
@@ -213,56 +231,128 @@ class VllmBackend:
             shaped.pop("stream_options", None)
         return shaped
 
-    def _queued(self, endpoint: Endpoint) -> float:
-        """Tokens of work ahead of a new request there: ours, plus what the scrape saw beyond ours."""
-        queued = endpoint.outstanding
+    def _load(self, endpoint: Endpoint) -> tuple[EndpointLoad, float]:
+        """What is queued and running there (the cost model's view), and the same in tokens of
+        work (the ``load_guard`` cap's): ours, plus what the fresh scrape saw beyond ours."""
+        foreign_running = foreign_waiting = 0.0
+        waiting, kv = 0.0, None
         scrape = self._members.fresh(endpoint)
         if scrape is not None:
-            seen = (scrape.running or 0.0) + (scrape.waiting or 0.0)
-            queued += max(0.0, seen - endpoint.ours_at_scrape) * self._typical
-        return queued
+            running_seen, waiting = scrape.running or 0.0, scrape.waiting or 0.0
+            foreign = max(0.0, running_seen + waiting - endpoint.ours_at_scrape)
+            foreign_waiting = min(foreign, waiting)
+            foreign_running = foreign - foreign_waiting
+            kv = scrape.kv_cache_usage
+        ours_decode = max(0.0, endpoint.outstanding - endpoint.prefill_pending)
+        running = endpoint.in_flight + foreign_running
+        load = EndpointLoad(
+            prefill_ahead=endpoint.prefill_pending + foreign_waiting * self._typical_prefill,
+            running=running,
+            waiting=waiting,
+            kv_usage=kv,
+            decode_left_per_seq=(ours_decode + foreign_running * self._typical_decode / 2)
+            / max(1.0, running),
+            capacity=endpoint.capacity,
+        )
+        queued = endpoint.outstanding + (foreign_running + foreign_waiting) * (
+            self._typical_prefill + self._typical_decode
+        )
+        return load, queued
 
-    def _choose(self, plan: _Plan, exclude: Sequence[Endpoint] = ()) -> Endpoint | None:
+    def _choose(self, plan: _Plan, exclude: Sequence[Endpoint] = ()) -> tuple[Endpoint, Decision] | None:
         endpoints = {e.root: e for e in self._members.healthy(exclude)}
         if not endpoints:
             return None
         now = self._clock()
         auto = self.config.routing == "auto"
-        candidates = [
-            Candidate(
-                e.root,
-                e.index.match(plan.keys, now) if auto else 0,
-                self._queued(e) if auto else 0.0,
-                e.in_flight,
-            )
-            for e in endpoints.values()
-        ]
+        candidates = []
+        for e in endpoints.values():
+            if auto:
+                load, queued = self._load(e)
+                candidates.append(
+                    Candidate(
+                        e.root, e.index.match(plan.keys, now), queued, e.in_flight, load, e.fit.coefficients
+                    )
+                )
+            else:
+                candidates.append(Candidate(e.root, in_flight=e.in_flight))
         ask = Ask(plan.tokens, plan.session, plan.conversation)
         self._turn += 1
-        chosen = choose(
+        decision = decide(
             self.config.routing,
             candidates,
             ask,
             block_tokens=self._block_tokens,
-            load_guard=self.config.load_guard,
             rng=self._rng,
             turn=self._turn - 1,
+            load_guard=self.config.load_guard,
         )
-        return endpoints[chosen.name]
+        return endpoints[decision.chosen.name], decision
 
     def choose(self, request: BackendRequest) -> str | None:
         """The URL of the endpoint this request would go to now (nothing is sent or recorded)."""
-        endpoint = self._choose(self._plan(request))
-        return endpoint.url if endpoint else None
+        chosen = self._choose(self._plan(request))
+        return chosen[0].url if chosen else None
 
-    def _dispatch(self, endpoint: Endpoint, plan: _Plan) -> Ticket:
+    def _dispatch(self, endpoint: Endpoint, plan: _Plan, decision: Decision) -> Ticket:
         now = self._clock()
         cached = endpoint.index.match(plan.keys, now) * self._block_tokens
         if plan.keys:
+            # Counted cached from now, before the server computed it: the next requests sharing the
+            # prefix queue behind this prefill there (the cost model counts it ahead of them) and
+            # then find it cached, rather than each computing it cold elsewhere.
             endpoint.index.record(plan.keys, now)
         prefill = max(0.0, plan.tokens - cached)
-        self._typical = 0.9 * self._typical + 0.1 * (prefill + plan.decode)
-        return Ticket(endpoint, prefill, plan.decode)
+        self._typical_prefill = 0.9 * self._typical_prefill + 0.1 * prefill
+        self._typical_decode = 0.9 * self._typical_decode + 0.1 * plan.decode
+        estimate = decision.estimates.get(endpoint.root)
+        self._record(endpoint, plan, decision)
+        # the fit learns from what the model predicted with (only streams have a first token)
+        pending = endpoint.fit.begin(estimate.features) if estimate is not None else None
+        return Ticket(endpoint, prefill, plan.decode, pending)
+
+    def _record(self, endpoint: Endpoint, plan: _Plan, decision: Decision) -> None:
+        """The decision, for ``/admin/routes`` and the debug log: a tail can be traced to it."""
+        urls = {e.root: e.url for e in self._members}
+        estimates = [
+            {
+                "url": urls.get(name, name),
+                "expected_ttft_ms": round(est.ttft_s * 1000, 2),
+                "wait_ms": round(est.wait_s * 1000, 2),
+                "prefill_ms": round(est.prefill_s * 1000, 2),
+                "saved_ms": round(est.saved_s * 1000, 2),
+                "cached_tokens": round(est.cached_tokens),
+                "prefill_ahead_tokens": round(est.features[1] - est.uncached_tokens),
+                "running": round(est.features[2], 1),
+                "full_wait_steps": round(est.features[3], 1),
+            }
+            for name, est in sorted(decision.estimates.items())
+        ]
+        entry = {
+            "at": round(time.time(), 3),
+            "request_id": plan.request_id,
+            "routing": self.config.routing,
+            "endpoint": endpoint.url,
+            "prompt_tokens": plan.tokens,
+            "expected_cached_tokens": round(decision.cached_tokens),
+            "estimates": estimates,
+        }
+        self._decisions.append(entry)
+        if log.isEnabledFor(logging.DEBUG):
+            waits = ", ".join(
+                f"{e['url']} {e['expected_ttft_ms']:.1f} ms (wait {e['wait_ms']:.1f}, prefill "
+                f"{e['prefill_ms']:.1f}, cache saves {e['saved_ms']:.1f})"
+                for e in estimates
+            )
+            log.debug(
+                "vllm pool %s: request %s -> %s, expected cached prefix %d of %d tokens; expected TTFT: %s",
+                self.name,
+                plan.request_id,
+                endpoint.url,
+                entry["expected_cached_tokens"],
+                plan.tokens,
+                waits or "n/a (" + self.config.routing + ")",
+            )
 
     # -- serving --------------------------------------------------------------------------------
 
@@ -294,11 +384,12 @@ class VllmBackend:
         tried: list[Endpoint] = []
         last: InterlockError | None = None
         for _ in range(max(1, len(self._members.healthy()))):
-            endpoint = self._choose(plan, tried)
-            if endpoint is None:
+            chosen = self._choose(plan, tried)
+            if chosen is None:
                 break
+            endpoint, decision = chosen
             tried.append(endpoint)
-            ticket = self._dispatch(endpoint, plan)
+            ticket = self._dispatch(endpoint, plan, decision)
             try:
                 result = await send(endpoint, ticket)
             except InterlockError as exc:
@@ -369,7 +460,12 @@ class VllmBackend:
         return None  # remote servers' faults are their own: health() reports them
 
     def describe(self) -> dict[str, object]:
-        return {"endpoints": self.endpoints()}
+        return {"endpoints": self.endpoints(), "decisions": self.decisions()}
+
+    def decisions(self, last: int = DECISIONS_KEPT) -> list[dict[str, Any]]:
+        """The last routing decisions, oldest first: per request, the endpoint chosen, the cached
+        prefix expected there and every endpoint's expected TTFT with its parts."""
+        return list(self._decisions)[-last:]
 
     def endpoints(self) -> list[dict[str, Any]]:
         """Per-endpoint figures for operators (``/admin/routes``); URLs carry no credentials."""
@@ -410,7 +506,7 @@ class _PoolStream:
         try:
             return await anext(self._chunks)
         except StopAsyncIteration:
-            self._ticket.done()
+            self._ticket.done(finished=True)
             raise
         except InterlockError as exc:
             self._ticket.done()

@@ -34,9 +34,10 @@ class VllmConfig(BackendConfig):
     prefix_ttl_s: float = Field(default=600.0, gt=0)
     #: blocks remembered per endpoint (20,000 x 256 chars is ~1.3M tokens, more than one GPU's KV cache)
     prefix_index_blocks: int = Field(default=20_000, ge=1)
-    #: tokens by which an endpoint holding the prompt's prefix may be busier than the least busy
-    #: before the prefix is ignored
-    load_guard: int = Field(default=4096, ge=0)
+    #: optional hard cap (``auto``): an endpoint more than this many tokens of queued work busier
+    #: than the least busy is not chosen, whatever the cost model expects. Unset (the default): the
+    #: cost model alone decides, in time, with coefficients fit per endpoint; nothing to tune.
+    load_guard: int | None = Field(default=None, ge=0)
     #: consecutive connection errors / 5xx after which an endpoint leaves the rotation
     eject_after_failures: int = Field(default=3, ge=1)
 

@@ -19,6 +19,7 @@ from urllib.parse import urlsplit
 from backends.http import HttpClient, OpenAICompatibleUpstream, Timeouts
 from backends.vllm.affinity import PrefixIndex
 from backends.vllm.config import VllmConfig, split_host_port
+from backends.vllm.cost import TtftFit
 from backends.vllm.endpoint import Endpoint, public_url
 from backends.vllm.metrics import MetricsSnapshot
 
@@ -101,7 +102,10 @@ class Members:
             secrets=tuple(s for s in (self._secret, root, netloc, self.config.dns) if s),
         )
         endpoint = Endpoint(
-            root, upstream, PrefixIndex(self.config.prefix_ttl_s, self.config.prefix_index_blocks)
+            root,
+            upstream,
+            PrefixIndex(self.config.prefix_ttl_s, self.config.prefix_index_blocks),
+            TtftFit(self._clock),
         )
         self._endpoints[root] = endpoint
         if self._running:

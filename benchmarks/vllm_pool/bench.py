@@ -17,6 +17,12 @@ always has its next turn in flight (``--branches 2`` gives each conversation two
 threads sharing its system prompt and session, for 48 users busy at once). Every request sends
 ``x-interlock-session: <conversation>``.
 
+Workload "hot-prefix" (``--workload hot-prefix``; what affinity must not cost later turns):
+``--hot-conversations`` conversations of ``--hot-turns`` turns opening with one of
+``--hot-prompts`` long system prompts (``--words`` words each) of Zipf popularity, the hottest
+in ``--hot-share`` of the conversations (the rest spread 1/k over the others); no session
+header, so the pool sees only the prompts. ``--users`` workers take any conversation's next turn.
+
 Workload "unique" (what affinity must not cost): ``--unique-requests`` requests, each a prompt of
 the same size that shares nothing with any other, from ``--users`` workers; ``auto`` against
 ``least_in_flight``, the load-only rule.
@@ -62,6 +68,8 @@ from benchmarks.common import SseStream, git_commit, percentile  # importable: p
 
 RULES = ("round_robin", "least_in_flight", "conversation_hash", "auto")
 UNIQUE_RULES = ("least_in_flight", "auto")
+#: --workload names -> the names results carry ("prefix" is the shared-prefix workload)
+WORKLOADS = {"shared-prefix": "prefix", "prefix": "prefix", "unique": "unique", "hot-prefix": "hot-prefix"}
 #: common English words: nearly one token each in SmolLM2's vocabulary, so words ~ tokens
 WORDS = (
     "the of and to in is was for on that with as by at from his her they this which were are be "
@@ -190,9 +198,58 @@ async def prefix_workload(
     tag: str,
     samples: list[Sample],
 ) -> None:
-    """Conversations whose turns run in order; any idle worker takes any conversation's next turn."""
-    units = [(c, b) for c in range(args.conversations) for b in range(args.branches)]
+    """Each conversation its own system prompt, and its session header."""
     systems = {c: system_prompt(args.seed, round_, c, args.words, tag) for c in range(args.conversations)}
+    await conversations(session, url, args, round_, tag, samples, systems, args.turns, args.branches, True)
+
+
+def hot_openings(args: argparse.Namespace) -> list[int]:
+    """Which system prompt opens each conversation: the hottest in ``hot_share`` of them, the
+    others by 1/k (Zipf) popularity; shuffled alike for every rule and run."""
+    n, k = args.hot_conversations, args.hot_prompts
+    hottest = min(n, round(args.hot_share * n))
+    weights = [1 / (i + 1) for i in range(1, k)]
+    rest = [round((n - hottest) * w / sum(weights)) for w in weights] if k > 1 else []
+    while rest and sum(rest) + hottest > n:
+        rest[rest.index(max(rest))] -= 1
+    while sum(rest) + hottest < n:
+        if rest:
+            rest[0] += 1
+        else:
+            hottest += 1
+    openings = [0] * hottest + [i + 1 for i, count in enumerate(rest) for _ in range(count)]
+    random.Random(f"{args.seed}/hot").shuffle(openings)
+    return openings
+
+
+async def hot_prefix_workload(
+    session: aiohttp.ClientSession,
+    url: str,
+    args: argparse.Namespace,
+    round_: int,
+    tag: str,
+    samples: list[Sample],
+) -> None:
+    """A few long system prompts shared by many conversations (Zipf), no session header."""
+    prompts = [system_prompt(args.seed, round_, 500 + p, args.words, tag) for p in range(args.hot_prompts)]
+    systems = {c: prompts[p] for c, p in enumerate(hot_openings(args))}
+    await conversations(session, url, args, round_, tag, samples, systems, args.hot_turns, 1, False)
+
+
+async def conversations(
+    session: aiohttp.ClientSession,
+    url: str,
+    args: argparse.Namespace,
+    round_: int,
+    tag: str,
+    samples: list[Sample],
+    systems: dict[int, str],
+    turns: int,
+    branches: int,
+    with_session: bool,
+) -> None:
+    """Conversations whose turns run in order; any idle worker takes any conversation's next turn."""
+    units = [(c, b) for c in systems for b in range(branches)]
     history: dict[tuple[int, int], list[dict[str, str]]] = {
         (c, b): [{"role": "system", "content": systems[c]}] for c, b in units
     }
@@ -215,14 +272,14 @@ async def prefix_workload(
                 session,
                 url,
                 request_body(args.model, messages, args.max_tokens),
-                {"x-interlock-session": f"{tag}-c{c:03d}"},
+                {"x-interlock-session": f"{tag}-c{c:03d}"} if with_session else {},
             )
             sample.turn = turn[unit]
             samples.append(sample)
             # a failed turn still moves the conversation on, so one error does not stall the run
             messages.append({"role": "assistant", "content": sample.text or "(no reply)"})
             turn[unit] += 1
-            if turn[unit] < args.turns:
+            if turn[unit] < turns:
                 ready.put_nowait(unit)
             else:
                 left -= 1
@@ -321,7 +378,9 @@ async def one_run(
         *(loop.run_in_executor(None, poolkit.prefix_counters, e) for e in endpoints)
     )
     before_split = await loop.run_in_executor(None, served, gateway, endpoints)
-    runner = prefix_workload if workload == "prefix" else unique_workload
+    runner = {"prefix": prefix_workload, "hot-prefix": hot_prefix_workload, "unique": unique_workload}[
+        workload
+    ]
     samples: list[Sample] = []
     aborted = False
     start = time.perf_counter()
@@ -348,7 +407,7 @@ async def one_run(
         wall_s=wall,
         ttft_p50_ms=percentile(ttfts, 0.5),
         ttft_p99_ms=percentile(ttfts, 0.99),
-        later_p99_ms=percentile(later, 0.99) if workload == "prefix" else None,
+        later_p99_ms=percentile(later, 0.99) if workload != "unique" else None,
         tok_s=sum(s.tokens for s in ok) / wall if wall > 0 else 0.0,
         prefix_hit=hit_rate(before_hits, after_hits),
         split=[a - b for a, b in zip(after_split, before_split, strict=True)],
@@ -372,7 +431,7 @@ def median_of(results: list[RunResult], key: str) -> float | None:
 
 def run_line(r: RunResult) -> str:
     return (
-        f"{r.workload:<6} {r.rule:<17} round {r.round + 1}: {r.requests} req, {r.errors} err, "
+        f"{r.workload:<10} {r.rule:<17} round {r.round + 1}: {r.requests} req, {r.errors} err, "
         f"TTFT p50 {fmt_ms(r.ttft_p50_ms)} ms p99 {fmt_ms(r.ttft_p99_ms)} ms (after turn 1: "
         f"{fmt_ms(r.later_p99_ms)}), {r.tok_s:,.0f} tok/s, "
         f"hit {fmt_pct(r.prefix_hit)}, split {'/'.join(map(str, r.split))}, wall {r.wall_s:.1f}s"
@@ -437,6 +496,46 @@ def verdicts(results: list[RunResult]) -> list[str]:
     return lines
 
 
+def auto_targets(results: list[RunResult], workload: str) -> list[str]:
+    """Issue 18's targets for ``auto`` against the best fixed rule on one workload, on the medians:
+    later-turn TTFT p99 <= best + 5%, overall p99 <= best, tok/s >= best - 2%, prefix-cache hit
+    rate >= conversation_hash's."""
+
+    def med(rule: str, key: str) -> float | None:
+        runs = [r for r in results if r.workload == workload and r.rule == rule and not r.aborted]
+        return median_of(runs, key)
+
+    fixed = [r for r in RULES if r != "auto"]
+    lines = []
+    checks = (
+        ("later-turn TTFT p99", "later_p99_ms", min, 1.05, "<="),
+        ("TTFT p99", "ttft_p99_ms", min, 1.0, "<="),
+        ("tok/s", "tok_s", max, 0.98, ">="),
+    )
+    for label, key, best_of, factor, sense in checks:
+        auto = med("auto", key)
+        others = {r: v for r in fixed if (v := med(r, key)) is not None}
+        if auto is None or not others:
+            lines.append(f"- {workload}: auto {label} vs the best fixed rule: n/a")
+            continue
+        best_rule = best_of(others, key=lambda r: others[r])
+        bound = others[best_rule] * factor
+        ok = auto <= bound if sense == "<=" else auto >= bound
+        lines.append(
+            f"- {workload}: auto {label} {auto:,.1f} vs best fixed ({best_rule}) {others[best_rule]:,.1f}: "
+            f"target {sense} {bound:,.1f}: {'PASS' if ok else 'FAIL'}"
+        )
+    auto_hit, hash_hit = med("auto", "prefix_hit"), med("conversation_hash", "prefix_hit")
+    if auto_hit is not None and hash_hit is not None:
+        lines.append(
+            f"- {workload}: auto prefix hit {fmt_pct(auto_hit)} vs conversation_hash {fmt_pct(hash_hit)} "
+            f"(target >=): {'PASS' if auto_hit >= hash_hit else 'FAIL'}"
+        )
+    else:
+        lines.append(f"- {workload}: auto vs conversation_hash prefix hit: n/a")
+    return lines
+
+
 def report(results: list[RunResult], args: argparse.Namespace, endpoints: list[str], note: str) -> str:
     now = f"{dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC"
     lines = [
@@ -447,14 +546,19 @@ def report(results: list[RunResult], args: argparse.Namespace, endpoints: list[s
         f"prefix: {args.conversations} conversations x {args.turns} turns"
         + (f" x {args.branches} branches" if args.branches > 1 else "")
         + f", ~{args.words}-word system prompts, {args.users} users, x-interlock-session per conversation. "
-        f"unique: {args.unique_requests} requests of the same size sharing nothing, {args.users} users.",
+        f"unique: {args.unique_requests} requests of the same size sharing nothing, {args.users} users. "
+        f"hot-prefix: {args.hot_conversations} conversations x {args.hot_turns} turns opening with one of "
+        f"{args.hot_prompts} ~{args.words}-word system prompts (Zipf, the hottest in "
+        f"{100 * args.hot_share:.0f}%), no session header, {args.users} users. "
+        f"Workloads run: {', '.join(args.workloads)}.",
         f"Medians over the runs (runs interleaved across rules). {note}".rstrip(),
         "",
         "| workload | rule | TTFT p50 ms | TTFT p99 ms | p99 after turn 1 | tok/s | vLLM prefix hit | split "
         "| errors | runs |",
         "|---|---|---:|---:|---:|---:|---:|---|---:|---:|",
     ]
-    for workload, rules in (("prefix", args.rules), ("unique", args.unique_rules)):
+    for workload in args.workloads:
+        rules = args.unique_rules if workload == "unique" else args.rules
         for rule in rules:
             runs = [r for r in results if r.workload == workload and r.rule == rule and not r.aborted]
             if not runs:
@@ -473,6 +577,7 @@ def report(results: list[RunResult], args: argparse.Namespace, endpoints: list[s
         "",
         "Targets (on the medians):",
         *verdicts(results),
+        *[line for w in args.workloads if w != "unique" for line in auto_targets(results, w)],
         "",
         "Every run:",
         "",
@@ -505,7 +610,7 @@ async def bench(args: argparse.Namespace) -> int:
     t0 = time.monotonic()
     deadline = t0 + args.time_limit
     endpoints = poolkit.endpoint_list(args.endpoints)
-    rules = list(dict.fromkeys([*args.rules, *args.unique_rules]))
+    rules = list(dict.fromkeys([*args.rules, *(args.unique_rules if "unique" in args.workloads else ())]))
     out = poolkit.out_dir()
     configs = {rule: poolkit.pool_config(endpoints, args.model, rule) for rule in rules}
     results: list[RunResult] = []
@@ -525,8 +630,10 @@ async def bench(args: argparse.Namespace) -> int:
             longest: dict[str, float] = {}
             stop = False
             for round_ in range(args.runs):
-                plan = [("prefix", r) for r in _rotated(args.rules, round_)]
-                plan += [("unique", r) for r in _rotated(args.unique_rules, round_)]
+                plan = []
+                for workload in args.workloads:
+                    rules_here = args.unique_rules if workload == "unique" else args.rules
+                    plan += [(workload, r) for r in _rotated(rules_here, round_)]
                 for workload, rule in plan:
                     if results:
                         # Let every gateway scrape idle servers before the next run: auto counts
@@ -593,6 +700,20 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--unique-requests", type=int, help="requests of the unique workload (default 144; --quick 12)"
     )
+    p.add_argument(
+        "--workload",
+        default="shared-prefix,unique",
+        help="comma-separated: shared-prefix, unique, hot-prefix (default: shared-prefix,unique)",
+    )
+    p.add_argument("--hot-conversations", type=int, help="hot-prefix conversations (default 96; --quick 12)")
+    p.add_argument("--hot-turns", type=int, help="hot-prefix turns per conversation (default 3)")
+    p.add_argument("--hot-prompts", type=int, default=6, help="hot-prefix system prompts")
+    p.add_argument(
+        "--hot-share",
+        type=float,
+        default=0.6,
+        help="share of hot-prefix conversations opening with the hottest",
+    )
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--seed", type=int, default=1)
     p.add_argument(
@@ -615,6 +736,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "turns": (6, 3),
         "words": (1500, 300),
         "unique_requests": (144, 12),
+        "hot_conversations": (96, 12),
+        "hot_turns": (3, 3),
     }
     for name, (full, quick) in sizes.items():
         if getattr(args, name) is None:
@@ -624,6 +747,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args.nonce = os.urandom(3).hex()
     args.rules = [r for r in args.rules.split(",") if r]
     args.unique_rules = [r for r in args.unique_rules.split(",") if r]
+    names = [w.strip() for w in args.workload.split(",") if w.strip()]
+    bad = [w for w in names if w not in WORKLOADS]
+    if bad or not names:
+        p.error(
+            f"unknown workload(s): {', '.join(bad) or '(none)'} (known: shared-prefix, unique, hot-prefix)"
+        )
+    args.workloads = list(dict.fromkeys(WORKLOADS[w] for w in names))
+    if not 0 < args.hot_share <= 1 or args.hot_prompts < 1:
+        p.error("--hot-share must be in (0, 1] and --hot-prompts at least 1")
     unknown = [r for r in (*args.rules, *args.unique_rules) if r not in RULES]
     if unknown:
         p.error(f"unknown routing rule(s): {', '.join(unknown)} (known: {', '.join(RULES)})")

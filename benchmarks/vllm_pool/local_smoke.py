@@ -7,10 +7,10 @@ context, 64 sequences), each ``python -m tests.vllm_sim`` in its own process and
 pid in a file, as the real ones are, so that the kill test's SIGKILL to a process group is the
 real thing. The simulator is a test fake, kept honest by the fixture checks in tests/test_vllm.py;
 it runs here as a process, so nothing in benchmarks/ imports from tests/. Then, as on the device:
-bench.py (``--quick``, 2 runs so the medians and the interleaving are exercised, ``$OUT`` set to a
-temporary folder to exercise the files), then sdk_checks.py with the kill test on the second
-server (last, since it takes that server away). The simulators' figures are made up: the numbers
-say the scripts work, not how routing fares.
+bench.py (``--quick``, every workload, 2 runs so the medians and the interleaving are
+exercised, ``$OUT`` set to a temporary folder to exercise the files), then sdk_checks.py with the
+kill test on the second server (last, since it takes that server away). The simulators' figures
+are made up: the numbers say the scripts work, not how routing fares.
 """
 
 from __future__ import annotations
@@ -110,8 +110,10 @@ def main() -> None:
                 "2",
                 "--endpoints",
                 endpoints,
+                "--workload",
+                "shared-prefix,unique,hot-prefix",
                 "--time-limit",
-                "150",
+                "200",
             ],
             {**env, "OUT": str(work / "out")},
         )
