@@ -160,7 +160,10 @@ class RedisTier:
         client, self.client = self.client, None
         if client is not None:
             try:
-                await client.aclose()
+                # bounded: a connection whose command was cancelled mid-reply can leave redis-py's
+                # close waiting for good, and a shutdown must not hang on Redis
+                async with asyncio.timeout(self.connect_timeout_s * 2):
+                    await client.aclose()
             except Exception as exc:  # closing a client whose server is gone must not fail a shutdown
                 self._failed(exc)
 

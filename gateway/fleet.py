@@ -211,6 +211,10 @@ class Fleet:
         task, self._task = self._task, None
         if task is not None:
             task.cancel()
+            # bounded, and cancelled again should a Redis call have swallowed the first cancel
+            while not task.done():
+                await asyncio.wait({task}, timeout=1.0)
+                task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         if self.redis is None:
