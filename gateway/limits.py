@@ -58,6 +58,10 @@ class Decision:
     settled: bool = False
 
 
+#: throttled scopes the status page can list at most
+MAX_THROTTLED_KEPT = 1000
+
+
 class Limits:
     """The process's limiter: the memory tier, and Redis when a URL is given."""
 
@@ -85,6 +89,8 @@ class Limits:
         self._tasks: set[asyncio.Task[None]] = set()
         self._beat: asyncio.Task[None] | None = None
         self._used_local = False
+        #: scope -> (the limit that refused it, until when: monotonic), for the status page
+        self._throttled: dict[str, tuple[str, float]] = {}
 
     # -- life -----------------------------------------------------------------------------------
 
@@ -105,6 +111,22 @@ class Limits:
 
     def status(self) -> str:
         return "memory" if self.redis is None else self.redis.tier.status()
+
+    def note_refused(self, decision: Decision) -> None:
+        """Remember the scopes this refused decision names, until they would pass again."""
+        now = time.monotonic()
+        for check, verdict in zip(decision.checks, decision.verdicts, strict=True):
+            if not verdict.ok:
+                self._throttled[check.scope] = (check.kind, now + verdict.retry_s)
+        if len(self._throttled) > MAX_THROTTLED_KEPT:  # bounded whatever the traffic: oldest out
+            latest = sorted(self._throttled.items(), key=lambda kv: kv[1][1])[-MAX_THROTTLED_KEPT:]
+            self._throttled = dict(latest)
+
+    def throttled(self) -> list[tuple[str, str, float]]:
+        """(scope, limit kind, seconds until it passes) for every scope refused and still waiting."""
+        now = time.monotonic()
+        self._throttled = {scope: seen for scope, seen in self._throttled.items() if seen[1] > now}
+        return sorted((scope, kind, until - now) for scope, (kind, until) in self._throttled.items())
 
     async def _heartbeats(self) -> None:
         assert self.redis is not None

@@ -46,7 +46,10 @@ class Admission:
         self._followed = False
 
     def refused(self) -> RateLimited | None:
-        return None if self.decision.admitted else refusal(self.decision)
+        if self.decision.admitted:
+            return None
+        self._limits.note_refused(self.decision)
+        return refusal(self.decision)
 
     def follow(self, result: Served | Opened) -> Served | Opened:
         """Settle ``result`` when it ends: a whole reply now, a stream at its end."""

@@ -105,8 +105,8 @@ class LimitsView(Protocol):
 
 
 class GatewayLimits:
-    """Whether the routing file sets limits, and where their counters live (``gateway.limits``).
-    Keys throttled now are not listed: the limits keep no per-key record of refusals."""
+    """Whether the routing file sets limits, where their counters live, and the scopes (a key, or
+    a key and a model) refused and still waiting (``gateway.limits``)."""
 
     def __init__(self, gateway: Gateway) -> None:
         self._gateway = gateway
@@ -115,7 +115,8 @@ class GatewayLimits:
         limits = self._gateway.limits
         if limits is None or not self._gateway.snapshot.config.limits.keys:
             return LimitsStatus(configured=False, mode="none")
-        return LimitsStatus(configured=True, mode=limits.status())
+        throttled = [ThrottledKey(scope, kind, round(wait, 3)) for scope, kind, wait in limits.throttled()]
+        return LimitsStatus(configured=True, mode=limits.status(), throttled=throttled)
 
 
 def default_replica_id() -> str:

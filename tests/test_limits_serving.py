@@ -63,6 +63,12 @@ def test_headers_refusal_and_usage_chunk() -> None:
         error = orjson.loads(refused.content)["error"]
         assert error["code"] == "rate_limit_exceeded" and error["type"] == "requests"
         assert "key anonymous" in error["message"] and "limit 3" in error["message"]
+        # the status page lists the scope as throttled now, with its wait
+        limits = httpx.get(url + "/status.json").json()["limits"]
+        assert limits["configured"] is True and limits["mode"] == "memory"
+        [throttled] = limits["throttled"]
+        assert throttled["key"] == "key anonymous" and throttled["limit"] == "rpm"
+        assert 0 < throttled["retry_in_s"] <= 20
 
 
 def test_a_spent_budget_is_insufficient_quota_and_a_too_large_request_is_named() -> None:
