@@ -157,6 +157,7 @@ _COMPLETION = re.compile(rb'"completion_tokens"\s*:\s*(\d+)')
 _TAIL = 4096
 #: events in a stream that carry no token: the role chunk, the finish chunk, [DONE]
 _FRAMING_EVENTS = 3
+_DONE = b"data: [DONE]\n\n"
 
 
 def usage_from_tail(tail: bytes) -> Usage | None:
@@ -194,10 +195,7 @@ class AttemptStream:
             chunk = await anext(self._chunks)
         except StopAsyncIteration:
             await self._close()
-            usage = usage_from_tail(self._tail)
-            if usage is None:
-                usage = Usage(0, max(0, self._events - _FRAMING_EVENTS))
-            self._attempt.finish(usage)
+            self._finish()
             raise
         except InterlockError as exc:
             await self._close()
@@ -211,10 +209,20 @@ class AttemptStream:
         return chunk
 
     async def aclose(self) -> None:
-        """The client left (or a hedge lost): no verdict on the backend."""
+        """The client left (or a hedge lost): no verdict on the backend, unless the answer was
+        whole already (its ``[DONE]`` passed: a client may hang up once it has read it)."""
         if self._open:
             await self._close()
-            self._attempt.abandon()
+            if self._tail.endswith(_DONE):
+                self._finish()
+            else:
+                self._attempt.abandon()
+
+    def _finish(self) -> None:
+        usage = usage_from_tail(self._tail)
+        if usage is None:
+            usage = Usage(0, max(0, self._events - _FRAMING_EVENTS))
+        self._attempt.finish(usage)
 
     async def _close(self) -> None:
         self._open = False

@@ -365,6 +365,19 @@ async def test_a_stream_the_client_leaves_is_not_a_failure() -> None:
     assert t.breaker.snapshot()["failures_in_window"] == 0
 
 
+async def test_a_stream_closed_after_its_done_event_is_a_complete_answer() -> None:
+    # a client may hang up as soon as it has read [DONE], before the upstream's stream ends
+    clock = Clock()
+    backend = FakeBackend("b", stream_handler=stream_of(["x"] * 3))
+    t = target(backend, clock)
+    opened = await router(clock).stream(Route("m", (t,)), request(stream=True), FACTS)
+    chunks = [opened.first]
+    while not chunks[-1].endswith(b"data: [DONE]\n\n"):
+        chunks.append(await anext(opened.rest))  # type: ignore[call-overload]
+    await opened.rest.aclose()  # type: ignore[attr-defined]
+    assert (t.stats.in_flight, t.stats.samples, t.stats.error_rate) == (0, 1, 0.0)
+
+
 # --- load shedding and nothing to try --------------------------------------------------------------
 
 
