@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 
 import orjson
+from prometheus_client import generate_latest
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -35,6 +36,7 @@ from gateway.errors import (
 )
 from gateway.inference import HotPaths, Inference
 from gateway.metrics import Metrics
+from gateway.metrics_workers import WorkerMetrics
 from gateway.middleware import CLIENT_KEY, BodyLimit, ClientAuth, RequestContext
 from gateway.reload import ConfigHashHeader, Reloader, admin_config, admin_reload
 from gateway.serving import Serving
@@ -128,6 +130,7 @@ def build_app(
     access_log: AccessLog | None = None,
     tracing: Tracing | None = None,
     status_page: bool = True,
+    worker_metrics: WorkerMetrics | None = None,
 ) -> GatewayApp:
     list_models, get_model = _models(gateway)
     live, ready = _health(gateway)
@@ -144,6 +147,9 @@ def build_app(
     if observed is not None:
         gateway.router.listeners.append(observed)
         hot = {key: observed.observe(app) for key, app in hot.items()}
+        if worker_metrics is not None:
+            observed.workers = worker_metrics
+            worker_metrics.local = lambda: generate_latest(observed.registry)
     if tracing is not None:
         # outside the metrics: the access log line (written as the request ends) has the trace id
         gateway.router.listeners.append(tracing)

@@ -25,6 +25,7 @@ def _settings(args: argparse.Namespace) -> Settings:
             "config": args.config,
             "host": args.host,
             "port": args.port,
+            "workers": args.workers,
             "log_level": args.log_level,
             "allow_unauthenticated": args.allow_unauthenticated or None,
         }.items()
@@ -60,7 +61,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     try:
         return serve(config, settings)
-    except UnsafeBind as exc:
+    except (UnsafeBind, ConfigError) as exc:
         print(f"interlock: {exc}", file=sys.stderr)
         return 2
 
@@ -219,6 +220,13 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--config", "-c", help="routing YAML (env INTERLOCK_CONFIG)")
     s.add_argument("--host", help="bind address (env INTERLOCK_HOST, default 127.0.0.1)")
     s.add_argument("--port", "-p", type=int, help="port (env INTERLOCK_PORT, default 8080)")
+    s.add_argument(
+        "--workers",
+        "-w",
+        type=int,
+        help="gateway processes on the one port (env INTERLOCK_WORKERS, default 1); "
+        "not with an in-process model (kind: llamacpp)",
+    )
     s.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     s.add_argument(
         "--allow-unauthenticated",

@@ -40,6 +40,7 @@ from gateway.errors import client_status
 from gateway.inference import CLIENT_REQUEST_KEY
 from gateway.metrics_edge import CURRENT, AsAdmin, Exchange, Observed, ended_by
 from gateway.metrics_state import CounterFamily, Families, HistogramFamily, StateCollector
+from gateway.metrics_workers import WorkerMetrics
 from gateway.middleware import CLIENT_KEY, REQUEST_ID_KEY, ClientAuth
 from gateway.snapshot import KeyTable
 from gateway.state import Gateway
@@ -207,6 +208,8 @@ class Metrics:
         self._pairs: dict[tuple[str, str], _Pair] = {}
         #: more observers of each request (the status page's rolling figures)
         self.request_listeners: list[RequestListener] = []
+        #: with several workers: the others' figures, added to each scrape
+        self.workers: WorkerMetrics | None = None
 
     # -- the edge -------------------------------------------------------------------------------
 
@@ -221,6 +224,8 @@ class Metrics:
 
     async def _scrape(self, scope: Scope, receive: Receive, send: Send) -> None:
         body = generate_latest(self.registry)
+        if self.workers is not None:
+            body = await self.workers.exposition(body)
         await send(
             {
                 "type": "http.response.start",

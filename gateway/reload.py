@@ -42,6 +42,7 @@ from gateway.config import ConfigError, LoadedConfig, load_config
 from gateway.errors import client_status, error_body, error_headers
 from gateway.snapshot import Snapshot, Target, build_snapshot, config_hash
 from gateway.state import Gateway
+from gateway.workers import single_process_problems
 
 log = logging.getLogger("interlock.reload")
 
@@ -169,6 +170,11 @@ class Reloader:
         self._attempted: str | None = None
         #: with Redis: every replica's config hash (``gateway.config_peers.ConfigPeers``)
         self.peers: Any = None
+        #: the gateway's worker processes: a config they cannot all run is invalid
+        self.workers = 1
+        #: called after ``POST /admin/reload`` put a file in force (or found it so): the other
+        #: workers reload too (``gateway.workers.reload_siblings``)
+        self.after_admin_reload: Callable[[], None] | None = None
 
     # -- triggers -----------------------------------------------------------------------------
 
@@ -233,6 +239,8 @@ class Reloader:
                 if self.peers is not None:
                     self.peers.publish_soon()
             self._remember(result)
+            if trigger == "admin" and result.status in ("ok", "unchanged") and self.after_admin_reload:
+                self.after_admin_reload()
             return result
 
     async def _check(self, trigger: str, *, dry_run: bool) -> tuple[ReloadResult, LoadedConfig | None]:
@@ -249,6 +257,10 @@ class Reloader:
             new = await asyncio.to_thread(load_config, path)
         except ConfigError as exc:
             result.status, result.problems = "invalid", exc.problems
+            return result, None
+        problems = single_process_problems(new, self.workers)
+        if problems:
+            result.status, result.problems = "invalid", problems
             return result, None
         result.diff = config_diff(old.config, new)
         result.hash = config_hash(new)

@@ -11,8 +11,10 @@ import gc
 import importlib
 import ipaddress
 import logging
+import shutil
 import signal
 import socket
+import tempfile
 import time
 from collections.abc import AsyncIterator
 from types import FrameType
@@ -26,12 +28,13 @@ from backends.http import HttpClient
 from gateway.access_log import access_log_from
 from gateway.app import GatewayApp, build_app
 from gateway.cache import ResponseCache
-from gateway.config import BACKEND_KINDS, LoadedConfig
+from gateway.config import BACKEND_KINDS, ConfigError, LoadedConfig
 from gateway.config_peers import ConfigPeers
 from gateway.fleet import Fleet
 from gateway.health import HealthMonitor
 from gateway.http_server import EdgeLimits, edge_protocol
 from gateway.limits import Limits
+from gateway.metrics_workers import WorkerMetrics
 from gateway.reload import Reloader
 from gateway.retry_budget import RetryBudget
 from gateway.router import Router
@@ -40,6 +43,7 @@ from gateway.shutdown import stream_cutoff
 from gateway.snapshot import Target, build_snapshot
 from gateway.state import Gateway
 from gateway.tracing import tracing_from
+from gateway.workers import Supervisor, reload_siblings, single_process_problems, worker_settings
 
 log = logging.getLogger("interlock.server")
 
@@ -73,13 +77,22 @@ def build_gateway(config: LoadedConfig, resources: Resources) -> Gateway:
     return gateway
 
 
-def create_app(config: LoadedConfig, settings: Settings, server: uvicorn.Server | None = None) -> GatewayApp:
+def create_app(
+    config: LoadedConfig,
+    settings: Settings,
+    server: uvicorn.Server | None = None,
+    worker_metrics: WorkerMetrics | None = None,
+) -> GatewayApp:
     """The ASGI app; its lifespan opens the HTTP client and starts every backend in the background
-    (the port answers liveness while models load; readiness waits for them)."""
+    (the port answers liveness while models load; readiness waits for them). ``worker_metrics``:
+    one of several workers (``serve_workers``)."""
     http = HttpClient(max_reply_bytes=settings.max_reply_bytes)
     resources = Resources(http=http)
     gateway = build_gateway(config, resources)
     reloader = Reloader(gateway, settings.config, resources, drain_s=settings.reload_drain_s)
+    reloader.workers = settings.workers
+    if worker_metrics is not None:
+        reloader.after_admin_reload = reload_siblings
     sighup = isinstance(server, GatewayServer) and server.reload_on_sighup
     gateway.cache = ResponseCache(config.cache, settings.redis_url)
     limits = gateway.limits = Limits(
@@ -107,6 +120,8 @@ def create_app(config: LoadedConfig, settings: Settings, server: uvicorn.Server 
         await gateway.cache.start()  # type: ignore[union-attr]  # set just above
         await limits.start()
         await fleet.start()  # bounded, never raises: without Redis each replica decides alone
+        if worker_metrics is not None:
+            await worker_metrics.start()
         starting = asyncio.create_task(_start_backends(gateway, server))
         if settings.reload_watch is not False:
             reloader.start_watching()  # a no-op without a routing file
@@ -120,6 +135,8 @@ def create_app(config: LoadedConfig, settings: Settings, server: uvicorn.Server 
             if sighup:
                 asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
             await reloader.aclose()
+            if worker_metrics is not None:
+                await worker_metrics.close()
             await fleet.close()
             await asyncio.gather(*(b.close() for b in gateway.backends.values()), return_exceptions=True)
             await gateway.cache.close()  # type: ignore[union-attr]
@@ -138,6 +155,7 @@ def create_app(config: LoadedConfig, settings: Settings, server: uvicorn.Server 
         metrics=settings.metrics,
         access_log=access_log,
         tracing=tracing,
+        worker_metrics=worker_metrics,
     )
 
 
@@ -275,12 +293,72 @@ def gateway_server(uv_config: uvicorn.Config, settings: Settings) -> GatewayServ
 def serve(config: LoadedConfig, settings: Settings) -> int:
     """Run until stopped; returns the process exit code."""
     check_bind(config, settings)
+    if settings.workers > 1:
+        return serve_workers(config, settings)
+    return _serve(config, settings)
+
+
+def serve_workers(config: LoadedConfig, settings: Settings) -> int:
+    """``settings.workers`` processes on one socket (``gateway.workers``), until stopped."""
+    problems = single_process_problems(config, settings.workers)
+    if problems:
+        raise ConfigError(config.source, problems)
+    uv_config = uvicorn_config(settings)
+    sock = uv_config.bind_socket()
+    directory = tempfile.mkdtemp(prefix="interlock-workers-")  # private (0700): the metrics exchange
+    _freeze_startup_objects()  # once before forking too: the workers share these pages
+    log.info(
+        "interlock serving %s on http://%s:%d with %d workers (models: %s)",
+        config.source,
+        settings.host,
+        sock.getsockname()[1],
+        settings.workers,
+        ", ".join(config.models),
+    )
+
+    def run_worker(index: int) -> int:
+        return _serve(
+            config,
+            worker_settings(settings, index),
+            sockets=[sock],
+            worker_metrics=WorkerMetrics(directory, index, settings.workers),
+        )
+
+    try:
+        return Supervisor(settings.workers, run_worker).run()
+    finally:
+        sock.close()
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def _serve(
+    config: LoadedConfig,
+    settings: Settings,
+    *,
+    sockets: list[socket.socket] | None = None,
+    worker_metrics: WorkerMetrics | None = None,
+) -> int:
     uv_config = uvicorn_config(settings)
     server = gateway_server(uv_config, settings)
     server.reload_on_sighup = True
-    app = create_app(config, settings, server)
+    app = create_app(config, settings, server, worker_metrics)
     server.gateway = app.gateway
     uv_config.app = app
+    _freeze_startup_objects()
+    if worker_metrics is None:
+        log.info(
+            "interlock serving %s on http://%s:%d (models: %s)",
+            config.source,
+            settings.host,
+            settings.port,
+            ", ".join(config.models),
+        )
+    server.run(sockets=sockets)
+    gateway: Gateway = app.gateway
+    return 1 if gateway.fatal is not None else 0
+
+
+def _freeze_startup_objects() -> None:
     # What start-up made lives as long as the process: out of the collector's full passes, which
     # walk every tracked object; and a full pass at most every 100 (not 10) middle-generation ones:
     # thousands of connections opening in a burst made one per 25% growth, each stalling the loop
@@ -288,13 +366,3 @@ def serve(config: LoadedConfig, settings: Settings) -> int:
     gc.freeze()
     young, middle, _ = gc.get_threshold()
     gc.set_threshold(young, middle, 100)
-    log.info(
-        "interlock serving %s on http://%s:%d (models: %s)",
-        config.source,
-        settings.host,
-        settings.port,
-        ", ".join(config.models),
-    )
-    server.run()
-    gateway: Gateway = app.gateway
-    return 1 if gateway.fatal is not None else 0

@@ -23,6 +23,8 @@ class Settings(BaseSettings):
     reload_drain_s: float = Field(default=30.0, ge=0)
     host: str = "127.0.0.1"
     port: int = Field(default=8080, ge=0, le=65535)
+    #: gateway processes on the one port (``gateway.workers``); an in-process model needs 1
+    workers: int = Field(default=1, ge=1, le=256)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     #: Redis for shared cache/limits/breaker state; unset means per-process memory
     redis_url: str | None = None
