@@ -146,7 +146,7 @@ def test_every_scrape_counts_each_request_once_whichever_worker_served_it(gatewa
     for _ in range(5):  # each scrape lands on either worker
         text = gateway.metrics()
         assert _total(text, "interlock_requests_total") == 200
-        split = [float(v) for v in re.findall(r'^interlock_worker_requests_total\{.*\} (\S+)$', text, re.M)]
+        split = [float(v) for v in re.findall(r"^interlock_worker_requests_total\{.*\} (\S+)$", text, re.M)]
         assert len(split) == 2 and sum(split) == 200
     assert min(split) > 0, f"one worker served everything: {split}"
 
