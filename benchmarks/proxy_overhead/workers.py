@@ -104,7 +104,8 @@ def bench(args: argparse.Namespace) -> str:
                 port = free_port()
                 serve = [sys.executable, "-m", "gateway.cli", "serve", "--config", str(routing)]
                 serve += ["--port", str(port), "--workers", str(count), "--log-level", "warning"]
-                env = {**os.environ, "PYTHONPATH": str(REPO), "INTERLOCK_SHUTDOWN_DELAY_S": "0"}
+                path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
+                env = {**os.environ, "PYTHONPATH": path, "INTERLOCK_SHUTDOWN_DELAY_S": "0"}
                 with started(
                     f"gateway-{count}",
                     pinned(args.gateway_cpus[:count], serve),
