@@ -11,7 +11,8 @@ medians over the rounds and each N's ratio to 1 worker.
 
 On a machine with fewer cores than both sets need, the sets overlap and the table says so: the
 load generator then takes cores from the workers, and the ratio understates them. It prints a
-table (``--out FILE`` writes it too); it asserts nothing.
+table (``--out FILE`` writes it too); it asserts nothing. ``results_workers_h200.md`` is a run on a
+16-core machine; ``stage_offline.sh`` stages nginx, wrk and the wheels for one without an index.
 """
 
 from __future__ import annotations
