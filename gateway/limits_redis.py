@@ -18,12 +18,14 @@ breaker; a failure raises ``Unavailable`` and the caller applies each scope's ``
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 from collections import defaultdict
 from typing import Any
 
 from gateway.cache_store import RedisTier, Unavailable
 from gateway.limits_memory import Check, Verdict
+from gateway.limits_wire import WireClient
 
 __all__ = ["ADMIT", "SETTLE", "RedisLimits", "Unavailable"]
 
@@ -152,27 +154,75 @@ def _args(check: Check, lease: str) -> list[Any]:
     return ["b", check.limit, check.limit / (check.period_s * 1000), repr(float(check.cost))]
 
 
-class RedisLimits:
-    """The shared tier: ``admit``, ``settle``, ``heartbeat``; each raises only ``Unavailable``."""
+#: settlements wait at most this long for an admission to ride with (else they go alone)
+SETTLE_DELAY_S = 0.002
+#: settlement steps at most in one script (a burst of endings is cut into several)
+SETTLE_BATCH = 256
 
-    def __init__(self, url: str, *, prefix: str, replica: str, timeout_s: float) -> None:
+
+class RedisLimits:
+    """The shared tier: ``admit``, ``settle``, ``heartbeat``; each raises only ``Unavailable``.
+
+    On a plain Redis (not Cluster) the calls go through ``gateway.limits_wire`` and settling is
+    queued (``queue_settle``): every step queued since the last write goes as one ``SETTLE``
+    script in the same write as the next admission (ahead of it, so that a lease ended or a
+    refund is seen by it), or alone after ``SETTLE_DELAY_S``: one round trip per request, not
+    two, and nothing on the request path waits for a settlement.
+    """
+
+    def __init__(
+        self, url: str, *, prefix: str, replica: str, timeout_s: float, settle_delay_s: float = SETTLE_DELAY_S
+    ) -> None:
         self.tier = RedisTier(url, timeout_s=timeout_s)
         self.prefix = prefix
         self.replica = replica
+        self.settle_delay_s = settle_delay_s
         #: replicas alive at the last heartbeat that got through (this one included)
         self.replicas = 1
+        self.wire = (
+            None
+            if self.tier.cluster
+            else WireClient.for_url(
+                url, connect_timeout_s=self.tier.connect_timeout_s, scripts=(ADMIT, SETTLE, HEARTBEAT)
+            )
+        )
+        if self.wire is not None:
+            self.tier.client = self.wire  # RedisTier asks its client only for ping() and aclose()
+        #: settlement steps queued (the wire only): keys, and four arguments per key
+        self._keys: list[str] = []
+        self._args: list[Any] = []
+        self._timer: asyncio.TimerHandle | None = None
+        #: settlement steps dropped because Redis was not connected (their leases expire by TTL)
+        self.settles_lost = 0
 
     async def start(self) -> None:
         await self.tier.start()
 
     async def close(self) -> None:
+        try:
+            await self.flush()
+        except Unavailable:
+            pass
         await self.tier.close()
 
     async def admit(self, checks: list[Check], lease: str) -> tuple[bool, list[Verdict]]:
+        keys = [c.key for c in checks]
         args: list[Any] = []
         for check in checks:
             args += _args(check, lease)
-        reply = await self._eval(ADMIT, [c.key for c in checks], args)
+        if self.wire is not None:
+            command = (b"EVALSHA", _SHA[ADMIT], len(keys), *keys, *args)
+
+            async def run(client: WireClient) -> Any:
+                await client.connect()
+                # taken only now, connected: a call refused before it is sent keeps them queued
+                future = client.send([*self._take_settles(), command], reply=True)
+                assert future is not None
+                return await future
+
+            reply = await self.tier._call(run)
+        else:
+            reply = await self._eval(ADMIT, keys, args)
         verdicts = [
             Verdict(
                 reply[i] in (b"1", "1"),
@@ -185,17 +235,62 @@ class RedisLimits:
         return reply[0] in (b"1", "1"), verdicts
 
     async def settle(self, steps: list[tuple[Check, float | None]], lease: str) -> None:
-        """Per check: a bucket's delta (refund > 0), or None to end this request's lease."""
+        """Per check: a bucket's delta (refund > 0), or None to end this request's lease; done
+        when it returns."""
+        if self.queue_settle(steps, lease):
+            await self.flush()
+            return
         keys: list[str] = []
         args: list[Any] = []
         for check, delta in steps:
             keys.append(check.key)
-            if delta is None:
-                args += ["x", 0, 0, lease]
-            else:
-                args += ["b", check.limit, check.limit / (check.period_s * 1000), repr(float(delta))]
+            args += _settle_args(check, delta, lease)
         if keys:
             await self._eval(SETTLE, keys, args)
+
+    def queue_settle(self, steps: list[tuple[Check, float | None]], lease: str) -> bool:
+        """Queue ``steps`` to go with the next write (False, nothing queued: not on the wire)."""
+        if self.wire is None:
+            return False
+        for check, delta in steps:
+            self._keys.append(check.key)
+            self._args += _settle_args(check, delta, lease)
+        if len(self._keys) >= SETTLE_BATCH:
+            self._send_settles()
+        elif self._timer is None and self._keys:
+            self._timer = asyncio.get_running_loop().call_later(self.settle_delay_s, self._send_settles)
+        return True
+
+    async def flush(self) -> None:
+        """Send the queued settlements now and wait for Redis to have applied them."""
+        if self.wire is None or not self._keys:
+            return
+
+        async def run(client: WireClient) -> Any:
+            await client.connect()
+            commands = self._take_settles()
+            return await client.call(*commands) if commands else None
+
+        await self.tier._call(run)
+
+    def _take_settles(self) -> list[tuple[Any, ...]]:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if not self._keys:
+            return []
+        keys, args = self._keys, self._args
+        self._keys, self._args = [], []
+        return [(b"EVALSHA", _SHA[SETTLE], len(keys), *keys, *args)]
+
+    def _send_settles(self) -> None:
+        self._timer = None
+        assert self.wire is not None
+        if not self.wire.connected:  # an outage: lost, as a failed call's would be
+            self.settles_lost += len(self._keys)
+            self._keys, self._args = [], []
+            return
+        self.wire.send(self._take_settles())
 
     async def heartbeat(self, held: list[tuple[Check, str]], silent_after_s: float) -> int:
         """Say this replica lives, renew the leases it holds; returns the live replicas."""
@@ -215,9 +310,12 @@ class RedisLimits:
         return self.replicas
 
     async def _eval(self, script: str, keys: list[str], args: list[Any]) -> Any:
-        from redis.exceptions import NoScriptError
-
         sha = _SHA[script]
+        if self.wire is not None:  # a NOSCRIPT is answered by the wire itself
+            command = (b"EVALSHA", sha, len(keys), *keys, *args)
+            return await self.tier._call(lambda client: client.call(command))
+
+        from redis.exceptions import NoScriptError
 
         async def run(client: Any) -> Any:
             try:
@@ -226,3 +324,9 @@ class RedisLimits:
                 return await client.eval(script, len(keys), *keys, *args)
 
         return await self.tier._call(run)
+
+
+def _settle_args(check: Check, delta: float | None, lease: str) -> list[Any]:
+    if delta is None:
+        return ["x", 0, 0, lease]
+    return ["b", check.limit, check.limit / (check.period_s * 1000), repr(float(delta))]
