@@ -26,6 +26,7 @@ import logging
 import math
 import time
 import uuid
+from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -73,9 +74,16 @@ class Limits:
         heartbeat_s: float = 1.0,
         prefix: str = DEFAULT_PREFIX,
         clock: Callable[[], float] = time.time,
+        share: float = 1.0,
     ) -> None:
+        if not 0 < share <= 1:
+            raise ValueError("share is the part of each limit this process enforces: 0 < share <= 1")
         self.prefix = prefix
         self.heartbeat_s = heartbeat_s
+        #: without Redis, the part of every limit this process enforces (1 / N for N worker
+        #: processes sharing one host's limits); with Redis the limits are whole in Redis and a
+        #: fallback's share comes from the live replicas (each worker is one)
+        self.share = share
         self.memory = MemoryTier(clock)
         self.local = MemoryTier(clock)
         self.replica = uuid.uuid4().hex[:16]
@@ -91,6 +99,10 @@ class Limits:
         self._used_local = False
         #: scope -> (the limit that refused it, until when: monotonic), for the status page
         self._throttled: dict[str, tuple[str, float]] = {}
+        #: (check kind, where it was decided, "admitted" | "refused") -> checks, for /metrics
+        #: (``gateway.limits_metrics``); where: memory, redis, or in an outage the scope's
+        #: on_redis_failure (local, open, closed)
+        self.decisions: defaultdict[tuple[str, str, str], int] = defaultdict(int)
 
     # -- life -----------------------------------------------------------------------------------
 
@@ -111,6 +123,12 @@ class Limits:
 
     def status(self) -> str:
         return "memory" if self.redis is None else self.redis.tier.status()
+
+    def tier(self) -> str:
+        """Which tier decides now: memory (no Redis), redis, or fallback (Redis not answering)."""
+        if self.redis is None:
+            return "memory"
+        return "redis" if self.redis.tier.up else "fallback"
 
     def note_refused(self, decision: Decision) -> None:
         """Remember the scopes this refused decision names, until they would pass again."""
@@ -169,12 +187,14 @@ class Limits:
     async def admit(self, checks: list[Check]) -> Decision:
         lease = uuid.uuid4().hex
         if self.redis is None:
-            ok, verdicts = self.memory.admit(checks, lease)
-            return Decision(checks, verdicts, ok, lease, "memory")
+            ok, verdicts = self.memory.admit(checks, lease, self.share)
+            self._count(checks, verdicts, "memory")
+            return Decision(checks, verdicts, ok, lease, "memory", scale=self.share)
         try:
             ok, verdicts = await self.redis.admit(checks, lease)
         except Unavailable:
             return self._fallback(checks, lease)
+        self._count(checks, verdicts, "redis")
         if self._used_local:  # Redis is back: a later outage starts from what it says then
             self._used_local = False
             self.local.forget()
@@ -187,9 +207,20 @@ class Limits:
             self._held[lease] = parallel
         return Decision(checks, verdicts, ok, lease, "redis")
 
+    def _count(self, checks: list[Check], verdicts: list[Verdict], where: str) -> None:
+        decisions = self.decisions
+        for check, verdict in zip(checks, verdicts, strict=True):
+            decisions[check.kind, where, "admitted" if verdict.ok else "refused"] += 1
+
     def _fallback(self, checks: list[Check], lease: str) -> Decision:
         assert self.redis is not None
-        self._used_local = True
+        if not self._used_local:
+            self._used_local = True
+            # this replica's requests admitted by Redis and still running hold their slots here
+            # too, or an outage would let each replica run its share on top of them
+            for held, parallel in self._held.items():
+                for check in parallel:
+                    self.local.hold(check, held)
         scale = 1.0 / max(1, self.redis.replicas)
         local = [c for c in checks if c.on_failure == "local"]
         ok, local_verdicts = self.local.admit(local, lease, scale)
@@ -203,21 +234,38 @@ class Limits:
                 verdicts.append(Verdict(True, check.limit, 0.0, 0.0))
             else:
                 verdicts.append(by_check[check])
+        for check, verdict in zip(checks, verdicts, strict=True):
+            self.decisions[check.kind, check.on_failure, "admitted" if verdict.ok else "refused"] += 1
         return Decision(checks, verdicts, ok, lease, "fallback", local=local if ok else [], scale=scale)
 
     # -- settling -------------------------------------------------------------------------------
 
     def settle_soon(self, decision: Decision, tokens: float | None, usd: float | None) -> None:
-        """``settle`` in the background (a stream's end, a client that left)."""
-        task = asyncio.get_running_loop().create_task(self.settle(decision, tokens, usd))
+        """``settle`` without waiting: the request path's (a reply, a stream's end, a client that
+        left). On a plain Redis the steps are queued to ride with the next admission."""
+        steps = self._finish(decision, tokens, usd)
+        if not steps:
+            return
+        assert self.redis is not None
+        if self.redis.queue_settle(steps, decision.lease):
+            return
+        task = asyncio.get_running_loop().create_task(self._settle_redis(steps, decision.lease))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
     async def settle(self, decision: Decision, tokens: float | None, usd: float | None) -> None:
         """The request is over, having used ``tokens`` and ``usd`` (None: nothing: refund it all).
-        Exactly once; only an admitted decision holds anything."""
+        Exactly once; only an admitted decision holds anything. Applied when it returns."""
+        steps = self._finish(decision, tokens, usd)
+        if steps:
+            await self._settle_redis(steps, decision.lease)
+
+    def _finish(
+        self, decision: Decision, tokens: float | None, usd: float | None
+    ) -> list[tuple[Check, float | None]]:
+        """Settle ``decision`` in memory where a memory tier admitted it; the steps for Redis."""
         if decision.settled or not decision.admitted:
-            return
+            return []
         decision.settled = True
         self._held.pop(decision.lease, None)
         steps: list[tuple[Check, float | None]] = []
@@ -230,18 +278,27 @@ class Limits:
                 steps.append((check, check.cost - (usd or 0.0)))
         steps = [(c, d) for c, d in steps if d is None or abs(d) > 1e-12]
         if decision.tier == "memory":
-            self._settle_memory(self.memory, steps, decision.lease, 1.0)
-        elif decision.tier == "fallback":
+            self._settle_memory(self.memory, steps, decision.lease, decision.scale)
+            return []
+        if decision.tier == "fallback":
             local = set(decision.local)
             self._settle_memory(
                 self.local, [s for s in steps if s[0] in local], decision.lease, decision.scale
             )
-        elif self.redis is not None and steps:
-            try:
-                await self.redis.settle(steps, decision.lease)
-            except Unavailable:
-                # a refund lost errs on the safe side; the lease expires with its TTL
-                log.debug("limits: could not settle %s in redis", decision.lease)
+            return []
+        if self._used_local:  # an outage adopted its slots (``_fallback``): free them there too
+            for check, delta in steps:
+                if delta is None:
+                    self.local.release(check, decision.lease)
+        return steps if self.redis is not None else []
+
+    async def _settle_redis(self, steps: list[tuple[Check, float | None]], lease: str) -> None:
+        assert self.redis is not None
+        try:
+            await self.redis.settle(steps, lease)
+        except Unavailable:
+            # a refund lost errs on the safe side; the lease expires with its TTL
+            log.debug("limits: could not settle %s in redis", lease)
 
     @staticmethod
     def _settle_memory(

@@ -175,6 +175,10 @@ class MemoryTier:
         )
         self._put(check.key, min(limit, level + delta), now)
 
+    def hold(self, check: Check, lease: str) -> None:
+        """Count ``lease`` as holding one of ``check``'s slots (one admitted elsewhere), for its TTL."""
+        self._leases.setdefault(check.key, {})[lease] = self.clock() + check.period_s
+
     def release(self, check: Check, lease: str) -> None:
         self._leases.get(check.key, {}).pop(lease, None)
 

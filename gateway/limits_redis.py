@@ -1,11 +1,12 @@
-"""Limits kept in Redis, shared by every replica: one Lua script per admission, one per settling.
+"""Limits kept in Redis, shared by every replica: one Lua script per admission.
 
 ``ADMIT`` checks every scope of a request and, only if all pass, takes from each: one round trip,
-atomic, on Redis's own clock (``TIME``), so replicas with skewed clocks agree. ``SETTLE`` gives a
-reservation's surplus back (or takes its deficit), ends or renews leases: the second round trip.
-Every key a script names belongs to one tenant and carries its hash tag (``{team-a}``), so both
-run on a Redis Cluster without a CROSSSLOT error. The sums are ``gateway.limits_memory``'s, in
-milliseconds. https://redis.io/docs/latest/develop/interact/programmability/eval-intro/
+atomic, on Redis's own clock (``TIME``), so replicas with skewed clocks agree. Settling gives a
+reservation's surplus back (or takes its deficit), ends or renews leases; on a plain Redis the
+steps of the requests that ended since ride in the next ``ADMIT`` (``RedisLimits``), else they go
+as a ``SETTLE`` of their own. Every key a script names on a Redis Cluster belongs to one tenant
+and carries its hash tag (``{team-a}``), so both run there without a CROSSSLOT error. The sums
+are ``gateway.limits_memory``'s, in milliseconds. https://redis.io/docs/latest/develop/interact/programmability/eval-intro/
 
 Each replica also beats (``heartbeat``): its id into a sorted set by Redis time, the stale ones
 out, and the count back, which is how many replicas share a limit when Redis goes away; the
@@ -18,27 +19,63 @@ breaker; a failure raises ``Unavailable`` and the caller applies each scope's ``
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 from collections import defaultdict
 from typing import Any
 
 from gateway.cache_store import RedisTier, Unavailable
 from gateway.limits_memory import Check, Verdict
+from gateway.limits_wire import WireClient
 
 __all__ = ["ADMIT", "SETTLE", "RedisLimits", "Unavailable"]
 
-#: KEYS: one per check; ARGV: per check (kind, a, b, c): g = GCRA (interval ms, burst, -),
+#: one settlement step (kind, a, b, c) on ``key`` at ``now``: b = give back (capacity, refill per
+#: ms, delta: negative takes a deficit), x = end lease (-, -, lease id), r = renew lease (ttl ms,
+#: -, id)
+_SETTLE_STEP = """
+local function settle(key, kind, a, b, c, now)
+  if kind == 'b' then
+    local h = redis.call('HMGET', key, 'l', 't')
+    local level = a
+    if h[1] then level = math.min(a, tonumber(h[1]) + math.max(0, now - tonumber(h[2])) * b) end
+    level = math.min(a, level + tonumber(c))
+    redis.call('HSET', key, 'l', tostring(level), 't', tostring(now))
+    redis.call('PEXPIRE', key, math.ceil((a - level) / b) + 1000)
+  elseif kind == 'x' then
+    redis.call('ZREM', key, c)
+  else
+    if redis.call('ZADD', key, 'XX', 'CH', now + a, c) == 1 then
+      redis.call('PEXPIRE', key, math.ceil(a * 2))
+    end
+  end
+end
+"""
+
+#: ARGV[1]: n, the settlement steps first (other requests' endings, riding with this one);
+#: KEYS: the n steps' keys, then one per check; ARGV after the first: four per key, a step's as
+#: in ``_SETTLE_STEP``, then a check's (kind, a, b, c): g = GCRA (interval ms, burst, -),
 #: b = bucket (capacity, refill per ms, cost), p = leases (limit, ttl ms, lease id).
 #: Returns {admitted, then per check: ok, remaining, reset ms, retry ms}, numbers as strings
 #: (a Lua number returned to Redis is cut to an integer).
-ADMIT = """
+ADMIT = (
+    """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
+"""
+    + _SETTLE_STEP
+    + """
+local n = tonumber(ARGV[1])
+for i = 1, n do
+  local at = 1 + (i - 1) * 4
+  settle(KEYS[i], ARGV[at + 1], tonumber(ARGV[at + 2]), tonumber(ARGV[at + 3]), ARGV[at + 4], now)
+end
 local out = {}
 local all = 1
 local new = {}
-for i, key in ipairs(KEYS) do
-  local at = (i - 1) * 4
+for i = n + 1, #KEYS do
+  local key = KEYS[i]
+  local at = 1 + (i - 1) * 4
   local kind, a, b, c = ARGV[at + 1], tonumber(ARGV[at + 2]), tonumber(ARGV[at + 3]), ARGV[at + 4]
   local ok, remaining, reset, retry = 1, 0, 0, 0
   if kind == 'g' then
@@ -87,8 +124,9 @@ for i, key in ipairs(KEYS) do
   out[#out + 1] = tostring(retry)
 end
 if all == 1 then
-  for i, key in ipairs(KEYS) do
-    local at = (i - 1) * 4
+  for i = n + 1, #KEYS do
+    local key = KEYS[i]
+    local at = 1 + (i - 1) * 4
     local kind, a, b = ARGV[at + 1], tonumber(ARGV[at + 2]), tonumber(ARGV[at + 3])
     if kind == 'g' then
       redis.call('SET', key, tostring(new[i]), 'PX', math.ceil(new[i] - now) + 1000)
@@ -104,32 +142,23 @@ end
 table.insert(out, 1, tostring(all))
 return out
 """
+)
 
-#: KEYS: one per step; ARGV: per step (kind, a, b, c): b = give back (capacity, refill per ms,
-#: delta: negative takes a deficit), x = end lease (-, -, lease id), r = renew lease (ttl ms, -, id)
-SETTLE = """
+#: KEYS: one per step; ARGV: four per step, as in ``_SETTLE_STEP``
+SETTLE = (
+    """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
+"""
+    + _SETTLE_STEP
+    + """
 for i, key in ipairs(KEYS) do
   local at = (i - 1) * 4
-  local kind, a, b, c = ARGV[at + 1], tonumber(ARGV[at + 2]), tonumber(ARGV[at + 3]), ARGV[at + 4]
-  if kind == 'b' then
-    local h = redis.call('HMGET', key, 'l', 't')
-    local level = a
-    if h[1] then level = math.min(a, tonumber(h[1]) + math.max(0, now - tonumber(h[2])) * b) end
-    level = math.min(a, level + tonumber(c))
-    redis.call('HSET', key, 'l', tostring(level), 't', tostring(now))
-    redis.call('PEXPIRE', key, math.ceil((a - level) / b) + 1000)
-  elseif kind == 'x' then
-    redis.call('ZREM', key, c)
-  else
-    if redis.call('ZADD', key, 'XX', 'CH', now + a, c) == 1 then
-      redis.call('PEXPIRE', key, math.ceil(a * 2))
-    end
-  end
+  settle(key, ARGV[at + 1], tonumber(ARGV[at + 2]), tonumber(ARGV[at + 3]), ARGV[at + 4], now)
 end
 return 1
 """
+)
 
 #: KEYS[1]: the replicas' sorted set; ARGV: replica id, how long a silent one still counts (ms)
 HEARTBEAT = """
@@ -152,27 +181,80 @@ def _args(check: Check, lease: str) -> list[Any]:
     return ["b", check.limit, check.limit / (check.period_s * 1000), repr(float(check.cost))]
 
 
-class RedisLimits:
-    """The shared tier: ``admit``, ``settle``, ``heartbeat``; each raises only ``Unavailable``."""
+#: settlements wait at most this long for an admission to ride with (else they go alone)
+SETTLE_DELAY_S = 0.002
+#: settlement steps at most in one script (a burst of endings is cut into several)
+SETTLE_BATCH = 256
 
-    def __init__(self, url: str, *, prefix: str, replica: str, timeout_s: float) -> None:
+
+class RedisLimits:
+    """The shared tier: ``admit``, ``settle``, ``heartbeat``; each raises only ``Unavailable``.
+
+    On a plain Redis (not Cluster) the calls go through ``gateway.limits_wire`` and settling is
+    queued (``queue_settle``): every step queued since the last admission rides in the next
+    one's ``ADMIT`` script (applied before its checks, so that a lease ended or a refund is seen
+    by it), or goes alone as one ``SETTLE`` after ``SETTLE_DELAY_S``: one script and one round
+    trip per request, not two, and nothing on the request path waits for a settlement. (On a
+    Cluster the steps of many tenants cannot share a script: each settles on its own.)
+    """
+
+    def __init__(
+        self, url: str, *, prefix: str, replica: str, timeout_s: float, settle_delay_s: float = SETTLE_DELAY_S
+    ) -> None:
         self.tier = RedisTier(url, timeout_s=timeout_s)
         self.prefix = prefix
         self.replica = replica
+        self.settle_delay_s = settle_delay_s
         #: replicas alive at the last heartbeat that got through (this one included)
         self.replicas = 1
+        self.wire = (
+            None
+            if self.tier.cluster
+            else WireClient.for_url(
+                url, connect_timeout_s=self.tier.connect_timeout_s, scripts=(ADMIT, SETTLE, HEARTBEAT)
+            )
+        )
+        if self.wire is not None:
+            self.tier.client = self.wire  # RedisTier asks its client only for ping() and aclose()
+        #: settlement steps queued (the wire only): keys, and four arguments per key
+        self._keys: list[str] = []
+        self._args: list[Any] = []
+        self._timer: asyncio.TimerHandle | None = None
+        #: settlement steps dropped because Redis was not connected (their leases expire by TTL)
+        self.settles_lost = 0
 
     async def start(self) -> None:
         await self.tier.start()
 
     async def close(self) -> None:
+        try:
+            await self.flush()
+        except Unavailable:
+            pass
         await self.tier.close()
 
     async def admit(self, checks: list[Check], lease: str) -> tuple[bool, list[Verdict]]:
+        keys = [c.key for c in checks]
         args: list[Any] = []
         for check in checks:
             args += _args(check, lease)
-        reply = await self._eval(ADMIT, [c.key for c in checks], args)
+        if self.wire is not None:
+
+            async def run(client: WireClient) -> Any:
+                await client.connect()
+                # taken only now, connected: a call refused before it is sent keeps them queued
+                steps, settle_args = self._take_steps()
+                command = (
+                    b"EVALSHA", _SHA[ADMIT], len(steps) + len(keys), *steps, *keys,
+                    len(steps), *settle_args, *args,
+                )  # fmt: skip
+                future = client.send([command], reply=True)
+                assert future is not None
+                return await future
+
+            reply = await self.tier._call(run)
+        else:
+            reply = await self._eval(ADMIT, keys, [0, *args])
         verdicts = [
             Verdict(
                 reply[i] in (b"1", "1"),
@@ -185,17 +267,65 @@ class RedisLimits:
         return reply[0] in (b"1", "1"), verdicts
 
     async def settle(self, steps: list[tuple[Check, float | None]], lease: str) -> None:
-        """Per check: a bucket's delta (refund > 0), or None to end this request's lease."""
+        """Per check: a bucket's delta (refund > 0), or None to end this request's lease; done
+        when it returns."""
+        if self.queue_settle(steps, lease):
+            await self.flush()
+            return
         keys: list[str] = []
         args: list[Any] = []
         for check, delta in steps:
             keys.append(check.key)
-            if delta is None:
-                args += ["x", 0, 0, lease]
-            else:
-                args += ["b", check.limit, check.limit / (check.period_s * 1000), repr(float(delta))]
+            args += _settle_args(check, delta, lease)
         if keys:
             await self._eval(SETTLE, keys, args)
+
+    def queue_settle(self, steps: list[tuple[Check, float | None]], lease: str) -> bool:
+        """Queue ``steps`` to go with the next write (False, nothing queued: not on the wire)."""
+        if self.wire is None:
+            return False
+        for check, delta in steps:
+            self._keys.append(check.key)
+            self._args += _settle_args(check, delta, lease)
+        if len(self._keys) >= SETTLE_BATCH:
+            self._send_settles()
+        elif self._timer is None and self._keys:
+            self._timer = asyncio.get_running_loop().call_later(self.settle_delay_s, self._send_settles)
+        return True
+
+    async def flush(self) -> None:
+        """Send the queued settlements now and wait for Redis to have applied them."""
+        if self.wire is None or not self._keys:
+            return
+
+        async def run(client: WireClient) -> Any:
+            await client.connect()
+            commands = self._take_settles()
+            return await client.call(*commands) if commands else None
+
+        await self.tier._call(run)
+
+    def _take_steps(self) -> tuple[list[str], list[Any]]:
+        """The queued settlement steps (keys, arguments), no longer queued."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        keys, args = self._keys, self._args
+        self._keys, self._args = [], []
+        return keys, args
+
+    def _take_settles(self) -> list[tuple[Any, ...]]:
+        keys, args = self._take_steps()
+        return [(b"EVALSHA", _SHA[SETTLE], len(keys), *keys, *args)] if keys else []
+
+    def _send_settles(self) -> None:
+        self._timer = None
+        assert self.wire is not None
+        if not self.wire.connected:  # an outage: lost, as a failed call's would be
+            self.settles_lost += len(self._keys)
+            self._keys, self._args = [], []
+            return
+        self.wire.send(self._take_settles())
 
     async def heartbeat(self, held: list[tuple[Check, str]], silent_after_s: float) -> int:
         """Say this replica lives, renew the leases it holds; returns the live replicas."""
@@ -215,9 +345,12 @@ class RedisLimits:
         return self.replicas
 
     async def _eval(self, script: str, keys: list[str], args: list[Any]) -> Any:
-        from redis.exceptions import NoScriptError
-
         sha = _SHA[script]
+        if self.wire is not None:  # a NOSCRIPT is answered by the wire itself
+            command = (b"EVALSHA", sha, len(keys), *keys, *args)
+            return await self.tier._call(lambda client: client.call(command))
+
+        from redis.exceptions import NoScriptError
 
         async def run(client: Any) -> Any:
             try:
@@ -226,3 +359,9 @@ class RedisLimits:
                 return await client.eval(script, len(keys), *keys, *args)
 
         return await self.tier._call(run)
+
+
+def _settle_args(check: Check, delta: float | None, lease: str) -> list[Any]:
+    if delta is None:
+        return ["x", 0, 0, lease]
+    return ["b", check.limit, check.limit / (check.period_s * 1000), repr(float(delta))]

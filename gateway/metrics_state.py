@@ -26,6 +26,7 @@ from prometheus_client.utils import floatToGoString
 
 from gateway.access_log import AccessLog
 from gateway.cache_store import CALL_BUCKETS
+from gateway.limits_metrics import limit_families
 from gateway.state import Gateway
 
 BREAKER_STATES = {"closed": 0, "half_open": 1, "open": 2}
@@ -148,6 +149,7 @@ class StateCollector:
             if isinstance(endpoints, list):
                 pool.add(name, endpoints)
         yield from (breaker, in_flight, queued, *pool.families())
+        yield from limit_families(self._gateway.limits)
         info = GaugeMetricFamily(
             "interlock_config_info", "The routing config in force (its hash)", labels=["hash"]
         )

@@ -259,3 +259,28 @@ def test_settling_stream_strips_the_usage_chunk_and_settles_on_it() -> None:
 def test_leases_must_outlive_heartbeats() -> None:
     (found,) = problems({"lease_ttl_s": 2, "heartbeat_s": 5})
     assert found[0] == "limits" and "twice heartbeat_s" in found[1]
+
+
+def test_a_share_of_every_limit_without_redis() -> None:
+    """N worker processes on one host without Redis: each enforces 1 / N of every limit."""
+
+    async def main() -> None:
+        limits = Limits(None, clock=Clock(0.0), share=0.25)
+        cfg = section({"keys": {"*": {"tpm": 2000, "max_parallel": 8}}})
+        running = [await limits.admit(limits.plan(cfg, None, "chat", 100, 0.0, 30)) for _ in range(20)]
+        assert sum(d.admitted for d in running) == 2  # max_parallel: 8 / 4
+        for decision in running:
+            await limits.settle(decision, 100, None)
+        later = 0
+        for _ in range(20):
+            decision = await limits.admit(limits.plan(cfg, None, "chat", 100, 0.0, 30))
+            later += decision.admitted
+            await limits.settle(decision, 100, None)
+        assert later == 3  # tpm: 2000 / 4 = 5 requests of 100, 2 of them already taken
+        rpm = section({"keys": {"*": {"rpm": 40}}})
+        got = [await limits.admit(limits.plan(rpm, "x", "chat", 1, 0.0, 30)) for _ in range(20)]
+        assert sum(d.admitted for d in got) == 10  # a burst of 40 / 4
+        with pytest.raises(ValueError):
+            Limits(None, share=0)
+
+    asyncio.run(main())

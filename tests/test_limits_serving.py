@@ -7,6 +7,7 @@ import time
 
 import httpx
 import orjson
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import run_gateway
 from tests.usage_upstream import UsageUpstream
@@ -128,3 +129,24 @@ def test_a_cache_hit_gives_its_reservation_back_and_a_client_that_left_frees_its
             while httpx.post(url + "/v1/chat/completions", json=chat(model="live")).status_code != 200:
                 assert time.monotonic() < deadline, "a client that left kept its slot"
                 time.sleep(0.05)
+
+
+def test_limit_decisions_on_metrics() -> None:
+    limits = {"keys": {"*": {"rpm": 1, "tpm": 100_000}}}
+    with UsageUpstream() as up, run_gateway(config(up.base_url, limits)) as url:
+        assert httpx.post(url + "/v1/chat/completions", json=chat(max_tokens=5)).status_code == 200
+        assert httpx.post(url + "/v1/chat/completions", json=chat(max_tokens=5)).status_code == 429
+        families = {f.name: f for f in text_string_to_metric_families(httpx.get(url + "/metrics").text)}
+    counts = {
+        (s.labels["kind"], s.labels["tier"], s.labels["result"]): s.value
+        for s in families["interlock_limit_decisions"].samples
+        if s.name.endswith("_total")
+    }
+    # the second request: refused by rpm; its tpm check passed (and took nothing)
+    assert counts == {
+        ("rpm", "memory", "admitted"): 1,
+        ("rpm", "memory", "refused"): 1,
+        ("tpm", "memory", "admitted"): 2,
+    }
+    tiers = {s.labels["tier"]: s.value for s in families["interlock_limits_tier"].samples}
+    assert tiers == {"memory": 1, "redis": 0, "fallback": 0}
