@@ -138,10 +138,15 @@ def config_hash(config: LoadedConfig) -> str:
 
 
 def build_snapshot(
-    config: LoadedConfig, backends: Mapping[str, Backend], previous: Snapshot | None = None
+    config: LoadedConfig,
+    backends: Mapping[str, Backend],
+    previous: Snapshot | None = None,
+    *,
+    known_hash: str | None = None,
 ) -> Snapshot:
     """The snapshot of ``config`` served by ``backends`` (one per configured backend name); a
-    target of ``previous`` whose backend object is reused keeps its live state."""
+    target of ``previous`` whose backend object is reused keeps its live state. ``known_hash``:
+    ``config_hash(config)``, when the caller has worked it out already (a reload, off the loop)."""
     resilience = config.resilience
     kept = previous.targets if previous is not None else {}
     targets: dict[str, Target] = {}
@@ -180,6 +185,6 @@ def build_snapshot(
         routes=routes,
         targets=targets,
         keys=KeyTable(config.auth.keys),
-        hash=config_hash(config),
+        hash=config_hash(config) if known_hash is None else known_hash,
         loaded_at=time.time(),
     )

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import os
 import signal
@@ -18,6 +19,7 @@ from typing import Any
 import httpx
 import pytest
 
+import gateway.reload as reload_module
 from backends.base import Resources
 from backends.openai import OpenAIBackend
 from gateway.config import load_config
@@ -442,3 +444,40 @@ def test_sighup_reloads_the_file(tmp_path: Path) -> None:
         finally:
             proc.terminate()
             proc.wait(20)
+
+
+@pytest.mark.parametrize("inline_max_bytes", [4096, 0], ids=["on the loop", "in a thread"])
+def test_a_small_file_loads_on_the_loop_and_a_large_one_in_a_thread_alike(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, inline_max_bytes: int
+) -> None:
+    """Which way the file is loaded (by its size) changes no result: diff, hash, digest, problems."""
+    monkeypatch.setattr(reload_module, "INLINE_MAX_BYTES", inline_max_bytes)
+    threads: list[object] = []
+    real_to_thread = asyncio.to_thread
+
+    async def counted(func: Callable[..., Any], /, *args: Any) -> Any:
+        threads.append(func)
+        return await real_to_thread(func, *args)
+
+    monkeypatch.setattr(reload_module.asyncio, "to_thread", counted)
+    path = tmp_path / "routing.yaml"
+    backend = openai_backend("http://127.0.0.1:9/v1", "ok")
+    write(path, routing({"a": backend}, {"m": ["a"]}))
+
+    async def scenario() -> None:
+        reloader = Reloader(build_gateway(load_config(path), Resources()), str(path), Resources())
+        write(path, routing({"a": backend}, {"m": ["a"], "m2": ["a"]}))
+        result = await reloader.reload()
+        assert result.status == "ok" and result.diff["models_added"] == ["m2"]
+        assert result.hash == config_hash(load_config(path)) == reloader.gateway.snapshot.hash
+        assert reloader._attempted == hashlib.sha256(path.read_bytes()).hexdigest()
+
+        path.write_bytes(b"backends: {a: \xff}\n")
+        result = await reloader.reload()
+        assert result.status == "invalid"
+        [(where, message)] = result.problems
+        assert where == "" and message.startswith("the file is not UTF-8 text: ")
+        assert "m2" in reloader.gateway.snapshot.routes
+
+    asyncio.run(scenario())
+    assert len(threads) == (0 if inline_max_bytes else 2)
