@@ -127,7 +127,10 @@ class Tracing:
         elif exporter == "console":
             from opentelemetry.sdk.trace.export import ConsoleSpanExporter
 
-            self.provider.add_span_processor(BatchSpanProcessor(ConsoleSpanExporter()))
+            # One compact JSON line a span: the SDK's default (indent=4) takes json's pure-Python
+            # encoder, about a third more CPU a sampled request than the C one.
+            console = ConsoleSpanExporter(formatter=lambda span: span.to_json(indent=None) + "\n")
+            self.provider.add_span_processor(BatchSpanProcessor(console))
         else:
             from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 
