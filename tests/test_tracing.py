@@ -4,6 +4,7 @@ SDK's in-memory exporter (the gateway's own exporter swapped for it), and the up
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections.abc import Callable, Iterator
@@ -144,29 +145,93 @@ def test_a_stream_span_ends_with_the_stream(up: FakeUpstream, spans: InMemorySpa
     assert client.attributes["interlock.attempt.outcome"] == "ok"
 
 
-def test_sampling_ratio_zero_records_nothing_but_still_propagates(
-    up: FakeUpstream, spans: InMemorySpanExporter
+def sent_traceparents(up: FakeUpstream, seen: int) -> list[str | None]:
+    return [h.get("traceparent") or h.get("Traceparent") for h in up.headers[seen:]]
+
+
+def test_ratio_zero_records_only_what_a_client_sampled(
+    up: FakeUpstream, spans: InMemorySpanExporter, tmp_path: Path
 ) -> None:
-    with run_gateway(config(up), traces="otlp", trace_sample_ratio=0.0) as url:
+    cfg = config(up)
+    cfg["models"]["chat"]["cache"] = {"ttl_s": 60}  # an unsampled lookup makes no span either
+    log = tmp_path / "access.log"
+    unsampled_parent = "00-11111111111111111111111111111111-2222222222222222-00"
+    with run_gateway(cfg, traces="otlp", trace_sample_ratio=0.0, access_log=str(log)) as url:
         seen = len(up.headers)
-        for _ in range(5):
+
+        def post(content: str, headers: dict[str, str] | None = None) -> None:
+            body = {"model": "chat", "messages": [{"role": "user", "content": content}]}
+            assert httpx.post(url + "/v1/chat/completions", json=body, headers=headers).is_success
+
+        for n in range(5):  # no traceparent: left out by the ratio, served as with tracing off
+            post(f"root {n}")
+        post("unsampled", {"traceparent": unsampled_parent})  # the client's choice, passed on
+        post("sampled", {"traceparent": CLIENT_PARENT})  # honoured whatever the ratio
+        wait_for(lambda: len(by_kind(spans, SpanKind.SERVER)) == 1)
+        wait_for(lambda: log.exists() and len(log.read_text().splitlines()) == 7)
+    # the gateway has stopped: any span a request made has ended and been exported
+    assert {f"{s.context.trace_id:032x}" for s in spans.get_finished_spans()} == {CLIENT_TRACE}
+    assert {s.name for s in spans.get_finished_spans()} == {
+        "POST /v1/chat/completions",
+        "interlock.cache",
+        "chat ok",
+    }
+    sent = sent_traceparents(up, seen)
+    assert sent[:5] == [None] * 5, sent
+    assert sent[5] is not None and sent[5].startswith("00-11111111111111111111111111111111-")
+    assert sent[5].endswith("-00") and sent[5] != unsampled_parent  # a span id of its own
+    assert sent[6] is not None and sent[6].startswith(f"00-{CLIENT_TRACE}-") and sent[6].endswith("-01")
+    logged = [json.loads(x)["trace_id"] for x in log.read_text().splitlines()]
+    assert logged == [None] * 5 + ["11111111111111111111111111111111", CLIENT_TRACE]
+
+
+def test_ratio_one_records_every_request(up: FakeUpstream, spans: InMemorySpanExporter) -> None:
+    with run_gateway(config(up), traces="otlp", trace_sample_ratio=1.0) as url:
+        seen = len(up.headers)
+        for _ in range(3):
             assert httpx.post(
                 url + "/v1/chat/completions", json={"model": "chat", "messages": MESSAGES}
             ).is_success
-        # a client's sampled flag is honoured whatever the ratio
-        sampled = httpx.post(
-            url + "/v1/chat/completions",
-            json={"model": "chat", "messages": MESSAGES},
-            headers={"traceparent": CLIENT_PARENT},
-        )
-        assert sampled.is_success
-        wait_for(lambda: len(by_kind(spans, SpanKind.SERVER)) == 1)
-    assert {f"{s.context.trace_id:032x}" for s in spans.get_finished_spans()} == {CLIENT_TRACE}
-    sent = [h.get("traceparent") or h.get("Traceparent") for h in up.headers[seen:]]
-    assert len(sent) == 6, sent
-    # propagated, with the sampled flag (bit 0 of the flags) unset
-    assert all(p is not None and int(p[-2:], 16) & 1 == 0 for p in sent[:5]), sent
-    assert sent[5].startswith(f"00-{CLIENT_TRACE}-") and int(sent[5][-2:], 16) & 1
+        wait_for(lambda: len(by_kind(spans, SpanKind.CLIENT)) == 3)
+    clients = sorted(by_kind(spans, SpanKind.CLIENT), key=lambda s: s.start_time)
+    assert len({c.context.trace_id for c in clients}) == 3  # each request a trace of its own
+    sent = sent_traceparents(up, seen)
+    # the flags: sampled (bit 0) and, the SDK's ids being random, W3C level 2's random (bit 1)
+    assert [p and p[:-3] for p in sent] == [
+        f"00-{c.context.trace_id:032x}-{c.context.span_id:016x}" for c in clients
+    ]
+    assert all(p and int(p[-2:], 16) & 1 for p in sent), sent
+    assert len(by_kind(spans, SpanKind.SERVER)) == 3
+
+
+@pytest.mark.parametrize(
+    ("ratio", "low", "high"),
+    # 2,000 draws: 5 standard deviations either side of ratio * 2,000 (the draws are seeded)
+    [(0.0, 0, 0), (0.01, 0, 42), (0.25, 403, 597), (1.0, 2000, 2000)],
+)
+def test_a_request_without_a_traceparent_is_sampled_with_the_ratio(
+    spans: InMemorySpanExporter, ratio: float, low: int, high: int
+) -> None:
+    traced = tracing.Tracing(ratio, span_exporter=spans)
+    traced._random.seed(23)
+    served: list[str | None] = []
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        served.append(scope.get(tracing.TRACE_ID_KEY))
+
+    endpoint = traced.trace(app)
+    invalid = [(b"traceparent", b"00-not-a-trace-01")]  # ignored (W3C): sampled as with none
+
+    async def requests() -> None:
+        for n in range(2000):
+            headers = invalid if n % 2 else [(b"content-type", b"application/json")]
+            scope = {"type": "http", "method": "POST", "path": "/v1/chat/completions", "headers": headers}
+            await endpoint(scope, None, None)
+
+    asyncio.run(requests())
+    recorded = len(spans.get_finished_spans())
+    assert low <= recorded <= high, recorded
+    assert len(served) == 2000 and sum(t is not None for t in served) == recorded
 
 
 def test_tracing_off_sends_no_traceparent_and_makes_no_spans(

@@ -9,7 +9,7 @@ counters (``callgrind_control -z``), sends ``--requests`` more, dumps the counte
 One request at a time: this measures the cost of a request, not of batching under load.
 
     .venv/bin/python benchmarks/proxy_overhead/instructions.py [--baseline DIR] \\
-        [--workload json,stream] [--requests 500] [--warmup 50]
+        [--workload json,stream] [--requests 500] [--warmup 50] [--env KEY=VAL ...]
 
 Needs valgrind (``apt-get install valgrind``) and nginx. It prints a table; it asserts nothing.
 """
@@ -91,7 +91,8 @@ def measure(
     # taskset -c CPU python ... → taskset -c CPU valgrind ... python ...
     argv = [*g.argv[:3], "valgrind", "--tool=callgrind", f"--callgrind-out-file={out}.%p", *g.argv[3:]]
     per_request: dict[str, float] = {}
-    with started(name, argv, work / f"{name}.log", g.checkout, g.env) as proc:
+    env = {**g.env, **args.env}
+    with started(name, argv, work / f"{name}.log", g.checkout, env) as proc:
         wait_ready(port, proc)
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
         pid = proc.popen.pid
@@ -119,7 +120,17 @@ def main() -> int:
     p.add_argument("--workload", default="json,stream", help="json, stream or both (default both)")
     p.add_argument("--requests", type=int, default=500, help="measured requests per workload")
     p.add_argument("--warmup", type=int, default=50, help="requests before the counters are zeroed")
+    p.add_argument(
+        "--env",
+        action="append",
+        default=[],
+        metavar="KEY=VAL",
+        help="an environment variable for the gateways measured (repeatable)",
+    )
     args = p.parse_args()
+    if not all("=" in item for item in args.env):
+        p.error("--env takes KEY=VAL")
+    args.env = dict(item.split("=", 1) for item in args.env)
     args.workload = [w for w in args.workload.split(",") if w]
     if not set(args.workload) <= set(WORKLOADS):
         p.error(f"workloads are a subset of {','.join(WORKLOADS)}")
