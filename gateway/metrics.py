@@ -61,8 +61,12 @@ TPOT_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1
 #: the gateway's own time per request: tens of microseconds to milliseconds
 OVERHEAD_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
 _CLASSES = ("", "1xx", "2xx", "3xx", "4xx", "5xx")
-#: kept from a JSON reply for the access log's finish reason (it sits near the end)
+#: kept from a reply for the access log's finish reason, usage and error (they sit near the end)
 _TAIL_BYTES = 2048
+#: a stream's last bytes searched for an error event: a whole reply can come as one chunk, and
+#: a search through 13 kB of JSON cost ~15 us, more than all the rest of the metrics of a request
+_ERROR_WINDOW = 4096
+_ERROR_EVENT = b'data: {"error"'
 
 
 class RequestListener(Protocol):
@@ -260,7 +264,8 @@ class Metrics:
             self.cache_results.values[route, cached] += 1
         status = ex.status or 499  # nothing sent: the client left first (nginx's 499)
         status_class = _CLASSES[status // 100] if 100 <= status < 600 else OTHER
-        errored = stream and ex.done and b'data: {"error"' in ex.last
+        last = ex.last
+        errored = stream and ex.done and last.rfind(_ERROR_EVENT, max(0, len(last) - _ERROR_WINDOW)) >= 0
         if errored:  # the HTTP status was 200, but the stream ended with an error event
             status_class = "5xx"
             if ex.broke and isinstance(ex.error, InterlockError) and 100 <= client_status(ex.error) < 600:
@@ -367,7 +372,10 @@ class Metrics:
         else:
             disconnect = NONE
         if stream:
-            tail = ex.p2 + ex.prev + ex.last
+            tail = ex.last
+            if len(tail) < _TAIL_BYTES:
+                tail = ex.p2 + ex.prev + tail
+            tail = tail[-_TAIL_BYTES:]
         elif status >= 400 or (request is not None and request.endpoint != "embeddings"):
             tail = ex.last[-_TAIL_BYTES:]
         else:

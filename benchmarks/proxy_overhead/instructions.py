@@ -8,8 +8,11 @@ under ``valgrind --tool=callgrind``, sends ``--warmup`` requests one at a time, 
 counters (``callgrind_control -z``), sends ``--requests`` more, dumps the counters and divides.
 One request at a time: this measures the cost of a request, not of batching under load.
 
-    .venv/bin/python benchmarks/proxy_overhead/instructions.py [--baseline DIR] \\
+    .venv/bin/python benchmarks/proxy_overhead/instructions.py [--baseline DIR] [--ops] \\
         [--workload json,stream] [--requests 500] [--warmup 50] [--env KEY=VAL ...]
+
+``--ops`` also measures this checkout as proxy_overhead.py --ops' ``bare`` (no metrics, no access
+log) and ``observed`` (metrics and the access log to a file) gateways, as ``ops.py`` launches them.
 
 Needs valgrind (``apt-get install valgrind``) and nginx. It prints a table; it asserts nothing.
 """
@@ -26,6 +29,7 @@ import time
 from contextlib import ExitStack
 from pathlib import Path
 
+from ops import variants
 from proxy_overhead import (
     VENV_BIN,
     WORK_ROOT,
@@ -38,7 +42,7 @@ from proxy_overhead import (
     write_routing,
 )
 from report import REPO, git_state
-from run_checkout import check_loaded, launch
+from run_checkout import Launch, check_loaded, launch
 
 #: callgrind's start-up under valgrind (imports of starlette, pydantic, aiohttp) takes a while
 READY_TIMEOUT_S = 600.0
@@ -82,11 +86,8 @@ def wait_ready(port: int, proc_alive: object) -> None:
     raise BenchError(f"the gateway on port {port} was not ready within {READY_TIMEOUT_S:g}s")
 
 
-def measure(
-    name: str, checkout: Path, routing: Path, work: Path, args: argparse.Namespace
-) -> dict[str, float]:
-    port = free_port()
-    g = launch(name, checkout, VENV_BIN / "python", "0", routing, port, work)
+def measure(g: Launch, work: Path, args: argparse.Namespace) -> dict[str, float]:
+    name, port = g.name, g.port
     out = work / f"{name}.callgrind"
     # taskset -c CPU python ... → taskset -c CPU valgrind ... python ...
     argv = [*g.argv[:3], "valgrind", "--tool=callgrind", f"--callgrind-out-file={out}.%p", *g.argv[3:]]
@@ -117,6 +118,9 @@ def measure(
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     p.add_argument("--baseline", type=Path, help="a second checkout to measure beside this one")
+    p.add_argument(
+        "--ops", action="store_true", help="also this checkout without metrics and with the access log"
+    )
     p.add_argument("--workload", default="json,stream", help="json, stream or both (default both)")
     p.add_argument("--requests", type=int, default=500, help="measured requests per workload")
     p.add_argument("--warmup", type=int, default=50, help="requests before the counters are zeroed")
@@ -141,6 +145,9 @@ def main() -> int:
     nginx_conf = render_nginx(work, nginx_port, WORKLOADS["json"].reply.read_text().strip())
     routing = write_routing(work, upstream)
     checkouts = [("gateway", REPO)] + ([("baseline", args.baseline.resolve())] if args.baseline else [])
+    launches = [launch(n, c, VENV_BIN / "python", "0", routing, free_port(), work) for n, c in checkouts]
+    if args.ops:
+        launches += [v for v in variants(launches[0], work, routing) if v.name in ("bare", "observed")]
     results: dict[str, dict[str, float]] = {}
     with ExitStack() as stack:
         nginx = stack.enter_context(
@@ -162,9 +169,9 @@ def main() -> int:
             )
         )
         wait_until(nginx, f"{upstream}/", None)
-        for name, checkout in checkouts:
-            results[name] = measure(name, checkout, routing, work, args)
-            print(f"instructions: {name} done: {results[name]}", file=sys.stderr)
+        for g in launches:
+            results[g.name] = measure(g, work, args)
+            print(f"instructions: {g.name} done: {results[g.name]}", file=sys.stderr)
     print(
         f"\nInstructions per request (callgrind, {args.requests} requests after {args.warmup}, "
         "one at a time)\n"
@@ -172,12 +179,14 @@ def main() -> int:
     header = "| gateway | commit | " + " | ".join(args.workload) + " |"
     print(header)
     print("|---|---|" + "---:|" * len(args.workload))
-    for name, checkout in checkouts:
-        cells = " | ".join(f"{results[name][w] / 1e6:.3f} M" for w in args.workload)
-        print(f"| {name} | {git_state(checkout)} | {cells} |")
-    if args.baseline:
-        ratios = " | ".join(f"{results['gateway'][w] / results['baseline'][w]:.3f}x" for w in args.workload)
-        print(f"| gateway / baseline | | {ratios} |")
+    for g in launches:
+        cells = " | ".join(f"{results[g.name][w] / 1e6:.3f} M" for w in args.workload)
+        print(f"| {g.name} | {git_state(g.checkout)} | {cells} |")
+    pairs = [("gateway", "baseline")] if args.baseline else []
+    pairs += [("gateway", "bare"), ("observed", "bare")] if args.ops else []
+    for a, b in pairs:
+        ratios = " | ".join(f"{results[a][w] / results[b][w]:.3f}x" for w in args.workload)
+        print(f"| {a} / {b} | | {ratios} |")
     return 0
 
 
