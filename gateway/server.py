@@ -100,6 +100,7 @@ def create_app(
         timeout_s=config.limits.redis_timeout_ms / 1000,
         heartbeat_s=config.limits.heartbeat_s,
         prefix=settings.limits_prefix,
+        share=1.0 / settings.workers,  # without Redis, each worker enforces its part of a limit
     )
     fleet = gateway.fleet = Fleet(
         lambda: gateway.snapshot.targets.values(),

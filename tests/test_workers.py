@@ -108,9 +108,14 @@ def upstream() -> Iterator[int]:
 
 
 @pytest.fixture
-def gateway(tmp_path: Path, upstream: int) -> Iterator[Gateway]:
+def extra_yaml() -> str:
+    return ""
+
+
+@pytest.fixture
+def gateway(tmp_path: Path, upstream: int, extra_yaml: str) -> Iterator[Gateway]:
     config = tmp_path / "routing.yaml"
-    config.write_text(_routing().replace("{port}", str(upstream)))
+    config.write_text(_routing().replace("{port}", str(upstream)) + extra_yaml)
     port = free_port()
     env = {**os.environ, "INTERLOCK_SHUTDOWN_DELAY_S": "0", "INTERLOCK_RELOAD_WATCH": "false"}
     args = ["serve", "--config", str(config), "--port", str(port), "--workers", "2", "--log-level", "warning"]
@@ -192,6 +197,13 @@ def test_sigterm_stops_every_worker(gateway: Gateway) -> None:
     assert gateway.proc.wait(30) == 0
     for pid in workers:
         assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().split()[2]
+
+
+@pytest.mark.parametrize("extra_yaml", ["limits:\n  keys:\n    '*': {rpm: 10}\n"])
+def test_without_redis_each_worker_enforces_its_share_of_a_limit(gateway: Gateway) -> None:
+    statuses = _ask_many(gateway, 40)
+    assert set(statuses) <= {200, 429}
+    assert 1 <= statuses.count(200) <= 10  # 10 a minute for the replica, not 10 per worker
 
 
 def test_several_workers_refuse_an_in_process_model_at_start() -> None:
