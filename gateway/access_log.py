@@ -23,7 +23,7 @@ import sys
 import threading
 import time
 from collections import deque
-from typing import BinaryIO, NamedTuple
+from typing import Any, BinaryIO, NamedTuple
 
 import orjson
 
@@ -37,6 +37,9 @@ _BATCH = 512
 _INTERVAL_S = 0.1
 _FINISH = re.compile(rb'"finish_reason"\s*:\s*"([a-z_]{1,32})"')
 _CACHED = re.compile(rb'"cached_tokens"\s*:\s*(\d{1,12})')
+_REASON = re.compile(rb"[a-z_]{1,32}")
+#: the last bytes of a reply searched first for its finish reason and usage
+_NEAR_END = 1024
 
 
 class Entry(NamedTuple):
@@ -99,16 +102,30 @@ def line(entry: Entry) -> bytes:
         key,
         tail,
     ) = entry
-    found = tail.rfind(b'"finish_reason"')
-    finish = _FINISH.match(tail, found) if found >= 0 else None
     second = int(at)
     if _second[0] != second:
         _second[:] = [second, time.strftime("%Y-%m-%dT%H:%M:%S.", time.gmtime(second))]
-    # the searches below are C calls, each a function call saved where they find nothing (most)
-    # int() and a division: round() costs several times more
+    finish = cached = error = None
+    if tail:
+        # The finish reason and the usage sit at the end of a reply or stream: the last bytes are
+        # searched first (each search's cost is its length), all of the tail only where they miss.
+        near = len(tail) - _NEAR_END if len(tail) > _NEAR_END else 0
+        found = tail.rfind(b'"finish_reason"', near)
+        if found < 0 and near:
+            found = tail.rfind(b'"finish_reason"')
+        if found >= 0:
+            finish = _finish_reason(tail, found)
+        found = tail.rfind(b'"cached_tokens"', near)
+        if found < 0 and near:
+            found = tail.rfind(b'"cached_tokens"')
+        if found >= 0:
+            count = _CACHED.match(tail, found)
+            cached = int(count.group(1)) if count else None
+        if stream_error or (status or 0) >= 400:  # a 2xx reply that was not an error event has no error
+            error = _error_code(tail)
     return orjson.dumps(
         {
-            "time": "%s%03dZ" % (_second[1], (at - second) * 1000),  # noqa: UP031  # the cheapest
+            "time": _second[1] + _MILLIS[int((at - second) * 1000)],
             "request_id": request_id,
             "trace_id": trace_id,
             "endpoint": endpoint,
@@ -128,10 +145,10 @@ def line(entry: Entry) -> bytes:
             "tokens_in": tokens_in,
             "tokens_out": tokens_out,
             # the upstream's (or a cache hit's) usage.prompt_tokens_details.cached_tokens
-            "cached_tokens": _cached_tokens(tail) if b'"cached_tokens"' in tail else None,
+            "cached_tokens": cached,
             "cost_usd": round(cost_usd, 8) if cost_usd else cost_usd,
-            "finish_reason": finish.group(1).decode() if finish else None,
-            "error": _error_code(tail) if b'{"error"' in tail else None,
+            "finish_reason": finish,
+            "error": error,
             "disconnect": disconnect,
             "key": key,
         },
@@ -139,17 +156,24 @@ def line(entry: Entry) -> bytes:
     )
 
 
-def _cached_tokens(tail: bytes) -> int | None:
-    """The last ``cached_tokens`` count in ``tail``: looked for after its last ``"usage"`` (near
-    the end of a reply or stream, so the search is short), in all of it only where none is."""
-    at = tail.rfind(b'"usage"')
-    found = _CACHED.findall(tail, at if at >= 0 else 0)
-    return int(found[-1]) if found else None
+def _finish_reason(tail: bytes, at: int) -> str | None:
+    """The finish reason whose key starts at ``at``: sliced where it is written without spaces
+    (as servers write JSON), matched by the regular expression otherwise."""
+    start = at + 17  # len('"finish_reason":"')
+    if tail.startswith(b'":"', at + 14):
+        end = tail.find(b'"', start, start + 33)
+        if end > start:
+            reason = tail[start:end]
+            return reason.decode() if _REASON.fullmatch(reason) else None
+    found = _FINISH.match(tail, at)
+    return found.group(1).decode() if found else None
 
 
 #: UTC ISO 8601 with milliseconds: the seconds part is formatted once per second (lines are
-#: formatted on the one event-loop thread), as datetime's formatting costs more than a line
-_second: list[object] = [None, ""]
+#: formatted on the one event-loop thread), the milliseconds looked up, as formatting either
+#: costs more than the rest of the line
+_second: list[Any] = [None, ""]
+_MILLIS = tuple(f"{ms:03d}Z" for ms in range(1000))
 
 
 def _error_code(tail: bytes) -> str | None:

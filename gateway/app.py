@@ -140,13 +140,13 @@ def build_app(
         ("/v1/completions", "completions"),
         ("/v1/embeddings", "embeddings"),
     )
-    hot: dict[tuple[str, str], ASGIApp] = {
-        ("POST", path): Inference(serving, endpoint) for path, endpoint in endpoints
-    }
     observed = Metrics(gateway, access_log, reloader=reloader) if metrics else None
+    hot: dict[tuple[str, str], ASGIApp] = {
+        ("POST", path): Inference(serving, endpoint, observed.finish if observed is not None else None)
+        for path, endpoint in endpoints
+    }
     if observed is not None:
         gateway.router.listeners.append(observed)
-        hot = {key: observed.observe(app) for key, app in hot.items()}
         if worker_metrics is not None:
             observed.workers = worker_metrics
             worker_metrics.local = lambda: generate_latest(observed.registry)

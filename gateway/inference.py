@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator, Awaitable
+from time import perf_counter
 from typing import Any, TypeVar
 
 from starlette.responses import StreamingResponse
@@ -21,8 +22,9 @@ from starlette.types import Receive, Scope, Send
 from backends.base import Endpoint
 from backends.errors import InterlockError
 from gateway.cache_step import Replayed
-from gateway.errors import sse_error_event
+from gateway.errors import client_status, error_body, sse_error_event
 from gateway.http_server import EDGE_KEY, EdgeProtocol
+from gateway.metrics_edge import CACHE_BACKEND, CURRENT, Exchange, Observer
 from gateway.middleware import CLIENT_KEY, REQUEST_ID_KEY, send_error
 from gateway.protocol import parse_body
 from gateway.router import Opened
@@ -51,11 +53,42 @@ class Inference:
     """One inference endpoint (chat, completions or embeddings) as an ASGI app: read, parse,
     hand to ``Serving``, write the reply as JSON or SSE."""
 
-    def __init__(self, serving: Serving, endpoint: Endpoint) -> None:
+    def __init__(self, serving: Serving, endpoint: Endpoint, observer: Observer | None = None) -> None:
+        """``observer``: told of every request once it is over (``gateway.metrics``), with the
+        ``Exchange`` this endpoint filled in as it served it."""
         self.serving = serving
         self.endpoint = endpoint
+        self.observer = observer
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+    def __call__(self, scope: Scope, receive: Receive, send: Send) -> Awaitable[None]:
+        # a plain method handing back the coroutine that serves: no frame of its own unobserved
+        if self.observer is None:
+            return self._serve(scope, receive, send, None)
+        return self._observed(scope, receive, send, self.observer)
+
+    async def _observed(self, scope: Scope, receive: Receive, send: Send, observer: Observer) -> None:
+        # The exchange is filled in here, where the reply is made, rather than by a wrapper
+        # watching each ASGI message: no closure, no call per message, no header scan.
+        ex = Exchange(perf_counter())
+        token = CURRENT.set(ex)
+        try:
+            await self._serve(scope, receive, send, ex)
+        except BaseException:
+            if ex.status is None:
+                ex.status = 500
+            raise
+        finally:
+            CURRENT.reset(token)
+            try:
+                observer(ex, scope)
+            except Exception:  # a metrics bug must never fail a request
+                log.exception("metrics: observing request %s failed", scope.get(REQUEST_ID_KEY))
+            # Tasks started during the request copied the context that holds ``ex`` and die in
+            # reference cycles: emptied now, ``ex`` keeps no reply or usage alive until the cycle
+            # collector runs (which then runs less often).
+            ex.__dict__.clear()
+
+    async def _serve(self, scope: Scope, receive: Receive, send: Send, ex: Exchange | None) -> None:
         request_id: str = scope[REQUEST_ID_KEY]
         try:
             raw = await _read_body(receive)
@@ -86,17 +119,23 @@ class Inference:
         except ClientGone:
             return
         except InterlockError as exc:
+            if ex is not None:
+                ex.status, ex.last, ex.done = client_status(exc), error_body(exc), True
             await send_error(send, exc)
             return
         if isinstance(reply, Replayed):
-            await _replay(reply, scope, receive, send)
+            if ex is not None:
+                ex.backend, ex.cache = CACHE_BACKEND, reply.cache
+            await _replay(reply, scope, receive, send, ex)
             return
         if isinstance(reply, Opened):
             headers = {**_SSE_HEADERS, **route_headers(reply.target, reply.reason)}
             if reply.cache is not None:
                 headers["x-interlock-cache"] = reply.cache
-            events = relay(reply.first, until_shutdown(reply.rest), request_id)
-            await _write_stream(events, headers, scope, receive, send)
+            if ex is not None:
+                ex.backend, ex.reason, ex.cache = reply.target.name, reply.reason, reply.cache
+            events = relay(reply.first, until_shutdown(reply.rest), request_id, ex)
+            await _write_stream(events, headers, scope, receive, send, ex)
             return
         target, usage, body = reply.target, reply.reply.usage, reply.reply.body
         out = [
@@ -109,8 +148,13 @@ class Inference:
             out.append((b"x-interlock-cost-usd", b"%.8f" % target.cost_usd(usage)))
         if reply.cache is not None:
             out.append((b"x-interlock-cache", reply.cache.encode()))
+        if ex is not None:
+            ex.status, ex.backend, ex.reason, ex.cache = 200, target.name, reply.reason, reply.cache
+            ex.last = body
         await send({"type": "http.response.start", "status": 200, "headers": out})
         await send({"type": "http.response.body", "body": body})
+        if ex is not None:
+            ex.done = True
 
 
 def _with_headers(send: Send, extra: list[tuple[bytes, bytes]]) -> Send:
@@ -123,7 +167,7 @@ def _with_headers(send: Send, extra: list[tuple[bytes, bytes]]) -> Send:
     return sending
 
 
-async def _replay(reply: Replayed, scope: Scope, receive: Receive, send: Send) -> None:
+async def _replay(reply: Replayed, scope: Scope, receive: Receive, send: Send, ex: Exchange | None) -> None:
     """An answer from the response cache: no backend, no cost, its age."""
     headers = {
         "x-interlock-cache": reply.cache,
@@ -134,20 +178,31 @@ async def _replay(reply: Replayed, scope: Scope, receive: Receive, send: Send) -
     if reply.body is not None:
         out = [_JSON, (b"content-length", b"%d" % len(reply.body))]
         out += ((k.encode(), v.encode()) for k, v in headers.items())
+        if ex is not None:
+            ex.status, ex.last = 200, reply.body
         await send({"type": "http.response.start", "status": 200, "headers": out})
         await send({"type": "http.response.body", "body": reply.body})
+        if ex is not None:
+            ex.done = True
         return
     assert reply.events is not None
-    await _write_stream(_events(reply.events), {**_SSE_HEADERS, **headers}, scope, receive, send)
+    await _write_stream(_events(reply.events, ex), {**_SSE_HEADERS, **headers}, scope, receive, send, ex)
 
 
 async def _write_stream(
-    events: AsyncIterator[bytes], headers: dict[str, str], scope: Scope, receive: Receive, send: Send
+    events: AsyncIterator[bytes],
+    headers: dict[str, str],
+    scope: Scope,
+    receive: Receive,
+    send: Send,
+    ex: Exchange | None,
 ) -> None:
     """SSE out as the events come. On the gateway's own server the connection cancels the writing
     when the client leaves; elsewhere Starlette's ``StreamingResponse`` listens for it, with a task
     group and a listener task per stream, which cost more than a short stream's relaying."""
     edge: EdgeProtocol | None = scope.get(EDGE_KEY)
+    if ex is not None:
+        ex.status = 200  # the head goes out first: a client that leaves later left a 200
     if edge is None:
         await StreamingResponse(events, media_type=_SSE_TYPE, headers=headers)(scope, receive, send)
         return
@@ -170,9 +225,13 @@ async def _write_stream(
         await events.aclose()  # type: ignore[attr-defined]
 
 
-async def _events(events: list[bytes]) -> AsyncIterator[bytes]:
+async def _events(events: list[bytes], ex: Exchange | None) -> AsyncIterator[bytes]:
     for event in events:
+        if ex is not None:
+            ex.note(event)
         yield event
+    if ex is not None:
+        ex.done = True
 
 
 #: a request answered sooner than this is not watched for its client leaving: a watcher task per
@@ -257,25 +316,44 @@ def _header_safe(text: str) -> str:
     return text.encode("ascii", "replace").decode().replace("\r", " ").replace("\n", " ")[:300]
 
 
-async def relay(first: bytes, rest: AsyncIterator[bytes], request_id: str) -> AsyncIterator[bytes]:
+async def relay(
+    first: bytes, rest: AsyncIterator[bytes], request_id: str, ex: Exchange | None = None
+) -> AsyncIterator[bytes]:
     """Pass SSE bytes through untouched; a failure after the first byte becomes an error event,
-    never a quiet end that a client would take for a finished answer."""
+    never a quiet end that a client would take for a finished answer. ``ex`` (metrics on) notes
+    the time of the first byte, the last chunks and whether the stream was relayed to its end."""
     tail = first
+    if ex is None:
+        note = None
+    else:
+        ex.first_byte = perf_counter()
+        note = ex.note
+        note(first)
     try:
         yield first
         async for chunk in rest:
             tail = chunk
+            if note is not None:
+                note(chunk)
             yield chunk
     except InterlockError as exc:
         log.warning("stream %s broke after its first byte: %s", request_id, exc.message)
-        yield (b"" if tail.endswith(b"\n\n") else b"\n\n") + sse_error_event(exc)
+        event = (b"" if tail.endswith(b"\n\n") else b"\n\n") + sse_error_event(exc)
+        if note is not None:
+            note(event)
+        yield event
     except Exception:
         log.exception("stream %s failed", request_id)
-        yield (b"" if tail.endswith(b"\n\n") else b"\n\n") + sse_error_event(
+        event = (b"" if tail.endswith(b"\n\n") else b"\n\n") + sse_error_event(
             InterlockError(f"The gateway hit an internal error; quote request id {request_id}.")
         )
+        if note is not None:
+            note(event)
+        yield event
     finally:
         await rest.aclose()  # type: ignore[attr-defined]
+    if ex is not None:
+        ex.done = True  # reached only when the consumer asked past the last event
 
 
 class HotPaths:

@@ -2,9 +2,9 @@
 
 Two sources, both cheap on the hot path:
 
-- the edge: ``Metrics.observe(app)`` wraps each inference endpoint's ASGI app and watches what it
-  sends (``gateway.metrics_edge``); a request's labels and figures are settled once, when it is
-  over (``_finish``): one histogram observation (its count is the request counter), plus tokens,
+- the edge: each inference endpoint fills in an ``Exchange`` (``gateway.metrics_edge``) as it
+  serves a request; a request's labels and figures are settled once, when it is over
+  (``finish``): one histogram observation (its count is the request counter), plus tokens,
   cost, TTFT and overhead where they apply, and the access log's entry;
 - the router: ``Metrics`` is an ``AttemptListener`` (``gateway.attempts``); each attempt is
   counted by backend and outcome, and noted on the request it belongs to (found through a
@@ -38,7 +38,7 @@ from gateway.access_log import AccessLog, Entry
 from gateway.attempts import Attempt
 from gateway.errors import client_status
 from gateway.inference import CLIENT_REQUEST_KEY
-from gateway.metrics_edge import CURRENT, AsAdmin, Exchange, Observed, ended_by
+from gateway.metrics_edge import CACHE_BACKEND, CURRENT, AsAdmin, Exchange, ended_by
 from gateway.metrics_state import CounterFamily, Families, HistogramFamily, StateCollector
 from gateway.metrics_workers import WorkerMetrics
 from gateway.middleware import CLIENT_KEY, REQUEST_ID_KEY, ClientAuth
@@ -50,8 +50,7 @@ log = logging.getLogger("interlock.metrics")
 
 OTHER = "other"
 NONE = "none"
-#: the ``backend`` of an answer replayed by the response cache
-CACHE = "cache"
+CACHE = CACHE_BACKEND
 CACHE_RESULTS = frozenset({"hit", "miss", "bypass", "stale"})
 #: OpenTelemetry GenAI advisory buckets (gen_ai.server.request.duration, .time_to_first_token,
 #: .time_per_output_token)
@@ -70,7 +69,7 @@ _ERROR_EVENT = b'data: {"error"'
 
 
 class RequestListener(Protocol):
-    """Told of every observed inference request once it is over, with what ``_finish`` settled."""
+    """Told of every observed inference request once it is over, with what ``finish`` settled."""
 
     def request_ended(
         self,
@@ -217,10 +216,6 @@ class Metrics:
 
     # -- the edge -------------------------------------------------------------------------------
 
-    def observe(self, app: ASGIApp) -> ASGIApp:
-        """``app`` (an inference endpoint), observed."""
-        return Observed(app, self._finish)
-
     def endpoint(self, keys: Callable[[], KeyTable]) -> ASGIApp:
         """``GET /metrics``, under ``/admin/``'s rule (``ClientAuth``): an admin key when keys are
         configured, else loopback clients only."""
@@ -239,7 +234,8 @@ class Metrics:
         )
         await send({"type": "http.response.body", "body": body})
 
-    def _finish(self, ex: Exchange, scope: Scope) -> None:
+    def finish(self, ex: Exchange, scope: Scope) -> None:
+        """An inference request is over (the endpoints' ``Observer``): its figures, settled once."""
         end = time.perf_counter()
         duration = end - ex.started
         snapshot = self._gateway.snapshot
@@ -247,14 +243,7 @@ class Metrics:
         model = request.body.get("model") if request is not None else None
         route = model if isinstance(model, str) and model in snapshot.routes else OTHER
         stream = request is not None and request.endpoint != "embeddings" and bool(request.body.get("stream"))
-        answered = reason = cached = None
-        for name, value in ex.headers:
-            if name == b"x-interlock-backend":
-                answered = value.decode()
-            elif name == b"x-interlock-route-reason":
-                reason = value.decode()
-            elif name == b"x-interlock-cache":
-                cached = value.decode()
+        answered, reason, cached = ex.backend, ex.reason, ex.cache
         if answered is None and ex.last_target is not None:
             answered = ex.last_target.name  # an error after trying: the last backend tried
         if answered is None or (answered not in snapshot.targets and answered != CACHE):
