@@ -243,8 +243,8 @@ def decide(
     """``choose``, with the figures behind it.
 
     ``auto``: the lowest expected time to first token (``backends.vllm.cost``) wins. Estimates
-    within one block's prefill time of the best are a tie: the session key picks among them by
-    rendezvous hashing (every replica alike), else ``rng``. ``load_guard``, when set, is a hard cap:
+    within one block's prefill time of the best are a tie, won by the longest cached prefix, then
+    by the session key through rendezvous hashing (every replica alike), else ``rng``. ``load_guard``, when set, is a hard cap:
     an endpoint whose queued tokens exceed the least queued's by more is left out.
     """
     ordered = sorted(candidates, key=lambda c: c.name)
@@ -266,6 +266,10 @@ def decide(
     best = min(estimates[c.name].ttft_s for c in pool)
     tie = block_tokens * min(c.coefficients.prefill_s_per_token for c in pool)
     near = [c for c in pool if estimates[c.name].ttft_s <= best + tie]
+    # Among equals, the endpoint holding the longest prefix: moving a conversation that gains
+    # nothing by it costs the cache it leaves behind (its later turns' hits, a second copy's KV).
+    longest = max(c.cached_blocks for c in near)
+    near = [c for c in near if c.cached_blocks == longest]
     if len(near) == 1:
         chosen = near[0]
     elif ask.session:

@@ -22,7 +22,8 @@ on one data-centre GPU, robust to outliers, bounded); ``step_time`` is measured 
 decode. Nothing needs tuning per model or GPU. ``load_guard`` (unset by default) is an optional
 hard cap: an endpoint more than that many tokens of queued work busier than the least busy is
 not chosen. Estimates within one prompt block's prefill time (``prefix_block_chars / 4``
-tokens) of the best are a tie: the ``x-interlock-session`` key picks among them by rendezvous
+tokens) of the best are a tie, won by the longest cached prefix, then by the
+``x-interlock-session`` key through rendezvous
 hashing (every replica picks alike, a conversation stays put), otherwise a per-process
 ``random.Random`` seeded from ``os.urandom`` does, so gateway replicas do not all herd onto the
 same endpoint. Each decision (the endpoint, the cached prefix expected there, every endpoint's
