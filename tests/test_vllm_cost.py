@@ -64,7 +64,7 @@ def test_auto_takes_the_cache_unless_the_queue_there_costs_more_than_it_saves() 
     assert decide("auto", [full, other], ask(), block_tokens=64, rng=rng).chosen.name == "http://b"
 
 
-def test_near_ties_go_to_the_longest_prefix_then_by_session_or_randomly_and_the_load_guard_is_an_optional_cap() -> None:
+def test_near_ties_go_to_the_longest_prefix_then_by_session_or_at_random_and_the_guard_caps() -> None:
     a = Candidate("http://a", load=EndpointLoad(running=1), coefficients=C)
     b = Candidate(
         "http://b", load=EndpointLoad(running=2), coefficients=C
@@ -81,7 +81,9 @@ def test_near_ties_go_to_the_longest_prefix_then_by_session_or_randomly_and_the_
     # a tie with a prefix on one side: the prefix's holder, whatever the session or the draw
     one_block = Candidate("http://b", cached_blocks=1, load=EndpointLoad(running=2), coefficients=C)
     assert {
-        decide("auto", [a, one_block], ask(session=f"s{s}"), block_tokens=64, rng=random.Random(s)).chosen.name
+        decide(
+            "auto", [a, one_block], ask(session=f"s{s}"), block_tokens=64, rng=random.Random(s)
+        ).chosen.name
         for s in range(20)
     } == {"http://b"}
     holder = Candidate("http://a", cached_blocks=28, queued_tokens=9000, coefficients=C)

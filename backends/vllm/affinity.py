@@ -244,8 +244,9 @@ def decide(
 
     ``auto``: the lowest expected time to first token (``backends.vllm.cost``) wins. Estimates
     within one block's prefill time of the best are a tie, won by the longest cached prefix, then
-    by the session key through rendezvous hashing (every replica alike), else ``rng``. ``load_guard``, when set, is a hard cap:
-    an endpoint whose queued tokens exceed the least queued's by more is left out.
+    by the session key through rendezvous hashing (every replica alike), else ``rng``.
+    ``load_guard``, when set, is a hard cap: an endpoint whose queued tokens exceed the least
+    queued's by more is left out.
     """
     ordered = sorted(candidates, key=lambda c: c.name)
     if routing == "round_robin":
