@@ -1,37 +1,39 @@
-"""One JSON line per inference request, formatted as the request ends, written off the hot path.
+"""One JSON line per inference request, formatted and written by a process of its own.
 
-A request's ``Entry`` (a tuple of figures it already had) is turned into its JSON line (orjson)
-on the event loop as the request ends, and the line is put on a deque; a writer thread of the
-log's own wakes every 100 ms and writes what has queued up with one call, to stderr or a file.
-Formatting on the loop costs the same CPU as in the thread, but a thread that formats a 100 ms
-batch holds the GIL for milliseconds at a time, and the loop, waiting for it, stalls a whole
-switch interval (5 ms) behind it: latency spikes for every request in flight then. The thread
-now holds the GIL only to join the lines; the write itself releases it. Batching matters under
-load: a wake-up, a write and a ``logging`` record per line cost more than the lines.
-A file that logrotate moved away is reopened, as ``logging.handlers.WatchedFileHandler`` does.
+A request that ends only appends its ``Entry`` (a plain tuple of figures it already had) to a
+deque. A thread of the log's own wakes every 100 ms and hands what has queued up, as one
+``marshal`` dump, to a writer process (``gateway.access_log_writer``) through a pipe; that
+process turns each entry into its JSON line (``line``, orjson) and writes the batch with one
+call, to stderr or a file. Formatting a line costs about ten times as much as queueing it: on
+the event loop it was most of the access log's cost per request, and in a thread, formatting a
+100 ms batch held the GIL for milliseconds and stalled the loop a whole switch interval behind
+it. The thread holds the GIL only for the dump (C, about a microsecond an entry); the pipe write
+releases it. A writer that falls behind fills the pipe and then the queue, whose overflow is
+dropped and counted: the loop never waits for the log.
 
 The line never holds prompt or completion text, nor a client key (only its name). The reply's
-tail that the finish reason and error code are read from stays in memory and is dropped here.
+tail that the finish reason and error code are read from goes to the writer and is dropped there.
 """
 
 from __future__ import annotations
 
 import logging
-import os
+import marshal
 import re
+import subprocess
 import sys
 import threading
 import time
 from collections import deque
-from typing import Any, BinaryIO, NamedTuple
+from typing import Any, NamedTuple
 
 import orjson
 
 log = logging.getLogger("interlock.access")
 
-#: lines waiting to be written at most; beyond, new ones are dropped and counted, never blocking
+#: entries waiting for the writer at most; beyond, new ones are dropped and counted, never blocking
 MAX_PENDING = 10_000
-#: lines written per write at most
+#: entries sent to the writer per batch at most
 _BATCH = 512
 #: how often the writer wakes to write what has queued up
 _INTERVAL_S = 0.1
@@ -43,6 +45,9 @@ _NEAR_END = 1024
 
 
 class Entry(NamedTuple):
+    """The figures of one request, in the order of the tuple the metrics queue (a plain tuple:
+    ``marshal`` takes no named tuples, and building one costs a call on the hot path)."""
+
     time: float
     request_id: str | None
     #: the OpenTelemetry trace id (tracing on), else None
@@ -75,8 +80,8 @@ class Entry(NamedTuple):
 
 
 def line(entry: Entry) -> bytes:
-    """The JSON line of ``entry``. It runs on the event loop for every request: one unpacking
-    rather than two dozen attribute reads, milliseconds inlined rather than called."""
+    """The JSON line of ``entry`` (in the writer process): one unpacking rather than two dozen
+    attribute reads, milliseconds inlined rather than called."""
     (
         at,
         request_id,
@@ -170,7 +175,7 @@ def _finish_reason(tail: bytes, at: int) -> str | None:
 
 
 #: UTC ISO 8601 with milliseconds: the seconds part is formatted once per second (lines are
-#: formatted on the one event-loop thread), the milliseconds looked up, as formatting either
+#: formatted by the writer's one thread), the milliseconds looked up, as formatting either
 #: costs more than the rest of the line
 _second: list[Any] = [None, ""]
 _MILLIS = tuple(f"{ms:03d}Z" for ms in range(1000))
@@ -196,68 +201,60 @@ class AccessLog:
     def __init__(self, destination: str) -> None:
         """``destination``: ``stderr``, or a file path (appended to; reopened if moved away)."""
         self.destination = destination
-        self._path = None if destination == "stderr" else destination
-        self._out: BinaryIO | None = None
-        self._inode: int | None = None
-        #: JSON lines waiting for the writer (appends and pops of a deque need no lock)
-        self._pending: deque[bytes] = deque()
+        if destination != "stderr":
+            open(destination, "ab").close()  # a path that cannot be written fails start-up
+        #: entries waiting for the writer (appends and pops of a deque need no lock)
+        self._pending: deque[tuple[Any, ...]] = deque()
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
-        #: entries dropped because the writer fell ``MAX_PENDING`` behind
+        self._writer: subprocess.Popen[bytes] | None = None
+        #: entries dropped: the writer fell ``MAX_PENDING`` behind, or a batch could not be sent
         self.dropped = 0
-        self._open()  # a path that cannot be written fails start-up, not the first request
 
     def start(self) -> None:
-        if self._out is None:
-            self._open()
         if self._thread is None:
             self._stop.clear()
             self._thread = threading.Thread(target=self._run, name="interlock-access-log", daemon=True)
             self._thread.start()
 
     def stop(self) -> None:
-        """Writes what is queued, then ends the thread."""
+        """Sends what is queued, then ends the thread and lets the writer finish."""
         if self._thread is not None:
             self._stop.set()
             self._thread.join(10)
             self._thread = None
-        if self._path is not None and self._out is not None:
-            self._out.close()
-            self._out = None
+        writer, self._writer = self._writer, None
+        if writer is not None:
+            try:
+                assert writer.stdin is not None
+                writer.stdin.close()  # its end of input: it writes what it has and exits
+                writer.wait(10)
+            except (OSError, subprocess.TimeoutExpired) as exc:
+                log.error("access log: the writer did not finish: %s", exc)
+                writer.kill()
 
-    def write(self, entry: Entry) -> None:
-        """Queues ``entry``'s line; the writer writes it within ``_INTERVAL_S``."""
+    def write(self, entry: tuple[Any, ...]) -> None:
+        """Queues ``entry`` (an ``Entry``'s fields as a plain tuple) for the writer."""
         pending = self._pending
         if len(pending) >= MAX_PENDING:
             self.dropped += 1
-            return
-        try:
-            pending.append(line(entry))
-        except Exception:  # an entry that cannot be written must not fail its request
-            log.exception("access log: an entry could not be written")
+        else:
+            pending.append(entry)
 
-    def _open(self) -> None:
-        if self._path is None:
-            self._out = sys.stderr.buffer
-            return
-        self._out = open(self._path, "ab")  # kept open for the app's life
-        self._inode = os.fstat(self._out.fileno()).st_ino
-
-    def _reopen_if_moved(self) -> None:
-        if self._path is None:
-            return
-        try:
-            moved = os.stat(self._path).st_ino != self._inode
-        except FileNotFoundError:
-            moved = True
-        if moved:
-            assert self._out is not None
-            self._out.close()
-            self._open()
+    def _spawn(self) -> subprocess.Popen[bytes]:
+        # its own session: a Ctrl-C to the gateway's process group must not end it before the
+        # gateway has sent what is queued; it ends at end of input, when the gateway closes the
+        # pipe or dies
+        return subprocess.Popen(
+            [sys.executable, "-m", "gateway.access_log_writer", self.destination],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            start_new_session=True,
+        )
 
     def _run(self) -> None:
         # Woken every _INTERVAL_S, not per entry: at hundreds of requests a second a wake-up and
-        # a write per line cost more than the lines (and take the GIL from the loop each time).
+        # a write per entry cost more than the entries (and take the GIL from the loop each time).
         while True:
             stopping = self._stop.wait(_INTERVAL_S)
             self._drain()
@@ -267,14 +264,33 @@ class AccessLog:
     def _drain(self) -> None:
         pending = self._pending
         while pending:
-            lines = [pending.popleft() for _ in range(min(_BATCH, len(pending)))]
+            batch = [pending.popleft() for _ in range(min(_BATCH, len(pending)))]
             try:
-                self._reopen_if_moved()
-                assert self._out is not None
-                self._out.write(b"".join(lines))
-                self._out.flush()
-            except OSError as exc:
-                log.error("access log: writing to %s failed: %s", self.destination, exc)
+                data = marshal.dumps(batch)
+            except ValueError:  # an Entry itself, or an entry holding what marshal cannot take
+                kept = [tuple(entry) for entry in batch]
+                kept = [entry for entry in kept if _marshallable(entry)]
+                if len(kept) < len(batch):
+                    log.error("access log: %d entries could not be written", len(batch) - len(kept))
+                self.dropped += len(batch) - len(kept)
+                data, batch = marshal.dumps(kept), kept
+            try:
+                if self._writer is None or self._writer.poll() is not None:
+                    self._writer = self._spawn()
+                assert self._writer.stdin is not None
+                self._writer.stdin.write(len(data).to_bytes(4, "big") + data)
+                self._writer.stdin.flush()
+            except OSError as exc:  # the writer died (it is started anew) or could not start
+                self.dropped += len(batch)
+                log.error("access log: the writer for %s failed: %s", self.destination, exc)
+
+
+def _marshallable(entry: tuple[Any, ...]) -> bool:
+    try:
+        marshal.dumps(entry)
+    except ValueError:
+        return False
+    return True
 
 
 def access_log_from(setting: str) -> AccessLog | None:

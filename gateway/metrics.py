@@ -34,7 +34,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from backends.errors import (
     InterlockError,
 )
-from gateway.access_log import AccessLog, Entry
+from gateway.access_log import AccessLog
 from gateway.attempts import Attempt
 from gateway.errors import client_status
 from gateway.inference import CLIENT_REQUEST_KEY
@@ -371,7 +371,7 @@ class Metrics:
             tail = b""
         key, usage = scope.get(CLIENT_KEY), ex.usage
         self._access.write(
-            Entry(
+            (  # an Entry's fields
                 time.time() - duration,
                 scope.get(REQUEST_ID_KEY),
                 scope.get(TRACE_ID_KEY),

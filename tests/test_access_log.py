@@ -9,6 +9,7 @@ import pytest
 
 from gateway import access_log
 from gateway.access_log import AccessLog, Entry, line
+from tests.fakes import wait_for
 
 
 def entry(request_id: str, tail: bytes = b"") -> Entry:
@@ -39,7 +40,7 @@ def test_lines_past_the_pending_bound_are_dropped_and_counted(
     path = tmp_path / "access.log"
     log = AccessLog(str(path))
     for n in range(5):  # the writer is not running: nothing is taken off the queue
-        log.write(entry(f"req-{n}"))
+        log.write(tuple(entry(f"req-{n}")))
     assert log.dropped == 2
     log.start()
     log.stop()  # writes what is queued
@@ -49,17 +50,43 @@ def test_lines_past_the_pending_bound_are_dropped_and_counted(
     assert lines[0]["time"] == "1970-01-01T00:00:00.000Z"
 
 
-def test_an_entry_that_cannot_be_formatted_is_logged_not_raised(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
+def test_an_entry_that_cannot_be_formatted_is_reported_and_the_rest_are_written(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
 ) -> None:
     path = tmp_path / "access.log"
     log = AccessLog(str(path))
     log.start()
-    log.write(entry("bad")._replace(time="not a time"))  # type: ignore[arg-type]
-    log.write(entry("good"))
+    log.write(tuple(entry("bad")._replace(time="not a time")))  # the writer cannot format it
+    log.write((object(),))  # nor can it be sent
+    log.write(entry("named"))  # a named tuple takes the slow path
+    log.write(tuple(entry("good")))
     log.stop()
-    assert "an entry could not be written" in caplog.text
-    assert [json.loads(text)["request_id"] for text in path.read_text().splitlines()] == ["good"]
+    assert "an entry could not be written" in capfd.readouterr().err  # the writer's stderr
+    assert "1 entries could not be written" in caplog.text and log.dropped == 1
+    lines = path.read_text().splitlines()
+    assert [json.loads(text)["request_id"] for text in lines] == ["named", "good"]
+
+
+def test_the_writer_reopens_a_file_that_was_moved_and_is_started_anew_if_it_dies(tmp_path: Path) -> None:
+    path = tmp_path / "access.log"
+    log = AccessLog(str(path))
+    log.start()
+    log.write(tuple(entry("before")))
+    wait_for(lambda: path.exists() and path.read_text().count("\n") == 1)
+    path.rename(tmp_path / "access.log.1")  # logrotate
+    log.write(tuple(entry("after")))
+    wait_for(lambda: path.exists() and path.read_text().count("\n") == 1)
+    writer = log._writer
+    assert writer is not None
+    writer.kill()
+    writer.wait()
+    log.write(tuple(entry("lost-or-written")))  # sent into the dead pipe, or to a new writer
+    log.write(tuple(entry("again")))
+    wait_for(lambda: '"again"' in path.read_text())
+    log.stop()
+    assert log._writer is None and writer.returncode is not None
+    assert json.loads((tmp_path / "access.log.1").read_text())["request_id"] == "before"
+    assert json.loads(path.read_text().splitlines()[0])["request_id"] == "after"
 
 
 def test_cached_tokens_are_the_last_count_of_the_last_usage() -> None:
