@@ -6,6 +6,10 @@ scope's ``on_redis_failure``: ``local``, ``open``, ``closed``) and its verdict (
 ``refused``; a request is refused when any of its checks is). Bounded: 4 x 5 x 2 series at most,
 never a key or scope name. The counts are plain ints that ``Limits`` adds to as it decides.
 
+``interlock_limit_settlements_lost_total``: settlement steps (a refund, a slot's release) that never
+reached Redis: what was reserved stays taken until the lease's TTL, so a rise means limits that
+refuse more than they should for a while (the safe side).
+
 ``interlock_limits_tier{tier}``: 1 for the tier deciding now: ``memory`` (no Redis), ``redis``, or
 ``fallback`` (Redis configured but not answering: each scope's ``on_redis_failure``).
 """
@@ -34,6 +38,14 @@ def limit_families(limits: Limits | None) -> Iterator[Metric]:
     for (kind, where, result), count in sorted(limits.decisions.items()):
         decisions.add_metric([kind, where, result], count)
     yield decisions
+    if limits.redis is not None:
+        lost = CounterMetricFamily(
+            "interlock_limit_settlements_lost",
+            "Limit settlement steps (refunds, slot releases) that never reached Redis; what they "
+            "held is freed by the lease's TTL",
+        )
+        lost.add_metric([], limits.redis.settles_lost)
+        yield lost
     now = limits.tier()
     tier = GaugeMetricFamily(
         "interlock_limits_tier",

@@ -220,7 +220,8 @@ class RedisLimits:
         self._keys: list[str] = []
         self._args: list[Any] = []
         self._timer: asyncio.TimerHandle | None = None
-        #: settlement steps dropped because Redis was not connected (their leases expire by TTL)
+        #: settlement steps known lost: Redis was not connected or the call failed (refunds that
+        #: never came back, slots held until their lease's TTL)
         self.settles_lost = 0
 
     async def start(self) -> None:
@@ -278,7 +279,11 @@ class RedisLimits:
             keys.append(check.key)
             args += _settle_args(check, delta, lease)
         if keys:
-            await self._eval(SETTLE, keys, args)
+            try:
+                await self._eval(SETTLE, keys, args)
+            except Unavailable:
+                self.settles_lost += len(keys)
+                raise
 
     def queue_settle(self, steps: list[tuple[Check, float | None]], lease: str) -> bool:
         """Queue ``steps`` to go with the next write (False, nothing queued: not on the wire)."""
