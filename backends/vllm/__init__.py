@@ -1,6 +1,8 @@
-"""``kind: vllm``: a pool of vLLM servers (``backend`` routes and serves; ``affinity`` is the
-prefix-locality rule; ``members`` membership, checks and scrapes; ``endpoint`` one server's
-live state; ``metrics`` the /metrics parser; ``config`` the settings)."""
+"""``kind: vllm``: a pool of vLLM servers (``backend`` routes and serves; ``request`` the body
+vLLM gets and what routing reads of it; ``affinity`` the prefix-locality rule; ``cost`` the TTFT
+model; ``decisions`` the routing decisions kept; ``errors`` what vLLM's failures mean;
+``members`` membership, checks and scrapes; ``endpoint`` one server's live state; ``metrics``
+the /metrics parser; ``config`` the settings)."""
 
 from backends.vllm.backend import VllmBackend
 from backends.vllm.config import VllmConfig, endpoint_root

@@ -45,82 +45,38 @@ endpoint the pool raises ``BackendUnavailable``, so the router falls back. Who i
 (static list or DNS), the health checks and the scrapes are ``backends.vllm.members``; the
 settings are ``backends.vllm.config``.
 
-vLLM's errors come back in OpenAI's shapes: an over-long prompt or ``max_tokens`` is a 400
-``context_length_exceeded`` with vLLM's numbers; its other 400s keep their message; a model
-the pool does not serve is a retryable 502 ``upstream_model_not_found`` (the gateway's
-configuration is wrong, not the client's request). Bodies vLLM mishandles (``messages: []``
-resets the connection, a non-object body is a 500, a missing ``model`` is served by the
-default) are refused here before sending, though the gateway refuses them first.
+What vLLM's errors mean for the endpoint, a retry and the client is ``backends.vllm.errors``;
+the body vLLM gets (bodies it mishandles refused before sending) and what the pool routes on
+are ``backends.vllm.request``; the decisions kept for ``/admin/routes`` are
+``backends.vllm.decisions``.
 """
 
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 import random
 import time
-from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from backends.base import ENDPOINT_PATHS, BackendRequest, BackendResponse, Health, Load, Resources
-from backends.errors import (
-    BackendOverloaded,
-    BackendUnavailable,
-    ContextLengthExceeded,
-    InterlockError,
-    InvalidRequest,
-    UpstreamHTTPError,
-)
+from backends.base import BackendRequest, BackendResponse, Health, Load, Resources
+from backends.errors import BackendUnavailable, InterlockError
 from backends.http import Timeouts
-from backends.vllm.affinity import (
-    CHARS_PER_TOKEN,
-    Ask,
-    Candidate,
-    Decision,
-    block_keys,
-    decide,
-    prompt_tokens,
-    render_prompt,
-)
+from backends.vllm.affinity import CHARS_PER_TOKEN, Ask, Candidate, Decision, decide
 from backends.vllm.config import VllmConfig, endpoint_root, split_host_port
 from backends.vllm.cost import EndpointLoad
+from backends.vllm.decisions import DECISIONS_KEPT, DecisionLog
 from backends.vllm.endpoint import Endpoint, Ticket
+from backends.vllm.errors import client_error, endpoint_fault, retry_elsewhere
 from backends.vllm.members import Members
+from backends.vllm.request import Plan, plan_request
 
-log = logging.getLogger("interlock.backends.vllm")
-
-#: the reply length assumed when a request sets no max_tokens (as the gateway's ranking does)
-DEFAULT_MAX_TOKENS = 256
-_PROMPT_FIELD = {"chat": "messages", "completions": "prompt", "embeddings": "input"}
 #: what a request of unknown size costs (prefill, decode), until this pool has seen its own traffic
 _TYPICAL_PREFILL = 384.0
 _TYPICAL_DECODE = 128.0
-#: routing decisions kept for ``/admin/routes``
-DECISIONS_KEPT = 64
 
 T = TypeVar("T")
-
-
-@dataclass(slots=True)
-class _Plan:
-    """A request as the pool routes it."""
-
-    path: str
-    body: dict[str, Any]
-    keys: list[int]
-    tokens: int
-    decode: int
-    session: str | None
-    conversation: str
-    #: the body field holding the prompt: named when the prompt is too long
-    prompt_field: str
-    request_id: str = ""
-
-
-# --- the backend -------------------------------------------------------------------------------
 
 
 class VllmBackend:
@@ -149,8 +105,7 @@ class VllmBackend:
         self._typical_prefill = _TYPICAL_PREFILL
         self._typical_decode = _TYPICAL_DECODE
         self._turn = 0
-        #: the last routing decisions, newest last (``describe``)
-        self._decisions: deque[dict[str, Any]] = deque(maxlen=DECISIONS_KEPT)
+        self._decisions = DecisionLog(name)
         self._members = Members(
             name,
             config,
@@ -174,63 +129,8 @@ class VllmBackend:
 
     # -- choosing an endpoint -------------------------------------------------------------------
 
-    def _plan(self, request: BackendRequest) -> _Plan:
-        body = self._shape(request)
-        rendered = render_prompt(request.endpoint, body)
-        block = self.config.prefix_block_chars
-        if request.endpoint == "embeddings":
-            keys, decode = [], 0
-        else:
-            keys = block_keys(rendered, block)
-            limit = _count(body.get("max_completion_tokens")) or _count(body.get("max_tokens"))
-            decode = (limit or DEFAULT_MAX_TOKENS) * (_count(body.get("n")) or 1)
-        if request.endpoint == "chat":
-            messages = body["messages"]
-            first_user = next((i for i, m in enumerate(messages) if m.get("role") == "user"), 0)
-            conversation = render_prompt("chat", {"messages": messages[: first_user + 1]})
-        else:
-            conversation = rendered[:block]
-        return _Plan(
-            path=ENDPOINT_PATHS[request.endpoint],
-            body=body,
-            keys=keys,
-            tokens=prompt_tokens(request.endpoint, body, rendered),
-            decode=decode,
-            session=request.session,
-            conversation=conversation,
-            prompt_field=_PROMPT_FIELD[request.endpoint],
-            request_id=request.request_id,
-        )
-
-    def _shape(self, request: BackendRequest) -> dict[str, Any]:
-        """The body vLLM gets, in shapes it handles: it resets the connection on ``messages: []``,
-        answers a non-object body with 500 and serves a missing ``model`` with its default."""
-        body = request.body
-        if not isinstance(body, dict):
-            raise InvalidRequest("The request body must be a JSON object.", code="invalid_json")
-        model = self.config.model or body.get("model")
-        if not isinstance(model, str) or not model:
-            raise InvalidRequest(
-                "Missing required parameter: 'model'.", param="model", code="missing_required_parameter"
-            )
-        field = _PROMPT_FIELD[request.endpoint]
-        value = body.get(field)
-        if request.endpoint == "chat":
-            if not isinstance(value, list) or not value or not all(isinstance(m, dict) for m in value):
-                raise InvalidRequest(
-                    "'messages' must be a non-empty array of message objects.",
-                    param="messages",
-                    code="invalid_value",
-                )
-        elif value is None or value == []:
-            raise InvalidRequest(
-                f"Missing required parameter: '{field}'.", param=field, code="missing_required_parameter"
-            )
-        shaped = {**body, "model": model}
-        if not request.stream and shaped.get("stream"):
-            shaped["stream"] = False
-            shaped.pop("stream_options", None)
-        return shaped
+    def _plan(self, request: BackendRequest) -> Plan:
+        return plan_request(request, self.config.model, self.config.prefix_block_chars)
 
     def _load(self, endpoint: Endpoint) -> tuple[EndpointLoad, float]:
         """What is queued and running there (the cost model's view), and the same in tokens of
@@ -260,7 +160,7 @@ class VllmBackend:
         )
         return load, queued
 
-    def _choose(self, plan: _Plan, exclude: Sequence[Endpoint] = ()) -> tuple[Endpoint, Decision] | None:
+    def _choose(self, plan: Plan, exclude: Sequence[Endpoint] = ()) -> tuple[Endpoint, Decision] | None:
         endpoints = {e.root: e for e in self._members.healthy(exclude)}
         if not endpoints:
             return None
@@ -295,7 +195,7 @@ class VllmBackend:
         chosen = self._choose(self._plan(request))
         return chosen[0].url if chosen else None
 
-    def _dispatch(self, endpoint: Endpoint, plan: _Plan, decision: Decision) -> Ticket:
+    def _dispatch(self, endpoint: Endpoint, plan: Plan, decision: Decision) -> Ticket:
         now = self._clock()
         cached = endpoint.index.match(plan.keys, now) * self._block_tokens
         if plan.keys:
@@ -307,53 +207,17 @@ class VllmBackend:
         self._typical_prefill = 0.9 * self._typical_prefill + 0.1 * prefill
         self._typical_decode = 0.9 * self._typical_decode + 0.1 * plan.decode
         estimate = decision.estimates.get(endpoint.root)
-        self._record(endpoint, plan, decision)
+        self._decisions.record(
+            decision,
+            routing=self.config.routing,
+            endpoint_url=endpoint.url,
+            urls={e.root: e.url for e in self._members},
+            request_id=plan.request_id,
+            prompt_tokens=plan.tokens,
+        )
         # the fit learns from what the model predicted with (only streams have a first token)
         pending = endpoint.fit.begin(estimate.features) if estimate is not None else None
         return Ticket(endpoint, prefill, plan.decode, pending)
-
-    def _record(self, endpoint: Endpoint, plan: _Plan, decision: Decision) -> None:
-        """The decision, for ``/admin/routes`` and the debug log: a tail can be traced to it."""
-        urls = {e.root: e.url for e in self._members}
-        estimates = [
-            {
-                "url": urls.get(name, name),
-                "expected_ttft_ms": round(est.ttft_s * 1000, 2),
-                "wait_ms": round(est.wait_s * 1000, 2),
-                "prefill_ms": round(est.prefill_s * 1000, 2),
-                "saved_ms": round(est.saved_s * 1000, 2),
-                "cached_tokens": round(est.cached_tokens),
-                "prefill_ahead_tokens": round(est.features[1] - est.uncached_tokens),
-                "running": round(est.features[2], 1),
-                "full_wait_steps": round(est.features[3], 1),
-            }
-            for name, est in sorted(decision.estimates.items())
-        ]
-        entry = {
-            "at": round(time.time(), 3),
-            "request_id": plan.request_id,
-            "routing": self.config.routing,
-            "endpoint": endpoint.url,
-            "prompt_tokens": plan.tokens,
-            "expected_cached_tokens": round(decision.cached_tokens),
-            "estimates": estimates,
-        }
-        self._decisions.append(entry)
-        if log.isEnabledFor(logging.DEBUG):
-            waits = ", ".join(
-                f"{e['url']} {e['expected_ttft_ms']:.1f} ms (wait {e['wait_ms']:.1f}, prefill "
-                f"{e['prefill_ms']:.1f}, cache saves {e['saved_ms']:.1f})"
-                for e in estimates
-            )
-            log.debug(
-                "vllm pool %s: request %s -> %s, expected cached prefix %d of %d tokens; expected TTFT: %s",
-                self.name,
-                plan.request_id,
-                endpoint.url,
-                entry["expected_cached_tokens"],
-                plan.tokens,
-                waits or "n/a (" + self.config.routing + ")",
-            )
 
     # -- serving --------------------------------------------------------------------------------
 
@@ -379,7 +243,7 @@ class VllmBackend:
 
         return await self._on_pool(plan, send)
 
-    async def _on_pool(self, plan: _Plan, send: Callable[[Endpoint, Ticket], Awaitable[T]]) -> T:
+    async def _on_pool(self, plan: Plan, send: Callable[[Endpoint, Ticket], Awaitable[T]]) -> T:
         """``send`` on the best endpoint; when it fails before anything reached the client with a
         connection error or a 5xx, on the next best, at most once per healthy endpoint."""
         tried: list[Endpoint] = []
@@ -396,7 +260,7 @@ class VllmBackend:
             except InterlockError as exc:
                 ticket.done()
                 last = self._failed(endpoint, exc, plan.prompt_field)
-                if not _retry_elsewhere(last):
+                if not retry_elsewhere(last):
                     raise last from None
                 continue
             except BaseException:
@@ -408,27 +272,13 @@ class VllmBackend:
 
     def _failed(self, endpoint: Endpoint, exc: InterlockError, prompt: str | None = None) -> InterlockError:
         """Count an endpoint's failure, and map what vLLM said into what a client should see."""
-        if _endpoint_fault(exc):
+        if endpoint_fault(exc):
             endpoint.failures += 1
             if endpoint.failures >= self.config.eject_after_failures:
                 reason = f"{endpoint.failures} consecutive failures, last: {exc.message}"
                 self._members.eject(endpoint, reason)
             endpoint.wake.set()  # check it now rather than at the next interval
-        if not isinstance(exc, UpstreamHTTPError):
-            return exc
-        message = exc.message
-        if exc.status == 400 and ("maximum context length" in message or "max_model_len" in message):
-            # vLLM names the prompt's length input_tokens; clients know the prompt's own field
-            return ContextLengthExceeded(message, param="max_tokens" if exc.param == "max_tokens" else prompt)
-        if exc.status in (400, 422):
-            return InvalidRequest(message, param=exc.param)
-        if exc.status == 404 and exc.param == "model":
-            return BackendUnavailable(
-                f"the vLLM pool does not serve its model: {message}", code="upstream_model_not_found"
-            )
-        if exc.status == 404:
-            return BackendUnavailable("the upstream has no such route (is it a vLLM server?)")
-        return exc
+        return client_error(exc, prompt)
 
     def _none_healthy(self) -> BackendUnavailable:
         total = len(self._members)
@@ -466,30 +316,12 @@ class VllmBackend:
     def decisions(self, last: int = DECISIONS_KEPT) -> list[dict[str, Any]]:
         """The last routing decisions, oldest first: per request, the endpoint chosen, the cached
         prefix expected there and every endpoint's expected TTFT with its parts."""
-        return list(self._decisions)[-last:]
+        return self._decisions.last(last)
 
     def endpoints(self) -> list[dict[str, Any]]:
         """Per-endpoint figures for operators (``/admin/routes``); URLs carry no credentials."""
         now = self._clock()
         return [e.row(now) for e in self._members]
-
-
-def _count(value: object) -> int:
-    """A positive integer field of the body, or 0 (the gateway validated it; this never raises)."""
-    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
-
-
-def _endpoint_fault(exc: InterlockError) -> bool:
-    """A failure that says the endpoint is in trouble: it could not be reached, or answered 5xx."""
-    if isinstance(exc, UpstreamHTTPError):
-        return exc.status >= 500
-    return isinstance(exc, BackendUnavailable)
-
-
-def _retry_elsewhere(exc: InterlockError) -> bool:
-    if isinstance(exc, UpstreamHTTPError):
-        return exc.status >= 500
-    return isinstance(exc, BackendUnavailable | BackendOverloaded)
 
 
 class _PoolStream:
