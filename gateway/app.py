@@ -38,7 +38,8 @@ from gateway.inference import HotPaths, Inference
 from gateway.metrics import Metrics
 from gateway.metrics_workers import WorkerMetrics
 from gateway.middleware import CLIENT_KEY, BodyLimit, ClientAuth, RequestContext
-from gateway.reload import ConfigHashHeader, Reloader, admin_config, admin_reload
+from gateway.reload import Reloader
+from gateway.reload_http import ConfigHashHeader, admin_config, admin_reload
 from gateway.serving import Serving
 from gateway.snapshot import may_use
 from gateway.state import Gateway

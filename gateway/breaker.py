@@ -166,6 +166,16 @@ class CircuitBreaker:
         if self.state != "closed":
             self._close()
 
+    def reconfigure(self, config: BreakerConfig) -> None:
+        """New settings, the state kept (a reload): the window keeps its newest outcomes."""
+        if self.config == config:
+            return
+        self.config = config
+        if self._window.maxlen != config.window:
+            # a deque's length is fixed when it is made: the newest outcomes go into a new one
+            self._window = deque(self._window, maxlen=config.window)
+            self._failures = sum(self._window)
+
     def snapshot(self) -> dict[str, object]:
         state = self.state
         calls = len(self._window)

@@ -14,6 +14,10 @@ closed once its target has nothing in flight, or after ``drain_s``, in the backg
 ``resilience`` applies in place: the retry budget's ratio and floor and the backoff are replaced
 (the budget keeps its counts); breakers keep their state and take the new ``breaker`` settings;
 ``health_check`` applies at the next round (turning checks on or off from 0 takes a restart).
+
+What is made of the file (validated, diffed, hashed) and the result a reload reports are
+``gateway.reload_check``; ``POST /admin/reload`` and ``GET /admin/config`` are
+``gateway.reload_http``.
 """
 
 from __future__ import annotations
@@ -21,32 +25,20 @@ from __future__ import annotations
 import asyncio
 import collections
 import dataclasses
-import hashlib
 import logging
-import time
-from collections import deque
-from collections.abc import Awaitable, Callable, Coroutine, Mapping
+from collections.abc import Callable, Coroutine
 from pathlib import Path
-from typing import Any, Literal
-
-import orjson
-from starlette.requests import Request
-from starlette.responses import Response
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
-from tenacity import wait_exponential_jitter
+from typing import Any
 
 from backends.base import Backend, Resources
-from backends.errors import InterlockError, InvalidRequest
-from gateway.breaker import BreakerConfig, CircuitBreaker
-from gateway.config import ConfigError, LoadedConfig, config_from_bytes, read_config
-from gateway.errors import client_status, error_body, error_headers
-from gateway.snapshot import Snapshot, Target, build_snapshot, config_hash
+from backends.errors import InvalidRequest
+from gateway.config import ConfigError, LoadedConfig, read_config
+from gateway.reload_check import Prepared, ReloadResult, file_digest, prepare
+from gateway.snapshot import Snapshot, Target, build_snapshot
 from gateway.state import Gateway
 from gateway.workers import single_process_problems
 
 log = logging.getLogger("interlock.reload")
-
-Status = Literal["ok", "invalid", "failed", "unchanged"]
 
 #: how often a draining backend's in-flight count is looked at
 DRAIN_POLL_S = 0.1
@@ -66,105 +58,6 @@ class ReloadInProgress(InvalidRequest):
 
     def __init__(self) -> None:
         super().__init__("A reload is already running; try again when it has finished.")
-
-
-@dataclasses.dataclass(slots=True)
-class ReloadResult:
-    status: Status
-    source: str
-    trigger: str = "admin"
-    dry_run: bool = False
-    #: (yaml path, message) pairs, as ``interlock check`` prints them
-    problems: list[tuple[str, str]] = dataclasses.field(default_factory=list)
-    #: why a valid file could not be put in force (a backend that would not start)
-    reason: str = ""
-    diff: dict[str, list[str]] = dataclasses.field(default_factory=dict)
-    #: what does not apply until a restart
-    notes: list[str] = dataclasses.field(default_factory=list)
-    previous_hash: str = ""
-    hash: str | None = None
-    at: float = dataclasses.field(default_factory=time.time)
-
-    def to_dict(self) -> dict[str, object]:
-        return {
-            "status": self.status,
-            "source": self.source,
-            "trigger": self.trigger,
-            "dry_run": self.dry_run,
-            "problems": [{"path": path, "message": message} for path, message in self.problems],
-            "reason": self.reason,
-            "diff": self.diff,
-            "notes": self.notes,
-            "previous_hash": self.previous_hash,
-            "hash": self.hash,
-            "at": self.at,
-        }
-
-    def error(self) -> InterlockError | None:
-        """The OpenAI-shaped error an HTTP caller gets for this result; None when it succeeded."""
-        if self.status == "invalid":
-            lines = "; ".join(f"{p}: {m}" if p else m for p, m in self.problems)
-            return InvalidRequest(
-                f"{self.source}: {len(self.problems)} problem(s): {lines}", code="invalid_config"
-            )
-        if self.status == "failed":
-            return InterlockError(self.reason, code="reload_failed")
-        return None
-
-
-def config_diff(old: LoadedConfig, new: LoadedConfig) -> dict[str, list[str]]:
-    """Backends and models added, removed, changed (by config equality) and, for backends, kept."""
-
-    def split(a: Mapping[str, object], b: Mapping[str, object]) -> tuple[list[str], ...]:
-        return (
-            [n for n in b if n not in a],
-            [n for n in a if n not in b],
-            [n for n in b if n in a and a[n] != b[n]],
-            [n for n in b if n in a and a[n] == b[n]],
-        )
-
-    b_added, b_removed, b_changed, b_kept = split(old.backends, new.backends)
-    m_added, m_removed, m_changed, _ = split(old.models, new.models)
-    sections = [name for name in ("auth", "resilience", "cache") if getattr(old, name) != getattr(new, name)]
-    return {
-        "backends_added": b_added,
-        "backends_removed": b_removed,
-        "backends_changed": b_changed,
-        "backends_kept": b_kept,
-        "models_added": m_added,
-        "models_removed": m_removed,
-        "models_changed": m_changed,
-        "sections_changed": sections,
-    }
-
-
-def _file_digest(path: Path) -> str | None:
-    try:
-        return hashlib.sha256(path.read_bytes()).hexdigest()
-    except OSError:  # mid-rename, or removed: the next poll looks again
-        return None
-
-
-@dataclasses.dataclass(slots=True)
-class _Loaded:
-    #: sha256 of the bytes loaded (None: the file could not be read)
-    digest: str | None
-    config: LoadedConfig | None = None
-    error: ConfigError | None = None
-    diff: dict[str, list[str]] = dataclasses.field(default_factory=dict)
-    hash: str = ""
-
-
-def _prepare(raw: bytes, source: str, old: LoadedConfig) -> _Loaded:
-    """Everything a reload works out from the file's bytes: parsed, validated, diffed against
-    ``old`` (only read: it is immutable) and hashed, so the event loop is left a swap of prepared
-    objects. The digest is of these very bytes: the watcher compares it with the file's."""
-    digest = hashlib.sha256(raw).hexdigest()
-    try:
-        new = config_from_bytes(raw, source)
-    except ConfigError as exc:
-        return _Loaded(digest, error=exc)
-    return _Loaded(digest, new, diff=config_diff(old, new), hash=config_hash(new))
 
 
 class Reloader:
@@ -230,12 +123,12 @@ class Reloader:
     async def _watch_file(self, path: Path) -> None:
         # Only content seen unchanged on two polls in a row is loaded: a file still being written
         # is skipped until the writer stops (an editor's write-and-rename is one change).
-        previous = await asyncio.to_thread(_file_digest, path)
+        previous = await asyncio.to_thread(file_digest, path)
         if self._attempted is None:
             self._attempted = previous
         while True:
             await asyncio.sleep(self.poll_s)
-            digest = await asyncio.to_thread(_file_digest, path)
+            digest = await asyncio.to_thread(file_digest, path)
             self.polls += 1
             if digest is not None and digest == previous and digest != self._attempted:
                 try:
@@ -284,12 +177,12 @@ class Reloader:
         try:
             raw = read_config(source)  # a local file of a few KiB: ~10 us, not worth a thread
         except ConfigError as exc:
-            loaded = _Loaded(None, error=exc)
+            loaded = Prepared(None, error=exc)
         else:
             if len(raw) <= INLINE_MAX_BYTES:
-                loaded = _prepare(raw, source, old.config)
+                loaded = prepare(raw, source, old.config)
             else:
-                loaded = await asyncio.to_thread(_prepare, raw, source, old.config)
+                loaded = await asyncio.to_thread(prepare, raw, source, old.config)
         if not dry_run:
             self._attempted = loaded.digest
         new = loaded.config
@@ -358,14 +251,11 @@ class Reloader:
     def _apply_resilience(self, old: Snapshot, new: Snapshot, result: ReloadResult) -> None:
         resilience = new.config.resilience
         for target in new.targets.values():
-            _reconfigure(target.breaker, resilience.breaker)
+            target.breaker.reconfigure(resilience.breaker)
         retry, router = resilience.retry, self.gateway.router
         if retry != old.config.resilience.retry:
             router.budget.ratio, router.budget.min_per_s = retry.budget_ratio, retry.budget_min_per_s
-            # the router keeps no other copy of these: its constructor builds the same wait
-            router._backoff = wait_exponential_jitter(
-                initial=retry.backoff_initial_s, max=retry.backoff_max_s, jitter=retry.backoff_initial_s
-            )
+            router.set_backoff(retry.backoff_initial_s, retry.backoff_max_s)
         check, health = resilience.health_check, self.gateway.health
         health.timeout_s = check.timeout_s
         if (check.interval_s > 0) == (health.interval_s > 0):
@@ -442,80 +332,3 @@ class Reloader:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-
-
-def _reconfigure(breaker: CircuitBreaker, config: BreakerConfig) -> None:
-    """Give a breaker new settings and keep its state."""
-    if breaker.config == config:
-        return
-    breaker.config = config
-    if breaker._window.maxlen != config.window:
-        # the window's length is fixed when it is made: keep its newest outcomes in one of the new length
-        breaker._window = deque(breaker._window, maxlen=config.window)
-        breaker._failures = sum(breaker._window)
-
-
-# -- HTTP: POST /admin/reload, GET /admin/config, the config hash on admin replies ------------
-
-
-def _json(data: object, status: int = 200) -> Response:
-    return Response(orjson.dumps(data), status, media_type="application/json")
-
-
-def admin_reload(reloader: Reloader) -> Callable[[Request], Awaitable[Response]]:
-    async def handle(request: Request) -> Response:
-        dry_run = request.query_params.get("dry_run", "0").lower() in ("1", "true", "yes")
-        try:
-            result = await reloader.reload(dry_run=dry_run)
-        except InterlockError as exc:
-            return Response(error_body(exc), client_status(exc), error_headers(exc))
-        error = result.error()
-        if error is None:
-            return _json(result.to_dict())
-        body = {"error": error.to_dict(), "reload": result.to_dict()}
-        return Response(orjson.dumps(body), client_status(error), error_headers(error))
-
-    return handle
-
-
-def admin_config(reloader: Reloader) -> Callable[[Request], Awaitable[Response]]:
-    async def handle(_: Request) -> Response:
-        snapshot, last = reloader.gateway.snapshot, reloader.last_result
-        return _json(
-            {
-                "hash": snapshot.hash,
-                "source": snapshot.config.source,
-                "loaded_at": snapshot.loaded_at,
-                "last_reload": last.to_dict() if last else None,
-                "last_error": reloader.last_error,
-                "last_attempt_at": reloader.last_attempt_at,
-                "results": dict(reloader.results),
-                "watching": reloader.watching,
-                "polls": reloader.polls,
-                "draining": [target.name for target in reloader.draining],
-                "peers": reloader.peers.view() if reloader.peers is not None else None,
-            }
-        )
-
-    return handle
-
-
-class ConfigHashHeader:
-    """Adds ``x-interlock-config-hash`` (the snapshot in force as the reply starts) to /admin/ replies."""
-
-    def __init__(self, app: ASGIApp, gateway: Gateway) -> None:
-        self.app = app
-        self.gateway = gateway
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or not scope["path"].startswith("/admin/"):
-            await self.app(scope, receive, send)
-            return
-
-        async def send_with_hash(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                header = (b"x-interlock-config-hash", self.gateway.snapshot.hash.encode())
-                message["headers"] = [*message.get("headers", ()), header]
-            await send(message)
-
-        await self.app(scope, receive, send_with_hash)

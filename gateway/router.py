@@ -102,9 +102,11 @@ class Router:
         self._policies = policies
         self._rng = rng or random.Random()
         self._clock = clock
-        self._backoff = wait_exponential_jitter(
-            initial=backoff_initial_s, max=backoff_max_s, jitter=backoff_initial_s
-        )
+        self.set_backoff(backoff_initial_s, backoff_max_s)
+
+    def set_backoff(self, initial_s: float, max_s: float) -> None:
+        """The wait before a request calls a backend it already tried (a reload may change it)."""
+        self._backoff = wait_exponential_jitter(initial=initial_s, max=max_s, jitter=initial_s)
 
     # -- planning -------------------------------------------------------------------------------
 
