@@ -13,7 +13,8 @@ import pytest
 from openai.types import Completion
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
-from gateway.cache_entry import DONE, CachedReply, StreamRecorder, reply_from_json, split_text
+from gateway.cache_entry import DONE, CachedReply, StreamRecorder, reply_from_json
+from gateway.reply_shapes import split_text
 
 HEAD = {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1700000000, "model": "m"}
 USAGE = {"prompt_tokens": 11, "completion_tokens": 5, "total_tokens": 16}
