@@ -18,8 +18,9 @@ from typing import Any
 from backends.base import Usage
 from gateway.attempts import usage_from_tail
 from gateway.errors import RateLimited
-from gateway.limits import Decision, Limits, rate_headers, refusal
+from gateway.limits import Decision, Limits
 from gateway.limits_config import LimitsSection
+from gateway.limits_reply import rate_headers, refusal
 from gateway.router import Opened, Served
 from gateway.snapshot import Route, Target
 

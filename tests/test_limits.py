@@ -11,9 +11,10 @@ import pytest
 from backends.base import Usage
 from gateway.config import ConfigError, parse_config
 from gateway.errors import QuotaExceeded, RateLimited, error_headers
-from gateway.limits import Limits, duration, rate_headers, refusal
+from gateway.limits import Limits
 from gateway.limits_config import LimitsSection
 from gateway.limits_memory import Check, MemoryTier, gcra, take
+from gateway.limits_reply import duration, rate_headers, refusal
 from tests.fakes import Clock
 
 
