@@ -1,11 +1,11 @@
-"""Prometheus metrics (``GET /metrics``) and the per-request access log entry.
+"""Prometheus metrics (``GET /metrics``), and the hand-off of each request to the access log.
 
 Two sources, both cheap on the hot path:
 
 - the edge: each inference endpoint fills in an ``Exchange`` (``gateway.metrics_edge``) as it
   serves a request; a request's labels and figures are settled once, when it is over
   (``finish``): one histogram observation (its count is the request counter), plus tokens,
-  cost, TTFT and overhead where they apply, and the access log's entry;
+  cost, TTFT and overhead where they apply, and the access log's entry (``gateway.access_entry``);
 - the router: ``Metrics`` is an ``AttemptListener`` (``gateway.attempts``); each attempt is
   counted by backend and outcome, and noted on the request it belongs to (found through a
   context variable the edge sets, which hedge tasks inherit): attempts, retries and why, hedges,
@@ -25,15 +25,14 @@ import logging
 import time
 from bisect import bisect_left
 from collections.abc import Callable, Iterator
-from typing import Any, Protocol
+from typing import Protocol
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.process_collector import ProcessCollector
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from backends.errors import (
-    InterlockError,
-)
+from backends.errors import InterlockError
+from gateway.access_entry import access_entry
 from gateway.access_log import AccessLog
 from gateway.attempts import Attempt
 from gateway.errors import client_status
@@ -41,10 +40,9 @@ from gateway.inference import CLIENT_REQUEST_KEY
 from gateway.metrics_edge import CACHE_BACKEND, CURRENT, AsAdmin, Exchange, ended_by
 from gateway.metrics_state import CounterFamily, Families, HistogramFamily, StateCollector
 from gateway.metrics_workers import WorkerMetrics
-from gateway.middleware import CLIENT_KEY, REQUEST_ID_KEY, ClientAuth
+from gateway.middleware import ClientAuth
 from gateway.snapshot import KeyTable
 from gateway.state import Gateway
-from gateway.tracing import TRACE_ID_KEY
 
 log = logging.getLogger("interlock.metrics")
 
@@ -60,8 +58,6 @@ TPOT_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1
 #: the gateway's own time per request: tens of microseconds to milliseconds
 OVERHEAD_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
 _CLASSES = ("", "1xx", "2xx", "3xx", "4xx", "5xx")
-#: kept from a reply for the access log's finish reason, usage and error (they sit near the end)
-_TAIL_BYTES = 2048
 #: a stream's last bytes searched for an error event: a whole reply can come as one chunk, and
 #: a search through 13 kB of JSON cost ~15 us, more than all the rest of the metrics of a request
 _ERROR_WINDOW = 4096
@@ -296,22 +292,24 @@ class Metrics:
         for listener in self.request_listeners:
             listener.request_ended(ex, scope, route, backend, status, errored, duration, cached, reason)
         if self._access is not None:
-            self._log(
-                ex,
-                scope,
-                request,
-                model,
-                route,
-                backend,
-                reason,
-                cached,
-                status,
-                stream,
-                errored,
-                duration,
-                ttft,
-                overhead,
-                cost,
+            self._access.write(
+                access_entry(
+                    ex,
+                    scope,
+                    request,
+                    model,
+                    route,
+                    backend,
+                    reason,
+                    cached,
+                    status,
+                    stream,
+                    errored,
+                    duration,
+                    ttft,
+                    overhead,
+                    cost,
+                )
             )
 
     def _pair(self, series: _Series, route: str, backend: str) -> _Pair:
@@ -334,69 +332,6 @@ class Metrics:
             self.hedges.values[route, "won" if won else "lost"] += ex.hedges
         if reason is not None and reason.startswith("fallback "):
             self.fallbacks.values[route,] += 1
-
-    def _log(
-        self,
-        ex: Exchange,
-        scope: Scope,
-        request: Any,
-        model: object,
-        route: str,
-        backend: str,
-        reason: str | None,
-        cached: str | None,
-        status: int,
-        stream: bool,
-        errored: bool,
-        duration: float,
-        ttft: float | None,
-        overhead: float | None,
-        cost: float,
-    ) -> None:
-        assert self._access is not None
-        if ex.status is None or (stream and not ex.done):
-            disconnect = "client"
-        elif ex.broke:
-            disconnect = "upstream"
-        else:
-            disconnect = NONE
-        if stream:
-            tail = ex.last
-            if len(tail) < _TAIL_BYTES:
-                tail = ex.p2 + ex.prev + tail
-            tail = tail[-_TAIL_BYTES:]
-        elif status >= 400 or (request is not None and request.endpoint != "embeddings"):
-            tail = ex.last[-_TAIL_BYTES:]
-        else:
-            tail = b""
-        key, usage = scope.get(CLIENT_KEY), ex.usage
-        self._access.write(
-            (  # an Entry's fields
-                time.time() - duration,
-                scope.get(REQUEST_ID_KEY),
-                scope.get(TRACE_ID_KEY),
-                request.endpoint if request is not None else None,
-                route,
-                model[:128] if isinstance(model, str) else None,
-                backend,
-                ex.attempts,
-                reason if reason is not None else ("; ".join(ex.failures) or None),
-                cached,
-                status,
-                stream,
-                errored,
-                ttft,
-                duration,
-                ex.upstream_s if ex.attempts else None,
-                overhead,
-                usage.prompt_tokens if usage is not None else None,
-                usage.completion_tokens if usage is not None else None,
-                cost,
-                disconnect,
-                key.name if key is not None else None,
-                tail,
-            )
-        )
 
     # -- the router (AttemptListener) -----------------------------------------------------------
 
