@@ -29,7 +29,8 @@ on its own thread (OTLP over HTTP; ``OTEL_EXPORTER_OTLP_ENDPOINT`` and ``OTEL_SE
 the SDK reads them).
 
 opentelemetry is imported only when tracing is on: the gateway runs without the extra, and
-with tracing off nothing here runs per request.
+with tracing off nothing here runs per request. This module opens and ends the spans; what they
+say (the GenAI and HTTP attributes) is ``gateway.tracing_attributes``.
 """
 
 from __future__ import annotations
@@ -41,14 +42,18 @@ import time
 from collections.abc import Awaitable, Iterator
 from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlsplit
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from backends.errors import BackendOverloaded, BackendTimeout, BackendUnavailable, UpstreamHTTPError
 from backends.http import TRACEPARENT
 from gateway.attempts import Attempt
 from gateway.inference import CLIENT_REQUEST_KEY
+from gateway.tracing_attributes import (
+    ServerAddresses,
+    attempt_end_attributes,
+    request_attributes,
+    server_attributes,
+)
 
 if TYPE_CHECKING:
     from gateway.cache_step import CacheStep, Call, Replayed
@@ -57,20 +62,6 @@ if TYPE_CHECKING:
 
 #: the ASGI scope key of the request's trace id (32 hex digits), for the access log
 TRACE_ID_KEY = "interlock.trace_id"
-#: OpenAI endpoint → ``gen_ai.operation.name``
-OPERATIONS = {"chat": "chat", "completions": "text_completion", "embeddings": "embeddings"}
-#: request fields → their ``gen_ai.request.*`` attribute (numbers only: no text leaves)
-_PARAMETERS = {
-    "max_tokens": "gen_ai.request.max_tokens",
-    "max_completion_tokens": "gen_ai.request.max_tokens",
-    "temperature": "gen_ai.request.temperature",
-    "top_p": "gen_ai.request.top_p",
-    "frequency_penalty": "gen_ai.request.frequency_penalty",
-    "presence_penalty": "gen_ai.request.presence_penalty",
-    "seed": "gen_ai.request.seed",
-}
-_MODEL = re.compile(rb'"model"\s*:\s*"([^"\\]{1,128})"')
-_FINISH = re.compile(rb'"finish_reason"\s*:\s*"([a-z_]{1,32})"')
 
 
 class _Request:
@@ -138,8 +129,7 @@ class Tracing:
         self.tracer = self.provider.get_tracer("interlock")
         #: open attempt spans (``Attempt`` has slots and no room for one)
         self._attempts: dict[Attempt, Any] = {}
-        #: a backend URL → its ``server.*`` attributes
-        self._servers: dict[str, dict[str, Any]] = {}
+        self._servers = ServerAddresses()
 
     def shutdown(self) -> None:
         """Exports what is pending (the app is ending)."""
@@ -240,39 +230,9 @@ class Tracing:
     def _end_server_span(self, span: Any, scope: Scope, seen: dict[str, Any]) -> None:
         # The attributes go in one ``set_attributes``: each ``set_attribute`` takes the span's
         # lock and cleans its value on its own (about 2 us apiece, a dozen a request).
-        attrs: dict[str, Any] = {}
-        request = scope.get(CLIENT_REQUEST_KEY)
-        if request is not None:
-            attrs["gen_ai.operation.name"] = OPERATIONS.get(request.endpoint, request.endpoint)
-            model = request.body.get("model")
-            if isinstance(model, str):
-                attrs["gen_ai.request.model"] = model[:128]
-            attrs["interlock.stream"] = bool(request.body.get("stream"))
-        status = seen.get("status")
-        if status is not None:
-            attrs["http.response.status_code"] = status
-            if status >= 500:
-                span.set_status(self._error)
-                attrs["error.type"] = str(status)
-        for name, value in seen.get("headers", ()):
-            if name == b"x-interlock-backend":
-                attrs["interlock.backend"] = value.decode()
-            elif name == b"x-interlock-route-reason":
-                attrs["interlock.route_reason"] = value.decode()[:256]
-            elif name == b"x-interlock-cache":
-                attrs["interlock.cache"] = value.decode()
-            elif name == b"x-interlock-request-id":
-                attrs["interlock.request_id"] = value.decode()
-        found = _MODEL.search(seen.get("first", b""))
-        if found:
-            attrs["gen_ai.response.model"] = found.group(1).decode()
-        last = seen.get("last", b"")
-        finish = _FINISH.findall(last)
-        if finish:
-            attrs["gen_ai.response.finish_reasons"] = [finish[-1].decode()]
-        if b'data: {"error"' in last:  # a stream that ended with an error event
+        attrs, failed = server_attributes(scope.get(CLIENT_REQUEST_KEY), seen)
+        if failed:
             span.set_status(self._error)
-            attrs["error.type"] = "stream_error"
         span.set_attributes(attrs)
         span.end()
 
@@ -287,7 +247,9 @@ class Tracing:
             TRACEPARENT.set(f"00-{request.trace_id}-{span_id:016x}-{request.flags}")
             return
         if not request.operation:
-            self._describe(request)
+            request.operation, request.model, request.parameters = request_attributes(
+                request.scope.get(CLIENT_REQUEST_KEY)
+            )
         backend = attempt.target.backend
         upstream_model = getattr(getattr(backend, "config", None), "model", None) or request.model
         attrs: dict[str, Any] = {
@@ -295,7 +257,7 @@ class Tracing:
             "gen_ai.provider.name": backend.kind,
             **request.parameters,
             "interlock.backend": attempt.target.name,
-            **self._server_of(backend),
+            **self._servers.of(backend),
         }
         if upstream_model:
             attrs["gen_ai.request.model"] = upstream_model
@@ -319,47 +281,11 @@ class Tracing:
         span = self._attempts.pop(attempt, None)
         if span is None:
             return
-        attrs: dict[str, Any] = {"interlock.attempt.outcome": attempt.outcome or "ok"}
-        usage = attempt.usage
-        if usage is not None:
-            attrs["gen_ai.usage.input_tokens"] = usage.prompt_tokens
-            attrs["gen_ai.usage.output_tokens"] = usage.completion_tokens
-        if attempt.error is not None:
-            attrs["error.type"] = _error_type(attempt.error)
-            if attempt.outcome == "failed":
-                span.set_status(self._error)
+        attrs, failed = attempt_end_attributes(attempt)
+        if failed:
+            span.set_status(self._error)
         span.set_attributes(attrs)
         span.end()
-
-    def _server_of(self, backend: Any) -> dict[str, Any]:
-        """``server.address`` and ``server.port`` of a backend's URL, parsed once a URL."""
-        url = _url_of(backend)
-        if url is None:
-            return {}
-        found = self._servers.get(url)
-        if found is None:
-            parts = urlsplit(url)
-            found = {"server.address": parts.hostname} if parts.hostname else {}
-            if parts.port:
-                found["server.port"] = parts.port
-            if len(self._servers) < 1024:  # backends come from the config: a handful
-                self._servers[url] = found
-        return found
-
-    def _describe(self, request: _Request) -> None:
-        """Fills ``request`` from the parsed client request (the edge put it in the scope)."""
-        parsed = request.scope.get(CLIENT_REQUEST_KEY)
-        if parsed is None:
-            request.operation = "chat"
-            return
-        body = parsed.body
-        request.operation = OPERATIONS.get(parsed.endpoint, parsed.endpoint)
-        model = body.get("model")
-        request.model = model[:128] if isinstance(model, str) else None
-        for field, attribute in _PARAMETERS.items():
-            value = body.get(field)
-            if isinstance(value, int | float) and not isinstance(value, bool):
-                request.parameters[attribute] = value
 
     # -- the cache step and the seam for others ---------------------------------------------
 
@@ -424,27 +350,6 @@ class _TracedCacheStep:
         finally:
             span.set_attribute("interlock.cache.result", result)
             span.end(end_time=called_at[0] if called_at else None)
-
-
-def _url_of(backend: Any) -> str | None:
-    config = getattr(backend, "config", None)
-    for field in ("base_url", "url"):
-        value = getattr(config, field, None)
-        if isinstance(value, str):
-            return value
-    return None
-
-
-def _error_type(exc: BaseException) -> str:
-    if isinstance(exc, BackendTimeout):
-        return "timeout"
-    if isinstance(exc, BackendOverloaded):
-        return "busy"
-    if isinstance(exc, UpstreamHTTPError):
-        return str(exc.status)
-    if isinstance(exc, BackendUnavailable):
-        return "unavailable"
-    return type(exc).__name__
 
 
 def tracing_from(setting: str, sample_ratio: float) -> Tracing | None:
