@@ -17,7 +17,8 @@ from backends.base import (
     Load,
     Resources,
 )
-from backends.http import OpenAICompatibleUpstream, TimeoutsConfig, http_base_url
+from backends.http import OpenAICompatibleUpstream, http_base_url
+from backends.http_timeouts import TimeoutsConfig
 
 
 class OpenAIConfig(BackendConfig):

@@ -79,8 +79,8 @@ class EdgeProtocol(HttpToolsProtocol):
     is head through and through; the chunk that ends a head is checked on what it parsed to.
 
     One timer per connection for both deadlines, moved only when it fires early (as
-    ``backends.http.IdleWatch``): arming and cancelling one per request would cost more than the
-    rest of this class's work on it.
+    ``backends.http_timeouts.IdleWatch``): arming and cancelling one per request would cost more
+    than the rest of this class's work on it.
     """
 
     limits: EdgeLimits = EdgeLimits()

@@ -72,15 +72,9 @@ from backends.errors import (
     UnsupportedEndpoint,
     UpstreamHTTPError,
 )
-from backends.http import (
-    OpenAICompatibleUpstream,
-    Timeouts,
-    TimeoutsConfig,
-    error_dict,
-    http_base_url,
-    retry_after_s,
-)
+from backends.http import OpenAICompatibleUpstream, error_dict, http_base_url, retry_after_s
 from backends.http_limits import read_capped
+from backends.http_timeouts import Timeouts, TimeoutsConfig
 from backends.ollama.stream import NdjsonRelay
 from backends.ollama.translate import (
     Shape,

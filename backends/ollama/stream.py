@@ -17,7 +17,7 @@ from typing import Any
 import aiohttp
 
 from backends.errors import BackendTimeout, BackendUnavailable, InterlockError
-from backends.http import IdleWatch
+from backends.http_timeouts import IdleWatch
 from backends.ollama.translate import Shape
 
 MAX_LINE = 16 * 1024 * 1024

@@ -62,7 +62,7 @@ from typing import Any, TypeVar
 
 from backends.base import BackendRequest, BackendResponse, Health, Load, Resources
 from backends.errors import BackendUnavailable, InterlockError
-from backends.http import Timeouts
+from backends.http_timeouts import Timeouts
 from backends.vllm.affinity import CHARS_PER_TOKEN, Ask, Candidate, Decision, decide
 from backends.vllm.config import VllmConfig, endpoint_root, split_host_port
 from backends.vllm.cost import EndpointLoad

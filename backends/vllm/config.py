@@ -8,7 +8,7 @@ from urllib.parse import urlsplit, urlunsplit
 from pydantic import Field, SecretStr, field_validator, model_validator
 
 from backends.base import BackendConfig
-from backends.http import TimeoutsConfig
+from backends.http_timeouts import TimeoutsConfig
 from backends.vllm.affinity import Routing
 
 

@@ -16,7 +16,8 @@ import socket
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from urllib.parse import urlsplit
 
-from backends.http import HttpClient, OpenAICompatibleUpstream, Timeouts
+from backends.http import HttpClient, OpenAICompatibleUpstream
+from backends.http_timeouts import Timeouts
 from backends.vllm.affinity import PrefixIndex
 from backends.vllm.config import VllmConfig, split_host_port
 from backends.vllm.cost import TtftFit
