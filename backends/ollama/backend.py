@@ -3,24 +3,19 @@
 Written from Ollama's API reference (https://github.com/ollama/ollama/blob/main/docs/api.md, checked
 against Ollama's source); the section numbers (§) count that document's endpoint sections.
 
-How an OpenAI request becomes an Ollama one and back (chat → ``/api/chat``, completions →
-``/api/generate``, embeddings → ``/api/embed``, options, reply shapes) and which parameters are
-refused is ``backends.ollama.translate`` (pure translation); this module is the backend around it.
+How an OpenAI request becomes an Ollama one (chat → ``/api/chat``, completions →
+``/api/generate``, embeddings → ``/api/embed``, options) and which parameters are refused is
+``backends.ollama.request``; how Ollama's replies become OpenAI's is ``backends.ollama.reply``
+(both pure translation); what its error replies mean is ``backends.ollama.errors``; the settings
+are ``backends.ollama.config``. This module is the backend around them.
 
 What follows the reference
     * streams (§1, §6): NDJSON relayed as SSE line by line as it arrives
       (``backends.ollama.stream``); closing the iterator closes the connection, which is how
       Ollama learns the client left (it then stops generating).
-    * errors (§6, body ``{"error": "<msg>"}``): 404 ``model ... not found`` (both wordings) →
-      ``ModelNotPulled``; 400 → ``InvalidRequest`` (``does not support chat|generate|embed`` →
-      ``UnsupportedEndpoint``); 503 (queue full) and 429 → ``BackendOverloaded``, with
-      ``Retry-After`` only when one was sent (Ollama sends none; a proxy might: none is invented,
-      since the gateway's breaker opens at once on a Retry-After); a 500 ``invalid JSON schema
-      in format`` / ``invalid format`` (a ``response_format`` schema Ollama cannot turn into a
-      grammar) → ``InvalidRequest`` on ``response_format``, never counted; other 5xx →
-      ``UpstreamHTTPError`` (retryable, the client sees 502); connect failures and timeouts →
-      ``BackendUnavailable`` / ``BackendTimeout`` (the shared
-      ``backends.http`` plumbing, including its one retry on a stale keep-alive connection).
+    * errors (§6): mapped by ``backends.ollama.errors``; connect failures and timeouts →
+      ``BackendUnavailable`` / ``BackendTimeout`` (the shared ``backends.http`` plumbing,
+      including its one retry on a stale keep-alive connection).
     * loading (§1 "Load and unload", §6 "Loading"): Ollama has no loading status; a request for a
       model that is not in memory just waits while it loads. So ``start()`` preloads the model
       in the background with the documented load request (``/api/chat`` with ``messages: []``,
@@ -36,15 +31,7 @@ What follows the reference
     * Ollama's own durations are logged at debug level per request (and a cold load at info);
       the gateway measures TTFT itself.
 
-Why ``ModelNotPulled`` is a 404 and not retryable: the model exists in the gateway's config but
-not on the Ollama server, which is an operator's configuration problem, not an outage, so the
-breaker must not count it (``retryable = False``; note the router then does not try another
-backend either). 404 ``not_found`` matches what Ollama and OpenAI answer for a missing model and
-what the openai SDK raises as ``NotFoundError``, which clients already treat as "do not retry";
-its ``code`` (``model_not_pulled``) and message tell it apart from the gateway's own unknown-model
-404 (``model_not_found``).
-
-Not supported: see ``backends.ollama.translate`` (each refusal is a 400 naming the parameter).
+Not supported: see ``backends.ollama.request`` (each refusal is a 400 naming the parameter).
 Not used: Ollama's ``/v1`` OpenAI layer (for that, use ``kind: openai``).
 """
 
@@ -52,99 +39,39 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 import time
-from typing import Any, Literal
+from typing import Any
 from urllib.parse import urlsplit
 
 import aiohttp
 import orjson
-from pydantic import Field, SecretStr, field_validator
 
-from backends.base import BackendConfig, BackendRequest, BackendResponse, Health, Load, Resources
+from backends.base import BackendRequest, BackendResponse, Health, Load, Resources
 from backends.errors import (
     BackendError,
     BackendOverloaded,
     BackendTimeout,
     BackendUnavailable,
     InterlockError,
-    InvalidRequest,
     UnsupportedEndpoint,
-    UpstreamHTTPError,
 )
-from backends.http import OpenAICompatibleUpstream, error_dict, http_base_url, retry_after_s
+from backends.http import OpenAICompatibleUpstream, error_dict, retry_after_s
 from backends.http_limits import read_capped
-from backends.http_timeouts import Timeouts, TimeoutsConfig
+from backends.http_timeouts import Timeouts
+from backends.ollama.config import OllamaConfig
+from backends.ollama.errors import ollama_error
+from backends.ollama.reply import Shape, client_model, embeddings_reply, int_or_zero, reply_usage
+from backends.ollama.request import load_fields, request_payload
 from backends.ollama.stream import NdjsonRelay
-from backends.ollama.translate import (
-    Shape,
-    client_model,
-    embeddings_reply,
-    int_or_zero,
-    load_fields,
-    reply_usage,
-    request_payload,
-)
 
 log = logging.getLogger("interlock.backends.ollama")
 
 _MAX_ERROR_BODY = 64 * 1024
 _MAX_MESSAGE = 1000
-#: one NDJSON line may not grow beyond this (a tool call with huge arguments is still far below)
 #: Retry-After while the model is being preloaded
 _LOADING_RETRY_AFTER_S = 2.0
 #: GET /api/tags must answer within this (the health monitor bounds it too)
 _HEALTH_TIMEOUT_S = 3.0
-#: a Go ``time.ParseDuration`` string, which is what Ollama accepts for a string keep_alive
-_GO_DURATION = re.compile(r"^[-+]?(0|((\d+(\.\d*)?|\.\d+)(ns|us|µs|μs|ms|s|m|h))+)$")
-_NOT_FOUND = re.compile(r"^model .* not found")
-#: what Ollama's routes say of a ``format`` they cannot use (with status 500)
-_FORMAT_REJECTED = re.compile(r"^(invalid JSON schema in format|invalid format: )")
-#: a 400 ``... does not support <word>`` names the request field that asked for it
-_CAPABILITY_PARAMS = (("tools", "tools"), ("insert", "suffix"), ("thinking", "reasoning_effort"))
-
-
-class OllamaConfig(BackendConfig):
-    """YAML: ``{kind: ollama, url: http://localhost:11434, model: llama3.2:3b, keep_alive: 10m}``."""
-
-    kind: Literal["ollama"]
-    #: the server's base URL, without ``/api`` or ``/v1``
-    url: str
-    #: the Ollama model name, as ``ollama pull`` takes it
-    model: str = Field(min_length=1)
-    #: seconds, or a duration string ("5m", "1h"); negative keeps the model loaded; None: Ollama's default
-    keep_alive: str | int | None = None
-    #: context size Ollama loads the model with; None: the Modelfile's or Ollama's default
-    num_ctx: int | None = Field(default=None, ge=1)
-    #: load the model when the gateway starts (requests fail fast with 503 while it loads)
-    preload: bool = True
-    headers: dict[str, SecretStr] = Field(default_factory=dict)
-    timeouts: TimeoutsConfig = Field(default_factory=TimeoutsConfig)
-
-    @field_validator("url")
-    @classmethod
-    def _http_url(cls, value: str) -> str:
-        value = http_base_url(value)
-        if value.endswith(("/v1", "/api")):
-            raise ValueError(
-                "must be the Ollama server's base URL, without /api or /v1 "
-                "(for Ollama's OpenAI-compatible /v1 API use kind: openai)"
-            )
-        return value
-
-    @field_validator("keep_alive")
-    @classmethod
-    def _duration(cls, value: str | int | None) -> str | int | None:
-        if isinstance(value, str) and not _GO_DURATION.match(value.strip()):
-            raise ValueError('must be a number of seconds or a duration such as "30s", "5m", "1h"')
-        return value.strip() if isinstance(value, str) else value
-
-
-class ModelNotPulled(InvalidRequest):
-    """The configured model is not on the Ollama server: a configuration problem, never retried."""
-
-    status = 404
-    code = "model_not_pulled"
 
 
 def normalise_model_name(name: str) -> str:
@@ -363,39 +290,9 @@ class OllamaBackend:
         status = response.status
         message = self._redact(str(error_dict(raw, status).get("message") or f"HTTP {status}"))
         retry_after = retry_after_s(response.headers.get("retry-after"))
-        if status == 404 and _NOT_FOUND.match(message):
-            model = self.config.model
-            return ModelNotPulled(
-                f"the model {model} is not pulled on the Ollama server of backend "
-                f"{self.name!r} (ollama said: {message}); an operator must run "
-                f"`ollama pull {model}`",
-                param="model",
-            )
-        if status == 404:
-            return UnsupportedEndpoint(
-                f"this backend's Ollama server does not serve {path} ({message}); it may be too old",
-                param="model",
-            )
-        if status == 400:
-            if "does not support" in message:
-                for word, param in _CAPABILITY_PARAMS:
-                    if message.endswith(f"does not support {word}"):
-                        return InvalidRequest(f"ollama: {message}", param=param)
-                return UnsupportedEndpoint(f"ollama: {message}", param="model")
-            return InvalidRequest(f"ollama rejected the request: {message}")
-        if status in (401, 403):
-            return BackendUnavailable("the upstream refused the gateway's credentials", status=502)
-        if status in (429, 503):
-            return BackendOverloaded(f"ollama is busy: {message}", status=status, retry_after=retry_after)
-        if status == 499:
-            return BackendUnavailable("ollama cancelled the request")
-        if status == 500 and _FORMAT_REJECTED.match(message):
-            # Ollama reports a schema it cannot turn into a grammar on its generic 500 path: the
-            # request is at fault, not the server, so it must not count against the breaker.
-            return InvalidRequest(
-                f"ollama cannot use this response_format: {message}", param="response_format"
-            )
-        return UpstreamHTTPError(status, {"message": f"ollama: {message}"}, retry_after=retry_after)
+        return ollama_error(
+            status, message, retry_after, backend=self.name, model=self.config.model, path=path
+        )
 
     # -- health and load ------------------------------------------------------------------------
 

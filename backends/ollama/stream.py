@@ -1,7 +1,7 @@
 """An Ollama NDJSON stream relayed as OpenAI SSE, line by line as it arrives.
 
 Ollama streams one JSON object a line (§1, §6 of the API reference), the last with
-``done: true``; ``Shape`` (``backends.ollama.translate``) turns each into SSE bytes. Lines may
+``done: true``; ``Shape`` (``backends.ollama.reply``) turns each into SSE bytes. Lines may
 be up to 16 MiB. An ``{"error": ...}`` line raises ``BackendError`` (the backend's ``parse``);
 a stream that ends without ``done: true`` raises ``BackendUnavailable``. Closing the relay
 closes the connection, which is how Ollama learns the client left (it then stops generating).
@@ -18,7 +18,7 @@ import aiohttp
 
 from backends.errors import BackendTimeout, BackendUnavailable, InterlockError
 from backends.http_timeouts import IdleWatch
-from backends.ollama.translate import Shape
+from backends.ollama.reply import Shape
 
 MAX_LINE = 16 * 1024 * 1024
 

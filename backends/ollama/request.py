@@ -1,8 +1,8 @@
-"""OpenAI request and reply shapes ↔ Ollama's native API (/api/chat, /api/generate, /api/embed).
+"""OpenAI request bodies → Ollama's native API (/api/chat, /api/generate, /api/embed).
 
 Pure translation, no I/O: ``backends.ollama`` (the backend: config, HTTP, errors, health, loading,
-stream transport) builds the Ollama payload with ``request_payload`` / ``embed_payload`` and turns
-Ollama's replies back into OpenAI bodies with ``Shape`` and ``embeddings_reply``. Written from
+stream transport) builds the Ollama payload with ``request_payload`` / ``embed_payload``, and
+``backends.ollama.reply`` turns Ollama's replies back into OpenAI's shapes. Written from
 Ollama's API reference (https://github.com/ollama/ollama/blob/main/docs/api.md); the section
 numbers (§) count that document's endpoint sections in order (generate, chat, ..., embed).
 
@@ -13,14 +13,10 @@ What follows the reference
       with their JSON-string arguments parsed into objects, tool results carry ``tool_name``
       looked up from the call id. ``response_format`` ``json_object`` → ``format: "json"``,
       ``json_schema`` → ``format: <schema>``; ``reasoning_effort`` → ``think`` (``none`` → false).
-      Replies: ``message.content`` deltas → content deltas, ``message.thinking`` →
-      ``reasoning_content`` (vLLM's field name), whole tool calls → one ``tool_calls`` delta each
-      (arguments re-encoded as JSON strings, ``finish_reason: "tool_calls"``).
     * text completions → ``POST /api/generate`` (§2) with ``raw: true`` (an OpenAI completion
       continues the text as given, as vLLM and the llamacpp backend do), except with ``suffix``,
       which needs the model's template to build the fill-in-the-middle prompt (``raw: false``).
-    * embeddings → ``POST /api/embed`` (§3): ``input`` string or list of strings, ``dimensions``;
-      ``encoding_format: "base64"`` (the openai SDK's default) is encoded here (little-endian float32).
+    * embeddings → ``POST /api/embed`` (§3): ``input`` string or list of strings, ``dimensions``.
     * options (§5): ``temperature``, ``top_p``, ``seed``, ``presence_penalty``,
       ``frequency_penalty`` keep their names; ``stop`` → list; ``max_completion_tokens`` /
       ``max_tokens`` → ``num_predict``; ``num_ctx`` from the config; vLLM-style extras ``top_k``,
@@ -28,35 +24,22 @@ What follows the reference
       Ollama, which would count against the breaker). Fields a client leaves out are not sent, so
       the Modelfile's defaults apply (Ollama's /v1 layer sends temperature/top_p 1.0 instead).
       ``keep_alive`` from the config goes top-level.
-    * stream chunks (§1): each NDJSON object becomes the SSE chunks it makes; the final
-      ``done: true`` object gives ``finish_reason`` (``done_reason``: ``length`` → ``length``;
-      ``stop``, ``load``, ``unload`` → ``stop``) and usage (``prompt_eval_count`` / ``eval_count``;
-      zero values are omitted by Ollama and read as 0).
 
 Not supported (a clear 400 naming the parameter): ``n`` > 1, ``logprobs`` / ``top_logprobs``,
 ``logit_bias``, ``echo``, ``best_of`` > 1, ``tool_choice`` other than ``auto`` / ``none``
 (``none`` drops the tools), image URLs that are not base64 ``data:`` URLs and other non-text
 content parts, several prompts in one completion request, token-id prompts and embedding inputs.
 Ignored: ``user``, ``parallel_tool_calls``, ``stream_options`` other than ``include_usage``.
-Not used: ``/api/embeddings`` (legacy), ``context``, ``template``/``system`` overrides. Usage
-caveat: Ollama's ``prompt_eval_count`` counts the prompt tokens it evaluated, which can be fewer
-than the prompt when its prompt cache was reused.
+Not used: ``/api/embeddings`` (legacy), ``context``, ``template``/``system`` overrides.
 """
 
 from __future__ import annotations
 
-import base64
-import struct
-import uuid
 from typing import Any
 
 import orjson
 
-from backends.base import BackendRequest, BackendResponse, Usage
-from backends.errors import BackendUnavailable, InvalidRequest
-from backends.openai_frames import ReplyFrames
-
-# --- request translation -----------------------------------------------------------------------
+from backends.errors import InvalidRequest
 
 
 def load_fields(num_ctx: int | None, keep_alive: str | int | None) -> dict[str, Any]:
@@ -125,11 +108,6 @@ def embed_payload(
     if body.get("dimensions") is not None:
         payload["dimensions"] = body["dimensions"]
     return payload
-
-
-def client_model(request: BackendRequest) -> str:
-    model = request.body.get("model")
-    return model if isinstance(model, str) else ""
 
 
 def _refuse_unsupported(body: dict[str, Any], endpoint: str) -> None:
@@ -326,126 +304,3 @@ def _prompt(prompt: Any) -> str:
         "the ollama backend takes the prompt as text (a string or a list of one string), not token ids",
         param="prompt",
     )
-
-
-# --- reply translation -------------------------------------------------------------------------
-
-
-def int_or_zero(value: Any) -> int:
-    return value if type(value) is int else 0
-
-
-def reply_usage(data: dict[str, Any]) -> Usage:
-    return Usage(int_or_zero(data.get("prompt_eval_count")), int_or_zero(data.get("eval_count")))
-
-
-def _finish_reason(done_reason: Any, tool_calls: bool) -> str:
-    if done_reason == "length":
-        return "length"
-    return "tool_calls" if tool_calls else "stop"
-
-
-def _tool_call_out(call: Any, index: int | None) -> dict[str, Any]:
-    fn = call.get("function") if isinstance(call, dict) else None
-    fn = fn if isinstance(fn, dict) else {}
-    arguments = fn.get("arguments")
-    out: dict[str, Any] = {} if index is None else {"index": index}
-    call_id = call.get("id") if isinstance(call, dict) else None
-    out["id"] = call_id if isinstance(call_id, str) and call_id else "call_" + uuid.uuid4().hex[:24]
-    out["type"] = "function"
-    out["function"] = {
-        "name": str(fn.get("name") or ""),
-        "arguments": arguments
-        if isinstance(arguments, str)
-        else orjson.dumps(arguments if arguments is not None else {}).decode(),
-    }
-    return out
-
-
-class Shape:
-    """Ollama's replies for one request, as OpenAI bodies and SSE chunks."""
-
-    def __init__(self, chat: bool, model: str, *, include_usage: bool = False) -> None:
-        self.chat = chat
-        self.frames = ReplyFrames(chat, model, include_usage=include_usage)
-        self._started = False
-        self._tool_calls = 0
-
-    def feed(self, data: dict[str, Any]) -> tuple[bytes, bool]:
-        """One NDJSON object → the SSE bytes it makes (maybe none), and whether it was the last."""
-        out = bytearray()
-        if self.chat:
-            if not self._started:
-                self._started = True
-                out += self.frames.chunk({"delta": {"role": "assistant", "content": ""}})
-            message = data.get("message")
-            message = message if isinstance(message, dict) else {}
-            thinking = message.get("thinking")
-            if isinstance(thinking, str) and thinking:
-                out += self.frames.chunk({"delta": {"reasoning_content": thinking}})
-            content = message.get("content")
-            if isinstance(content, str) and content:
-                out += self.frames.delta_chunk(content)
-            calls = message.get("tool_calls")
-            if isinstance(calls, list) and calls:
-                deltas = []
-                for call in calls:
-                    deltas.append(_tool_call_out(call, self._tool_calls))
-                    self._tool_calls += 1
-                out += self.frames.chunk({"delta": {"tool_calls": deltas}})
-        else:
-            text = data.get("response")
-            if isinstance(text, str) and text:
-                out += self.frames.delta_chunk(text)
-        done = data.get("done") is True
-        if done:
-            finish = _finish_reason(data.get("done_reason"), self._tool_calls > 0)
-            out += b"".join(self.frames.final_chunks(finish, reply_usage(data)))
-        return bytes(out), done
-
-    def body(self, data: dict[str, Any]) -> bytes:
-        """The non-streamed ``chat.completion`` / ``text_completion`` JSON from Ollama's one object."""
-        finish: str
-        if self.chat:
-            message = data.get("message")
-            message = message if isinstance(message, dict) else {}
-            content = message.get("content") if isinstance(message.get("content"), str) else ""
-            calls = message.get("tool_calls") if isinstance(message.get("tool_calls"), list) else []
-            reply: dict[str, Any] = {
-                "role": "assistant",
-                "content": content or (None if calls else ""),
-                "refusal": None,
-            }
-            thinking = message.get("thinking")
-            if isinstance(thinking, str) and thinking:
-                reply["reasoning_content"] = thinking
-            if calls:
-                reply["tool_calls"] = [_tool_call_out(c, None) for c in calls]
-            finish = _finish_reason(data.get("done_reason"), bool(calls))
-            choice: dict[str, Any] = {"message": reply, "finish_reason": finish}
-        else:
-            text = data.get("response") if isinstance(data.get("response"), str) else ""
-            choice = {"text": text, "finish_reason": _finish_reason(data.get("done_reason"), False)}
-        return self.frames.body(choice, reply_usage(data))
-
-
-def embeddings_reply(data: dict[str, Any], model: str, encoding: Any) -> BackendResponse:
-    vectors = data.get("embeddings")
-    if not isinstance(vectors, list) or not all(isinstance(v, list) for v in vectors):
-        raise BackendUnavailable("ollama's /api/embed reply has no embeddings list")
-    items = []
-    for index, vector in enumerate(vectors):
-        value: Any = vector
-        if encoding == "base64":
-            value = base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode()
-        items.append({"object": "embedding", "index": index, "embedding": value})
-    prompt_tokens = int_or_zero(data.get("prompt_eval_count"))
-    body = orjson.dumps(
-        {
-            "object": "list",
-            "data": items,
-            "model": model,
-            "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens},
-        }
-    )
-    return BackendResponse(body=body, usage=Usage(prompt_tokens, 0))
