@@ -45,12 +45,10 @@ from __future__ import annotations
 
 import asyncio
 import bisect
-import ctypes
 import logging
 import sys
 import threading
 from collections import deque
-from dataclasses import dataclass
 from typing import Any
 
 # llama_cpp must load before anything imports numpy (CUDA builds segfault otherwise).
@@ -58,75 +56,12 @@ import llama_cpp.llama_cpp as C
 import numpy as np
 
 from backends.cpus import available_cpus
+from backends.llamacpp.job import Failed, Finished, Job
 from backends.llamacpp.kv import KvCells
-from backends.llamacpp.model import FLASH_ATTN, Model
-from backends.llamacpp.sampling import Sampling, TokenSampler, sample_rows
-from backends.llamacpp.text import ReplyText
+from backends.llamacpp.model import EOG, FLASH_ATTN, Model
+from backends.llamacpp.sampling import Sampling, sample_rows
 
 log = logging.getLogger("interlock.backends.llamacpp")
-
-
-#: the cached "piece" of an end-of-generation token
-_EOG = b"\x00<eog>"
-
-
-@dataclass(slots=True)
-class Finished:
-    reason: str  # "stop" | "length"
-    prompt_tokens: int
-    completion_tokens: int
-
-
-@dataclass(slots=True)
-class Failed:
-    message: str
-
-
-class Job:
-    """One request's life inside the engine; fields are touched by the engine thread only."""
-
-    __slots__ = (
-        "admitted",
-        "generated",
-        "loop",
-        "max_new",
-        "n_fed",
-        "n_gen",
-        "next_token",
-        "pos",
-        "queue",
-        "reused",
-        "sampler",
-        "sampling",
-        "seq",
-        "text",
-        "tokens",
-    )
-
-    def __init__(
-        self,
-        tokens: list[int],
-        sampling: Sampling,
-        queue: asyncio.Queue[Any],
-        loop: asyncio.AbstractEventLoop,
-        max_new: int,
-    ) -> None:
-        self.tokens = tokens
-        self.sampling = sampling
-        self.queue = queue
-        self.loop = loop
-        self.max_new = max_new
-        self.seq = -1
-        self.admitted = 0  # the engine's admission count when it got a seq
-        self.n_fed = 0  # prompt tokens already in the KV cache
-        self.pos = 0
-        self.next_token = -1
-        self.n_gen = 0
-        #: every sampled token; all but the last one sampled are in the KV cache
-        self.generated: list[int] = []
-        self.reused = 0  # prompt tokens found in the KV cache at admission
-        self.sampler = TokenSampler(sampling)
-        self.text = ReplyText(sampling.stop)
 
 
 class Engine:
@@ -167,7 +102,6 @@ class Engine:
             raise RuntimeError(
                 f"{model.path} ({model.architecture}) keeps no KV cache: it is not a generative model"
             )
-        self._vocab = model.vocab
         self._n_vocab = model.n_vocab
         self.n_ctx: int = C.llama_n_ctx(self._ctx)
         self.n_ctx_seq: int = self.n_ctx // parallel
@@ -185,8 +119,7 @@ class Engine:
         for i in range(n_batch):
             self._batch.n_seq_id[i] = 1
         self._seq_slots = [self._batch.seq_id[i] for i in range(n_batch)]
-        self._piece = ctypes.create_string_buffer(256)
-        self._pieces: dict[int, bytes] = {}
+        self._pieces = model.pieces
         # The engine thread re-takes the GIL after every llama.cpp call; with the default 5 ms
         # switch interval it can wait that long behind the event loop each time, which capped a
         # GPU at a few hundred tokens/s whatever the batch. 0.5 ms keeps the wait small.
@@ -385,8 +318,8 @@ class Engine:
         job.generated.append(tok)
         piece = self._pieces.get(tok)
         if piece is None:
-            piece = self._piece_of(tok)
-        if piece is _EOG:
+            piece = self.model.piece(tok)
+        if piece is EOG:
             self._finish(job, "stop", out)
             return
         text, stopped = job.text.add(piece)
@@ -447,17 +380,6 @@ class Engine:
                 loop.call_soon_threadsafe(_put_all, items)
             except RuntimeError:  # that loop is closed; nobody is listening any more
                 pass
-
-    def _piece_of(self, tok: int) -> bytes:
-        """A token's bytes (or ``_EOG``), asked of llama.cpp once per token id and then cached:
-        every foreign call is a chance to wait for the GIL behind the event loop."""
-        if C.llama_vocab_is_eog(self._vocab, tok):
-            piece = _EOG
-        else:
-            n = C.llama_token_to_piece(self._vocab, tok, self._piece, 256, 0, False)
-            piece = self._piece.raw[:n] if n > 0 else b""
-        self._pieces[tok] = piece
-        return piece
 
 
 def _seq_of(job: Job) -> int:

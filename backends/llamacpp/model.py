@@ -21,6 +21,9 @@ from llama_cpp import _logger as llama_logging
 
 log = logging.getLogger("interlock.backends.llamacpp")
 
+#: what ``Model.piece`` gives for an end-of-generation token
+EOG = b"\x00<eog>"
+
 FLASH_ATTN = {
     "auto": C.LLAMA_FLASH_ATTN_TYPE_AUTO,
     "on": C.LLAMA_FLASH_ATTN_TYPE_ENABLED,
@@ -74,6 +77,9 @@ class Model:
             if C.llama_vocab_type(self.vocab) in (C.LLAMA_VOCAB_TYPE_BPE, C.LLAMA_VOCAB_TYPE_SPM)
             else 0
         )
+        #: token id → its bytes (or ``EOG``), filled by ``piece``
+        self.pieces: dict[int, bytes] = {}
+        self._piece = ctypes.create_string_buffer(256)
         self.load_seconds = time.perf_counter() - started
 
     def tokenize(self, text: str, *, add_special: bool, parse_special: bool = True) -> list[int]:
@@ -98,6 +104,18 @@ class Model:
             if text:
                 tokens += self.tokenize(text, add_special=False, parse_special=template)
         return tokens
+
+    def piece(self, tok: int) -> bytes:
+        """A token's bytes (or ``EOG``), asked of llama.cpp once per token id and then kept in
+        ``pieces``: every foreign call is a chance to wait for the GIL behind the event loop.
+        The engine thread's alone (one buffer, no lock)."""
+        if C.llama_vocab_is_eog(self.vocab, tok):
+            piece = EOG
+        else:
+            n = C.llama_token_to_piece(self.vocab, tok, self._piece, 256, 0, False)
+            piece = self._piece.raw[:n] if n > 0 else b""
+        self.pieces[tok] = piece
+        return piece
 
     def meta(self, key: str) -> str | None:
         size = 1 << 16
@@ -134,4 +152,4 @@ class Model:
         return (C.llama_vocab_get_text(self.vocab, tok) or b"").decode("utf-8", "replace")
 
 
-__all__ = ["FLASH_ATTN", "Model"]
+__all__ = ["EOG", "FLASH_ATTN", "Model"]
