@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import marshal
+import os
 import re
 import subprocess
 import sys
@@ -31,6 +32,7 @@ import orjson
 
 log = logging.getLogger("interlock.access")
 
+_PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 #: entries waiting for the writer at most; beyond, new ones are dropped and counted, never blocking
 MAX_PENDING = 10_000
 #: entries sent to the writer per batch at most
@@ -201,6 +203,8 @@ class AccessLog:
     def __init__(self, destination: str) -> None:
         """``destination``: ``stderr``, or a file path (appended to; reopened if moved away)."""
         self.destination = destination
+        #: what the writer is given: the path made absolute, as the writer runs elsewhere
+        self._target = destination if destination == "stderr" else os.path.abspath(destination)
         if destination != "stderr":
             open(destination, "ab").close()  # a path that cannot be written fails start-up
         #: entries waiting for the writer (appends and pops of a deque need no lock)
@@ -244,11 +248,13 @@ class AccessLog:
     def _spawn(self) -> subprocess.Popen[bytes]:
         # its own session: a Ctrl-C to the gateway's process group must not end it before the
         # gateway has sent what is queued; it ends at end of input, when the gateway closes the
-        # pipe or dies
+        # pipe or dies. It runs from the folder holding this package, so it imports this same
+        # code whatever the gateway's working directory holds (so the path is made absolute).
         return subprocess.Popen(
-            [sys.executable, "-m", "gateway.access_log_writer", self.destination],
+            [sys.executable, "-m", "gateway.access_log_writer", self._target],
             stdin=subprocess.PIPE,
             stdout=subprocess.DEVNULL,
+            cwd=_PACKAGE_ROOT,
             start_new_session=True,
         )
 

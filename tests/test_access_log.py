@@ -96,3 +96,17 @@ def test_cached_tokens_are_the_last_count_of_the_last_usage() -> None:
     # no "usage" key in what was kept (the tail began inside it): the count is still found
     assert json.loads(line(entry("t", b'"cached_tokens": 5}}}')))["cached_tokens"] == 5
     assert json.loads(line(entry("u", b'{"usage":{"prompt_tokens":9}}')))["cached_tokens"] is None
+
+
+def test_a_relative_path_is_the_gateways_whatever_its_working_directory_holds(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "gateway").mkdir()  # a package that would shadow this one for ``python -m``
+    (tmp_path / "gateway" / "__init__.py").write_text("")
+    (tmp_path / "gateway" / "access_log_writer.py").write_text("raise SystemExit(3)\n")
+    monkeypatch.chdir(tmp_path)
+    log = AccessLog("access.log")
+    log.start()
+    log.write(tuple(entry("here")))
+    log.stop()
+    assert json.loads((tmp_path / "access.log").read_text())["request_id"] == "here"
