@@ -48,7 +48,7 @@ class Clock:
         self.now += seconds
 
 
-def wait_for(condition: Callable[[], object], timeout: float = 30.0, what: str = "condition") -> None:
+def wait_for(condition: Callable[[], object], timeout: float = 20.0, what: str = "condition") -> None:
     """Poll ``condition`` until it holds; a loaded machine gets the whole ``timeout``."""
     deadline = time.monotonic() + timeout
     while not condition():

@@ -21,8 +21,8 @@ import httpx
 import pytest
 from aiohttp import web
 
-from tests.fakes import chat_completion, free_port, serve_app
-from tests.redis_servers import REDIS_SERVER, RedisServer, wait_for
+from tests.fakes import chat_completion, free_port, serve_app, wait_for
+from tests.redis_servers import REDIS_SERVER, RedisServer
 
 pytestmark = pytest.mark.skipif(REDIS_SERVER is None, reason="redis-server is not installed")
 ROOT = Path(__file__).resolve().parents[1]

@@ -21,8 +21,7 @@ import pytest
 from aiohttp import web
 
 from gateway.workers import Supervisor
-from tests.fakes import chat_completion, free_port, serve_app
-from tests.redis_servers import wait_for
+from tests.fakes import chat_completion, free_port, serve_app, wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
 BODY = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
